@@ -1,0 +1,1 @@
+"""AnomalyGPT: few-shot industrial inspection with a grounded conversational assistant."""

@@ -1,0 +1,1 @@
+"""Terminal and web front ends for the assistant."""

@@ -1,0 +1,1 @@
+"""Benchmark datasets, metrics, the k-shot runner and reports."""

@@ -1,0 +1,1 @@
+"""Simulated anomalies and conversations used to train the decoder and the assistant."""
