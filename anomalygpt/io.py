@@ -1,0 +1,357 @@
+"""Robust image decoding to (H, W, 3) uint8 RGB, image listing, and atomic file writes."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import secrets
+import struct
+import warnings
+import zlib
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import IO, Any
+
+import cv2
+import numpy as np
+from PIL import Image, ImageFile, TiffImagePlugin, UnidentifiedImageError
+
+MIN_SIDE = 16  # px; smaller images carry less than one backbone patch
+MAX_PIXELS = 40_000_000  # checked from the header, before any pixel is decoded
+# Transparent pixels are composited over mid-grey: black hides dark products (and alpha-only drawings
+# whose RGB is 0), white hides light ones, and choosing per image could give a product's references
+# and its test image different backgrounds, which the detector would report as an anomaly.
+ALPHA_BACKGROUND = 128
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+EXIF_ORIENTATION_TAG = 0x0112
+UINT16_MAX = 65535
+
+ImageSource = str | Path | bytes | np.ndarray | Image.Image
+# What PIL and its codecs raise on corrupt data; struct/zlib errors are not OSError subclasses.
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error)
+
+
+class ImageError(ValueError):
+    """An image that cannot be used; the message is one line naming the file and the problem."""
+
+
+def load_image(source: ImageSource, *, name: str | None = None) -> np.ndarray:
+    """Decode any supported source to a C-contiguous (H, W, 3) uint8 RGB array, EXIF orientation applied.
+
+    Transparency is composited over ALPHA_BACKGROUND grey; 16-bit data is scaled by 255/65535 and rounded;
+    float data is read as [0, 1] when its maximum is <= 1, else as [0, 255] (clipped, NaN -> 0).
+    """
+    label = name if name is not None else _source_label(source)
+    if isinstance(source, np.ndarray):
+        _check_array_shape(source, label)
+        _check_size(source.shape[1], source.shape[0], label)
+        rgb = _array_to_rgb8(source, label)
+        return rgb.copy() if np.shares_memory(rgb, source) else rgb  # never alias the caller's array
+    if isinstance(source, Image.Image):
+        _check_size(source.width, source.height, label)
+        return _decode_pil(source, label)
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return _decode_bytes(bytes(source), label)
+    if isinstance(source, (str, Path)):
+        return _decode_file(Path(source), label)
+    raise TypeError(f"{label}: unsupported image source type {type(source).__name__}")
+
+
+def _source_label(source: object) -> str:
+    """Name used in error messages when the caller gave none."""
+    if isinstance(source, (str, Path)):
+        return str(source)
+    if isinstance(source, Image.Image):
+        return str(getattr(source, "filename", "") or "<PIL image>")
+    if isinstance(source, np.ndarray):
+        return "<array>"
+    return "<bytes>"
+
+
+def _decode_file(path: Path, label: str) -> np.ndarray:
+    """Decode an image file after checking that it is a non-empty regular file."""
+    if not path.exists():
+        raise ImageError(f"{label}: no such file")
+    if path.is_dir():
+        raise ImageError(f"{label}: is a directory, not an image file")
+    try:
+        if path.stat().st_size == 0:
+            raise ImageError(f"{label}: empty file (0 bytes)")
+        with path.open("rb") as handle:
+            head = handle.read(32)
+            handle.seek(0)
+            return _decode_stream(handle, head, label)
+    except PermissionError as exc:
+        raise ImageError(f"{label}: cannot read ({exc.strerror})") from exc
+
+
+def _decode_bytes(data: bytes, label: str) -> np.ndarray:
+    """Decode an encoded image held in memory."""
+    if not data:
+        raise ImageError(f"{label}: empty file (0 bytes)")
+    return _decode_stream(io.BytesIO(data), data[:32], label)
+
+
+def _decode_stream(stream: IO[bytes], head: bytes, label: str) -> np.ndarray:
+    """Open from a binary stream, check the header size, then decode."""
+    with _open_pil(stream, label) as image:
+        _check_size(image.width, image.height, label)
+        return _decode_pil(image, label, head, stream)
+
+
+def _open_pil(stream: IO[bytes], label: str) -> Image.Image:
+    """Image.open with PIL's failures turned into ImageError; reads only the header."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            return Image.open(stream)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError(f"{label}: too large: {_first_line(exc)} (limit here: {MAX_PIXELS:,})") from exc
+    except UnidentifiedImageError as exc:
+        raise ImageError(f"{label}: not a readable image (cannot identify image file)") from exc
+    except DECODE_ERRORS as exc:
+        raise ImageError(f"{label}: not a readable image ({_first_line(exc)})") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    """Exception text squeezed onto one line."""
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
+
+
+def _check_size(width: int, height: int, label: str) -> None:
+    """Reject images too small to inspect or too large to decode safely."""
+    if width * height > MAX_PIXELS:
+        raise ImageError(
+            f"{label}: too large: {width}x{height} px ({width * height:,} pixels), limit is {MAX_PIXELS:,}"
+        )
+    if min(width, height) < MIN_SIDE:
+        raise ImageError(f"{label}: too small: {width}x{height} px, need at least {MIN_SIDE} px per side")
+
+
+def _decode_pil(
+    image: Image.Image, label: str, head: bytes = b"", stream: IO[bytes] | None = None
+) -> np.ndarray:
+    """Decode pixels (PIL, or OpenCV for 16-bit RGB), convert to RGB8 and apply EXIF orientation.
+
+    head (the first bytes) and stream (the encoded file) are given for files and bytes, not PIL images.
+    """
+    try:
+        orientation = _orientation(image)
+        if stream is not None and isinstance(image, ImageFile.ImageFile) and _is_deep_rgb(image, head):
+            array = _decode_deep_rgb(stream, label)
+        else:
+            image.load()
+            array = _pil_pixels(image)
+    except ImageError:
+        raise
+    except DECODE_ERRORS as exc:
+        raise ImageError(f"{label}: corrupt or truncated image ({_first_line(exc)})") from exc
+    return np.ascontiguousarray(_apply_orientation(_array_to_rgb8(array, label), orientation))
+
+
+def _orientation(image: Image.Image) -> int:
+    """EXIF orientation 1-8; 1 (as stored) when absent or malformed."""
+    try:
+        value = int(image.getexif().get(EXIF_ORIENTATION_TAG, 1))
+    except (TypeError, ValueError, *DECODE_ERRORS):
+        return 1
+    return value if 1 <= value <= 8 else 1
+
+
+def _is_deep_rgb(image: ImageFile.ImageFile, head: bytes) -> bool:
+    """True for 16-bit-per-channel RGB(A) PNG/TIFF, which PIL silently truncates to the high byte."""
+    if image.mode not in ("RGB", "RGBA"):
+        return False
+    if image.format == "PNG":
+        return len(head) > 24 and head[24] == 16  # IHDR bit depth, right after width and height
+    if isinstance(image, TiffImagePlugin.TiffImageFile):
+        bits = image.tag_v2.get(258, ())  # BitsPerSample
+        bits = bits if isinstance(bits, tuple) else (bits,)
+        return len(bits) >= 3 and all(b == 16 for b in bits)
+    return False
+
+
+def _decode_deep_rgb(stream: IO[bytes], label: str) -> np.ndarray:
+    """Decode 16-bit RGB(A) with OpenCV, keeping all 16 bits; returns (H, W, 3|4) uint16 RGB(A)."""
+    stream.seek(0)
+    data = np.frombuffer(stream.read(), dtype=np.uint8)
+    decoded = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)  # (H, W, 3|4) BGR(A); ignores EXIF orientation
+    if decoded is None or decoded.ndim != 3 or decoded.dtype != np.uint16:
+        raise ImageError(f"{label}: corrupt or truncated image (16-bit RGB decode failed)")
+    order = [2, 1, 0, 3][: decoded.shape[2]]
+    return decoded[:, :, order]
+
+
+def _pil_pixels(image: Image.Image) -> np.ndarray:
+    """Pixels as (H, W) uint8/uint16/float32 or (H, W, 3|4) uint8, transparency kept as alpha."""
+    mode = image.mode
+    if mode.startswith("I;16"):
+        return np.asarray(image).astype(np.uint16)
+    if mode == "I":
+        # 32-bit integer images come from 16-bit sources in practice; treat them as 16-bit.
+        return np.clip(np.asarray(image), 0, UINT16_MAX).astype(np.uint16)
+    if mode == "F":
+        return np.asarray(image, dtype=np.float32)
+    if "transparency" in image.info or mode in ("P", "PA", "LA", "La", "RGBA", "RGBa"):
+        return np.asarray(image.convert("RGBA"))
+    if mode in ("1", "L"):
+        return np.asarray(image.convert("L"))
+    return np.asarray(image.convert("RGB"))
+
+
+def _check_array_shape(array: np.ndarray, label: str) -> None:
+    """Accept (H, W), (H, W, 1), (H, W, 3) and (H, W, 4) only."""
+    if not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (1, 3, 4))):
+        raise ImageError(
+            f"{label}: unsupported array shape {tuple(array.shape)}; "
+            "expected (H, W), (H, W, 1), (H, W, 3) or (H, W, 4)"
+        )
+
+
+def _array_to_rgb8(array: np.ndarray, label: str) -> np.ndarray:
+    """(H, W), (H, W, 1), (H, W, 3) or (H, W, 4) uint8/uint16/bool/float -> (H, W, 3) uint8."""
+    _check_array_shape(array, label)
+    pixels = _to_uint8(array[:, :, None] if array.ndim == 2 else array, label)  # (H, W, C)
+    if pixels.shape[2] == 1:
+        pixels = np.repeat(pixels, 3, axis=2)
+    elif pixels.shape[2] == 4:
+        pixels = _composite(pixels)
+    return np.ascontiguousarray(pixels)
+
+
+def _to_uint8(pixels: np.ndarray, label: str) -> np.ndarray:
+    """Scale uint16 by 255/65535, floats from [0, 1] or [0, 255], bools to 0/255; uint8 unchanged."""
+    if pixels.dtype == np.uint8:
+        return pixels
+    if pixels.dtype == np.bool_:
+        return pixels.astype(np.uint8) * 255
+    if pixels.dtype == np.uint16:
+        return np.rint(pixels.astype(np.float64) * (255.0 / UINT16_MAX)).astype(np.uint8)
+    if np.issubdtype(pixels.dtype, np.floating):
+        values = np.nan_to_num(pixels.astype(np.float64), nan=0.0, posinf=255.0, neginf=0.0)
+        if values.size and values.max() <= 1.0:
+            values = np.clip(values, 0.0, 1.0) * 255.0
+        return np.rint(np.clip(values, 0.0, 255.0)).astype(np.uint8)
+    raise ImageError(
+        f"{label}: unsupported pixel dtype {pixels.dtype}; expected uint8, uint16, bool or float"
+    )
+
+
+def _composite(rgba: np.ndarray) -> np.ndarray:
+    """(H, W, 4) uint8 -> (H, W, 3) uint8 over the ALPHA_BACKGROUND grey."""
+    alpha = rgba[:, :, 3:].astype(np.float64) / 255.0  # (H, W, 1)
+    rgb = rgba[:, :, :3].astype(np.float64) * alpha + ALPHA_BACKGROUND * (1.0 - alpha)
+    return np.rint(rgb).astype(np.uint8)
+
+
+def _apply_orientation(pixels: np.ndarray, orientation: int) -> np.ndarray:
+    """Apply an EXIF orientation (1-8) to (H, W, C) pixels, as PIL's ImageOps.exif_transpose does."""
+    if orientation == 2:
+        return pixels[:, ::-1]
+    if orientation == 3:
+        return pixels[::-1, ::-1]
+    if orientation == 4:
+        return pixels[::-1]
+    if orientation == 5:
+        return pixels.transpose(1, 0, 2)
+    if orientation == 6:
+        return np.rot90(pixels, k=-1)
+    if orientation == 7:
+        return pixels[::-1, ::-1].transpose(1, 0, 2)
+    if orientation == 8:
+        return np.rot90(pixels, k=1)
+    return pixels
+
+
+def list_images(paths: Sequence[str | Path]) -> list[Path]:
+    """Expand folders (sorted, non-recursive, visible image files only); keep files as given."""
+    if isinstance(paths, (str, Path)):
+        paths = [paths]  # a bare string is a Sequence of characters; never what the caller meant
+    if not paths:
+        raise ImageError("no image paths given")
+    images: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            images.extend(_folder_images(path))
+        elif not path.exists():
+            raise ImageError(f"{raw}: no such file or folder")
+        elif path.suffix.lower() not in IMAGE_SUFFIXES:
+            raise ImageError(f"{raw}: not an image file (suffix must be one of {' '.join(IMAGE_SUFFIXES)})")
+        else:
+            images.append(path)
+    return images
+
+
+def _folder_images(folder: Path) -> list[Path]:
+    """Visible image files directly inside folder, sorted by name."""
+    found = sorted(
+        entry
+        for entry in folder.iterdir()
+        if entry.is_file() and not entry.name.startswith(".") and entry.suffix.lower() in IMAGE_SUFFIXES
+    )
+    if not found:
+        raise ImageError(f"{folder}: folder has no images ({' '.join(IMAGE_SUFFIXES)})")
+    return found
+
+
+def _write_atomic(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
+    """Write through a temp file in the target folder, then rename over path; the temp never survives."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temp = target.with_name(f".{target.name}.{secrets.token_hex(6)}.tmp")
+    # os.open with 0o666 lets the umask decide permissions, as a plain open() would.
+    descriptor = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, target)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    return target
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
+    """Atomically replace path with data."""
+
+    def write(handle: IO[bytes]) -> None:
+        handle.write(data)
+
+    return _write_atomic(path, write)
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Atomically replace path with UTF-8 text."""
+    return write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> Path:
+    """Atomically write obj as indented JSON; NaN/Infinity or non-JSON types fail before any file exists."""
+    try:
+        text = json.dumps(obj, indent=2, sort_keys=False, allow_nan=False, ensure_ascii=False)
+    except ValueError as exc:
+        raise ValueError(f"{path}: cannot write JSON: NaN or Infinity is not valid JSON ({exc})") from exc
+    except TypeError as exc:
+        raise TypeError(f"{path}: cannot write JSON: {exc}") from exc
+    return write_text_atomic(path, text + "\n")
+
+
+def write_png_atomic(path: str | Path, array: np.ndarray) -> Path:
+    """Atomically write a (H, W) grey or (H, W, 3) RGB uint8 array as PNG."""
+    if array.dtype != np.uint8 or not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] == 3)):
+        raise ValueError(
+            f"{path}: PNG needs a uint8 (H, W) or (H, W, 3) array, got {array.dtype} {tuple(array.shape)}"
+        )
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(array)).save(buffer, format="PNG")
+    return write_bytes_atomic(path, buffer.getvalue())
+
+
+def write_npy_atomic(path: str | Path, array: np.ndarray) -> Path:
+    """Atomically write array in .npy format (no pickled objects)."""
+    return _write_atomic(path, lambda handle: np.save(handle, array, allow_pickle=False))

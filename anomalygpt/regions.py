@@ -1,0 +1,248 @@
+"""Anomaly map -> connected regions with box, area, location words and shape/contrast descriptors.
+
+Coordinates are continuous pixel coordinates: pixel (row i, column j) covers [j, j+1) x [i, i+1), so a
+box (x0, y0, x1, y1) has x1/y1 exclusive and a filled box has its centroid at the box centre.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+from scipy import ndimage
+
+LOCATION_WORDS = (
+    "top left",
+    "top",
+    "top right",
+    "left",
+    "center",
+    "right",
+    "bottom left",
+    "bottom",
+    "bottom right",
+)
+# Size words by % of the image area. MVTec AD / VisA defects mostly cover well under 1% of the image:
+# below 0.5% (about a 16x16 px blob at 224 px, one backbone patch) is a spot an operator must look for,
+# 0.5-3% (up to about a 40x40 px blob at 224 px) is plainly visible, and 3% or more is a large area.
+SMALL_MAX_PCT = 0.5
+MEDIUM_MAX_PCT = 3.0
+ELONGATION_RATIO = 3.0  # sqrt(lambda_max / lambda_min) of the pixel-coordinate covariance
+CONTRAST_LEVELS = 8.0  # grey-level difference (0-255) between a region and its ring that counts as visible
+RING_MIN_PX = 3
+RING_FRACTION = 0.1  # ring width as a fraction of the region's equivalent diameter
+# Components smaller than 0.01% of the image (and never under 4 px) are interpolation specks from
+# upsampling a patch-level map; at 224x224 that is 6 px, at 1024x1024 about a 10x10 px blob.
+MIN_AREA_FRACTION = 1e-4
+MIN_AREA_FLOOR_PX = 4
+LUMA_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R BT.601, as PIL's convert("L")
+EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
+
+
+@dataclass(frozen=True)
+class Region:
+    """One connected anomalous region of a thresholded anomaly map."""
+
+    index: int  # 1-based, largest first
+    box: tuple[int, int, int, int]  # x0, y0, x1, y1 in pixels, x1/y1 exclusive
+    area_px: int
+    area_pct: float  # % of the image area
+    centroid: tuple[float, float]  # (x, y) in pixels
+    location: str  # one of LOCATION_WORDS, from the centroid on a 3x3 grid
+    peak_score: float
+    mean_score: float
+    shape: str  # "elongated" (line-like) or "compact" (spot-like)
+    contrast: str  # "darker", "brighter" or "similar" than its surroundings
+    size: str  # "small", "medium" or "large"
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict: lists for tuples, floats rounded to what a reader can use."""
+        data = asdict(self)
+        data["box"] = list(self.box)
+        data["area_pct"] = round(self.area_pct, 4)
+        data["centroid"] = [round(value, 2) for value in self.centroid]
+        data["peak_score"] = _significant(self.peak_score)
+        data["mean_score"] = _significant(self.mean_score)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Region:
+        """Inverse of to_dict (up to its rounding)."""
+        return cls(**{**data, "box": tuple(data["box"]), "centroid": tuple(data["centroid"])})
+
+    def describe(self) -> str:
+        """Short phrase, e.g. 'a small elongated darker region at the top left (0.8% of the image)'."""
+        words = [self.size, self.shape] + ([self.contrast] if self.contrast != "similar" else [])
+        return f"a {' '.join(words)} region at the {self.location} ({format_pct(self.area_pct)} of the image)"
+
+
+def _significant(value: float) -> float:
+    """Value kept to 6 significant digits, so small scores keep their precision."""
+    return float(f"{value:.6g}")
+
+
+def format_pct(pct: float) -> str:
+    """Percentage with as many digits as its size deserves: '12%', '0.8%', '0.043%'."""
+    if pct >= 10:
+        return f"{pct:.0f}%"
+    if pct >= 0.1:
+        return f"{pct:.1f}%"
+    return f"{pct:.2g}%"
+
+
+def location_word(x: float, y: float, width: int, height: int) -> str:
+    """Word for the 3x3 grid cell holding point (x, y) of a width x height image."""
+    if width <= 0 or height <= 0:
+        raise ValueError(f"location_word: image size must be positive, got {width}x{height}")
+    return LOCATION_WORDS[3 * _third(y, height) + _third(x, width)]
+
+
+def _third(value: float, extent: int) -> int:
+    """0, 1 or 2: which third of [0, extent) the coordinate falls in."""
+    if value < extent / 3:
+        return 0
+    if value >= 2 * extent / 3:
+        return 2
+    return 1
+
+
+def default_min_area_px(height: int, width: int) -> int:
+    """Smallest kept component: max(4 px, 0.01% of the image area)."""
+    return max(MIN_AREA_FLOOR_PX, math.ceil(MIN_AREA_FRACTION * height * width))
+
+
+def find_regions(
+    score_map: np.ndarray,
+    threshold: float,
+    image: np.ndarray | None = None,
+    min_area_px: int | None = None,
+) -> list[Region]:
+    """8-connected components of score_map > threshold, largest first (ties in raster order)."""
+    scores = _checked_scores(score_map)  # (H, W)
+    height, width = scores.shape
+    if not math.isfinite(threshold):
+        raise ValueError(f"find_regions: threshold must be a finite number, got {threshold}")
+    min_area = default_min_area_px(height, width) if min_area_px is None else min_area_px
+    if min_area < 1:
+        raise ValueError(f"find_regions: min_area_px must be at least 1, got {min_area_px}")
+    grey = None if image is None else _grey(image, scores.shape)  # (H, W)
+    mask = scores > threshold  # (H, W)
+    labels, count = ndimage.label(mask, structure=EIGHT_CONNECTED)  # (H, W) int
+    areas = np.bincount(labels.ravel(), minlength=count + 1)
+    kept = [label for label in range(1, count + 1) if areas[label] >= min_area]
+    kept.sort(key=lambda label: -areas[label])  # stable: equal areas stay in raster order
+    boxes = ndimage.find_objects(labels)
+    return [
+        _region(index, labels, label, boxes[label - 1], scores, grey, mask)
+        for index, label in enumerate(kept, start=1)
+    ]
+
+
+def _checked_scores(score_map: np.ndarray) -> np.ndarray:
+    """score_map as (H, W) float64, rejecting wrong shapes and non-finite values."""
+    scores = np.asarray(score_map, dtype=np.float64)
+    if scores.ndim != 2 or scores.size == 0:
+        raise ValueError(f"find_regions: score_map must be a non-empty (H, W) array, got {scores.shape}")
+    bad = int(np.count_nonzero(~np.isfinite(scores)))
+    if bad:
+        raise ValueError(f"find_regions: score_map has {bad} non-finite values (NaN or inf)")
+    return scores
+
+
+def _grey(image: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """(H, W) or (H, W, 3) uint8 image -> (H, W) float64 luma."""
+    if image.dtype != np.uint8 or image.shape[:2] != shape or image.ndim not in (2, 3):
+        raise ValueError(
+            f"find_regions: image must be uint8 {shape} or {shape + (3,)}, got {image.dtype} {image.shape}"
+        )
+    if image.ndim == 2:
+        return image.astype(np.float64)
+    if image.shape[2] != 3:
+        raise ValueError(f"find_regions: image must have 3 channels, got {image.shape}")
+    return image.astype(np.float64) @ np.asarray(LUMA_WEIGHTS)
+
+
+def _region(
+    index: int,
+    labels: np.ndarray,
+    label: int,
+    box: tuple[slice, slice],
+    scores: np.ndarray,
+    grey: np.ndarray | None,
+    mask: np.ndarray,
+) -> Region:
+    """Describe the component `label` whose bounding slices are `box`."""
+    rows_slice, cols_slice = box
+    component = labels[box] == label  # (h, w)
+    rows, cols = np.nonzero(component)
+    rows, cols = rows + rows_slice.start, cols + cols_slice.start
+    values = scores[box][component]
+    height, width = scores.shape
+    area_pct = 100.0 * rows.size / (height * width)
+    centroid = (float(cols.mean()) + 0.5, float(rows.mean()) + 0.5)
+    return Region(
+        index=index,
+        box=(cols_slice.start, rows_slice.start, cols_slice.stop, rows_slice.stop),
+        area_px=int(rows.size),
+        area_pct=area_pct,
+        centroid=centroid,
+        location=location_word(centroid[0], centroid[1], width, height),
+        peak_score=float(values.max()),
+        mean_score=float(values.mean()),
+        shape=shape_word(rows, cols),
+        contrast="similar" if grey is None else _contrast_word(grey, labels, label, box, mask),
+        size=size_word(area_pct),
+    )
+
+
+def shape_word(rows: np.ndarray, cols: np.ndarray) -> str:
+    """'elongated' when the pixel cloud's principal axes differ by ELONGATION_RATIO or more."""
+    coords = np.stack([cols, rows]).astype(np.float64)  # (2, N)
+    # Each pixel is a unit square with variance 1/12 per axis: this keeps lambda_min > 0 and gives a
+    # 1-px-wide straight line of length L a ratio of exactly L, so lines from 3 px up are elongated.
+    covariance = np.cov(coords, bias=True).reshape(2, 2) + np.eye(2) / 12.0
+    low, high = np.linalg.eigvalsh(covariance)
+    return "elongated" if math.sqrt(high / low) >= ELONGATION_RATIO else "compact"
+
+
+def _contrast_word(
+    grey: np.ndarray, labels: np.ndarray, label: int, box: tuple[slice, slice], mask: np.ndarray
+) -> str:
+    """Compare the region's mean grey with a ring around it that excludes every anomalous pixel."""
+    rows_slice, cols_slice = box
+    area = int(np.count_nonzero(labels[box] == label))
+    radius = max(RING_MIN_PX, round(RING_FRACTION * math.sqrt(4.0 * area / math.pi)))
+    window = (
+        slice(max(rows_slice.start - radius, 0), min(rows_slice.stop + radius, grey.shape[0])),
+        slice(max(cols_slice.start - radius, 0), min(cols_slice.stop + radius, grey.shape[1])),
+    )
+    component = labels[window] == label  # (h, w)
+    # Distance to the component <= radius is a disk dilation at O(pixels) cost.
+    ring = (ndimage.distance_transform_edt(~component) <= radius) & ~mask[window]  # (h, w)
+    if not ring.any():
+        return "similar"
+    difference = grey[window][component].mean() - grey[window][ring].mean()
+    if difference > CONTRAST_LEVELS:
+        return "brighter"
+    if difference < -CONTRAST_LEVELS:
+        return "darker"
+    return "similar"
+
+
+def size_word(area_pct: float) -> str:
+    """'small', 'medium' or 'large' from the % of the image area."""
+    if area_pct < SMALL_MAX_PCT:
+        return "small"
+    if area_pct < MEDIUM_MAX_PCT:
+        return "medium"
+    return "large"
+
+
+def regions_summary(regions: list[Region]) -> str:
+    """One sentence for the chat facts: 'No anomalous region.' or '2 anomalous regions: a ...; a ....'."""
+    if not regions:
+        return "No anomalous region."
+    noun = "region" if len(regions) == 1 else "regions"
+    return f"{len(regions)} anomalous {noun}: " + "; ".join(region.describe() for region in regions) + "."
