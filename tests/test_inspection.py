@@ -1,0 +1,84 @@
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+from conftest import texture_crops, with_dark_blob
+
+from anomalygpt.config import ConfigError, Preset, load_preset
+from anomalygpt.inspection import Inspector, InspectionError, build_inspector, confidence_word
+
+
+@pytest.fixture(scope="module")
+def inspector(small_backbone):
+    return Inspector(small_backbone, dataclasses.replace(load_preset("default")))
+
+
+@pytest.fixture(scope="module")
+def references(inspector):
+    return inspector.fit(texture_crops(4, seed=11))
+
+
+def test_default_preset_is_the_offline_efficientnet():
+    preset = load_preset("default")
+    assert preset.backbone.name == "efficientnet-lite0" and preset.backbone.stages == (4, 10)
+    assert preset.memory.augment is True
+
+
+def test_unknown_preset_and_options_are_named(tmp_path):
+    with pytest.raises(ConfigError, match="unknown preset 'nope'; known: default"):
+        load_preset("nope")
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"memory": {"augmnt": False}}))
+    with pytest.raises(ConfigError, match="unknown option\\(s\\) augmnt"):
+        load_preset(str(bad))
+    bad.write_text(json.dumps({"memory": {"neighbourhood": "three"}}))
+    with pytest.raises(ConfigError, match="memory:neighbourhood: expected int"):
+        load_preset(str(bad))
+    with pytest.raises(ConfigError, match="preset file not found"):
+        load_preset(str(tmp_path / "missing.json"))
+
+
+def test_defect_is_flagged_with_its_region_and_a_good_crop_is_not(inspector, references):
+    good = texture_crops(1, seed=99)[0]
+    bad = with_dark_blob(texture_crops(1, seed=98)[0], center=(100, 100), radius=9)
+    ok = inspector.inspect(good, references)
+    found = inspector.inspect(bad, references, class_name="brick wall")
+    assert not ok.is_anomalous and ok.regions == [] and ok.margin < 0
+    assert found.is_anomalous and found.margin > 0 and found.score > found.threshold
+    assert found.verdict == "anomalous" and found.n_references == 4 and found.mode == "few-shot"
+    top = found.regions[0]
+    assert top.location == "bottom right" and top.contrast == "darker"
+    x0, y0, x1, y1 = top.box
+    assert x0 <= 100 <= x1 and y0 <= 100 <= y1
+    assert "ANOMALOUS" in found.facts() and "bottom right" in found.facts() and "brick wall" in found.facts()
+    assert found.anomaly_map.shape == (128, 128)
+
+
+def test_inspection_serialises_to_json_without_the_map(inspector, references):
+    insp = inspector.inspect(texture_crops(1, seed=5)[0], references, source="q.png")
+    data = json.loads(insp.to_json())
+    assert data["verdict"] == insp.verdict and data["source"] == "q.png"
+    assert "anomaly_map" not in data and data["image_size"] == [128, 128]
+    assert data["calibration"]["image_threshold"] == pytest.approx(insp.threshold)
+
+
+def test_bad_inputs_get_clear_errors(inspector, references):
+    with pytest.raises(InspectionError, match="no good reference images"):
+        inspector.fit([])
+    with pytest.raises(InspectionError, match="at most 16"):
+        inspector.fit([np.zeros((32, 32, 3), np.uint8)] * 17)
+    with pytest.raises(InspectionError, match="q.png: 96x64 px but the references are 128x128 px"):
+        inspector.inspect(np.zeros((64, 96, 3), np.uint8), references, source="q.png")
+    with pytest.raises(InspectionError, match="references differ in size"):
+        inspector.fit([np.zeros((64, 64, 3), np.uint8), np.zeros((64, 80, 3), np.uint8)])
+
+
+def test_confidence_words_follow_the_margin():
+    assert [confidence_word(m) for m in (0.2, -0.9, 1.5, -2.9, 3.0, -7.0)] == [
+        "low", "low", "medium", "medium", "high", "high"]
+
+
+def test_factory_accepts_a_preset_object():
+    inspector = build_inspector(Preset(name="t", backbone=dataclasses.replace(Preset("t").backbone, image_size=64)))
+    assert inspector.backbone.image_size == 64
