@@ -59,8 +59,15 @@ class VisionBackbone(nn.Module):
         batch = []
         for image in images:
             pixels = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float() / 255.0
-            batch.append(F.interpolate(pixels, size=(self.image_size, self.image_size), mode="bilinear",
-                                       antialias=True, align_corners=False))
+            batch.append(
+                F.interpolate(
+                    pixels,
+                    size=(self.image_size, self.image_size),
+                    mode="bilinear",
+                    antialias=True,
+                    align_corners=False,
+                )
+            )
         pixels = torch.cat(batch).to(self.mean.device)
         return (pixels - self.mean) / self.std
 
@@ -70,7 +77,7 @@ class VisionBackbone(nn.Module):
     @torch.inference_mode()
     def encode(self, images: Sequence[np.ndarray], batch_size: int = 8) -> BackboneFeatures:
         """Encode uint8 images in batches; results are on the backbone's device."""
-        outputs = [self(self.preprocess(images[i:i + batch_size])) for i in range(0, len(images), batch_size)]
+        outputs = [self(self.preprocess(images[i : i + batch_size])) for i in range(0, len(images), batch_size)]
         patches = [torch.cat([out.patches[s] for out in outputs]) for s in range(len(self.stage_dims))]
         return BackboneFeatures(patches, torch.cat([out.embedding for out in outputs]))
 
@@ -160,19 +167,25 @@ def load_open_clip(model_name: str, pretrained: str) -> nn.Module:
     if pretrained == "random":
         log.warning("CLIP backbone %s has random weights: only for tests", model_name)
         return open_clip.create_model(model_name, pretrained=None)
-    looks_like_path = any(sep in pretrained for sep in "/\\") or Path(pretrained).suffix in {".bin", ".pt", ".pth",
-                                                                                              ".safetensors"}
+    looks_like_path = any(sep in pretrained for sep in "/\\") or Path(pretrained).suffix in {
+        ".bin",
+        ".pt",
+        ".pth",
+        ".safetensors",
+    }
     if not pretrained or (looks_like_path and not Path(pretrained).is_file()):
         where = pretrained or "~/.cache/anomalygpt/clip/<file>"
         raise WeightsError(
             f"CLIP weights for {model_name} not found at {where}: download an open_clip checkpoint for {model_name} "
-            f"(e.g. the laion2b or openai .safetensors/.bin) and pass its path as backbone.pretrained")
+            f"(e.g. the laion2b or openai .safetensors/.bin) and pass its path as backbone.pretrained"
+        )
     try:
         return open_clip.create_model(model_name, pretrained=pretrained)
     except (RuntimeError, OSError) as error:
         raise WeightsError(
             f"could not load CLIP weights {pretrained!r} for {model_name} ({error.__class__.__name__}): this machine "
-            f"may be offline; download the checkpoint and pass its file path as backbone.pretrained") from error
+            f"may be offline; download the checkpoint and pass its file path as backbone.pretrained"
+        ) from error
 
 
 def build_clip(cfg: BackboneConfig) -> VisionBackbone:

@@ -43,7 +43,8 @@ def held_out_maps(memory: PatchMemory) -> tuple[list[np.ndarray], str]:
     """
     if memory.n_references >= 2:
         return leave_one_reference_out(memory), (
-            f"leave-one-out: each of {memory.n_references} references scored against the others")
+            f"leave-one-out: each of {memory.n_references} references scored against the others"
+        )
     return leave_one_quadrant_out(memory), "k=1: each quadrant of the reference scored against the other three"
 
 
@@ -66,7 +67,7 @@ def leave_one_quadrant_out(memory: PatchMemory) -> list[np.ndarray]:
         exclude = [bank.quadrant == quadrant for bank in memory.banks]
         full = memory.fuse(memory.stage_distances(identity, exclude), memory.image_size)[0]
         row, col = divmod(quadrant, 2)
-        maps.append(full[row * height // 2:(row + 1) * height // 2, col * width // 2:(col + 1) * width // 2])
+        maps.append(full[row * height // 2 : (row + 1) * height // 2, col * width // 2 : (col + 1) * width // 2])
     return maps
 
 

@@ -7,7 +7,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -81,8 +81,17 @@ class Inspection:
         return "\n".join(lines)
 
 
-def decide(anomaly_map: np.ndarray, image: np.ndarray, score: float, calibration: Calibration,
-           sensitivity: float = 0.0) -> tuple[bool, float, float, float, list[Region]]:
+class Decision(NamedTuple):
+    is_anomalous: bool
+    margin: float
+    threshold: float
+    pixel_threshold: float
+    regions: list[Region]
+
+
+def decide(
+    anomaly_map: np.ndarray, image: np.ndarray, score: float, calibration: Calibration, sensitivity: float = 0.0
+) -> Decision:
     """Verdict, margin, thresholds and regions; `sensitivity` > 0 lowers the thresholds by that many spreads."""
     shift = sensitivity * calibration.normal_spread
     threshold = calibration.image_threshold - shift
@@ -90,7 +99,7 @@ def decide(anomaly_map: np.ndarray, image: np.ndarray, score: float, calibration
     is_anomalous = score > threshold
     margin = (score - threshold) / calibration.normal_spread
     regions = find_regions(anomaly_map, pixel_threshold, image) if is_anomalous else []
-    return is_anomalous, margin, threshold, pixel_threshold, regions
+    return Decision(is_anomalous, margin, threshold, pixel_threshold, regions)
 
 
 @dataclass
@@ -120,28 +129,46 @@ class Inspector:
         calibration = calibrate(memory, self.preset.calibration)
         return References(memory, calibration, (time.perf_counter() - start) * 1000)
 
-    def inspect(self, image: ImageSource, references: References | Sequence[ImageSource],
-                class_name: str | None = None, source: str | None = None) -> Inspection:
+    def inspect(
+        self,
+        image: ImageSource,
+        references: References | Sequence[ImageSource],
+        class_name: str | None = None,
+        source: str | None = None,
+        sensitivity: float = 0.0,
+    ) -> Inspection:
+        """Inspect one image; `sensitivity` moves both thresholds down by that many normal spreads."""
         refs = references if isinstance(references, References) else self.fit(references)
         pixels = load_image(image)
         if pixels.shape[:2] != refs.memory.image_size:
             h, w = refs.memory.image_size
-            raise InspectionError(f"{source or 'query'}: {pixels.shape[1]}x{pixels.shape[0]} px but the references "
-                                  f"are {w}x{h} px; use references of the query's size")
+            raise InspectionError(
+                f"{source or 'query'}: {pixels.shape[1]}x{pixels.shape[0]} px but the references "
+                f"are {w}x{h} px; use references of the query's size"
+            )
         start = time.perf_counter()
         with torch.inference_mode():
             anomaly_map = refs.memory.anomaly_maps([pixels])[0]
         score = refs.memory.image_score(anomaly_map)
-        is_anomalous, margin, threshold, pixel_threshold, regions = decide(anomaly_map, pixels, score,
-                                                                           refs.calibration)
+        decision = decide(anomaly_map, pixels, score, refs.calibration, sensitivity)
         elapsed = (time.perf_counter() - start) * 1000
         return Inspection(
-            is_anomalous=is_anomalous, score=score, threshold=threshold, margin=margin,
-            confidence=confidence_word(margin), pixel_threshold=pixel_threshold, regions=regions,
-            mode="few-shot", n_references=refs.memory.n_references, image_size=refs.memory.image_size,
-            calibration=refs.calibration.to_dict(), class_name=class_name, source=source,
+            is_anomalous=decision.is_anomalous,
+            score=score,
+            threshold=decision.threshold,
+            margin=decision.margin,
+            confidence=confidence_word(decision.margin),
+            pixel_threshold=decision.pixel_threshold,
+            regions=decision.regions,
+            mode="few-shot",
+            n_references=refs.memory.n_references,
+            image_size=refs.memory.image_size,
+            calibration=refs.calibration.to_dict(),
+            class_name=class_name,
+            source=source,
             timings_ms={"inspect": round(elapsed, 1), "index_references": round(refs.index_ms, 1)},
-            anomaly_map=anomaly_map)
+            anomaly_map=anomaly_map,
+        )
 
 
 def reference_name(ref: ImageSource, index: int) -> str:

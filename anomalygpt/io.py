@@ -130,9 +130,7 @@ def _check_size(width: int, height: int, label: str) -> None:
         raise ImageError(f"{label}: too small: {width}x{height} px, need at least {MIN_SIDE} px per side")
 
 
-def _decode_pil(
-    image: Image.Image, label: str, head: bytes = b"", stream: IO[bytes] | None = None
-) -> np.ndarray:
+def _decode_pil(image: Image.Image, label: str, head: bytes = b"", stream: IO[bytes] | None = None) -> np.ndarray:
     """Decode pixels (PIL, or OpenCV for 16-bit RGB), convert to RGB8 and apply EXIF orientation.
 
     head (the first bytes) and stream (the encoded file) are given for files and bytes, not PIL images.
@@ -205,8 +203,7 @@ def _check_array_shape(array: np.ndarray, label: str) -> None:
     """Accept (H, W), (H, W, 1), (H, W, 3) and (H, W, 4) only."""
     if not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (1, 3, 4))):
         raise ImageError(
-            f"{label}: unsupported array shape {tuple(array.shape)}; "
-            "expected (H, W), (H, W, 1), (H, W, 3) or (H, W, 4)"
+            f"{label}: unsupported array shape {tuple(array.shape)}; expected (H, W), (H, W, 1), (H, W, 3) or (H, W, 4)"
         )
 
 
@@ -234,9 +231,7 @@ def _to_uint8(pixels: np.ndarray, label: str) -> np.ndarray:
         if values.size and values.max() <= 1.0:
             values = np.clip(values, 0.0, 1.0) * 255.0
         return np.rint(np.clip(values, 0.0, 255.0)).astype(np.uint8)
-    raise ImageError(
-        f"{label}: unsupported pixel dtype {pixels.dtype}; expected uint8, uint16, bool or float"
-    )
+    raise ImageError(f"{label}: unsupported pixel dtype {pixels.dtype}; expected uint8, uint16, bool or float")
 
 
 def _composite(rgba: np.ndarray) -> np.ndarray:
@@ -344,9 +339,7 @@ def write_json_atomic(path: str | Path, obj: Any) -> Path:
 def write_png_atomic(path: str | Path, array: np.ndarray) -> Path:
     """Atomically write a (H, W) grey or (H, W, 3) RGB uint8 array as PNG."""
     if array.dtype != np.uint8 or not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] == 3)):
-        raise ValueError(
-            f"{path}: PNG needs a uint8 (H, W) or (H, W, 3) array, got {array.dtype} {tuple(array.shape)}"
-        )
+        raise ValueError(f"{path}: PNG needs a uint8 (H, W) or (H, W, 3) array, got {array.dtype} {tuple(array.shape)}")
     buffer = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(array)).save(buffer, format="PNG")
     return write_bytes_atomic(path, buffer.getvalue())

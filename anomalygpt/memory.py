@@ -57,7 +57,7 @@ def original_positions(size: int, index: int) -> torch.Tensor:
 def nearest_distance(queries: torch.Tensor, bank: torch.Tensor, chunk_elements: int) -> torch.Tensor:
     """Cosine distance (Q,) from each normalised query (Q, C) to its nearest bank row (N, C), in bounded chunks."""
     rows = max(1, chunk_elements // max(1, bank.shape[0]))
-    out = [1.0 - (queries[i:i + rows] @ bank.T).amax(dim=1) for i in range(0, queries.shape[0], rows)]
+    out = [1.0 - (queries[i : i + rows] @ bank.T).amax(dim=1) for i in range(0, queries.shape[0], rows)]
     return torch.cat(out).clamp_min(0.0)
 
 
@@ -77,8 +77,14 @@ def quadrant_of(positions: torch.Tensor, size: int) -> torch.Tensor:
 class PatchMemory:
     """Multi-stage memory of good patches; scores queries by distance to the nearest good patch."""
 
-    def __init__(self, backbone: VisionBackbone, banks: list[StageBank], reference_feats: list[list[torch.Tensor]],
-                 image_size: tuple[int, int], cfg: MemoryConfig) -> None:
+    def __init__(
+        self,
+        backbone: VisionBackbone,
+        banks: list[StageBank],
+        reference_feats: list[list[torch.Tensor]],
+        image_size: tuple[int, int],
+        cfg: MemoryConfig,
+    ) -> None:
         self.backbone = backbone
         self.banks = banks
         self.reference_feats = reference_feats  # per reference, per stage (V, C, h, w): kept for calibration
@@ -101,15 +107,18 @@ class PatchMemory:
         for image in references:
             views = augmented_views(backbone.preprocess([image]), cfg.augment)
             reference_feats.append(embed_patches(backbone(torch.cat(views)).patches, cfg.neighbourhood))
-        per_stage = [[view_bank(feats[stage], ref) for ref, feats in enumerate(reference_feats)]
-                     for stage in range(len(backbone.stage_dims))]
+        per_stage = [
+            [view_bank(feats[stage], ref) for ref, feats in enumerate(reference_feats)]
+            for stage in range(len(backbone.stage_dims))
+        ]
         generator = torch.Generator().manual_seed(cfg.seed)
         banks = [subsample(concat_banks(parts), cfg.max_patches, generator) for parts in per_stage]
         return cls(backbone, banks, reference_feats, sizes.pop(), cfg)
 
     @torch.inference_mode()
-    def stage_distances(self, feats: Sequence[torch.Tensor],
-                        exclude: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
+    def stage_distances(
+        self, feats: Sequence[torch.Tensor], exclude: Sequence[torch.Tensor] | None = None
+    ) -> list[torch.Tensor]:
         """Per stage (B, h, w) distance maps; `exclude` is a per-stage list of bank masks to leave out."""
         maps = []
         for stage, (stage_feats, bank) in enumerate(zip(feats, self.banks, strict=True)):
@@ -153,8 +162,11 @@ def view_bank(feats: torch.Tensor, ref_index: int) -> StageBank:
 
 
 def concat_banks(parts: Sequence[StageBank]) -> StageBank:
-    return StageBank(torch.cat([p.features for p in parts]), torch.cat([p.reference for p in parts]),
-                     torch.cat([p.quadrant for p in parts]))
+    return StageBank(
+        torch.cat([p.features for p in parts]),
+        torch.cat([p.reference for p in parts]),
+        torch.cat([p.quadrant for p in parts]),
+    )
 
 
 def subsample(bank: StageBank, max_patches: int, generator: torch.Generator) -> StageBank:

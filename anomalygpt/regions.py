@@ -135,8 +135,7 @@ def find_regions(
     kept.sort(key=lambda label: -areas[label])  # stable: equal areas stay in raster order
     boxes = ndimage.find_objects(labels)
     return [
-        _region(index, labels, label, boxes[label - 1], scores, grey, mask)
-        for index, label in enumerate(kept, start=1)
+        _region(index, labels, label, boxes[label - 1], scores, grey, mask) for index, label in enumerate(kept, start=1)
     ]
 
 
@@ -207,9 +206,7 @@ def shape_word(rows: np.ndarray, cols: np.ndarray) -> str:
     return "elongated" if math.sqrt(high / low) >= ELONGATION_RATIO else "compact"
 
 
-def _contrast_word(
-    grey: np.ndarray, labels: np.ndarray, label: int, box: tuple[slice, slice], mask: np.ndarray
-) -> str:
+def _contrast_word(grey: np.ndarray, labels: np.ndarray, label: int, box: tuple[slice, slice], mask: np.ndarray) -> str:
     """Compare the region's mean grey with a ring around it that excludes every anomalous pixel."""
     rows_slice, cols_slice = box
     area = int(np.count_nonzero(labels[box] == label))

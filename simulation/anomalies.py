@@ -138,9 +138,7 @@ def params_from_dict(values: dict[str, Any], category: str, where: str = "params
     names = {f.name for f in fields(SimParams)} - {"category"}
     missing, extra = names - set(values), set(values) - names
     if missing or extra:
-        raise ParamsError(
-            f"{where}[{category}]: missing keys {sorted(missing)}, unknown keys {sorted(extra)}"
-        )
+        raise ParamsError(f"{where}[{category}]: missing keys {sorted(missing)}, unknown keys {sorted(extra)}")
     try:
         params = SimParams(category=category, **_converted(values))
     except (TypeError, ValueError) as err:
@@ -270,9 +268,7 @@ def _scene(image: np.ndarray, params: SimParams) -> _Scene:
 # ---------------------------------------------------------------- NSA and cut-paste
 
 
-def _patch_shape(
-    image_shape: tuple[int, ...], params: SimParams, rng: np.random.Generator
-) -> tuple[int, int]:
+def _patch_shape(image_shape: tuple[int, ...], params: SimParams, rng: np.random.Generator) -> tuple[int, int]:
     """Destination (h, w) of one patch, clipped so it fits with a margin."""
     height, width = image_shape[:2]
     side = _log_uniform(rng, params.patch_size) * min(height, width)
@@ -363,9 +359,7 @@ def intensity_label(
     return soft, soft > 0.5
 
 
-def _patch_family(
-    scene: _Scene, source: np.ndarray | None, blend: bool, rng: np.random.Generator
-) -> Simulated | None:
+def _patch_family(scene: _Scene, source: np.ndarray | None, blend: bool, rng: np.random.Generator) -> Simulated | None:
     """NSA (blend=True) or plain cut-paste: one or more source patches on the target foreground."""
     params, image = scene.params, scene.image
     source = image if source is None else source
@@ -435,12 +429,7 @@ def _curve_points(scene: _Scene, rng: np.random.Generator) -> tuple[np.ndarray, 
         ctrl = [np.zeros(2), along * length / 3 + normal * bend[0], along * 2 * length / 3 + normal * bend[1]]
         ctrl.append(along * length)
         t = np.linspace(0, 1, 48)[:, None]
-        curve = (
-            (1 - t) ** 3 * ctrl[0]
-            + 3 * (1 - t) ** 2 * t * ctrl[1]
-            + 3 * (1 - t) * t**2 * ctrl[2]
-            + t**3 * ctrl[3]
-        )
+        curve = (1 - t) ** 3 * ctrl[0] + 3 * (1 - t) ** 2 * t * ctrl[1] + 3 * (1 - t) * t**2 * ctrl[2] + t**3 * ctrl[3]
         return curve + [x0, y0], "scratch"
     steps = int(rng.integers(10, 25))
     headings = angle + np.cumsum(rng.normal(0, 0.45, size=steps))
@@ -481,9 +470,7 @@ def _ellipse_alpha(
     """Filled ellipse (H, W) float32 with a Gaussian soft edge of ``edge`` px, tails below ALPHA_FLOOR cut."""
     canvas = np.zeros(shape, dtype=np.uint8)
     axes_px = (max(1, round(axes[0])), max(1, round(axes[1])))
-    cv2.ellipse(
-        canvas, (centre[1], centre[0]), axes_px, angle, 0, 360, 255, thickness=-1, lineType=cv2.LINE_AA
-    )
+    cv2.ellipse(canvas, (centre[1], centre[0]), axes_px, angle, 0, 360, 255, thickness=-1, lineType=cv2.LINE_AA)
     alpha = cv2.GaussianBlur(canvas.astype(np.float32) / 255.0, (0, 0), edge)
     alpha[alpha < ALPHA_FLOOR] = 0.0
     return alpha
@@ -510,9 +497,7 @@ def _spot(scene: _Scene, rng: np.random.Generator) -> Simulated | None:
     return _local_result(scene, out, alpha, "spot", info)
 
 
-def _blob(
-    shape: tuple[int, int], centre: tuple[int, int], diameter: float, rng: np.random.Generator
-) -> np.ndarray:
+def _blob(shape: tuple[int, int], centre: tuple[int, int], diameter: float, rng: np.random.Generator) -> np.ndarray:
     """Irregular blob (H, W) bool: an ellipse whose outline is pushed around by low-frequency noise."""
     yy, xx = np.mgrid[: shape[0], : shape[1]].astype(np.float32)
     angle = rng.uniform(0, math.pi)
@@ -611,9 +596,7 @@ def simulate(
     )
 
 
-def _draw(
-    scene: _Scene, source: np.ndarray | None, family: str, rng: np.random.Generator
-) -> Simulated | None:
+def _draw(scene: _Scene, source: np.ndarray | None, family: str, rng: np.random.Generator) -> Simulated | None:
     """One attempt at ``family``; None when the draw produced nothing usable."""
     if family in PATCH_FAMILIES:
         return _patch_family(scene, source, family == "nsa", rng)
@@ -637,9 +620,7 @@ def simulate_random(
         if weights.sum() <= 0:
             break
         family = remaining.pop(int(rng.choice(len(remaining), p=weights / weights.sum())))
-        source = (
-            sources[int(rng.integers(len(sources)))] if len(sources) and family in PATCH_FAMILIES else None
-        )
+        source = sources[int(rng.integers(len(sources)))] if len(sources) and family in PATCH_FAMILIES else None
         try:
             result = simulate(image, source, family, params, rng)
         except SimulationError:

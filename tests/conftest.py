@@ -18,13 +18,13 @@ def texture_crops(n: int, size: int = 128, seed: int = 0) -> list[np.ndarray]:
     crops = []
     for _ in range(n):
         y, x = rng.integers(0, wall.shape[0] - size, size=2)
-        crops.append(np.repeat(wall[y:y + size, x:x + size, None], 3, axis=2))
+        crops.append(np.repeat(wall[y : y + size, x : x + size, None], 3, axis=2))
     return crops
 
 
 def with_dark_blob(image: np.ndarray, center: tuple[int, int], radius: int) -> np.ndarray:
     """A copy with a dark disk drawn at center (x, y): a stand-in for a hole or stain."""
     out = image.copy()
-    yy, xx = np.mgrid[:image.shape[0], :image.shape[1]]
+    yy, xx = np.mgrid[: image.shape[0], : image.shape[1]]
     out[(xx - center[0]) ** 2 + (yy - center[1]) ** 2 <= radius**2] = 15
     return out

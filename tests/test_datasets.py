@@ -63,9 +63,7 @@ def visa_tree(root: Path) -> Path:
     for stem, on_value in (("000", 255), ("001", 1)):
         write_image(root / "candle" / "Data" / "Images" / "Anomaly" / f"{stem}.JPG")
         write_mask(root / "candle" / "Data" / "Masks" / "Anomaly" / f"{stem}.png", on_value)
-        rows.append(
-            f"candle,test,anomaly,candle/Data/Images/Anomaly/{stem}.JPG,candle/Data/Masks/Anomaly/{stem}.png"
-        )
+        rows.append(f"candle,test,anomaly,candle/Data/Images/Anomaly/{stem}.JPG,candle/Data/Masks/Anomaly/{stem}.png")
     write_image(root / "pcb1" / "Data" / "Images" / "Normal" / "0000.JPG")
     rows.append("pcb1,train,normal,pcb1/Data/Images/Normal/0000.JPG,")
     (root / "split_csv").mkdir(parents=True)
@@ -153,17 +151,13 @@ def test_visa_missing_csv_mask_and_category(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match="known: candle, pcb1"):
         load_split("visa", root, "fryum")
     (root / "split_csv" / "1cls.csv").unlink()
-    with pytest.raises(
-        DatasetError, match=re.escape(f"official split file at {root / 'split_csv' / '1cls.csv'}")
-    ):
+    with pytest.raises(DatasetError, match=re.escape(f"official split file at {root / 'split_csv' / '1cls.csv'}")):
         categories("visa", root)
 
 
 def test_load_mask_reads_palette_rgb_and_rejects_junk(tmp_path: Path) -> None:
     palette = Image.fromarray(np.array([[0, 1], [1, 0]], dtype=np.uint8), mode="P")
-    palette.putpalette(
-        [0, 0, 0, 0, 0, 0] + [0] * 762
-    )  # index 1 drawn black: the index, not the colour, counts
+    palette.putpalette([0, 0, 0, 0, 0, 0] + [0] * 762)  # index 1 drawn black: the index, not the colour, counts
     palette.save(tmp_path / "p.png")
     np.testing.assert_array_equal(load_mask(tmp_path / "p.png"), [[False, True], [True, False]])
     rgb = np.zeros((2, 2, 3), dtype=np.uint8)

@@ -6,7 +6,7 @@ import pytest
 from conftest import texture_crops, with_dark_blob
 
 from anomalygpt.config import ConfigError, Preset, load_preset
-from anomalygpt.inspection import Inspector, InspectionError, build_inspector, confidence_word
+from anomalygpt.inspection import InspectionError, Inspector, build_inspector, confidence_word
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +76,13 @@ def test_bad_inputs_get_clear_errors(inspector, references):
 
 def test_confidence_words_follow_the_margin():
     assert [confidence_word(m) for m in (0.2, -0.9, 1.5, -2.9, 3.0, -7.0)] == [
-        "low", "low", "medium", "medium", "high", "high"]
+        "low",
+        "low",
+        "medium",
+        "medium",
+        "high",
+        "high",
+    ]
 
 
 def test_factory_accepts_a_preset_object():

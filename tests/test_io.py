@@ -226,9 +226,7 @@ def test_non_image_and_corrupt_files(tmp_path: Path) -> None:
     assert error_text(text, name="bad.png") == "bad.png: not a readable image (cannot identify image file)"
     assert error_text(b"\x89PNG garbage") == "<bytes>: not a readable image (cannot identify image file)"
     png = encoded(Image.fromarray(random_rgb(64, 64)), "PNG")
-    assert error_text(png[: len(png) * 6 // 10], name="cut.png").startswith(
-        "cut.png: corrupt or truncated image ("
-    )
+    assert error_text(png[: len(png) * 6 // 10], name="cut.png").startswith("cut.png: corrupt or truncated image (")
     jpeg = encoded(Image.fromarray(random_rgb(64, 64)), "JPEG")
     assert "image file is truncated" in error_text(jpeg[: len(jpeg) // 2], name="cut.jpg")
 
@@ -245,13 +243,8 @@ def test_max_pixels_is_checked_from_the_header(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setattr(aio, "MAX_PIXELS", 1000)
     png = encoded(Image.fromarray(random_rgb(40, 40)), "PNG")
     # Pixel data cut off: reporting the size rather than the truncation proves nothing was decoded.
-    assert (
-        error_text(png[:100], name="big.png") == "big.png: too large: 40x40 px (1,600 pixels), limit is 1,000"
-    )
-    assert (
-        error_text(np.zeros((40, 40), np.uint8))
-        == "<array>: too large: 40x40 px (1,600 pixels), limit is 1,000"
-    )
+    assert error_text(png[:100], name="big.png") == "big.png: too large: 40x40 px (1,600 pixels), limit is 1,000"
+    assert error_text(np.zeros((40, 40), np.uint8)) == "<array>: too large: 40x40 px (1,600 pixels), limit is 1,000"
 
 
 def test_pil_decompression_bomb_warning_and_error(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -322,10 +315,7 @@ def test_writers_round_trip_and_create_folders(tmp_path: Path) -> None:
     assert write_bytes_atomic(tmp_path / "a" / "b" / "x.bin", b"\x00\x01").read_bytes() == b"\x00\x01"
     assert write_text_atomic(tmp_path / "t.txt", "héllo").read_text(encoding="utf-8") == "héllo"
     path = write_json_atomic(tmp_path / "r.json", {"b": 1, "a": [1.5, None], "é": "ü"})
-    assert (
-        path.read_text(encoding="utf-8")
-        == '{\n  "b": 1,\n  "a": [\n    1.5,\n    null\n  ],\n  "é": "ü"\n}\n'
-    )
+    assert path.read_text(encoding="utf-8") == '{\n  "b": 1,\n  "a": [\n    1.5,\n    null\n  ],\n  "é": "ü"\n}\n'
     rgb, grey = random_rgb(), random_rgb()[:, :, 1]
     np.testing.assert_array_equal(load_image(write_png_atomic(tmp_path / "rgb.png", rgb)), rgb)
     with Image.open(write_png_atomic(tmp_path / "g.png", grey)) as written:
@@ -382,9 +372,7 @@ def test_failure_at_rename_removes_temp_file(tmp_path: Path, monkeypatch: pytest
 
 
 def test_png_writer_rejects_bad_arrays(tmp_path: Path) -> None:
-    with pytest.raises(
-        ValueError, match=r"f\.png: PNG needs a uint8 \(H, W\) or \(H, W, 3\) array, got float64"
-    ):
+    with pytest.raises(ValueError, match=r"f\.png: PNG needs a uint8 \(H, W\) or \(H, W, 3\) array, got float64"):
         write_png_atomic(tmp_path / "f.png", np.zeros((4, 4)))
     with pytest.raises(ValueError, match=r"got uint8 \(4, 4, 4\)"):
         write_png_atomic(tmp_path / "f.png", np.zeros((4, 4, 4), np.uint8))

@@ -75,7 +75,8 @@ def test_a_reference_scores_near_zero_and_a_dark_blob_is_found_where_it_is(memor
 
 def test_references_must_share_one_size(small_backbone):
     with pytest.raises(ValueError, match="references differ in size"):
-        PatchMemory.build(small_backbone, [np.zeros((64, 64, 3), np.uint8), np.zeros((64, 80, 3), np.uint8)],
-                          MemoryConfig())
+        PatchMemory.build(
+            small_backbone, [np.zeros((64, 64, 3), np.uint8), np.zeros((64, 80, 3), np.uint8)], MemoryConfig()
+        )
     with pytest.raises(ValueError, match="at least one good reference"):
         PatchMemory.build(small_backbone, [], MemoryConfig())

@@ -43,10 +43,7 @@ def _rgb128(grey: np.ndarray) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def textures() -> dict[str, np.ndarray]:
-    return {
-        name: _rgb128(getattr(skimage.data, name)())
-        for name in ("brick", "grass", "gravel", "camera", "coins")
-    }
+    return {name: _rgb128(getattr(skimage.data, name)()) for name in ("brick", "grass", "gravel", "camera", "coins")}
 
 
 @pytest.fixture(scope="module")
@@ -113,9 +110,7 @@ def test_bad_inputs_raise_clear_errors(textures: dict[str, np.ndarray]) -> None:
     with pytest.raises(ValueError, match="unknown 'dent'; known: nsa, cutpaste"):
         simulate(textures["brick"], None, "dent", params, rng)
     impossible = dataclasses.replace(params, min_mask_pixels=10**6)
-    with pytest.raises(
-        SimulationError, match="no spot anomaly with >= 1000000 changed pixels after 25 attempts"
-    ):
+    with pytest.raises(SimulationError, match="no spot anomaly with >= 1000000 changed pixels after 25 attempts"):
         simulate(textures["brick"], None, "spot", impossible, rng)
 
 
@@ -126,8 +121,7 @@ def test_bad_inputs_raise_clear_errors(textures: dict[str, np.ndarray]) -> None:
 def test_same_seed_gives_identical_bytes(family: str, textures: dict[str, np.ndarray]) -> None:
     params = load_params(None)
     runs = [
-        simulate(textures["brick"], textures["gravel"], family, params, np.random.default_rng(s))
-        for s in (7, 7, 8)
+        simulate(textures["brick"], textures["gravel"], family, params, np.random.default_rng(s)) for s in (7, 7, 8)
     ]
     assert runs[0].image.tobytes() == runs[1].image.tobytes()
     assert runs[0].mask.tobytes() == runs[1].mask.tobytes()
@@ -142,14 +136,9 @@ def test_masks_are_non_empty_typed_and_consistent(family: str, textures: dict[st
     for seed, name in zip(SEEDS, textures, strict=False):
         image = textures[name]
         result = simulate(image, textures["grass"], family, params, np.random.default_rng(seed))
-        assert (
-            result.family == family and result.image.shape == image.shape and result.image.dtype == np.uint8
-        )
+        assert result.family == family and result.image.shape == image.shape and result.image.dtype == np.uint8
         assert result.mask.dtype == bool and result.mask.shape == image.shape[:2]
-        assert (
-            result.soft_mask.dtype == np.float32
-            and 0 <= result.soft_mask.min() <= result.soft_mask.max() <= 1
-        )
+        assert result.soft_mask.dtype == np.float32 and 0 <= result.soft_mask.min() <= result.soft_mask.max() <= 1
         assert result.mask.sum() >= params.min_mask_pixels
         assert (result.soft_mask[result.mask] >= 0.5).all()
         # Missing material labels the whole replaced blob, even where the fill matches the old pixels.

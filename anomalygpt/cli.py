@@ -1,0 +1,384 @@
+"""The one command line, `anomalygpt`: `detect` here; simulate/train/eval/chat/ui/demo load their package lazily.
+
+cli.py is the composition root: the core library never imports simulation/train/chat/eval, and this module
+imports them only inside their handlers (torch too, only for the commands that need it), so `--help` is quick.
+Exit codes: 0 done, 1 a failure after every input was accepted (a disk error), 2 bad input or an unavailable
+command. Errors are one line on stderr: "anomalygpt <verb>: error: <file or option>: <problem>".
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import math
+import os
+import sys
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
+
+import numpy as np
+from tqdm import tqdm
+
+from anomalygpt.io import ImageError, list_images, load_image, write_json_atomic, write_npy_atomic
+
+if TYPE_CHECKING:
+    from anomalygpt.config import Preset
+    from anomalygpt.inspection import Inspection, Inspector, References
+
+PROG = "anomalygpt"
+SENSITIVITY_RANGE = (-5.0, 5.0)  # in normal spreads: beyond 5 the threshold leaves the range references justify
+MAX_REFERENCES = 16  # as inspection.MAX_REFERENCES, checked here before torch is imported
+SUMMARY_STEM = "summary"  # summary.json shares --out with the per-image files; no image may take its name
+TABLE_COLUMNS = ("file", "verdict", "score", "threshold", "margin", "regions", "locations")
+
+
+@dataclass(frozen=True)
+class LazyCommand:
+    module: str  # imported only when the verb runs; provides main(argv: list[str]) -> int
+    help: str
+
+
+LAZY_COMMANDS = {
+    "simulate": LazyCommand("simulation.cli", "synthesise anomalies and conversations for training"),
+    "train": LazyCommand("train.cli", "train the decoder, prompt learner and LoRA adapter"),
+    "eval": LazyCommand("eval.cli", "benchmark on MVTec AD, VisA, ELPV or an image folder"),
+    "chat": LazyCommand("chat.cli", "chat in the terminal about an inspected image"),
+    "ui": LazyCommand("chat.web", "web app (needs the [ui] extra)"),
+    "demo": LazyCommand("chat.demo", "inspect and chat about a built-in example"),
+}
+
+
+class UsageError(ValueError):
+    """A command-line input the CLI itself rejects; the message names the file or option."""
+
+
+@dataclass(frozen=True)
+class DetectOptions:
+    queries: list[str]  # files and folders, as typed
+    refs: list[str]
+    preset: str | None  # None: the default preset
+    class_name: str | None
+    out: Path | None
+    as_json: bool
+    sensitivity: float  # > 0 lowers the thresholds by that many normal spreads (more alarms)
+
+
+@dataclass
+class DetectJob:
+    """Everything `detect` needs, loaded and checked before any output is written."""
+
+    preset: Preset
+    inspector: Inspector
+    references: References
+    reference_paths: list[Path]
+    queries: list[Path]
+    stems: list[str]  # unique output name per query
+
+
+class CliParser(argparse.ArgumentParser):
+    """ArgumentParser whose usage errors are one line, '<prog>: error: <message>', with exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {one_line(message)}\n")
+
+
+def one_line(text: str) -> str:
+    """Text squeezed onto one line."""
+    return " ".join(text.split())
+
+
+def build_parser() -> CliParser:
+    parser = CliParser(prog=PROG, description="Few-shot industrial inspection with a grounded assistant.")
+    verbs = parser.add_subparsers(dest="verb", metavar="COMMAND", required=True)
+    add_detect_parser(verbs)
+    for verb, command in LAZY_COMMANDS.items():
+        # No -h here: every argument, --help included, goes to the command's own parser.
+        verbs.add_parser(verb, help=command.help, description=command.help, add_help=False)
+    return parser
+
+
+def add_detect_parser(verbs: Any) -> None:
+    detect = verbs.add_parser(
+        "detect",
+        help="inspect images against good references",
+        description="Inspect QUERY images against good references of the same product and size. Put QUERY before "
+        "--ref (or end the --ref list with --). A folder means its image files (not subfolders); an empty one is "
+        "an error. Every input is checked before anything is written.",
+    )
+    detect.add_argument("queries", nargs="+", metavar="QUERY", help="image files or folders to inspect")
+    detect.add_argument(
+        "--ref",
+        action="extend",
+        nargs="+",
+        default=[],
+        metavar="GOOD",
+        help="good images (files or folders) of the same product, 1 to 16; required",
+    )
+    detect.add_argument("--preset", default=None, help="preset name or JSON path (default: 'default')")
+    detect.add_argument("--class-name", default=None, help="product name, e.g. 'screw' (recorded in the results)")
+    detect.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="folder for <stem>.json, <stem>_overlay.png, <stem>_map.npy and summary.json",
+    )
+    detect.add_argument(
+        "--json", dest="as_json", action="store_true", help="print one JSON list of inspections instead of the table"
+    )
+    detect.add_argument(
+        "--sensitivity",
+        type=float,
+        default=0.0,
+        help="-5 to 5 normal spreads; > 0 lowers the thresholds (more alarms), < 0 raises them",
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the `anomalygpt` command line; returns the exit code."""
+    parser = build_parser()
+    try:
+        args, extra = parser.parse_known_args(None if argv is None else list(argv))
+    except SystemExit as stop:  # --help, or a usage error already printed
+        return stop.code if isinstance(stop.code, int) else 0 if stop.code is None else 2
+    if args.verb != "detect":
+        return run_lazy(args.verb, extra)
+    if extra:
+        return fail("detect", f"unrecognized arguments: {' '.join(extra)}")
+    return run_detect(detect_options(args))
+
+
+def fail(verb: str, problem: str | BaseException, code: int = 2) -> int:
+    """Print the one-line error and return its exit code."""
+    print(f"{PROG} {verb}: error: {one_line(str(problem))}", file=sys.stderr)
+    return code
+
+
+def run_lazy(verb: str, argv: list[str]) -> int:
+    """Import the verb's module now and hand it the remaining arguments."""
+    command = LAZY_COMMANDS[verb]
+    try:
+        module = importlib.import_module(command.module)
+    except ModuleNotFoundError as error:
+        if error.name is None or not (command.module + ".").startswith(error.name + "."):
+            return fail(verb, f"needs the Python package {error.name or error}, which is not installed")
+        module = None  # the command's own module does not exist yet
+    if module is None or not callable(getattr(module, "main", None)):
+        print(f"{PROG} {verb}: not available yet (see the README)", file=sys.stderr)
+        return 2
+    return int(module.main(argv))
+
+
+def detect_options(args: argparse.Namespace) -> DetectOptions:
+    return DetectOptions(
+        queries=list(args.queries),
+        refs=list(args.ref),
+        preset=args.preset,
+        class_name=args.class_name,
+        out=args.out,
+        as_json=bool(args.as_json),
+        sensitivity=float(args.sensitivity),
+    )
+
+
+def run_detect(options: DetectOptions) -> int:
+    """`anomalygpt detect`: check and load everything, then inspect, print and write the results."""
+    try:
+        job = prepare_detect(options)
+    except (ValueError, OSError) as error:  # Image-, Inspection-, Config-, UsageError; WeightsError is an OSError
+        return fail("detect", error)
+    try:
+        records = inspect_all(job, options)
+    except (ImageError, OSError) as error:  # a file changed or a disk filled after the checks
+        return fail("detect", error, code=1)
+    print(json.dumps(records, indent=2, allow_nan=False) if options.as_json else verdict_table(records))
+    return 0
+
+
+def prepare_detect(options: DetectOptions) -> DetectJob:
+    """Validate options, paths, preset and every image (cheapest first), then build the inspector and fit."""
+    check_sensitivity(options.sensitivity)
+    check_out_dir(options.out)
+    reference_paths = reference_files(options.refs)
+    queries = unique_paths(list_images(options.queries))
+    from anomalygpt.config import DEFAULT_PRESET, load_preset  # imports torch: after the instant checks
+    from anomalygpt.inspection import build_inspector
+
+    preset = load_preset(options.preset or DEFAULT_PRESET)
+    reference_images = [load_image(path) for path in reference_paths]
+    size = check_same_size(reference_paths, [image.shape[:2] for image in reference_images])
+    # Decoded here only to check them (then dropped): holding every query would bound the batch by memory.
+    check_query_sizes(queries, [load_image(path).shape[:2] for path in queries], size)
+    inspector = build_inspector(preset)
+    references = inspector.fit(reference_images)
+    return DetectJob(preset, inspector, references, reference_paths, queries, output_stems(queries))
+
+
+def check_sensitivity(value: float) -> None:
+    low, high = SENSITIVITY_RANGE
+    if not (math.isfinite(value) and low <= value <= high):
+        raise UsageError(f"--sensitivity: must be a number from {low:g} to {high:g}, got {value:g}")
+
+
+def check_out_dir(out: Path | None) -> None:
+    """--out must be a folder, or creatable: its nearest existing ancestor is a writable folder."""
+    if out is None:
+        return
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{out}: --out exists and is not a folder")
+    existing = next(path for path in (out, *out.parents) if path.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"{out}: cannot write the --out folder here ({existing} is not a writable folder)")
+
+
+def reference_files(refs: Sequence[str]) -> list[Path]:
+    if not refs:
+        raise UsageError(
+            "--ref: no good reference images given; few-shot inspection needs 1 to "
+            f"{MAX_REFERENCES} good images of the same product (--ref FILE_OR_FOLDER)"
+        )
+    paths = unique_paths(list_images(refs))
+    if len(paths) > MAX_REFERENCES:
+        raise UsageError(f"--ref: {len(paths)} reference images given; at most {MAX_REFERENCES} are supported")
+    return paths
+
+
+def unique_paths(paths: Sequence[Path]) -> list[Path]:
+    """Paths in order, each file once (a folder and a file inside it may both have been given)."""
+    seen: dict[Path, Path] = {}
+    for path in paths:
+        seen.setdefault(path.resolve(), path)
+    return list(seen.values())
+
+
+def check_same_size(paths: Sequence[Path], sizes: Sequence[tuple[int, ...]]) -> tuple[int, ...]:
+    """The references' common (H, W); the first reference of another size is the error."""
+    for path, size in zip(paths, sizes, strict=True):
+        if size != sizes[0]:
+            raise UsageError(
+                f"{path}: {size_text(size)} but {paths[0]} is {size_text(sizes[0])}; all references must have one size"
+            )
+    return sizes[0]
+
+
+def check_query_sizes(paths: Sequence[Path], sizes: Sequence[tuple[int, ...]], expected: tuple[int, ...]) -> None:
+    for path, size in zip(paths, sizes, strict=True):
+        if size != expected:
+            raise UsageError(
+                f"{path}: {size_text(size)} but the references are {size_text(expected)}; "
+                "queries and references must have the same size"
+            )
+
+
+def size_text(size: tuple[int, ...]) -> str:
+    """'W x H px' from an (H, W) shape."""
+    return f"{size[1]}x{size[0]} px"
+
+
+def output_stems(paths: Sequence[Path]) -> list[str]:
+    """A unique output name per query: its stem, prefixed by its folder's name when stems collide, then numbered.
+
+    Compared case-insensitively, since x.png and X.png are one file on macOS and Windows.
+    """
+    counts = Counter(path.stem.casefold() for path in paths)
+    wanted = [
+        path.stem if counts[path.stem.casefold()] == 1 else f"{path.resolve().parent.name}_{path.stem}"
+        for path in paths
+    ]
+    taken = {SUMMARY_STEM}
+    stems = []
+    for name in wanted:
+        stem, number = name, 1
+        while stem.casefold() in taken:
+            number += 1
+            stem = f"{name}-{number}"
+        taken.add(stem.casefold())
+        stems.append(stem)
+    return stems
+
+
+def inspect_all(job: DetectJob, options: DetectOptions) -> list[dict[str, Any]]:
+    """Inspect every query (progress bar on an interactive stderr), writing its outputs as it goes."""
+    show = len(job.queries) > 1 and sys.stderr.isatty()
+    records = []
+    pairs = tqdm(
+        list(zip(job.queries, job.stems, strict=True)),
+        desc="inspecting",
+        unit="image",
+        file=sys.stderr,
+        disable=not show,
+    )
+    for path, stem in pairs:
+        image = load_image(path)  # (H, W, 3) uint8
+        inspection = job.inspector.inspect(
+            image, job.references, class_name=options.class_name, source=str(path), sensitivity=options.sensitivity
+        )
+        if options.out is not None:
+            write_outputs(options.out, stem, image, inspection)
+        records.append(inspection.to_dict())
+    if options.out is not None:
+        write_json_atomic(options.out / f"{SUMMARY_STEM}.json", summary(job, options, records))
+    return records
+
+
+def output_files(stem: str) -> dict[str, str]:
+    return {"inspection": f"{stem}.json", "overlay": f"{stem}_overlay.png", "anomaly_map": f"{stem}_map.npy"}
+
+
+def write_outputs(out: Path, stem: str, image: np.ndarray, inspection: Inspection) -> None:
+    """<stem>.json, <stem>_overlay.png and <stem>_map.npy, each written atomically."""
+    from anomalygpt.visualize import save_overlay
+
+    files = output_files(stem)
+    if inspection.anomaly_map is not None:
+        write_npy_atomic(out / files["anomaly_map"], inspection.anomaly_map)
+        save_overlay(out / files["overlay"], image, inspection)
+    write_json_atomic(out / files["inspection"], inspection.to_dict())
+
+
+def summary(job: DetectJob, options: DetectOptions, records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    images = [
+        {key: record[key] for key in ("source", "verdict", "score", "threshold", "margin")}
+        | {"n_regions": len(record["regions"]), "files": output_files(stem)}
+        for record, stem in zip(records, job.stems, strict=True)
+    ]
+    return {
+        "preset": job.preset.name,
+        "class_name": options.class_name,
+        "sensitivity": options.sensitivity,
+        "references": [str(path) for path in job.reference_paths],
+        "n_images": len(records),
+        "n_anomalous": sum(record["is_anomalous"] for record in records),
+        "images": images,
+    }
+
+
+def verdict_table(records: Sequence[dict[str, Any]]) -> str:
+    """Aligned text table, one row per inspection; numbers right-aligned."""
+    rows = [TABLE_COLUMNS] + [table_row(record) for record in records]
+    widths = [max(len(row[column]) for row in rows) for column in range(len(TABLE_COLUMNS))]
+    numeric = {"score", "threshold", "margin", "regions"}
+    lines = [
+        "  ".join(
+            cell.rjust(width) if name in numeric else cell.ljust(width)
+            for cell, width, name in zip(row, widths, TABLE_COLUMNS, strict=True)
+        ).rstrip()
+        for row in rows
+    ]
+    return "\n".join(lines)
+
+
+def table_row(record: dict[str, Any]) -> tuple[str, ...]:
+    locations = ", ".join(region["location"] for region in record["regions"]) or "-"
+    return (
+        str(record["source"]),
+        record["verdict"],
+        f"{record['score']:.4f}",
+        f"{record['threshold']:.4f}",
+        f"{record['margin']:+.1f}",
+        str(len(record["regions"])),
+        locations,
+    )

@@ -1,0 +1,213 @@
+"""Pictures of an inspection: heat map over the image, numbered region boxes and a verdict banner.
+
+Colour scale: `overlay` maps vmin -> the colormap's low end and vmax -> its high end, clipping outside.
+`inspection_scale` fixes both from the references alone: vmin = their normal mean score and
+vmax = mean + 2 * (threshold - mean), so the image threshold sits at the colormap's midpoint and only
+scores above it get warm colours (green -> yellow -> red in "jet"). The same colour therefore means the
+same score on every image of one product, instead of being stretched to each image's own maximum
+(which would paint a good image as hot as a bad one).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import cv2
+import numpy as np
+from matplotlib import colormaps
+
+from anomalygpt.io import write_png_atomic
+from anomalygpt.regions import Region
+
+if TYPE_CHECKING:  # inspection imports torch; pictures need only its fields
+    from anomalygpt.inspection import Inspection
+
+HEAT_ALPHA = 0.45  # weight of the heat map in the blend; the product stays visible underneath
+BOX_COLOR = (255, 255, 255)  # pure white: neither "jet" nor "inferno" ever produces it
+LABEL_TEXT = (255, 255, 255)
+LABEL_BACKGROUND = (0, 0, 0)
+ANOMALOUS_COLOR = (200, 30, 30)
+NORMAL_COLOR = (30, 130, 60)
+FONT = cv2.FONT_HERSHEY_SIMPLEX
+# Pictures narrower than this are enlarged by a whole factor (nearest neighbour) before drawing, so that
+# box labels and the banner stay legible on 64-256 px crops without blurring the pixels.
+MIN_FIGURE_WIDTH = 512
+REFERENCE_SIDE = 640  # px of the shorter side at which text is drawn at font scale 1.0
+
+
+@dataclass(frozen=True)
+class Pen:
+    """Line width and font settings for one picture size."""
+
+    thickness: int  # box line width, px
+    font_scale: float
+    text_thickness: int
+
+
+def pen_for(height: int, width: int) -> Pen:
+    """Line width and font scale that grow with the picture, so boxes and labels read at any size."""
+    side = min(height, width)
+    font_scale = max(0.4, side / REFERENCE_SIDE)
+    return Pen(
+        thickness=max(1, round(side / 250)), font_scale=font_scale, text_thickness=max(1, round(font_scale * 1.5))
+    )
+
+
+def heat_colors(anomaly_map: np.ndarray, vmin: float, vmax: float, cmap: str = "jet") -> np.ndarray:
+    """(H, W) scores -> (H, W, 3) uint8 colours, vmin..vmax spread over the colormap and clipped."""
+    if not (math.isfinite(vmin) and math.isfinite(vmax)) or vmax <= vmin:
+        raise ValueError(f"heat_colors: need finite vmin < vmax, got vmin={vmin}, vmax={vmax}")
+    scores = np.nan_to_num(np.asarray(anomaly_map, dtype=np.float64), nan=vmin, posinf=vmax, neginf=vmin)
+    unit = np.clip((scores - vmin) / (vmax - vmin), 0.0, 1.0)  # (H, W)
+    rgba = colormaps[cmap](unit)  # (H, W, 4) float in [0, 1]
+    return np.rint(rgba[..., :3] * 255.0).astype(np.uint8)
+
+
+def overlay(
+    image: np.ndarray,
+    anomaly_map: np.ndarray,
+    regions: Sequence[Region],
+    *,
+    vmin: float,
+    vmax: float,
+    cmap: str = "jet",
+    alpha: float = HEAT_ALPHA,
+) -> np.ndarray:
+    """(H, W, 3) uint8 image with the heat map blended in and a numbered box per region; input untouched."""
+    _check_pair(image, anomaly_map)
+    heat = heat_colors(anomaly_map, vmin, vmax, cmap).astype(np.float64)  # (H, W, 3)
+    blended = (1.0 - alpha) * image.astype(np.float64) + alpha * heat
+    canvas = np.ascontiguousarray(np.rint(blended).astype(np.uint8))
+    pen = pen_for(*image.shape[:2])
+    for region in regions:
+        draw_region(canvas, region, pen)
+    return canvas
+
+
+def _check_pair(image: np.ndarray, anomaly_map: np.ndarray) -> None:
+    """Reject anything but a uint8 (H, W, 3) image with an (H, W) map of the same size."""
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"overlay: image must be (H, W, 3) uint8, got {image.dtype} {tuple(image.shape)}")
+    if np.shape(anomaly_map) != image.shape[:2]:
+        raise ValueError(
+            f"overlay: anomaly map {tuple(np.shape(anomaly_map))} does not match the image {tuple(image.shape[:2])}"
+        )
+
+
+def draw_region(canvas: np.ndarray, region: Region, pen: Pen) -> None:
+    """Draw the region's box and an '<index> <location>' label on canvas in place."""
+    x0, y0, x1, y1 = region.box
+    # Region boxes are exclusive at x1/y1; cv2 draws inclusive corners.
+    cv2.rectangle(canvas, (x0, y0), (x1 - 1, y1 - 1), BOX_COLOR, pen.thickness, cv2.LINE_8)
+    text = f"{region.index} {region.location}"
+    (text_w, text_h), baseline = cv2.getTextSize(text, FONT, pen.font_scale, pen.text_thickness)
+    pad = max(1, pen.thickness)
+    label_h, label_w = text_h + baseline + 2 * pad, text_w + 2 * pad
+    # Just above the box when it fits, else just inside its top edge; shifted left to stay in the picture.
+    top = y0 - label_h if y0 >= label_h else max(0, min(y0, canvas.shape[0] - label_h))
+    left = max(0, min(x0, canvas.shape[1] - label_w))
+    cv2.rectangle(canvas, (left, top), (left + label_w - 1, top + label_h - 1), LABEL_BACKGROUND, cv2.FILLED)
+    cv2.putText(
+        canvas,
+        text,
+        (left + pad, top + pad + text_h),
+        FONT,
+        pen.font_scale,
+        LABEL_TEXT,
+        pen.text_thickness,
+        cv2.LINE_AA,
+    )
+
+
+def banner_lines(is_anomalous: bool, score: float, threshold: float, margin: float, n_regions: int) -> list[str]:
+    """The banner's text: the verdict first, then the numbers behind it."""
+    if is_anomalous:
+        noun = "region" if n_regions == 1 else "regions"
+        headline = f"ANOMALOUS - {n_regions} {noun}"
+    else:
+        headline = "NORMAL"
+    relation = ">" if score > threshold else "<="
+    return [headline, f"score {score:.4f} {relation} threshold {threshold:.4f}, margin {margin:+.1f}"]
+
+
+def verdict_banner(
+    width: int, *, is_anomalous: bool, score: float, threshold: float, margin: float, n_regions: int
+) -> np.ndarray:
+    """(h, width, 3) uint8 strip: verdict in large letters on red (anomalous) or green (normal), numbers below."""
+    headline, details = banner_lines(is_anomalous, score, threshold, margin, n_regions)
+    pen = pen_for(width, width)
+    pad = max(4, round(0.02 * width))
+    big = fitted_scale(headline, 1.6 * pen.font_scale, 2 * pen.text_thickness, width - 2 * pad)
+    small = fitted_scale(details, pen.font_scale, pen.text_thickness, width - 2 * pad)
+    (_, big_h), big_base = cv2.getTextSize(headline, FONT, big, 2 * pen.text_thickness)
+    (_, small_h), small_base = cv2.getTextSize(details, FONT, small, pen.text_thickness)
+    height = pad + big_h + big_base + pad + small_h + small_base + pad
+    strip = np.empty((height, width, 3), dtype=np.uint8)
+    strip[:] = ANOMALOUS_COLOR if is_anomalous else NORMAL_COLOR
+    cv2.putText(strip, headline, (pad, pad + big_h), FONT, big, LABEL_TEXT, 2 * pen.text_thickness, cv2.LINE_AA)
+    cv2.putText(
+        strip, details, (pad, height - pad - small_base), FONT, small, LABEL_TEXT, pen.text_thickness, cv2.LINE_AA
+    )
+    return strip
+
+
+def fitted_scale(text: str, scale: float, thickness: int, max_width: int) -> float:
+    """Font scale up to `scale` at which text, strokes included, fits in max_width pixels."""
+    # Stroke width does not shrink with the scale, so shrink in small steps rather than in proportion.
+    while scale > 0.1 and cv2.getTextSize(text, FONT, scale, thickness)[0][0] + thickness > max_width:
+        scale *= 0.95
+    return scale
+
+
+def inspection_scale(inspection: Inspection) -> tuple[float, float]:
+    """(vmin, vmax) for one product: its normal mean, and the threshold mirrored above it (see the module doc)."""
+    vmin = float(inspection.calibration["normal_mean"])
+    # A high --sensitivity can lower the threshold to the mean or below; keep the scale non-empty.
+    half = max(inspection.threshold - vmin, 1e-6)
+    return vmin, vmin + 2.0 * half
+
+
+def enlarged(
+    image: np.ndarray, anomaly_map: np.ndarray, regions: Sequence[Region]
+) -> tuple[np.ndarray, np.ndarray, list[Region]]:
+    """Image, map and region boxes scaled by a whole factor so the picture is at least MIN_FIGURE_WIDTH wide."""
+    factor = max(1, math.ceil(MIN_FIGURE_WIDTH / image.shape[1]))
+    if factor == 1:
+        return image, anomaly_map, list(regions)
+    big_image = np.repeat(np.repeat(image, factor, axis=0), factor, axis=1)  # (fH, fW, 3)
+    big_map = np.repeat(np.repeat(anomaly_map, factor, axis=0), factor, axis=1)  # (fH, fW)
+    big_regions = [replace(region, box=scaled_box(region.box, factor)) for region in regions]
+    return big_image, big_map, big_regions
+
+
+def scaled_box(box: tuple[int, int, int, int], factor: int) -> tuple[int, int, int, int]:
+    """A pixel box (x0, y0, x1, y1) on a picture enlarged `factor` times."""
+    x0, y0, x1, y1 = box
+    return x0 * factor, y0 * factor, x1 * factor, y1 * factor
+
+
+def inspection_figure(image: np.ndarray, inspection: Inspection, cmap: str = "jet") -> np.ndarray:
+    """(h + H', W', 3) uint8: verdict banner above the overlay, enlarged when the image is small."""
+    if inspection.anomaly_map is None:
+        raise ValueError(f"{inspection.source or 'inspection'}: has no anomaly map to draw")
+    vmin, vmax = inspection_scale(inspection)
+    big_image, big_map, big_regions = enlarged(image, inspection.anomaly_map, inspection.regions)
+    picture = overlay(big_image, big_map, big_regions, vmin=vmin, vmax=vmax, cmap=cmap)
+    banner = verdict_banner(
+        picture.shape[1],
+        is_anomalous=inspection.is_anomalous,
+        score=inspection.score,
+        threshold=inspection.threshold,
+        margin=inspection.margin,
+        n_regions=len(inspection.regions),
+    )
+    return np.concatenate([banner, picture], axis=0)
+
+
+def save_overlay(path: str | Path, image: np.ndarray, inspection: Inspection, cmap: str = "jet") -> Path:
+    """Atomically write the inspection figure (banner + overlay) as a PNG."""
+    return write_png_atomic(path, inspection_figure(image, inspection, cmap))

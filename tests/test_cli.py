@@ -1,0 +1,359 @@
+"""Tests for the `anomalygpt` command line: detect end to end, its one-line input errors, and lazy commands."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import skimage.data
+from PIL import Image
+
+from anomalygpt import cli
+from anomalygpt.cli import LazyCommand, main, output_stems, unique_paths, verdict_table
+
+SIDE = 128
+# Crops (row, col) of skimage's 512x512 grass texture. Grass is isotropic and fine-grained, so any crop
+# matches the references' patches; with these crops good queries score 8-10 normal spreads below the
+# threshold and the blob 6-7 above it.
+REFERENCE_CROPS = ((0, 0), (0, 256))
+GOOD_CROP = (384, 384)
+BAD_CROP = (200, 300)
+BLOB_CENTRE, BLOB_RADIUS, BLOB_GREY = (40, 80), 14, 20  # (x, y) px: the left third, middle row -> "left"
+
+
+@dataclass(frozen=True)
+class Scene:
+    refs: Path  # folder of good references
+    good: Path  # good/x.png: a different crop of the same texture
+    bad: Path  # bad/x.png: same stem as good, a dark blob drawn in
+    preset: Path
+    root: Path
+
+
+def crop(row: int, col: int) -> np.ndarray:
+    """(SIDE, SIDE) uint8 grey crop of the grass texture."""
+    return np.ascontiguousarray(skimage.data.grass()[row : row + SIDE, col : col + SIDE])
+
+
+def save(path: Path, pixels: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def scene(tmp_path_factory: pytest.TempPathFactory) -> Scene:
+    root = tmp_path_factory.mktemp("scene")
+    for index, (row, col) in enumerate(REFERENCE_CROPS):
+        save(root / "refs" / f"ref{index}.png", crop(row, col))
+    bad = crop(*BAD_CROP)
+    cv2.circle(bad, BLOB_CENTRE, BLOB_RADIUS, BLOB_GREY, thickness=-1)
+    preset = root / "preset.json"
+    # Small input and no rotation views keep each run to a few seconds on 2 CPU cores.
+    preset.write_text(
+        json.dumps(
+            {"name": "t", "backbone": {"name": "efficientnet-lite0", "image_size": SIDE}, "memory": {"augment": False}}
+        )
+    )
+    return Scene(
+        root / "refs", save(root / "good" / "x.png", crop(*GOOD_CROP)), save(root / "bad" / "x.png", bad), preset, root
+    )
+
+
+def run(argv: list[str]) -> tuple[int, str, str]:
+    """main(argv) with stdout and stderr captured; works in module-scoped fixtures, unlike capsys."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(argv)
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def table_run(scene: Scene, tmp_path_factory: pytest.TempPathFactory) -> tuple[int, str, str, Path]:
+    out = tmp_path_factory.mktemp("run") / "results"
+    code, stdout, stderr = run(
+        [
+            "detect",
+            str(scene.good),
+            str(scene.bad),
+            "--ref",
+            str(scene.refs),
+            "--preset",
+            str(scene.preset),
+            "--class-name",
+            "grass",
+            "--out",
+            str(out),
+        ]
+    )
+    return code, stdout, stderr, out
+
+
+@pytest.fixture(scope="module")
+def json_run(scene: Scene) -> tuple[int, str, str]:
+    return run(
+        [
+            "detect",
+            str(scene.good),
+            str(scene.bad),
+            "--ref",
+            str(scene.refs),
+            "--preset",
+            str(scene.preset),
+            "--json",
+            "--sensitivity",
+            "2",
+        ]
+    )
+
+
+def test_detect_flags_the_blob_and_passes_the_good_crop(table_run: tuple[int, str, str, Path]) -> None:
+    code, stdout, stderr, out = table_run
+    assert code == 0 and "inspecting" not in stderr  # no progress bar when stderr is not a terminal
+    good, bad = (json.loads((out / f"{stem}.json").read_text()) for stem in ("good_x", "bad_x"))
+    assert good["verdict"] == "normal" and good["regions"] == [] and good["margin"] < -3
+    assert bad["verdict"] == "anomalous" and bad["margin"] > 3 and bad["class_name"] == "grass"
+    x, y = BLOB_CENTRE
+    x0, y0, x1, y1 = bad["regions"][0]["box"]
+    assert x0 <= x < x1 and y0 <= y < y1 and bad["regions"][0]["location"] == "left"
+    assert bad["regions"][0]["contrast"] == "darker"
+
+
+def test_detect_prints_a_verdict_table(table_run: tuple[int, str, str, Path], scene: Scene) -> None:
+    _, stdout, _, out = table_run
+    lines = stdout.splitlines()
+    assert lines[0].split() == ["file", "verdict", "score", "threshold", "margin", "regions", "locations"]
+    rows = {line.split()[0]: line.split() for line in lines[1:]}
+    assert set(rows) == {str(scene.good), str(scene.bad)}
+    assert rows[str(scene.good)][1] == "normal" and rows[str(scene.good)][5:] == ["0", "-"]
+    bad = json.loads((out / "bad_x.json").read_text())
+    expected = [f"{bad['score']:.4f}", f"{bad['threshold']:.4f}", f"{bad['margin']:+.1f}", str(len(bad["regions"]))]
+    assert rows[str(scene.bad)][1:6] == ["anomalous", *expected]
+
+
+def test_detect_writes_every_output_under_distinct_names(table_run: tuple[int, str, str, Path], scene: Scene) -> None:
+    _, _, _, out = table_run
+    stems = ("good_x", "bad_x")  # both queries are x.png: the folder name keeps them apart
+    expected = {f"{s}{suffix}" for s in stems for suffix in (".json", "_overlay.png", "_map.npy")}
+    assert {p.name for p in out.iterdir()} == expected | {"summary.json"}
+    for stem in stems:
+        record = json.loads((out / f"{stem}.json").read_text())
+        anomaly_map = np.load(out / f"{stem}_map.npy")
+        assert anomaly_map.shape == (SIDE, SIDE) and anomaly_map.dtype == np.float32
+        assert record["score"] > 0 and record["image_size"] == [SIDE, SIDE]
+        with Image.open(out / f"{stem}_overlay.png") as figure:
+            assert figure.mode == "RGB" and figure.width == 512  # 128 px enlarged 4 times
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_images"] == 2 and summary["n_anomalous"] == 1 and summary["preset"] == "t"
+    assert summary["references"] == [str(scene.refs / "ref0.png"), str(scene.refs / "ref1.png")]
+    assert [image["files"]["overlay"] for image in summary["images"]] == ["good_x_overlay.png", "bad_x_overlay.png"]
+
+
+def test_detect_json_mode_and_sensitivity(
+    json_run: tuple[int, str, str], table_run: tuple[int, str, str, Path]
+) -> None:
+    code, stdout, _ = json_run
+    assert code == 0
+    records = json.loads(stdout)
+    assert [record["verdict"] for record in records] == ["normal", "anomalous"]
+    default = json.loads((table_run[3] / "bad_x.json").read_text())
+    for record in records:
+        calibration = record["calibration"]
+        # --sensitivity 2 lowers the threshold by exactly 2 normal spreads; the margin is measured from it.
+        shifted = calibration["image_threshold"] - 2 * calibration["normal_spread"]
+        assert record["threshold"] == pytest.approx(shifted)
+        assert record["margin"] == pytest.approx((record["score"] - shifted) / calibration["normal_spread"])
+        assert record["is_anomalous"] == (record["score"] > record["threshold"])
+    assert records[1]["calibration"] == default["calibration"] and records[1]["score"] == pytest.approx(
+        default["score"]
+    )
+
+
+def write_bad_inputs(folder: Path) -> dict[str, Path]:
+    """One file or folder per kind of bad input."""
+    folder.mkdir(parents=True, exist_ok=True)
+    png = io.BytesIO()
+    Image.fromarray(crop(0, 0)).save(png, format="PNG")
+    (folder / "empty_folder").mkdir()
+    (folder / "out_file").write_text("not a folder")
+    (folder / "unknown_backbone.json").write_text(json.dumps({"name": "u", "backbone": {"name": "nope"}}))
+    files = {"corrupt": png.getvalue()[: len(png.getvalue()) // 2], "empty": b"", "text": b"just some text\n"}
+    for name, data in files.items():
+        (folder / f"{name}.png").write_bytes(data)
+    for index in range(17):
+        save(folder / "many" / f"{index:02d}.png", crop(0, 0))
+    save(folder / "tiny.png", np.zeros((1, 1), np.uint8))
+    save(folder / "narrow.png", crop(0, 0)[:, :96])
+    names = (
+        "corrupt.png",
+        "empty.png",
+        "text.png",
+        "tiny.png",
+        "narrow.png",
+        "empty_folder",
+        "out_file",
+        "unknown_backbone.json",
+        "many",
+    )
+    return {name.split(".")[0]: folder / name for name in names}
+
+
+BAD_INPUTS = {
+    # case: (argv template, fragment naming the file or option, fragment naming the problem)
+    "corrupt file": (["{corrupt}", "--ref", "{refs}"], "corrupt.png", "corrupt or truncated"),
+    "empty file": (["{empty}", "--ref", "{refs}"], "empty.png", "empty file (0 bytes)"),
+    "text renamed png": (["{text}", "--ref", "{refs}"], "text.png", "not a readable image"),
+    "17 references": (["{good}", "--ref", "{many}"], "--ref", "17 reference images given; at most 16"),
+    "1x1 image": (["{good}", "--ref", "{tiny}"], "tiny.png", "too small: 1x1 px"),
+    "query size": (["{good}", "{narrow}", "--ref", "{refs}"], "narrow.png", "96x128 px but the references are"),
+    "reference size": (["{good}", "--ref", "{refs}", "{narrow}"], "narrow.png", "all references must have one"),
+    "missing folder": (["{root}/missing/", "--ref", "{refs}"], "missing", "no such file or folder"),
+    "empty query folder": (["{empty_folder}", "--ref", "{refs}"], "empty_folder", "folder has no images"),
+    "no --ref": (["{good}"], "--ref", "no good reference images given"),
+    "unknown preset": (["{good}", "--ref", "{refs}", "--preset", "nope"], "'nope'", "unknown preset"),
+    "unknown backbone": (["{good}", "--ref", "{refs}", "--preset", "{unknown_backbone}"], "'nope'", "unknown backbone"),
+    "sensitivity too high": (["{good}", "--ref", "{refs}", "--sensitivity", "9"], "--sensitivity", "from -5 to 5"),
+    "sensitivity too low": (["{good}", "--ref", "{refs}", "--sensitivity", "-5.5"], "--sensitivity", "got -5.5"),
+    "sensitivity nan": (["{good}", "--ref", "{refs}", "--sensitivity", "nan"], "--sensitivity", "got nan"),
+    "sensitivity not a number": (
+        ["{good}", "--ref", "{refs}", "--sensitivity", "abc"],
+        "--sensitivity",
+        "invalid float value",
+    ),
+    "--out is a file": (["{good}", "--ref", "{refs}", "--out", "{out_file}"], "out_file", "not a folder"),
+    "unknown option": (["{good}", "--ref", "{refs}", "--bogus"], "--bogus", "unrecognized arguments"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(
+    case: str, scene: Scene, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    template, where, problem = BAD_INPUTS[case]
+    paths = {name: str(path) for name, path in write_bad_inputs(tmp_path / "inputs").items()}
+    paths |= {"refs": str(scene.refs), "good": str(scene.good), "root": str(scene.root)}
+    argv = [part.format_map(paths) for part in template]
+    out = tmp_path / "results"
+    if "--out" not in argv:
+        argv += ["--out", str(out)]
+    argv += [] if "--preset" in argv else ["--preset", str(scene.preset)]
+    code = main(["detect", *argv])
+    captured = capsys.readouterr()
+    assert code == 2 and captured.out == ""
+    assert captured.err.count("\n") == 1 and captured.err.startswith("anomalygpt detect: error: ")
+    assert where in captured.err and problem in captured.err
+    assert not out.exists()
+    assert (tmp_path / "inputs" / "out_file").read_text() == "not a folder"
+
+
+def test_lazy_command_not_built_yet(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setitem(cli.LAZY_COMMANDS, "train", LazyCommand("anomalygpt_missing_package.cli", "x"))
+    assert main(["train", "--epochs", "3"]) == 2
+    assert capsys.readouterr().err == "anomalygpt train: not available yet (see the README)\n"
+
+
+def test_lazy_command_gets_the_remaining_arguments(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "fake_sim.py").write_text("def main(argv):\n    print(argv)\n    return 7\n")
+    (tmp_path / "fake_ui.py").write_text("import gradio_is_not_installed_here\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(cli.LAZY_COMMANDS, "simulate", LazyCommand("fake_sim", "x"))
+    monkeypatch.setitem(cli.LAZY_COMMANDS, "ui", LazyCommand("fake_ui", "x"))
+    assert main(["simulate", "--n", "5", "out", "--help"]) == 7
+    assert capsys.readouterr().out == "['--n', '5', 'out', '--help']\n"
+    assert main(["ui"]) == 2
+    assert capsys.readouterr().err == (
+        "anomalygpt ui: error: needs the Python package gradio_is_not_installed_here, which is not installed\n"
+    )
+
+
+def test_every_verb_is_registered(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--help"]) == 0
+    listed = capsys.readouterr().out
+    for verb in ("detect", "simulate", "train", "eval", "chat", "ui", "demo"):
+        assert f"    {verb} " in listed
+    assert main([]) == 2
+    assert capsys.readouterr().err == "anomalygpt: error: the following arguments are required: COMMAND\n"
+
+
+def test_cli_imports_no_application_package_or_torch() -> None:
+    code = (
+        "import sys, anomalygpt.cli as c; c.main(['--help']); "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('simulation', 'train', 'chat', 'eval', "
+        "'torch')))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.splitlines()[-1] == "[]"
+
+
+def test_cli_reference_limit_matches_the_inspector() -> None:
+    from anomalygpt.inspection import MAX_REFERENCES
+
+    assert cli.MAX_REFERENCES == MAX_REFERENCES
+
+
+def test_output_stems_are_unique_and_keep_summary_free() -> None:
+    paths = [
+        Path("a/x.png"),
+        Path("b/x.png"),
+        Path("c/y.png"),
+        Path("summary.png"),
+        Path("d/X.jpg"),
+        Path("e/s/z.png"),
+        Path("f/s/z.png"),
+    ]
+    assert output_stems(paths) == ["a_x", "b_x", "y", "summary-2", "d_X", "s_z", "s_z-2"]
+
+
+def test_unique_paths_drop_a_file_given_twice(tmp_path: Path) -> None:
+    first = save(tmp_path / "a.png", crop(0, 0))
+    assert unique_paths([first, tmp_path / "." / "a.png", tmp_path / "b.png"]) == [first, tmp_path / "b.png"]
+
+
+def test_verdict_table_aligns_columns() -> None:
+    region = {"location": "top left"}
+    records = [
+        {
+            "source": "a.png",
+            "verdict": "anomalous",
+            "score": 0.61234,
+            "threshold": 0.5,
+            "margin": 12.34,
+            "regions": [region, {"location": "center"}],
+        },
+        {"source": "long/b.png", "verdict": "normal", "score": 0.1, "threshold": 0.5, "margin": -4.0, "regions": []},
+    ]
+    assert verdict_table(records).splitlines() == [
+        "file        verdict     score  threshold  margin  regions  locations",
+        "a.png       anomalous  0.6123     0.5000   +12.3        2  top left, center",
+        "long/b.png  normal     0.1000     0.5000    -4.0        0  -",
+    ]
+
+
+def test_simulate_verb_is_wired_to_the_writer(tmp_path, capsys):
+    normals = tmp_path / "normals"
+    normals.mkdir()
+    from PIL import Image
+    from skimage import data
+
+    for name in ("brick", "grass"):
+        Image.fromarray(getattr(data, name)()[:96, :96]).save(normals / f"{name}.png")
+    out = tmp_path / "sim"
+    assert main(["simulate", "--normals", str(normals), "--out", str(out), "--n", "3", "--size", "64"]) == 0
+    assert len(list((out / "images").glob("*.png"))) == 3
+    assert len((out / "conversations.jsonl").read_text().splitlines()) == 3
+    assert main(["simulate", "--normals", str(tmp_path / "nope"), "--out", str(tmp_path / "x"), "--n", "3"]) == 2
+    assert (
+        capsys.readouterr().err.strip().splitlines()[-1]
+        == f"anomalygpt simulate: error: --normals {tmp_path / 'nope'}: no such folder"
+    )
+    assert not (tmp_path / "x").exists()

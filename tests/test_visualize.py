@@ -1,0 +1,189 @@
+"""Tests for anomalygpt.visualize: colour scale, blend, boxes and labels, banner, figure and atomic save."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+
+from anomalygpt.inspection import Inspection
+from anomalygpt.regions import Region, find_regions
+from anomalygpt.visualize import (
+    ANOMALOUS_COLOR,
+    BOX_COLOR,
+    FONT,
+    NORMAL_COLOR,
+    banner_lines,
+    enlarged,
+    heat_colors,
+    inspection_figure,
+    inspection_scale,
+    overlay,
+    pen_for,
+    save_overlay,
+    verdict_banner,
+)
+
+
+def block_map(height: int, width: int, box: tuple[int, int, int, int]) -> np.ndarray:
+    """(H, W) float32 zeros with 1.0 inside the box (x0, y0, x1, y1), x1/y1 exclusive."""
+    scores = np.zeros((height, width), dtype=np.float32)
+    x0, y0, x1, y1 = box
+    scores[y0:y1, x0:x1] = 1.0
+    return scores
+
+
+def changed(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows and columns of the pixels that differ between two (H, W, 3) pictures."""
+    return np.nonzero(np.any(a != b, axis=2))
+
+
+def make_inspection(height: int, width: int, box: tuple[int, int, int, int], is_anomalous: bool) -> Inspection:
+    """An Inspection built by hand: a block map thresholded at 0.5, normal mean 0.2, threshold 0.5."""
+    scores = block_map(height, width, box) * 0.9 + 0.1
+    regions = find_regions(scores, 0.5) if is_anomalous else []
+    return Inspection(
+        is_anomalous=is_anomalous,
+        score=0.9 if is_anomalous else 0.1,
+        threshold=0.5,
+        margin=4.0 if is_anomalous else -4.0,
+        confidence="high",
+        pixel_threshold=0.5,
+        regions=regions,
+        mode="few-shot",
+        n_references=2,
+        image_size=(height, width),
+        calibration={"normal_mean": 0.2, "image_threshold": 0.5},
+        anomaly_map=scores,
+    )
+
+
+def test_heat_colors_map_vmin_and_vmax_to_the_colormap_ends_and_clip() -> None:
+    scores = np.array([[1.0, 3.0], [-7.0, 9.0]])
+    colors = heat_colors(scores, vmin=1.0, vmax=3.0, cmap="jet")
+    # jet(0) = (0, 0, 0.5), jet(1) = (0.5, 0, 0); 0.5 * 255 = 127.5 rounds to 128.
+    assert colors.dtype == np.uint8 and colors.shape == (2, 2, 3)
+    assert colors[0, 0].tolist() == [0, 0, 128] and colors[1, 0].tolist() == [0, 0, 128]
+    assert colors[0, 1].tolist() == [128, 0, 0] and colors[1, 1].tolist() == [128, 0, 0]
+
+
+def test_heat_colors_reject_an_empty_scale() -> None:
+    with pytest.raises(ValueError, match="vmin < vmax"):
+        heat_colors(np.zeros((4, 4)), vmin=1.0, vmax=1.0)
+
+
+def test_overlay_blends_the_heat_map_over_the_image_without_touching_it() -> None:
+    image = np.full((40, 60, 3), 100, dtype=np.uint8)
+    scores = np.full((40, 60), 0.3, dtype=np.float32)
+    picture = overlay(image, scores, [], vmin=0.3, vmax=1.0, alpha=0.5)
+    # 0.5 * 100 + 0.5 * jet(0) = (50, 50, 50 + 64) per pixel.
+    assert picture.shape == (40, 60, 3) and picture.dtype == np.uint8
+    assert np.all(picture == np.array([50, 50, 114], dtype=np.uint8))
+    assert np.all(image == 100)
+
+
+def test_overlay_draws_a_box_on_the_region_edges_and_a_label_above_it() -> None:
+    height, width, box = 200, 300, (100, 60, 180, 120)
+    scores = block_map(height, width, box)
+    regions = find_regions(scores, 0.5)
+    assert [(r.box, r.location) for r in regions] == [(box, "center")]
+    image = np.zeros((height, width, 3), dtype=np.uint8)
+    plain = overlay(image, scores, [], vmin=0.0, vmax=2.0)
+    boxed = overlay(image, scores, regions, vmin=0.0, vmax=2.0)
+    white = np.all(boxed == np.array(BOX_COLOR, dtype=np.uint8), axis=2)  # (H, W)
+    assert pen_for(height, width).thickness == 1
+    assert white[60:120, 100].all() and white[60:120, 179].all()  # left and right edges, x1 exclusive
+    assert white[119, 100:180].all() and white[60, 100:180].all()  # bottom and top edges
+    assert not white[61:119, 101:179].any()  # the inside keeps its heat colour
+    rows, cols = changed(plain, boxed)
+    pen = pen_for(height, width)
+    (text_w, text_h), baseline = cv2.getTextSize("1 center", FONT, pen.font_scale, pen.text_thickness)
+    label_h = text_h + baseline + 2
+    # The label sits on the box's top-left corner, exactly as wide as "1 center" plus padding.
+    assert rows.min() == 60 - label_h and rows.max() == 119
+    assert cols.min() == 100 and cols.max() == max(179, 100 + text_w + 1)
+    label_cols = cols[rows < 60]
+    assert label_cols.min() == 100 and label_cols.max() == 100 + text_w + 1
+
+
+def test_labels_stay_inside_the_picture_at_the_top_right_corner() -> None:
+    height, width, box = 120, 160, (130, 0, 160, 30)
+    scores = block_map(height, width, box)
+    regions = find_regions(scores, 0.5)
+    image = np.zeros((height, width, 3), dtype=np.uint8)
+    plain = overlay(image, scores, [], vmin=0.0, vmax=2.0)
+    rows, cols = changed(plain, overlay(image, scores, regions, vmin=0.0, vmax=2.0))
+    pen = pen_for(height, width)
+    (text_w, _), _ = cv2.getTextSize("1 top right", FONT, pen.font_scale, pen.text_thickness)
+    # No room above the box: the label goes inside it, shifted left so it ends at the right border.
+    assert rows.min() == 0 and cols.max() == width - 1
+    assert cols.min() == width - (text_w + 2)
+
+
+def test_pen_grows_with_the_picture() -> None:
+    small, large = pen_for(128, 128), pen_for(2000, 3000)
+    assert (small.thickness, small.font_scale, small.text_thickness) == (1, 0.4, 1)
+    assert (large.thickness, large.font_scale, large.text_thickness) == (8, 3.125, 5)
+
+
+def test_overlay_rejects_a_map_of_another_size() -> None:
+    with pytest.raises(ValueError, match=r"anomaly map \(10, 10\) does not match the image \(12, 10\)"):
+        overlay(np.zeros((12, 10, 3), np.uint8), np.zeros((10, 10)), [], vmin=0.0, vmax=1.0)
+
+
+def test_banner_lines_put_the_verdict_first() -> None:
+    assert banner_lines(True, 0.61234, 0.5, 2.345, 2) == [
+        "ANOMALOUS - 2 regions",
+        "score 0.6123 > threshold 0.5000, margin +2.3",
+    ]
+    assert banner_lines(False, 0.25, 0.5, -3.0, 0) == ["NORMAL", "score 0.2500 <= threshold 0.5000, margin -3.0"]
+
+
+@pytest.mark.parametrize(("width", "is_anomalous"), [(120, True), (512, False), (1600, True)])
+def test_verdict_banner_colour_and_text_fit_the_width(width: int, is_anomalous: bool) -> None:
+    strip = verdict_banner(width, is_anomalous=is_anomalous, score=0.61234, threshold=0.5, margin=12.5, n_regions=3)
+    background = np.array(ANOMALOUS_COLOR if is_anomalous else NORMAL_COLOR, dtype=np.uint8)
+    pad = max(4, round(0.02 * width))
+    assert strip.shape[1:] == (width, 3) and strip.dtype == np.uint8
+    assert np.all(strip[:, :pad] == background) and np.all(strip[:, width - pad :] == background)
+    assert np.any(strip != background)  # the text is there
+
+
+def test_inspection_scale_puts_the_threshold_at_the_middle() -> None:
+    inspection = make_inspection(32, 32, (0, 0, 8, 8), is_anomalous=True)
+    assert inspection_scale(inspection) == pytest.approx((0.2, 0.8))
+
+
+def test_enlarged_scales_small_pictures_and_boxes_by_a_whole_factor() -> None:
+    region = Region(1, (1, 2, 3, 4), 4, 1.0, (2.0, 3.0), "top left", 1.0, 1.0, "compact", "similar", "small")
+    image = np.arange(100 * 3, dtype=np.uint8).reshape(10, 10, 3)
+    big_image, big_map, big_regions = enlarged(image, np.eye(10), [region])
+    assert big_image.shape == (520, 520, 3) and big_map.shape == (520, 520)  # ceil(512 / 10) = 52
+    assert np.array_equal(big_image[::52, ::52], image) and big_regions[0].box == (52, 104, 156, 208)
+    same = np.zeros((600, 700, 3), np.uint8)
+    assert enlarged(same, np.zeros((600, 700)), [region])[2][0].box == (1, 2, 3, 4)
+
+
+def test_save_overlay_writes_the_figure_atomically(tmp_path: Path) -> None:
+    inspection = make_inspection(64, 64, (8, 40, 24, 56), is_anomalous=True)
+    image = np.full((64, 64, 3), 90, dtype=np.uint8)
+    figure = inspection_figure(image, inspection)
+    banner = verdict_banner(512, is_anomalous=True, score=0.9, threshold=0.5, margin=4.0, n_regions=1)
+    assert figure.shape == (banner.shape[0] + 512, 512, 3)  # 64 px enlarged 8 times
+    assert np.array_equal(figure[: banner.shape[0]], banner)
+    target = tmp_path / "x_overlay.png"
+    target.write_bytes(b"old")
+    assert save_overlay(target, image, inspection) == target
+    assert np.array_equal(np.asarray(Image.open(target)), figure)
+    assert [p.name for p in tmp_path.iterdir()] == ["x_overlay.png"]  # no temp file left behind
+
+
+def test_save_overlay_without_a_map_writes_nothing(tmp_path: Path) -> None:
+    inspection = make_inspection(32, 32, (0, 0, 8, 8), is_anomalous=False)
+    inspection.anomaly_map = None
+    with pytest.raises(ValueError, match="no anomaly map"):
+        save_overlay(tmp_path / "a.png", np.zeros((32, 32, 3), np.uint8), inspection)
+    assert list(tmp_path.iterdir()) == []
