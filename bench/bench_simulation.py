@@ -128,9 +128,7 @@ def object_pool(textures: list[np.ndarray], rng: np.random.Generator) -> list[np
     return pool
 
 
-def measure_throughput(
-    setting: str, pool: list[np.ndarray], params: SimParams, cfg: BenchConfig
-) -> Throughput:
+def measure_throughput(setting: str, pool: list[np.ndarray], params: SimParams, cfg: BenchConfig) -> Throughput:
     """Time cfg.samples calls of simulate_random, each with a few other pool images as sources."""
     times: dict[str, float] = defaultdict(float)
     counts: dict[str, int] = defaultdict(int)
@@ -214,14 +212,10 @@ def print_table(speeds: list[Throughput], smoothness: list[Smoothness]) -> None:
     print(f"{'setting':<22}{'samples':>8}{'s':>8}{'samples/s':>11}{'redrawn':>9}  ms per family (count)")
     for t in speeds:
         per = ", ".join(f"{f} {ms:.1f} ({t.count_by_family[f]})" for f, ms in t.ms_by_family.items())
-        print(
-            f"{t.setting:<22}{t.samples:>8}{t.seconds:>8.2f}{t.samples_per_s:>11.1f}{t.fallbacks:>9}  {per}"
-        )
+        print(f"{t.setting:<22}{t.samples:>8}{t.seconds:>8.2f}{t.samples_per_s:>11.1f}{t.fallbacks:>9}  {per}")
     for smooth in smoothness:
         print(f"\nband of {smooth.band_px} px either side of the border, {smooth.pairs} placements")
-        print(
-            "  mean Sobel magnitude: " + ", ".join(f"{n} {getattr(smooth, n):.2f}" for n in GRADIENT_FIELDS)
-        )
+        print("  mean Sobel magnitude: " + ", ".join(f"{n} {getattr(smooth, n):.2f}" for n in GRADIENT_FIELDS))
         print(f"  ratio NSA/cut-paste: normal {smooth.ratio_normal:.3f}, mixed {smooth.ratio_mixed:.3f}")
         excess = smooth.excess_ratio_normal, smooth.excess_ratio_mixed
         print(f"  excess over original, NSA/cut-paste: normal {excess[0]:.3f}, mixed {excess[1]:.3f}")

@@ -61,9 +61,7 @@ def draw_shots(split: CategorySplit, k: int, seed: int) -> tuple[list[Path], lis
     """
     pool = sorted(split.reference_pool)
     if not 0 <= k <= len(pool):
-        raise ValueError(
-            f"draw_shots: k={k} must be in [0, {len(pool)}] (reference pool of {split.category})"
-        )
+        raise ValueError(f"draw_shots: k={k} must be in [0, {len(pool)}] (reference pool of {split.category})")
     order = np.random.default_rng(seed).permutation(len(pool))
     references = [pool[i] for i in order[:k]]
     test = list(split.test)
@@ -146,9 +144,7 @@ def _visa_rows(root: Path | None) -> list[dict[str, str]]:
     with split_file.open(newline="", encoding="utf-8-sig") as handle:  # tolerate a BOM
         reader = csv.DictReader(handle)
         if tuple(reader.fieldnames or ()) != VISA_COLUMNS:
-            raise DatasetError(
-                f"visa: {split_file} header must be {','.join(VISA_COLUMNS)}, got {reader.fieldnames}"
-            )
+            raise DatasetError(f"visa: {split_file} header must be {','.join(VISA_COLUMNS)}, got {reader.fieldnames}")
         return list(reader)
 
 
@@ -177,9 +173,7 @@ def _visa_split(root: Path | None, category: str) -> CategorySplit:
         if row["object"] != category:
             continue
         if row["label"] not in ("normal", "anomaly"):
-            raise DatasetError(
-                f"visa: {VISA_SPLIT_FILE} line {line}: label {row['label']!r} is not normal/anomaly"
-            )
+            raise DatasetError(f"visa: {VISA_SPLIT_FILE} line {line}: label {row['label']!r} is not normal/anomaly")
         image = _visa_existing(base, row["image"], line)
         if row["split"] == "train" and row["label"] == "normal":
             pool.append(image)
@@ -240,18 +234,14 @@ def _folder_mask(root: Path, image: Path, defect: str) -> Path:
     for candidate in candidates:
         if candidate.is_file():
             return candidate
-    raise DatasetError(
-        f"folder: {root / 'masks'} exists but has no mask for {image}; expected {candidates[0]}"
-    )
+    raise DatasetError(f"folder: {root / 'masks'} exists but has no mask for {image}; expected {candidates[0]}")
 
 
 def _folder_split(root: Path | None, category: str) -> CategorySplit:
     """Plain folder: pool = good/*, test = other sub-folders; masks/ optional but then complete."""
     base = _existing_root(root, "folder")
     if category != base.resolve().name:
-        raise DatasetError(
-            f"folder: category must be the folder name {base.resolve().name!r}, got {category!r}"
-        )
+        raise DatasetError(f"folder: category must be the folder name {base.resolve().name!r}, got {category!r}")
     if not (base / "good").is_dir():
         raise DatasetError(f"folder: expected good images in {base / 'good'}")
     has_masks = (base / "masks").is_dir()

@@ -62,9 +62,7 @@ def verdict_metrics(labels: np.ndarray, predicted: np.ndarray) -> dict[str, floa
     y = np.asarray(labels).ravel()
     p = np.asarray(predicted).ravel()
     if y.size != p.size or y.size == 0:
-        raise ValueError(
-            f"verdict_metrics: need equal, non-zero lengths, got {y.size} labels, {p.size} verdicts"
-        )
+        raise ValueError(f"verdict_metrics: need equal, non-zero lengths, got {y.size} labels, {p.size} verdicts")
     if not (np.isin(y, (0, 1)).all() and np.isin(p, (0, 1)).all()):
         raise ValueError("verdict_metrics: labels and verdicts must be 0/1 or bool")
     y, p = y.astype(bool), p.astype(bool)
@@ -210,9 +208,7 @@ class PixelMetrics:
         _checked_pair(score_map, mask)
         small_map, small_mask = resized_pair(score_map, mask, self.size)
         if np.abs(small_map).max() > np.finfo(np.float16).max:
-            raise ValueError(
-                f"score map values exceed the float16 range (|s| <= 65504): max {small_map.max()}"
-            )
+            raise ValueError(f"score map values exceed the float16 range (|s| <= 65504): max {small_map.max()}")
         keys = float16_keys(small_map).ravel()
         defect = small_mask.ravel()
         weights, n_components = region_weights(small_mask)
