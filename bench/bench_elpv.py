@@ -52,9 +52,15 @@ def measure_speed(inspector: Inspector, n_queries: int, k: int) -> dict[str, flo
         start = time.perf_counter()
         inspector.inspect(path, references)
         times.append((time.perf_counter() - start) * 1000)
-    return {"ms_per_image_mean": float(np.mean(times)), "ms_per_image_median": float(np.median(times)),
-            "ms_per_image_p95": float(np.percentile(times, 95)), "index_references_ms": index_ms,
-            "n_queries": len(times), "peak_rss_mb": peak_rss_mb(), "torch_threads": torch.get_num_threads()}
+    return {
+        "ms_per_image_mean": float(np.mean(times)),
+        "ms_per_image_median": float(np.median(times)),
+        "ms_per_image_p95": float(np.percentile(times, 95)),
+        "index_references_ms": index_ms,
+        "n_queries": len(times),
+        "peak_rss_mb": peak_rss_mb(),
+        "torch_threads": torch.get_num_threads(),
+    }
 
 
 @torch.inference_mode()
@@ -62,19 +68,20 @@ def encode_all(inspector: Inspector, paths: list[Path]) -> dict[Path, list[torch
     """Raw backbone patches of every image, once (float16 to bound memory)."""
     cache = {}
     for i in tqdm(range(0, len(paths), 16), desc="encode", leave=False):
-        batch = paths[i:i + 16]
+        batch = paths[i : i + 16]
         feats = inspector.backbone.encode([load_image(p) for p in batch]).patches
         for j, path in enumerate(batch):
-            cache[path] = [f[j:j + 1].half() for f in feats]
+            cache[path] = [f[j : j + 1].half() for f in feats]
     return cache
 
 
 @torch.inference_mode()
-def score_samples(memory: PatchMemory, samples: list[Sample], cache: dict[Path, list[torch.Tensor]],
-                  stages: int) -> np.ndarray:
+def score_samples(
+    memory: PatchMemory, samples: list[Sample], cache: dict[Path, list[torch.Tensor]], stages: int
+) -> np.ndarray:
     scores = []
     for i in range(0, len(samples), 32):
-        batch = samples[i:i + 32]
+        batch = samples[i : i + 32]
         patches = [torch.cat([cache[s.path][st] for s in batch]).float() for st in range(stages)]
         maps = memory.maps_from_patches(patches, memory.image_size)
         scores.extend(memory.image_score(m) for m in maps)
@@ -91,17 +98,24 @@ def run_setting(inspector: Inspector, baseline: Inspector, split, cache, k: int,
     base_scores = score_samples(base_memory, test, cache, 1)
     held = score_samples(references.memory, list(split.held_out), cache, len(inspector.backbone.stage_dims))
     return {
-        "k": k, "seed": seed, "n_good": int((labels == 0).sum()), "n_defective": int(labels.sum()),
-        "ours": image_metrics(labels, scores), "baseline": image_metrics(labels, base_scores),
+        "k": k,
+        "seed": seed,
+        "n_good": int((labels == 0).sum()),
+        "n_defective": int(labels.sum()),
+        "ours": image_metrics(labels, scores),
+        "baseline": image_metrics(labels, base_scores),
         "verdict": verdict_metrics(labels, flagged),
         "uncertain_p13_flagged": float((held > references.calibration.image_threshold).mean()),
-        "calibration": references.calibration.to_dict(), "index_ms": references.index_ms,
+        "calibration": references.calibration.to_dict(),
+        "index_ms": references.index_ms,
     }
 
 
 METRICS = {
-    "auroc": ("ours", "auroc"), "baseline_auroc": ("baseline", "auroc"),
-    "false_alarm_rate": ("verdict", "false_alarm_rate"), "recall": ("verdict", "recall"),
+    "auroc": ("ours", "auroc"),
+    "baseline_auroc": ("baseline", "auroc"),
+    "false_alarm_rate": ("verdict", "false_alarm_rate"),
+    "recall": ("verdict", "recall"),
     "accuracy": ("verdict", "accuracy"),
 }
 
@@ -129,18 +143,25 @@ def summarise(runs: list[dict]) -> dict:
 
 
 def markdown(summary: dict, speed: dict, meta: dict) -> str:
-    lines = ["| cell type | k | I-AUROC | baseline I-AUROC | ratio | false alarms (good) | recall (defective) |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| cell type | k | I-AUROC | baseline I-AUROC | ratio | false alarms (good) | recall (defective) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for key, s in summary.items():
         ctype, k = key.split("/")
         cells = [f"{s[m]['mean']:.3f} ± {s[m]['std']:.3f}" for m in ("auroc", "baseline_auroc")]
         cells.append(f"{s['ratio_to_baseline']:.3f}")
         cells += [f"{s[m]['mean']:.3f} ± {s[m]['std']:.3f}" for m in ("false_alarm_rate", "recall")]
         lines.append(f"| {ctype} | {k[2:]} | " + " | ".join(cells) + " |")
-    lines += ["", f"Speed (4-shot, {speed['n_queries']} queries, {speed['torch_threads']} threads): "
-              f"{speed['ms_per_image_mean']:.0f} ms/image mean, {speed['ms_per_image_median']:.0f} median, "
-              f"{speed['ms_per_image_p95']:.0f} p95; reference indexing {speed['index_references_ms']:.0f} ms; "
-              f"peak RSS {speed['peak_rss_mb']:.0f} MB.", "", f"Machine: {meta['machine']}; {meta['seconds']:.0f} s."]
+    lines += [
+        "",
+        f"Speed (4-shot, {speed['n_queries']} queries, {speed['torch_threads']} threads): "
+        f"{speed['ms_per_image_mean']:.0f} ms/image mean, {speed['ms_per_image_median']:.0f} median, "
+        f"{speed['ms_per_image_p95']:.0f} p95; reference indexing {speed['index_references_ms']:.0f} ms; "
+        f"peak RSS {speed['peak_rss_mb']:.0f} MB.",
+        "",
+        f"Machine: {meta['machine']}; {meta['seconds']:.0f} s.",
+    ]
     return "\n".join(lines)
 
 
@@ -162,20 +183,26 @@ def main() -> int:
     runs = []
     for ctype in args.types.split(","):
         split = load_split("elpv", None, ctype)
-        cache = encode_all(inspector, sorted({*split.reference_pool, *(s.path for s in split.test),
-                                              *(s.path for s in split.held_out)}))
+        cache = encode_all(
+            inspector, sorted({*split.reference_pool, *(s.path for s in split.test), *(s.path for s in split.held_out)})
+        )
         for k in [int(x) for x in args.shots.split(",")]:
             for seed in [int(x) for x in args.seeds.split(",")]:
                 run = {"type": ctype, **run_setting(inspector, baseline, split, cache, k, seed)}
                 runs.append(run)
-                print(f"{ctype} k={k} seed={seed}: auroc {run['ours']['auroc']:.4f} baseline "
-                      f"{run['baseline']['auroc']:.4f} far {run['verdict']['false_alarm_rate']:.3f} "
-                      f"recall {run['verdict']['recall']:.3f}", flush=True)
+                print(
+                    f"{ctype} k={k} seed={seed}: auroc {run['ours']['auroc']:.4f} baseline "
+                    f"{run['baseline']['auroc']:.4f} far {run['verdict']['false_alarm_rate']:.3f} "
+                    f"recall {run['verdict']['recall']:.3f}",
+                    flush=True,
+                )
         del cache
     meta = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
-                   f"python {platform.python_version()}, torch {torch.__version__}",
-        "seconds": time.time() - start, "command": " ".join(sys.argv), "preset": dataclasses.asdict(inspector.preset),
+        f"python {platform.python_version()}, torch {torch.__version__}",
+        "seconds": time.time() - start,
+        "command": " ".join(sys.argv),
+        "preset": dataclasses.asdict(inspector.preset),
     }
     summary = summarise(runs)
     args.out.mkdir(parents=True, exist_ok=True)
