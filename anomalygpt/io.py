@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import os
@@ -348,3 +349,11 @@ def write_png_atomic(path: str | Path, array: np.ndarray) -> Path:
 def write_npy_atomic(path: str | Path, array: np.ndarray) -> Path:
     """Atomically write array in .npy format (no pickled objects)."""
     return _write_atomic(path, lambda handle: np.save(handle, array, allow_pickle=False))
+
+
+def package_dir(name: str) -> Path | None:
+    """Folder of an installed package, found without importing it (some import unrelated things); None if absent."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or spec.origin is None:
+        return None
+    return Path(spec.origin).parent

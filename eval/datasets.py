@@ -7,13 +7,14 @@ a test set that never overlaps it (checked on construction), so no reference is 
 from __future__ import annotations
 
 import csv
-import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from anomalygpt.io import package_dir
 
 DATASETS = ("mvtec", "visa", "elpv", "folder")
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
@@ -186,10 +187,10 @@ def _visa_split(root: Path | None, category: str) -> CategorySplit:
 
 def _elpv_labels_file() -> Path:
     """labels.csv of the installed elpv-dataset package."""
-    spec = importlib.util.find_spec("elpv_dataset")
-    if spec is None or spec.origin is None:
+    folder = package_dir("elpv_dataset")
+    if folder is None:
         raise DatasetError("elpv: package elpv-dataset is not installed (pip install elpv-dataset)")
-    labels = Path(spec.origin).parent / "data" / "labels.csv"
+    labels = folder / "data" / "labels.csv"
     if not labels.is_file():
         raise DatasetError(f"elpv: expected {labels} inside the elpv-dataset package")
     return labels

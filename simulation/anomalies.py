@@ -454,14 +454,20 @@ def _scratch(scene: _Scene, rng: np.random.Generator) -> Simulated | None:
         width = _int_in(rng, params.scratch_width)
         alpha = np.maximum(alpha, _polyline_alpha(shape, points, width))
         curves.append({"kind": kind, "width": width, "start_xy": [round(float(v), 1) for v in points[0]]})
-    alpha *= scene.fg
-    contrast = float(rng.uniform(*params.contrast))
+    return _grey_shift(scene, alpha, rng, "scratch", {"curves": curves})
+
+
+def _grey_shift(
+    scene: _Scene, alpha: np.ndarray, rng: np.random.Generator, family: str, info: dict
+) -> Simulated | None:
+    """Darken or brighten the image by one contrast under `alpha` (on the foreground); None if it cannot show."""
+    alpha = alpha * scene.fg
+    contrast = float(rng.uniform(*scene.params.contrast))
     sign = _polarity(scene.image, alpha, contrast, rng)
     if sign is None:
         return None
     out = _shifted(scene.image, alpha, np.full(3, sign * contrast))
-    info = {"curves": curves, "polarity": POLARITY[sign], "contrast": contrast}
-    return _local_result(scene, out, alpha, "scratch", info)
+    return _local_result(scene, out, alpha, family, info | {"polarity": POLARITY[sign], "contrast": contrast})
 
 
 def _ellipse_alpha(
@@ -487,14 +493,7 @@ def _spot(scene: _Scene, rng: np.random.Generator) -> Simulated | None:
         angle, edge = float(rng.uniform(0, 180)), float(rng.uniform(0.5, 1.5))
         alpha = np.maximum(alpha, _ellipse_alpha(shape, centre, axes, angle, edge))
         spots.append({"centre": list(centre), "radius": round(radius, 2), "edge": round(edge, 2)})
-    alpha *= scene.fg
-    contrast = float(rng.uniform(*params.contrast))
-    sign = _polarity(scene.image, alpha, contrast, rng)
-    if sign is None:
-        return None
-    out = _shifted(scene.image, alpha, np.full(3, sign * contrast))
-    info = {"spots": spots, "polarity": POLARITY[sign], "contrast": contrast}
-    return _local_result(scene, out, alpha, "spot", info)
+    return _grey_shift(scene, alpha, rng, "spot", {"spots": spots})
 
 
 def _blob(shape: tuple[int, int], centre: tuple[int, int], diameter: float, rng: np.random.Generator) -> np.ndarray:
