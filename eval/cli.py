@@ -1,0 +1,226 @@
+"""`anomalygpt eval`: the k-shot benchmark on MVTec AD, VisA, ELPV or a plain folder of images.
+
+Every input is checked before anything is written; bad input is one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from anomalygpt.cli import CliParser, UsageError, check_out_dir, one_line
+
+PROG = "anomalygpt eval"
+MAX_SHOTS = 16  # as inspection.MAX_REFERENCES, checked here before torch is imported
+ZERO_SHOT_UNAVAILABLE = (
+    "--zero-shot: zero-shot mode needs a preset with a trained text-aligned decoder, which is not available "
+    "in this version; run few-shot with --shots"
+)
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    dataset: str
+    root: Path | None
+    categories: str | None  # comma-separated, as typed; None: every category found
+    shots: str
+    seeds: str
+    zero_shot: bool
+    preset: str | None  # None: the default preset
+    out: Path
+    held_out: bool  # also score the samples a dataset reports apart (ELPV's uncertain p = 1/3 cells)
+
+
+@dataclass
+class EvalJob:
+    """Everything the run needs, loaded and checked before any output is written."""
+
+    config: Any  # eval.runner.EvalConfig (imported lazily: it imports torch)
+    splits: dict[str, Any]  # category -> eval.datasets.CategorySplit
+    args: dict[str, Any]  # the options as recorded in results.json
+
+
+def build_parser() -> CliParser:
+    parser = CliParser(
+        prog=PROG,
+        description="Benchmark the few-shot inspector: k references drawn per seed from good images, thresholds "
+        "from the references only, full images. Writes results.json, results.md and PNG plots to --out; "
+        "finished settings are cached in --out/cache and reused when the same command runs again.",
+    )
+    parser.add_argument("--dataset", required=True, help="mvtec, visa, elpv (installed package) or folder")
+    parser.add_argument("--root", type=Path, default=None, help="dataset folder (not used for elpv)")
+    parser.add_argument("--categories", default=None, help="comma-separated categories (default: all found)")
+    parser.add_argument("--shots", default="1,2,4", help="comma-separated k values, 1 to 16 (default 1,2,4)")
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated reference-draw seeds (default 0,1,2)")
+    parser.add_argument("--zero-shot", action="store_true", help="zero-shot mode (needs a trained decoder)")
+    parser.add_argument("--preset", default=None, help="preset name or JSON path (default: 'default')")
+    parser.add_argument("--out", type=Path, required=True, help="output folder")
+    parser.add_argument(
+        "--held-out",
+        action="store_true",
+        help="also score the samples a dataset reports apart (ELPV's uncertain p=1/3 cells; about 11%% more time)",
+    )
+    return parser
+
+
+def parse_ints(option: str, text: str, minimum: int, maximum: int | None = None) -> tuple[int, ...]:
+    """'1,2,4' -> (1, 2, 4), sorted and unique; UsageError naming the option otherwise."""
+    values = []
+    for part in text.split(","):
+        try:
+            values.append(int(part.strip()))
+        except ValueError:
+            raise UsageError(f"{option}: {part.strip()!r} is not an integer (expected e.g. 1,2,4)") from None
+    for value in values:
+        if value < minimum or (maximum is not None and value > maximum):
+            upper = f" and at most {maximum}" if maximum is not None else ""
+            raise UsageError(f"{option}: {value} is out of range; values must be at least {minimum}{upper}")
+    return tuple(sorted(set(values)))
+
+
+def checked_root(dataset: str, root: Path | None) -> Path | None:
+    """The dataset folder; None for ELPV, which reads its installed package."""
+    if dataset == "elpv":
+        return None
+    if root is None:
+        raise UsageError(f"--root: required for --dataset {dataset}")
+    if not root.is_dir():
+        raise UsageError(f"--root: folder {root} does not exist")
+    return root
+
+
+def chosen_categories(dataset: str, root: Path | None, requested: str | None) -> tuple[str, ...]:
+    """The requested categories (all found when None), each checked against the dataset."""
+    from eval.datasets import categories
+
+    known = categories(dataset, root)
+    if requested is None:
+        return tuple(known)
+    wanted = list(dict.fromkeys(name.strip() for name in requested.split(",") if name.strip()))
+    if not wanted:
+        raise UsageError("--categories: no category named")
+    unknown = [name for name in wanted if name not in known]
+    if unknown:
+        raise UsageError(f"--categories: unknown {dataset} category {unknown[0]!r}; known: {', '.join(known)}")
+    return tuple(wanted)
+
+
+def check_split(split: Any, shots: tuple[int, ...]) -> None:
+    """Every k fits the reference pool and every draw leaves good and defective images to score."""
+    largest = max(shots)
+    pool = len(split.reference_pool)
+    if largest > pool:
+        raise UsageError(
+            f"--shots: k={largest} is larger than the reference pool of {split.category} ({pool} good images)"
+        )
+    n_good = sum(sample.label == 0 for sample in split.test) + (pool - largest if split.pool_is_test else 0)
+    n_bad = sum(sample.label == 1 for sample in split.test)
+    if n_good == 0 or n_bad == 0:
+        raise UsageError(
+            f"{split.category}: needs good and defective test images for AUROC; "
+            f"with k={largest} it has {n_good} good and {n_bad} defective"
+        )
+
+
+def options_from(args: argparse.Namespace) -> EvalOptions:
+    return EvalOptions(
+        dataset=args.dataset,
+        root=args.root,
+        categories=args.categories,
+        shots=args.shots,
+        seeds=args.seeds,
+        zero_shot=bool(args.zero_shot),
+        preset=args.preset,
+        out=args.out,
+        held_out=bool(args.held_out),
+    )
+
+
+def prepare(options: EvalOptions) -> EvalJob:
+    """Validate every option (cheapest first), load the preset and every split, check the cache."""
+    if options.zero_shot:
+        raise UsageError(ZERO_SHOT_UNAVAILABLE)
+    from eval.datasets import DATASETS, load_split
+
+    if options.dataset not in DATASETS:
+        raise UsageError(f"--dataset: unknown dataset {options.dataset!r}; known: {', '.join(DATASETS)}")
+    shots = parse_ints("--shots", options.shots, minimum=1, maximum=MAX_SHOTS)
+    seeds = parse_ints("--seeds", options.seeds, minimum=0)
+    root = checked_root(options.dataset, options.root)
+    check_out_dir(options.out)
+    from anomalygpt.config import DEFAULT_PRESET, load_preset  # imports torch: after the instant checks
+    from eval.runner import EvalConfig, check_cache_config, fingerprint
+
+    preset = load_preset(options.preset or DEFAULT_PRESET)
+    names = chosen_categories(options.dataset, root, options.categories)
+    splits = {name: load_split(options.dataset, root, name) for name in names}
+    for split in splits.values():
+        check_split(split, shots)
+    config = EvalConfig(options.dataset, root, names, shots, seeds, preset, options.out, options.held_out)
+    check_cache_config(options.out, fingerprint(config))
+    args = {
+        "dataset": options.dataset,
+        "root": None if root is None else str(root),
+        "categories": list(names),
+        "shots": list(shots),
+        "seeds": list(seeds),
+        "zero_shot": options.zero_shot,
+        "preset": options.preset or DEFAULT_PRESET,
+        "out": str(options.out),
+        "held_out": options.held_out,
+    }
+    return EvalJob(config, splits, args)
+
+
+def run(job: EvalJob) -> str:
+    """Build the inspector, score every setting, pick examples, write the report; returns results.md."""
+    from anomalygpt.config import to_dict
+    from anomalygpt.inspection import build_inspector
+    from eval.report import markdown_report, results_document, showcase, write_report
+    from eval.runner import example_panels, run_eval
+
+    inspector = build_inspector(job.config.preset)
+    outcome = run_eval(inspector, job.config, job.splits)
+    shown = showcase(outcome.results)
+    examples = {
+        category: example_panels(inspector, job.splits[category], result)
+        for category, result in tqdm(shown.items(), desc="examples", unit="category", disable=None)
+    }
+    document = results_document({"args": job.args, "preset": to_dict(job.config.preset)}, outcome, examples)
+    write_report(job.config.out, document, outcome, examples)
+    print(
+        f"{PROG}: {len(outcome.computed)} settings computed, {len(outcome.reused)} reused from the cache; "
+        f"results in {job.config.out / 'results.md'}",
+        file=sys.stderr,
+    )
+    return markdown_report(document)
+
+
+def fail(problem: str | BaseException, code: int) -> int:
+    print(f"{PROG}: error: {one_line(str(problem))}", file=sys.stderr)
+    return code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run `anomalygpt eval` with the arguments after `eval`; returns the exit code."""
+    try:
+        args = build_parser().parse_args(None if argv is None else list(argv))
+    except SystemExit as stop:  # --help, or a usage error already printed
+        return stop.code if isinstance(stop.code, int) else 0 if stop.code is None else 2
+    try:
+        job = prepare(options_from(args))
+    except (ValueError, OSError) as error:  # UsageError, DatasetError, ConfigError, EvalError; WeightsError later
+        return fail(error, 2)
+    try:
+        print(run(job), end="")
+    except (ValueError, OSError) as error:  # an unreadable image, a mask of the wrong size, a full disk
+        return fail(error, 1)
+    except KeyboardInterrupt:
+        return fail("interrupted; finished settings are cached in --out/cache, run the same command to resume", 130)
+    return 0
