@@ -33,7 +33,7 @@ class BackboneConfig:
 
 class BackboneFeatures(NamedTuple):
     patches: list[torch.Tensor]  # per stage (B, C_i, H_i, W_i)
-    embedding: torch.Tensor  # (B, D)
+    embedding: torch.Tensor  # (B, D); (B, 0) when only patches were asked for
 
 
 class VisionBackbone(nn.Module):
@@ -72,13 +72,15 @@ class VisionBackbone(nn.Module):
         pixels = torch.cat(batch).to(self.mean.device)
         return (pixels - self.mean) / self.std
 
-    def forward(self, pixels: torch.Tensor) -> BackboneFeatures:
+    def forward(self, pixels: torch.Tensor, embedding: bool = True) -> BackboneFeatures:
+        """Patch features of every stage; the global embedding too unless embedding=False (it stops early)."""
         raise NotImplementedError
 
     @torch.inference_mode()
-    def encode(self, images: Sequence[np.ndarray], batch_size: int = 8) -> BackboneFeatures:
+    def encode(self, images: Sequence[np.ndarray], batch_size: int = 8, embedding: bool = False) -> BackboneFeatures:
         """Encode uint8 images in batches; results are on the backbone's device."""
-        outputs = [self(self.preprocess(images[i : i + batch_size])) for i in range(0, len(images), batch_size)]
+        batches = range(0, len(images), batch_size)
+        outputs = [self(self.preprocess(images[i : i + batch_size]), embedding) for i in batches]
         patches = [torch.cat([out.patches[s] for out in outputs]) for s in range(len(self.stage_dims))]
         return BackboneFeatures(patches, torch.cat([out.embedding for out in outputs]))
 
@@ -97,7 +99,7 @@ class EfficientNetLiteBackbone(VisionBackbone):
         self.strides = tuple(64 // p.shape[-1] for p in probe.patches)
         self.embed_dim = probe.embedding.shape[1]
 
-    def forward(self, pixels: torch.Tensor) -> BackboneFeatures:
+    def forward(self, pixels: torch.Tensor, embedding: bool = True) -> BackboneFeatures:
         net = self.net
         x = net._swish(net._bn0(net._conv_stem(pixels)))
         patches = []
@@ -105,6 +107,8 @@ class EfficientNetLiteBackbone(VisionBackbone):
             x = block(x)
             if index in self.stages:
                 patches.append(x)
+            if not embedding and index == max(self.stages):  # the stride-32 blocks and head cost a third
+                return BackboneFeatures(patches, x.new_zeros((x.shape[0], 0)))
         x = net._swish(net._bn1(net._conv_head(x)))
         return BackboneFeatures(patches, x.mean(dim=(2, 3)))
 
@@ -150,9 +154,12 @@ class ClipBackbone(VisionBackbone):
         self.strides = tuple(stride for _ in self.stages)
         self.embed_dim = int(visual.output_dim)
 
-    def forward(self, pixels: torch.Tensor) -> BackboneFeatures:
-        out = self.visual.forward_intermediates(pixels, indices=self.stages, output_fmt="NCHW")
-        return BackboneFeatures(list(out["image_intermediates"]), out["image_features"])
+    def forward(self, pixels: torch.Tensor, embedding: bool = True) -> BackboneFeatures:
+        out = self.visual.forward_intermediates(
+            pixels, indices=self.stages, output_fmt="NCHW", stop_early=not embedding, intermediates_only=not embedding
+        )
+        patches = list(out["image_intermediates"])
+        return BackboneFeatures(patches, out["image_features"] if embedding else pixels.new_zeros((pixels.shape[0], 0)))
 
 
 def evenly_spaced_blocks(n_blocks: int, count: int = 4) -> tuple[int, ...]:

@@ -73,7 +73,7 @@ class DetectJob:
 
     preset: Preset
     inspector: Inspector
-    references: References
+    references: References | None  # None: zero-shot
     reference_paths: list[Path]
     queries: list[Path]
     stems: list[str]  # unique output name per query
@@ -116,7 +116,7 @@ def add_detect_parser(verbs: Any) -> None:
         nargs="+",
         default=[],
         metavar="GOOD",
-        help="good images (files or folders) of the same product, 1 to 16; required",
+        help="good images (files or folders) of the same product, 1 to 16; none: zero-shot (needs a trained decoder)",
     )
     detect.add_argument("--preset", default=None, help="preset name or JSON path (default: 'default')")
     detect.add_argument("--class-name", default=None, help="product name, e.g. 'screw' (recorded in the results)")
@@ -208,12 +208,20 @@ def prepare_detect(options: DetectOptions) -> DetectJob:
     from anomalygpt.inspection import build_inspector
 
     preset = load_preset(options.preset or DEFAULT_PRESET)
+    if not reference_paths and not preset.decoder.weights:
+        raise UsageError(
+            f"--ref: no good reference images given, and preset {preset.name!r} has no trained decoder for "
+            f"zero-shot inspection; give 1 to {MAX_REFERENCES} good images of the same product (--ref FILE_OR_FOLDER)"
+        )
     reference_images = [load_image(path) for path in reference_paths]
-    size = check_same_size(reference_paths, [image.shape[:2] for image in reference_images])
-    # Decoded here only to check them (then dropped): holding every query would bound the batch by memory.
-    check_query_sizes(queries, [load_image(path).shape[:2] for path in queries], size)
+    query_sizes = [load_image(path).shape[:2] for path in queries]  # decoded only to check them, then dropped
+    if reference_images:
+        size = check_same_size(reference_paths, [image.shape[:2] for image in reference_images])
+        check_query_sizes(queries, query_sizes, size)
     inspector = build_inspector(preset)
-    references = inspector.fit(reference_images)
+    if not reference_images:
+        inspector.zero_shot_prior()  # loaded now: a missing weight file fails before any output
+    references = inspector.fit(reference_images, options.class_name) if reference_images else None
     return DetectJob(preset, inspector, references, reference_paths, queries, output_stems(queries))
 
 
@@ -235,11 +243,9 @@ def check_out_dir(out: Path | None) -> None:
 
 
 def reference_files(refs: Sequence[str]) -> list[Path]:
+    """The good reference files; none means zero-shot, which only a preset with a trained decoder allows."""
     if not refs:
-        raise UsageError(
-            "--ref: no good reference images given; few-shot inspection needs 1 to "
-            f"{MAX_REFERENCES} good images of the same product (--ref FILE_OR_FOLDER)"
-        )
+        return []
     paths = unique_paths(list_images(refs))
     if len(paths) > MAX_REFERENCES:
         raise UsageError(f"--ref: {len(paths)} reference images given; at most {MAX_REFERENCES} are supported")

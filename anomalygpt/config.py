@@ -12,7 +12,9 @@ from typing import Any, TypeVar
 
 from anomalygpt.backbones import BackboneConfig
 from anomalygpt.calibration import CalibrationConfig
+from anomalygpt.decoder import DecoderConfig
 from anomalygpt.memory import MemoryConfig
+from anomalygpt.text import TextConfig
 
 PRESET_DIR = Path(__file__).parent / "presets"
 DEFAULT_PRESET = "default"
@@ -30,6 +32,8 @@ class Preset:
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
     device: str = "cpu"  # "cpu", "cuda", "cuda:1"...
 
 

@@ -12,14 +12,18 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from anomalygpt.backbones import VisionBackbone, build_backbone
-from anomalygpt.calibration import Calibration, calibrate
-from anomalygpt.config import DEFAULT_PRESET, Preset, load_preset
+from anomalygpt.backbones import VisionBackbone, WeightsError, build_backbone
+from anomalygpt.calibration import Calibration, calibrate, fixed_calibration
+from anomalygpt.config import DEFAULT_PRESET, Preset, load_preset, to_dict
+from anomalygpt.decoder import AnomalyDecoder, DecoderSpec, TextPrior
 from anomalygpt.io import ImageSource, load_image
-from anomalygpt.memory import PatchMemory
+from anomalygpt.memory import PatchMemory, embed_patches, fuse_maps, top_mean
 from anomalygpt.regions import Region, find_regions, regions_summary
+from anomalygpt.text import build_text_encoder
+from anomalygpt.weights import load_into, load_module
 
 MAX_REFERENCES = 16
+WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"  # trained parts of the offline default
 
 
 class InspectionError(ValueError):
@@ -96,7 +100,7 @@ def decide(
     shift = sensitivity * calibration.normal_spread
     threshold = calibration.image_threshold - shift
     pixel_threshold = min(calibration.pixel_threshold - shift, threshold)
-    is_anomalous = score > threshold
+    is_anomalous = bool(score > threshold)
     margin = (score - threshold) / calibration.normal_spread
     regions = find_regions(anomaly_map, pixel_threshold, image) if is_anomalous else []
     return Decision(is_anomalous, margin, threshold, pixel_threshold, regions)
@@ -112,12 +116,20 @@ class References:
 
 
 class Inspector:
-    def __init__(self, backbone: VisionBackbone, preset: Preset) -> None:
+    def __init__(self, backbone: VisionBackbone, preset: Preset, prior: TextPrior | None = None) -> None:
         self.backbone = backbone
         self.preset = preset
+        self._prior = prior
 
-    def fit(self, references: Sequence[ImageSource]) -> References:
-        """Index good reference images: patch memory and automatic thresholds."""
+    @property
+    def prior(self) -> TextPrior | None:
+        """The trained text-aligned decoder (zero-shot maps, fused prior); loaded on first use, None without one."""
+        if self._prior is None and self.preset.decoder.weights:
+            self._prior = load_prior(self.preset)
+        return self._prior
+
+    def fit(self, references: Sequence[ImageSource], class_name: str | None = None) -> References:
+        """Index good reference images: patch memory (with the decoder's prior when fused) and thresholds."""
         if not references:
             raise InspectionError("no good reference images given: few-shot inspection needs 1 to 16 (--ref)")
         if len(references) > MAX_REFERENCES:
@@ -126,20 +138,25 @@ class Inspector:
         images = [load_image(ref) for ref in references]
         check_same_size(images, [reference_name(ref, i) for i, ref in enumerate(references)])
         memory = PatchMemory.build(self.backbone, images, self.preset.memory)
+        weight = self.preset.decoder.fusion_weight
+        if self.prior is not None and weight > 0:
+            memory.prior = self.prior.weighted(class_name or self.preset.decoder.class_name or None, weight)
         calibration = calibrate(memory, self.preset.calibration)
         return References(memory, calibration, (time.perf_counter() - start) * 1000)
 
     def inspect(
         self,
         image: ImageSource,
-        references: References | Sequence[ImageSource],
+        references: References | Sequence[ImageSource] | None = None,
         class_name: str | None = None,
         source: str | None = None,
         sensitivity: float = 0.0,
     ) -> Inspection:
-        """Inspect one image; `sensitivity` moves both thresholds down by that many normal spreads."""
-        refs = references if isinstance(references, References) else self.fit(references)
+        """Inspect one image: few-shot against references, zero-shot with none; `sensitivity` lowers thresholds."""
         pixels = load_image(image)
+        if not references:
+            return self.inspect_zero_shot(pixels, class_name, source, sensitivity)
+        refs = references if isinstance(references, References) else self.fit(references, class_name)
         if pixels.shape[:2] != refs.memory.image_size:
             h, w = refs.memory.image_size
             raise InspectionError(
@@ -149,9 +166,68 @@ class Inspector:
         start = time.perf_counter()
         with torch.inference_mode():
             anomaly_map = refs.memory.anomaly_maps([pixels])[0]
-        score = refs.memory.image_score(anomaly_map)
-        decision = decide(anomaly_map, pixels, score, refs.calibration, sensitivity)
-        elapsed = (time.perf_counter() - start) * 1000
+        timings = {"inspect": (time.perf_counter() - start) * 1000, "index_references": refs.index_ms}
+        mode = Mode("few-shot", refs.memory.n_references, refs.calibration)
+        return self.inspection(pixels, anomaly_map, mode, class_name, source, sensitivity, timings)
+
+    def zero_shot_prior(self) -> TextPrior:
+        """The decoder, loaded now; InspectionError when the preset has none."""
+        if self.prior is None:
+            raise InspectionError(
+                f"no good reference images given and preset {self.preset.name!r} has no trained decoder for "
+                f"zero-shot inspection; give 1 to {MAX_REFERENCES} good references (--ref)"
+            )
+        return self.prior
+
+    @torch.inference_mode()
+    def inspect_zero_shot(
+        self, pixels: np.ndarray, class_name: str | None, source: str | None, sensitivity: float
+    ) -> Inspection:
+        """The decoder's map alone, thresholded by statistics of simulated validation normals."""
+        self.zero_shot_prior()
+        start = time.perf_counter()
+        anomaly_map = self.zero_shot_maps(self.backbone.encode([pixels]).patches, pixels.shape[:2], class_name)[0]
+        calibration = self.zero_shot_calibration()
+        timings = {"inspect": (time.perf_counter() - start) * 1000}
+        return self.inspection(
+            pixels, anomaly_map, Mode("zero-shot", 0, calibration), class_name, source, sensitivity, timings
+        )
+
+    @torch.inference_mode()
+    def zero_shot_maps(
+        self, patches: Sequence[torch.Tensor], size: tuple[int, int], class_name: str | None = None
+    ) -> np.ndarray:
+        """(B, H, W) decoder maps from the backbone's raw patches of B images of size (H, W)."""
+        feats = embed_patches(patches, self.preset.memory.neighbourhood)
+        abnormal = self.zero_shot_prior().abnormal(feats, class_name or self.preset.decoder.class_name or None)
+        return fuse_maps(abnormal, size, self.preset.memory.sigma)
+
+    def zero_shot_calibration(self) -> Calibration:
+        """Thresholds of the decoder's map, fixed from its simulated validation normals."""
+        prior = self.zero_shot_prior()
+        stats = prior.zero_shot
+        method = f"zero-shot: threshold fixed from {int(stats['n_normals'])} simulated validation normals"
+        return fixed_calibration(
+            stats["normal_mean"],
+            stats["normal_spread"],
+            stats["pixel_quantile_value"],
+            int(stats["n_normals"]),
+            self.preset.calibration,
+            f"{method} ({prior.source})",
+        )
+
+    def inspection(
+        self,
+        pixels: np.ndarray,
+        anomaly_map: np.ndarray,
+        mode: Mode,
+        class_name: str | None,
+        source: str | None,
+        sensitivity: float,
+        timings: dict[str, float],
+    ) -> Inspection:
+        score = top_mean(anomaly_map, self.preset.memory.top_fraction)
+        decision = decide(anomaly_map, pixels, score, mode.calibration, sensitivity)
         return Inspection(
             is_anomalous=decision.is_anomalous,
             score=score,
@@ -160,15 +236,21 @@ class Inspector:
             confidence=confidence_word(decision.margin),
             pixel_threshold=decision.pixel_threshold,
             regions=decision.regions,
-            mode="few-shot",
-            n_references=refs.memory.n_references,
-            image_size=refs.memory.image_size,
-            calibration=refs.calibration.to_dict(),
+            mode=mode.name,
+            n_references=mode.n_references,
+            image_size=(int(pixels.shape[0]), int(pixels.shape[1])),
+            calibration=mode.calibration.to_dict(),
             class_name=class_name,
             source=source,
-            timings_ms={"inspect": round(elapsed, 1), "index_references": round(refs.index_ms, 1)},
+            timings_ms={key: round(value, 1) for key, value in timings.items()},
             anomaly_map=anomaly_map,
         )
+
+
+class Mode(NamedTuple):
+    name: str  # "few-shot" or "zero-shot"
+    n_references: int
+    calibration: Calibration
 
 
 def reference_name(ref: ImageSource, index: int) -> str:
@@ -183,7 +265,37 @@ def check_same_size(images: Sequence[np.ndarray], names: Sequence[str]) -> None:
 
 
 def build_inspector(preset: str | Preset = DEFAULT_PRESET) -> Inspector:
-    """The one factory: a preset name, JSON path or Preset -> Inspector with its frozen backbone."""
+    """The one factory: a preset name, JSON path or Preset -> Inspector with its frozen backbone (and decoder)."""
     cfg = preset if isinstance(preset, Preset) else load_preset(preset)
     backbone = build_backbone(cfg.backbone).to(cfg.device)
-    return Inspector(backbone, cfg)
+    # The decoder (and its text encoder, seconds to load) is loaded now only when every few-shot map uses it.
+    prior = load_prior(cfg) if cfg.decoder.weights and cfg.decoder.fusion_weight > 0 else None
+    return Inspector(backbone, cfg, prior)
+
+
+def weights_stem(name: str) -> Path:
+    """A bare name means weights/<name>; anything with a folder in it is a path (without suffix)."""
+    path = Path(name)
+    return path if path.is_absolute() or path.parent != Path(".") else WEIGHTS_DIR / name
+
+
+def load_prior(cfg: Preset) -> TextPrior:
+    """The trained decoder named by the preset, checked against the preset's backbone, embedding and text encoder."""
+    stem = weights_stem(cfg.decoder.weights)
+    state, config = load_module(stem)
+    preset = to_dict(cfg)
+    expected = {
+        "backbone": {key: preset["backbone"][key] for key in ("name", "image_size", "stages")},
+        "neighbourhood": cfg.memory.neighbourhood,
+        "text": preset["text"],
+    }
+    found = {key: config.get(key) for key in expected}
+    if json.loads(json.dumps(found)) != json.loads(json.dumps(expected)):
+        differing = ", ".join(key for key in expected if json.dumps(found[key]) != json.dumps(expected[key]))
+        raise WeightsError(f"{stem}: decoder trained for another {differing} than preset {cfg.name!r} uses")
+    spec = config["spec"]
+    decoder = AnomalyDecoder(DecoderSpec(**{**spec, "stage_dims": tuple(spec["stage_dims"])}))
+    load_into(decoder, state, str(stem))
+    return TextPrior(
+        decoder.to(cfg.device), build_text_encoder(cfg.text).to(cfg.device), config["zero_shot"], stem.name
+    )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -90,6 +90,8 @@ class PatchMemory:
         self.reference_feats = reference_feats  # per reference, per stage (V, C, h, w): kept for calibration
         self.image_size = image_size  # (H, W) of the references; queries must match
         self.cfg = cfg
+        # Added to every stage's distance map: the fused decoder's weighted abnormality (None: memory alone).
+        self.prior: Callable[[Sequence[torch.Tensor]], list[torch.Tensor]] | None = None
 
     @property
     def n_references(self) -> int:
@@ -106,7 +108,9 @@ class PatchMemory:
         reference_feats = []
         for image in references:
             views = augmented_views(backbone.preprocess([image]), cfg.augment)
-            reference_feats.append(embed_patches(backbone(torch.cat(views)).patches, cfg.neighbourhood))
+            reference_feats.append(
+                embed_patches(backbone(torch.cat(views), embedding=False).patches, cfg.neighbourhood)
+            )
         per_stage = [
             [view_bank(feats[stage], ref) for ref, feats in enumerate(reference_feats)]
             for stage in range(len(backbone.stage_dims))
@@ -128,15 +132,21 @@ class PatchMemory:
             maps.append(nearest_distance(queries, bank_feats, self.cfg.chunk_elements).view(b, h, w))
         return maps
 
+    def stage_maps(
+        self, feats: Sequence[torch.Tensor], exclude: Sequence[torch.Tensor] | None = None
+    ) -> list[torch.Tensor]:
+        """Per stage (B, h, w) anomaly maps: nearest-patch distances, plus the prior when one is set."""
+        distances = self.stage_distances(feats, exclude)
+        if self.prior is None:
+            return distances
+        return [d + p for d, p in zip(distances, self.prior(feats), strict=True)]
+
     def fuse(self, stage_maps: Sequence[torch.Tensor], size: tuple[int, int]) -> np.ndarray:
-        """Per-stage maps -> (B, H, W) map at image size: upsampled, averaged, smoothed."""
-        up = [F.interpolate(m[:, None], size=size, mode="bilinear", align_corners=False)[:, 0] for m in stage_maps]
-        fused = torch.stack(up).mean(dim=0).cpu().numpy()
-        return np.stack([gaussian_filter(m, sigma=self.cfg.sigma) for m in fused]).astype(np.float32)
+        return fuse_maps(stage_maps, size, self.cfg.sigma)
 
     def maps_from_patches(self, patches: Sequence[torch.Tensor], size: tuple[int, int]) -> np.ndarray:
         """(B, H, W) anomaly maps from the backbone's raw patch features of B images of size (H, W)."""
-        return self.fuse(self.stage_distances(embed_patches(patches, self.cfg.neighbourhood)), size)
+        return self.fuse(self.stage_maps(embed_patches(patches, self.cfg.neighbourhood)), size)
 
     def anomaly_maps(self, images: Sequence[np.ndarray]) -> np.ndarray:
         """(B, H, W) anomaly maps for same-size uint8 images."""
@@ -144,6 +154,13 @@ class PatchMemory:
 
     def image_score(self, anomaly_map: np.ndarray) -> float:
         return top_mean(anomaly_map, self.cfg.top_fraction)
+
+
+def fuse_maps(stage_maps: Sequence[torch.Tensor], size: tuple[int, int], sigma: float) -> np.ndarray:
+    """Per-stage (B, h, w) maps -> (B, H, W) map at image size: upsampled, averaged, Gaussian-smoothed."""
+    up = [F.interpolate(m[:, None], size=size, mode="bilinear", align_corners=False)[:, 0] for m in stage_maps]
+    fused = torch.stack(up).mean(dim=0).cpu().numpy()
+    return np.stack([gaussian_filter(m, sigma=sigma) for m in fused]).astype(np.float32)
 
 
 def top_mean(values: np.ndarray, fraction: float) -> float:

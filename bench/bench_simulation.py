@@ -19,7 +19,6 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import skimage.data
 
 from simulation.anomalies import (
     PatchPlacement,
@@ -30,6 +29,7 @@ from simulation.anomalies import (
     sample_placement,
     simulate_random,
 )
+from simulation.normals import normal_crops, object_images
 
 GREY_NAMES = ("brick", "grass", "gravel", "camera", "coins", "moon", "cell", "clock")
 COLOUR_NAMES = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "hubble_deep_field")
@@ -92,40 +92,6 @@ def parse_config(argv: Sequence[str] | None = None) -> BenchConfig:
     if min(args.size, args.samples, args.pairs, args.pool) < 1 or args.size < 64:
         parser.error("--samples, --pairs and --pool must be >= 1 and --size >= 64")
     return BenchConfig(args.size, args.samples, args.pairs, args.pool, args.seed, args.out)
-
-
-def _base_images() -> list[np.ndarray]:
-    """The bundled scikit-image pictures as (H, W, 3) uint8."""
-    grey = [np.repeat(getattr(skimage.data, n)()[..., None], 3, axis=2) for n in GREY_NAMES]
-    return grey + [getattr(skimage.data, n)()[..., :3] for n in COLOUR_NAMES]
-
-
-def normal_pool(count: int, size: int, rng: np.random.Generator) -> list[np.ndarray]:
-    """``count`` normal images: random square crops (50-100% of the short side), flips, resized."""
-    bases, pool = _base_images(), []
-    for i in range(count):
-        base = bases[i % len(bases)]
-        side = int(rng.integers(min(base.shape[:2]) // 2, min(base.shape[:2]) + 1))
-        y, x = int(rng.integers(base.shape[0] - side + 1)), int(rng.integers(base.shape[1] - side + 1))
-        crop = base[y : y + side, x : x + side]
-        crop = crop[:, ::-1] if rng.random() < 0.5 else crop
-        crop = crop[::-1] if rng.random() < 0.5 else crop
-        pool.append(np.ascontiguousarray(cv2.resize(crop, (size, size), interpolation=cv2.INTER_AREA)))
-    return pool
-
-
-def object_pool(textures: list[np.ndarray], rng: np.random.Generator) -> list[np.ndarray]:
-    """Object-like images: a textured ellipse on a flat dark or light background."""
-    pool = []
-    for texture in textures:
-        size = texture.shape[0]
-        image = np.full_like(texture, 15 if rng.random() < 0.5 else 235)
-        mask = np.zeros((size, size), np.uint8)
-        axes = (int(rng.integers(size // 5, size // 2 - 8)), int(rng.integers(size // 5, size // 2 - 8)))
-        cv2.ellipse(mask, (size // 2, size // 2), axes, float(rng.uniform(0, 180)), 0, 360, 1, -1)
-        image[mask > 0] = (texture[mask > 0].astype(np.uint16) // 2 + 64).astype(np.uint8)
-        pool.append(image)
-    return pool
 
 
 def measure_throughput(setting: str, pool: list[np.ndarray], params: SimParams, cfg: BenchConfig) -> Throughput:
@@ -226,8 +192,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run both measurements, print a table and write JSON to --out."""
     cfg = parse_config(argv)
     rng = np.random.default_rng(cfg.seed)
-    textures = normal_pool(cfg.pool, cfg.size, rng)
-    objects = object_pool(textures, rng)
+    textures = normal_crops(GREY_NAMES + COLOUR_NAMES, cfg.pool, cfg.size, rng)
+    objects = object_images(textures, rng)
     speeds = [
         measure_throughput("generic (textures)", textures, load_params(None), cfg),
         measure_throughput("hazelnut (objects)", objects, load_params("hazelnut"), cfg),

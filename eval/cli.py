@@ -18,10 +18,6 @@ from anomalygpt.cli import CliParser, UsageError, check_out_dir, one_line
 
 PROG = "anomalygpt eval"
 MAX_SHOTS = 16  # as inspection.MAX_REFERENCES, checked here before torch is imported
-ZERO_SHOT_UNAVAILABLE = (
-    "--zero-shot: zero-shot mode needs a preset with a trained text-aligned decoder, which is not available "
-    "in this version; run few-shot with --shots"
-)
 
 
 @dataclass(frozen=True)
@@ -58,7 +54,11 @@ def build_parser() -> CliParser:
     parser.add_argument("--categories", default=None, help="comma-separated categories (default: all found)")
     parser.add_argument("--shots", default="1,2,4", help="comma-separated k values, 1 to 16 (default 1,2,4)")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated reference-draw seeds (default 0,1,2)")
-    parser.add_argument("--zero-shot", action="store_true", help="zero-shot mode (needs a trained decoder)")
+    parser.add_argument(
+        "--zero-shot",
+        action="store_true",
+        help="the decoder alone, no references (needs a preset with a trained decoder; --shots/--seeds unused)",
+    )
     parser.add_argument("--preset", default=None, help="preset name or JSON path (default: 'default')")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument(
@@ -144,8 +144,6 @@ def options_from(args: argparse.Namespace) -> EvalOptions:
 
 def prepare(options: EvalOptions) -> EvalJob:
     """Validate every option (cheapest first), load the preset and every split, check the cache."""
-    if options.zero_shot:
-        raise UsageError(ZERO_SHOT_UNAVAILABLE)
     from eval.datasets import DATASETS, load_split
 
     if options.dataset not in DATASETS:
@@ -158,6 +156,10 @@ def prepare(options: EvalOptions) -> EvalJob:
     from eval.runner import EvalConfig, check_cache_config, fingerprint
 
     preset = load_preset(options.preset or DEFAULT_PRESET)
+    if options.zero_shot:
+        if not preset.decoder.weights:
+            raise UsageError(f"--zero-shot: preset {preset.name!r} has no trained decoder (decoder.weights)")
+        shots, seeds = (0,), (0,)  # no references to draw: one setting per category
     names = chosen_categories(options.dataset, root, options.categories)
     splits = {name: load_split(options.dataset, root, name) for name in names}
     for split in splits.values():

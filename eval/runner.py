@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -23,9 +23,9 @@ from tqdm import tqdm
 
 from anomalygpt.calibration import Calibration
 from anomalygpt.config import Preset, to_dict
-from anomalygpt.inspection import Inspector, References, decide
+from anomalygpt.inspection import Inspector, decide
 from anomalygpt.io import load_image, write_json_atomic
-from anomalygpt.memory import PatchMemory
+from anomalygpt.memory import top_mean
 from anomalygpt.regions import Region
 from eval.datasets import CategorySplit, Sample, draw_shots, load_mask
 from eval.metrics import PixelMetrics, image_metrics, verdict_metrics
@@ -223,6 +223,41 @@ def sample_mask(sample: Sample, shape: tuple[int, int]) -> np.ndarray:
     return load_mask(sample.mask)
 
 
+class MapScorer(Protocol):
+    """What turns cached patches into maps and scores: a fitted PatchMemory, or the zero-shot decoder."""
+
+    def maps_from_patches(self, patches: Sequence[torch.Tensor], size: tuple[int, int]) -> np.ndarray: ...
+
+    def image_score(self, anomaly_map: np.ndarray) -> float: ...
+
+
+@dataclass
+class ZeroShotScorer:
+    inspector: Inspector
+
+    def maps_from_patches(self, patches: Sequence[torch.Tensor], size: tuple[int, int]) -> np.ndarray:
+        return self.inspector.zero_shot_maps(patches, size)
+
+    def image_score(self, anomaly_map: np.ndarray) -> float:
+        return top_mean(anomaly_map, self.inspector.preset.memory.top_fraction)
+
+
+@dataclass(frozen=True)
+class Fitted:
+    """A setting's scorer and thresholds: k references indexed, or the decoder alone for k = 0."""
+
+    scorer: MapScorer
+    calibration: Calibration
+    index_ms: float
+
+
+def fit_setting(inspector: Inspector, reference_paths: Sequence[Path]) -> Fitted:
+    if not reference_paths:
+        return Fitted(ZeroShotScorer(inspector), inspector.zero_shot_calibration(), 0.0)
+    references = inspector.fit(reference_paths)
+    return Fitted(references.memory, references.calibration, references.index_ms)
+
+
 @dataclass
 class Scored:
     scores: np.ndarray  # (N,) image scores
@@ -231,7 +266,7 @@ class Scored:
 
 @torch.inference_mode()
 def score_cached(
-    memory: PatchMemory, samples: Sequence[Sample], cache: PatchCache, on_map: Callable[[Sample, np.ndarray], None]
+    memory: MapScorer, samples: Sequence[Sample], cache: PatchCache, on_map: Callable[[Sample, np.ndarray], None]
 ) -> Scored:
     """Image scores from cached patches; on_map sees every (H, W) map once, then it is dropped."""
     scores, elapsed = [], 0.0
@@ -288,10 +323,10 @@ def pixel_figures(pixels: PixelMetrics | None) -> Metrics:
 
 
 def setting_metrics(
-    labels: np.ndarray, scored: Scored, references: References, pixels: PixelMetrics | None, cache: PatchCache
+    labels: np.ndarray, scored: Scored, fitted: Fitted, pixels: PixelMetrics | None, cache: PatchCache
 ) -> Metrics:
     """Image, pixel and verdict metrics at the automatic threshold, plus sizes and timings."""
-    threshold = references.calibration.image_threshold
+    threshold = fitted.calibration.image_threshold
     score_ms = scored.score_ms / len(labels)
     return {
         **image_metrics(labels, scored.scores),
@@ -303,7 +338,7 @@ def setting_metrics(
         "encode_ms_per_image": cache.encode_ms_per_image,
         "score_ms_per_image": score_ms,
         "ms_per_image": cache.encode_ms_per_image + score_ms,
-        "index_ms": references.index_ms,
+        "index_ms": fitted.index_ms,
         "peak_rss_mb": peak_rss_mb(),
     }
 
@@ -313,13 +348,13 @@ def run_setting(
 ) -> SettingResult:
     """Fit k references drawn with seed, score the test (and held-out) images from the cache, compute metrics."""
     reference_paths, test = draw_shots(split, k, seed)
-    references = inspector.fit(reference_paths)
+    fitted = fit_setting(inspector, reference_paths)
     labels = np.array([sample.label for sample in test])
     pixels = PixelMetrics() if has_masks(split) else None
-    scored = score_cached(references.memory, test, cache, ignore_map if pixels is None else pixel_feeder(pixels))
-    held = score_cached(references.memory, split.held_out if held_out else (), cache, ignore_map).scores
-    metrics = setting_metrics(labels, scored, references, pixels, cache)
-    threshold = references.calibration.image_threshold
+    scored = score_cached(fitted.scorer, test, cache, ignore_map if pixels is None else pixel_feeder(pixels))
+    held = score_cached(fitted.scorer, split.held_out if held_out else (), cache, ignore_map).scores
+    metrics = setting_metrics(labels, scored, fitted, pixels, cache)
+    threshold = fitted.calibration.image_threshold
     metrics["held_out_flagged"] = float((held > threshold).mean()) if held.size else None
     return SettingResult(
         category=split.category,
@@ -331,7 +366,7 @@ def run_setting(
         labels=labels.tolist(),
         defects=[sample.defect for sample in test],
         scores=scored.scores.tolist(),
-        calibration=references.calibration.to_dict(),
+        calibration=fitted.calibration.to_dict(),
         held_out_scores=held.tolist(),
     )
 
@@ -423,15 +458,15 @@ def colour_scale(calibration: Calibration) -> tuple[float, float]:
 def example_panels(inspector: Inspector, split: CategorySplit, result: SettingResult) -> list[ExamplePanel]:
     """Maps of the picked images, recomputed (the run keeps no maps) from float16 patches as the run scored them."""
     picks = example_picks(result)
-    references = inspector.fit([Path(path) for path in result.references])
-    calibration = references.calibration
+    fitted = fit_setting(inspector, [Path(path) for path in result.references])
+    calibration = fitted.calibration
     images = [load_image(result.paths[index]) for _, index in picks]  # each (H, W, 3) uint8
     patches = [p.half().float() for p in inspector.backbone.encode(images, batch_size=ENCODE_BATCH).patches]
-    maps = references.memory.maps_from_patches(patches, images[0].shape[:2])  # (P, H, W)
+    maps = fitted.scorer.maps_from_patches(patches, images[0].shape[:2])  # (P, H, W)
     samples = {str(sample.path): sample for sample in split.test}
     panels = []
     for (caption, index), image, anomaly_map in zip(picks, images, maps, strict=True):
-        score = references.memory.image_score(anomaly_map)
+        score = fitted.scorer.image_score(anomaly_map)
         path = result.paths[index]
         panels.append(
             ExamplePanel(

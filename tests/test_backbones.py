@@ -40,9 +40,12 @@ def test_clip_backbone_gives_four_stages_of_patch_tokens(tiny_clip_name):
     assert backbone.stage_dims == (32, 32, 32, 32)
     assert backbone.strides == (16, 16, 16, 16)
     images = [np.full((50, 70, 3), 100, np.uint8), np.zeros((64, 64, 3), np.uint8)]
-    feats = backbone.encode(images)
+    feats = backbone.encode(images, embedding=True)
     assert [tuple(p.shape) for p in feats.patches] == [(2, 32, 4, 4)] * 4
     assert tuple(feats.embedding.shape) == (2, 24)
+    early = backbone.encode(images)  # patches only: stops after the last stage
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(early.patches, feats.patches, strict=True))
+    assert tuple(early.embedding.shape) == (2, 0)
     assert not any(p.requires_grad for p in backbone.parameters())
     # Intermediate stages differ: they are different blocks, not one tensor repeated.
     assert not torch.allclose(feats.patches[0], feats.patches[3])
@@ -85,9 +88,13 @@ def test_efficientnet_stride8_and_stride16_stages(efficientnet):
     assert efficientnet.stage_dims == (40, 112)
     assert efficientnet.strides == (8, 16)
     assert efficientnet.embed_dim == 1280
-    feats = efficientnet.encode([np.zeros((100, 100, 3), np.uint8)] * 3, batch_size=2)
+    images = [np.full((100, 100, 3), v, np.uint8) for v in (0, 90, 200)]
+    feats = efficientnet.encode(images, batch_size=2, embedding=True)
     assert [tuple(p.shape) for p in feats.patches] == [(3, 40, 16, 16), (3, 112, 8, 8)]
     assert tuple(feats.embedding.shape) == (3, 1280)
+    early = efficientnet.encode(images, batch_size=2)  # patches only: the stride-32 blocks and head are skipped
+    assert all(torch.equal(a, b) for a, b in zip(early.patches, feats.patches, strict=True))
+    assert tuple(early.embedding.shape) == (3, 0)
 
 
 def test_efficientnet_real_weights_recognise_a_cat():

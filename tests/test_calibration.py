@@ -34,7 +34,7 @@ def test_k1_holds_out_each_quadrant(memories):
 
 @pytest.mark.parametrize("k", [1, 3])
 def test_threshold_is_mean_plus_z_spreads_of_held_out_scores(memories, k):
-    cfg = CalibrationConfig(z=2.5, min_spread=0.0, pixel_quantile=0.99)
+    cfg = CalibrationConfig(z=2.5, spread_prior=0.0, pixel_quantile=0.99)
     cal = calibrate(memories[k], cfg)
     scores = np.array([top_mean(m, 0.01) for m in held_out_maps(memories[k])[0]])
     assert cal.n_scores == scores.size
@@ -45,7 +45,9 @@ def test_threshold_is_mean_plus_z_spreads_of_held_out_scores(memories, k):
     assert cal.margin(cal.image_threshold + 2 * cal.normal_spread) == pytest.approx(2.0)
 
 
-def test_spread_floor_applies_to_few_similar_scores(memories):
-    cal = calibrate(memories[3], CalibrationConfig(z=3.0, min_spread=10.0))
-    assert cal.normal_spread == pytest.approx(10.0 * cal.normal_mean)
-    assert cal.image_threshold == pytest.approx(31.0 * cal.normal_mean)
+@pytest.mark.parametrize("k", [1, 3])
+def test_spread_floor_shrinks_with_the_number_of_references(memories, k):
+    cal = calibrate(memories[k], CalibrationConfig(z=3.0, spread_prior=10.0))
+    floor = 10.0 / np.sqrt(k)
+    assert cal.normal_spread == pytest.approx(floor * cal.normal_mean)
+    assert cal.image_threshold == pytest.approx((1 + 3 * floor) * cal.normal_mean)

@@ -246,7 +246,7 @@ def small_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
         ({"--seeds": "-1"}, "--seeds: -1 is out of range"),
         ({"--shots": "3"}, "--shots: k=3 is larger than the reference pool of tile (2 good images)"),
         ({"--out": "{file}"}, "--out exists and is not a folder"),
-        ({"--zero-shot": ""}, "--zero-shot: zero-shot mode needs a preset with a trained text-aligned decoder"),
+        ({"--zero-shot": "", "--preset": "{plain}"}, "--zero-shot: preset 'plain' has no trained decoder"),
         ({"--preset": "nope"}, "unknown preset 'nope'"),
     ],
 )
@@ -259,7 +259,9 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(
     options = {"--dataset": "mvtec", "--root": str(small_tree), "--shots": "1", "--seeds": "0", "--out": str(out)}
     options.update(changes)
     argv = [part for option, value in options.items() if value is not None for part in (option, value) if part]
-    outcome = run_eval(*[arg.format(missing=tmp_path / "missing", file=a_file) for arg in argv])
+    plain = tmp_path / "plain.json"
+    plain.write_text(json.dumps({**PRESET, "name": "plain"}))
+    outcome = run_eval(*[arg.format(missing=tmp_path / "missing", file=a_file, plain=plain) for arg in argv])
     assert outcome.code == 2
     assert outcome.stderr.startswith("anomalygpt eval: error: ") and outcome.stderr.count("\n") == 1
     assert message in outcome.stderr

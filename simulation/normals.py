@@ -1,0 +1,70 @@
+"""Normal images available offline: scikit-image's bundled pictures (BSD), split into training and validation.
+
+The shipped decoder is trained on crops of the training pictures only; its validation figures come from crops
+of pictures training never saw. ELPV is never used here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import cv2
+import numpy as np
+import skimage.data
+
+TRAIN_PICTURES = (
+    "brick",
+    "grass",
+    "camera",
+    "coins",
+    "moon",
+    "cell",
+    "horse",
+    "page",
+    "text",
+    "astronaut",
+    "chelsea",
+    "coffee",
+    "rocket",
+    "hubble_deep_field",
+    "retina",
+    "colorwheel",
+)
+VALIDATION_PICTURES = ("gravel", "clock", "immunohistochemistry")
+
+
+def picture(name: str) -> np.ndarray:
+    """A bundled scikit-image picture as (H, W, 3) uint8 (grey repeated; alpha dropped)."""
+    image = getattr(skimage.data, name)()
+    image = image if image.ndim == 3 else np.repeat(image[..., None], 3, axis=2)
+    return np.ascontiguousarray(image[..., :3].astype(np.uint8))
+
+
+def random_crop(base: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """A random square crop (50-100% of the short side), randomly flipped, resized to size x size."""
+    side = int(rng.integers(min(base.shape[:2]) // 2, min(base.shape[:2]) + 1))
+    y, x = int(rng.integers(base.shape[0] - side + 1)), int(rng.integers(base.shape[1] - side + 1))
+    crop = base[y : y + side, x : x + side]
+    crop = crop[:, ::-1] if rng.random() < 0.5 else crop
+    crop = crop[::-1] if rng.random() < 0.5 else crop
+    return np.ascontiguousarray(cv2.resize(crop, (size, size), interpolation=cv2.INTER_AREA))
+
+
+def normal_crops(names: Sequence[str], count: int, size: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """`count` normal images cycling over the named pictures."""
+    bases = [picture(name) for name in names]
+    return [random_crop(bases[i % len(bases)], size, rng) for i in range(count)]
+
+
+def object_images(textures: Sequence[np.ndarray], rng: np.random.Generator) -> list[np.ndarray]:
+    """Object-like images: each texture inside a random ellipse on a flat dark or light background."""
+    pool = []
+    for texture in textures:
+        size = texture.shape[0]
+        image = np.full_like(texture, 15 if rng.random() < 0.5 else 235)
+        mask = np.zeros((size, size), np.uint8)
+        axes = (int(rng.integers(size // 5, size // 2 - 8)), int(rng.integers(size // 5, size // 2 - 8)))
+        cv2.ellipse(mask, (size // 2, size // 2), axes, float(rng.uniform(0, 180)), 0, 360, 1, -1)
+        image[mask > 0] = (texture[mask > 0].astype(np.uint16) // 2 + 64).astype(np.uint8)
+        pool.append(image)
+    return pool

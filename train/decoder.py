@@ -1,0 +1,310 @@
+"""Stage 1: train the AnomalyDecoder's projections on simulated anomalies (`anomalygpt train decoder`).
+
+The backbone and the text encoder are frozen, so every simulated image is encoded once and the projections
+train on cached features for many epochs. Normals are scikit-image's bundled pictures (simulation.normals):
+training and validation come from different pictures. Runs on accelerate: CPU here, one or many GPUs elsewhere.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import roc_auc_score
+from torch.utils.data import DataLoader, TensorDataset
+from tqdm import tqdm
+
+from anomalygpt.config import Preset, load_preset, to_dict
+from anomalygpt.decoder import AnomalyDecoder, DecoderSpec
+from anomalygpt.inspection import build_inspector
+from anomalygpt.io import write_bytes_atomic, write_json_atomic
+from anomalygpt.memory import embed_patches, fuse_maps, top_mean
+from anomalygpt.prompts import text_anchors
+from anomalygpt.text import build_text_encoder
+from anomalygpt.weights import save_module
+from simulation.anomalies import load_params, simulate_random
+from simulation.normals import TRAIN_PICTURES, VALIDATION_PICTURES, normal_crops, object_images
+from train.losses import segmentation_loss
+
+# Product words the anchors are built for during training, so that any class name a user gives lands near them.
+TRAIN_WORDS = ("object", "product", "surface", "part", "material", "texture", "component", "item")
+MASK_STRIDE = 4  # losses and validation at 1/4 of the image side: finer than the stride-8 features
+CHECKPOINT = "checkpoint.pt"
+FEATURES = "features.pt"
+
+
+@dataclass(frozen=True)
+class DecoderTrainConfig:
+    out: Path
+    preset: str = "default"
+    train_samples: int = 2400
+    val_samples: int = 400
+    anomaly_fraction: float = 0.7  # share of simulated images that carry an anomaly
+    object_fraction: float = 0.3  # share of images that are an object on a flat background
+    epochs: int = 30
+    batch_size: int = 32
+    lr: float = 2e-3
+    hidden: int = 0  # projection width; 0 = linear projections (AnomalyGPT's choice)
+    temperature: float = 0.07
+    seed: int = 0
+    resume: bool = False
+
+
+@dataclass
+class SimulatedSplit:
+    feats: list[torch.Tensor]  # per stage (N, C, h, w) float16, the memory's embedding
+    masks: torch.Tensor  # (N, H/4, W/4) bool
+    labels: torch.Tensor  # (N,) 1 when the image carries an anomaly
+
+
+@dataclass
+class History:
+    epochs: list[int] = field(default_factory=list)
+    train_loss: list[float] = field(default_factory=list)
+    val_pixel_auroc: list[float] = field(default_factory=list)
+    val_image_auroc: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def simulated_images(
+    pictures: tuple[str, ...], count: int, size: int, cfg: DecoderTrainConfig, seed: int
+) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+    """(images, masks (N, H, W) bool, labels (N,)) from crops of the named pictures; seeded."""
+    rng = np.random.default_rng(seed)
+    textures = normal_crops(pictures, count, size, rng)
+    is_object = rng.random(count) < cfg.object_fraction
+    objects = object_images([t for t, o in zip(textures, is_object, strict=True) if o], rng)
+    normals = [objects.pop(0) if o else t for t, o in zip(textures, is_object, strict=True)]
+    params = {False: load_params(None), True: load_params("hazelnut")}
+    images, masks, labels = [], np.zeros((count, size, size), dtype=bool), np.zeros(count, dtype=np.int64)
+    for i in tqdm(range(count), desc="simulate", unit="image", leave=False, disable=None):
+        sample_rng = np.random.default_rng([seed, i])
+        if sample_rng.random() >= cfg.anomaly_fraction:
+            images.append(normals[i])
+            continue
+        sources = [normals[int(j)] for j in sample_rng.choice(count, size=3, replace=False) if j != i]
+        simulated = simulate_random(normals[i], sources, params[bool(is_object[i])], sample_rng)
+        images.append(simulated.image)
+        masks[i], labels[i] = simulated.mask, 1
+    return images, masks, labels
+
+
+@torch.inference_mode()
+def encode_split(preset: Preset, images: list[np.ndarray], masks: np.ndarray, labels: np.ndarray) -> SimulatedSplit:
+    """Backbone features in the memory's embedding (float16), masks max-pooled to the loss resolution."""
+    backbone = build_inspector(preset).backbone
+    parts: list[list[torch.Tensor]] = []
+    for first in tqdm(range(0, len(images), 16), desc="encode", unit="batch", leave=False, disable=None):
+        patches = backbone.encode(images[first : first + 16], batch_size=16).patches
+        parts.append([f.half() for f in embed_patches(patches, preset.memory.neighbourhood)])
+    feats = [torch.cat([part[stage] for part in parts]) for stage in range(len(parts[0]))]
+    pooled = F.max_pool2d(torch.from_numpy(masks).float()[:, None], MASK_STRIDE)[:, 0] > 0.5
+    return SimulatedSplit(feats, pooled, torch.from_numpy(labels))
+
+
+def split_fingerprint(cfg: DecoderTrainConfig, preset: Preset) -> dict[str, Any]:
+    keys = ("train_samples", "val_samples", "anomaly_fraction", "object_fraction", "seed")
+    return {
+        "backbone": asdict(preset.backbone),
+        "neighbourhood": preset.memory.neighbourhood,
+        **{key: getattr(cfg, key) for key in keys},
+    }
+
+
+def load_or_build_splits(cfg: DecoderTrainConfig, preset: Preset) -> tuple[SimulatedSplit, SimulatedSplit]:
+    """The simulated training and validation features, cached in <out>/features.pt for --resume."""
+    path, fingerprint = cfg.out / FEATURES, split_fingerprint(cfg, preset)
+    if path.is_file():
+        cached = torch.load(path, weights_only=False)
+        if cached["fingerprint"] == fingerprint:
+            return cached["train"], cached["val"]
+    size = preset.backbone.image_size
+    train = encode_split(preset, *simulated_images(TRAIN_PICTURES, cfg.train_samples, size, cfg, cfg.seed))
+    val = encode_split(preset, *simulated_images(VALIDATION_PICTURES, cfg.val_samples, size, cfg, cfg.seed + 1))
+    buffer = io.BytesIO()
+    torch.save({"fingerprint": fingerprint, "train": train, "val": val}, buffer)
+    write_bytes_atomic(path, buffer.getvalue())
+    return train, val
+
+
+def word_anchors(preset: Preset) -> torch.Tensor:
+    """(W, 2, D) normal/abnormal anchors for every training word."""
+    encoder = build_text_encoder(preset.text)
+    return torch.stack([text_anchors(encoder, word) for word in TRAIN_WORDS])
+
+
+def stage_dims(split: SimulatedSplit) -> tuple[int, ...]:
+    return tuple(int(f.shape[1]) for f in split.feats)
+
+
+@torch.inference_mode()
+def decoder_maps(decoder: AnomalyDecoder, feats: list[torch.Tensor], anchors: torch.Tensor, size: int) -> torch.Tensor:
+    """(N, size, size) abnormal probability, stages upsampled and averaged (unsmoothed), batched."""
+    maps = []
+    for first in range(0, feats[0].shape[0], 64):
+        abnormal = decoder([f[first : first + 64].float() for f in feats], anchors).abnormal
+        up = [
+            F.interpolate(a[:, None], size=(size, size), mode="bilinear", align_corners=False)[:, 0] for a in abnormal
+        ]
+        maps.append(torch.stack(up).mean(dim=0))
+    return torch.cat(maps)
+
+
+def validate(decoder: AnomalyDecoder, val: SimulatedSplit, anchors: torch.Tensor) -> tuple[float, float]:
+    """(pixel AUROC at 1/4 resolution, image AUROC of the top-1% mean) on the validation split."""
+    decoder.eval()
+    maps = decoder_maps(decoder, val.feats, anchors, val.masks.shape[-1]).numpy()
+    pixel = float(roc_auc_score(val.masks.numpy().ravel(), maps.ravel()))
+    scores = np.array([top_mean(m, 0.01) for m in maps])
+    return pixel, float(roc_auc_score(val.labels.numpy(), scores))
+
+
+def save_checkpoint(path: Path, epoch: int, decoder: AnomalyDecoder, optimizer: Any, history: History) -> None:
+    buffer = io.BytesIO()
+    state = {"epoch": epoch, "decoder": decoder.state_dict(), "optimizer": optimizer.state_dict()}
+    torch.save({**state, "history": asdict(history)}, buffer)
+    write_bytes_atomic(path, buffer.getvalue())
+
+
+def resume_state(cfg: DecoderTrainConfig, decoder: AnomalyDecoder, optimizer: Any) -> tuple[int, History]:
+    """(first epoch to run, history so far); loads the last checkpoint when resuming."""
+    path = cfg.out / CHECKPOINT
+    if not path.is_file():
+        return 0, History()
+    state = torch.load(path, weights_only=False)
+    decoder.load_state_dict(state["decoder"])
+    optimizer.load_state_dict(state["optimizer"])
+    return int(state["epoch"]) + 1, History(**state["history"])
+
+
+@torch.inference_mode()
+def zero_shot_calibration(
+    decoder: AnomalyDecoder, val: SimulatedSplit, anchors: torch.Tensor, preset: Preset
+) -> dict[str, float | int]:
+    """Statistics of validation normals scored exactly as the zero-shot Inspector scores a query."""
+    decoder.eval()
+    size = preset.backbone.image_size
+    normal = torch.nonzero(val.labels == 0)[:, 0]
+    scores, pixels = [], []
+    for first in range(0, normal.numel(), 32):
+        rows = normal[first : first + 32]
+        abnormal = decoder([f[rows].float() for f in val.feats], anchors).abnormal
+        maps = fuse_maps(abnormal, (size, size), preset.memory.sigma)
+        scores.extend(top_mean(m, preset.memory.top_fraction) for m in maps)
+        pixels.append(maps[:, ::4, ::4].ravel())
+    values = np.array(scores)
+    return {
+        "normal_mean": float(values.mean()),
+        "normal_spread": float(values.std(ddof=1)) if values.size > 1 else 0.0,
+        "pixel_quantile_value": float(np.quantile(np.concatenate(pixels), preset.calibration.pixel_quantile)),
+        "n_normals": int(values.size),
+    }
+
+
+def train_epoch(accelerator: Any, decoder: Any, loader: DataLoader, optimizer: Any, anchors: torch.Tensor) -> float:
+    decoder.train()
+    total, count = 0.0, 0
+    for batch in loader:
+        *feats, masks, words = batch
+        batch_anchors = anchors[int(words[0])]  # one training word per batch
+        logits = decoder([f.float() for f in feats], batch_anchors).logits
+        loss = segmentation_loss(logits, masks)
+        optimizer.zero_grad()
+        accelerator.backward(loss)
+        optimizer.step()
+        total, count = total + float(loss.detach()) * masks.shape[0], count + masks.shape[0]
+    return total / max(count, 1)
+
+
+def train_decoder(cfg: DecoderTrainConfig) -> dict[str, Any]:
+    """Simulate, encode, train, validate every epoch, checkpoint, and write the decoder's weights."""
+    from accelerate import Accelerator
+
+    if (cfg.out / CHECKPOINT).is_file() and not cfg.resume:
+        raise ValueError(f"{cfg.out} holds a training run ({CHECKPOINT}); pass --resume or choose another --out")
+    torch.manual_seed(cfg.seed)
+    preset = load_preset(cfg.preset)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    train, val = load_or_build_splits(cfg, preset)
+    n_normal = int((val.labels == 0).sum())
+    if n_normal < 2 or n_normal == val.labels.numel():
+        raise ValueError(f"--val-samples {cfg.val_samples}: the validation split needs normal and anomalous images")
+    anchors = word_anchors(preset)
+    spec = DecoderSpec(stage_dims(train), int(anchors.shape[-1]), cfg.hidden, cfg.temperature)
+    decoder = AnomalyDecoder(spec)
+    optimizer = torch.optim.AdamW(decoder.parameters(), lr=cfg.lr, weight_decay=1e-4)
+    start_epoch, history = resume_state(cfg, decoder, optimizer)
+    words = torch.from_numpy(np.random.default_rng(cfg.seed).integers(len(TRAIN_WORDS), size=train.masks.shape[0]))
+    dataset = TensorDataset(*train.feats, train.masks, words)
+    loader = DataLoader(
+        dataset, batch_size=cfg.batch_size, shuffle=True, generator=torch.Generator().manual_seed(cfg.seed)
+    )
+    decoder, optimizer, loader = accelerator.prepare(decoder, optimizer, loader)
+    generic = anchors[0].to(accelerator.device)
+    bar = tqdm(range(start_epoch, cfg.epochs), desc="train decoder", unit="epoch", disable=None)
+    for epoch in bar:
+        begin = time.perf_counter()
+        loss = train_epoch(accelerator, decoder, loader, optimizer, anchors.to(accelerator.device))
+        pixel, image = validate(accelerator.unwrap_model(decoder), val, generic)
+        history.epochs.append(epoch)
+        history.train_loss.append(loss)
+        history.val_pixel_auroc.append(pixel)
+        history.val_image_auroc.append(image)
+        history.seconds += time.perf_counter() - begin
+        bar.set_postfix(loss=f"{loss:.4f}", val_pixel_auroc=f"{pixel:.4f}")
+        save_checkpoint(cfg.out / CHECKPOINT, epoch, accelerator.unwrap_model(decoder), optimizer, history)
+    return finish(cfg, preset, accelerator.unwrap_model(decoder), val, anchors[0], history)
+
+
+def curves_png(history: History) -> bytes:
+    """Training loss and validation AUROCs per epoch, as PNG bytes."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(9, 3.5), dpi=100)
+    FigureCanvasAgg(figure)
+    loss_axes, auroc_axes = figure.subplots(1, 2)
+    loss_axes.plot(history.epochs, history.train_loss, marker=".")
+    loss_axes.set(title="training loss (focal + dice, all stages)", xlabel="epoch")
+    auroc_axes.plot(history.epochs, history.val_pixel_auroc, marker=".", label="pixel AUROC")
+    auroc_axes.plot(history.epochs, history.val_image_auroc, marker=".", label="image AUROC")
+    auroc_axes.set(title="held-out simulated validation", xlabel="epoch")
+    auroc_axes.legend(loc="lower right")
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def finish(
+    cfg: DecoderTrainConfig,
+    preset: Preset,
+    decoder: AnomalyDecoder,
+    val: SimulatedSplit,
+    generic: torch.Tensor,
+    history: History,
+) -> dict[str, Any]:
+    """Zero-shot statistics, the weights with their JSON config, history and curves; returns the config."""
+    decoder = decoder.cpu().eval()
+    config = {
+        "spec": asdict(decoder.spec),
+        "backbone": {key: to_dict(preset)["backbone"][key] for key in ("name", "image_size", "stages")},
+        "neighbourhood": preset.memory.neighbourhood,
+        "text": to_dict(preset)["text"],
+        "zero_shot": zero_shot_calibration(decoder, val, generic.cpu(), preset),
+        "validation": {"pixel_auroc": history.val_pixel_auroc[-1], "image_auroc": history.val_image_auroc[-1]},
+        "training": {**{k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()}, "words": TRAIN_WORDS},
+        "train_pictures": TRAIN_PICTURES,
+        "validation_pictures": VALIDATION_PICTURES,
+        "train_seconds": round(history.seconds, 1),
+    }
+    save_module(cfg.out / "decoder", decoder.state_dict(), config)
+    write_json_atomic(cfg.out / "history.json", asdict(history))
+    write_bytes_atomic(cfg.out / "curves.png", curves_png(history))
+    return config
