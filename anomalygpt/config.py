@@ -10,9 +10,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from anomalygpt.assistant import AssistantConfig
 from anomalygpt.backbones import BackboneConfig
 from anomalygpt.calibration import CalibrationConfig
 from anomalygpt.decoder import DecoderConfig
+from anomalygpt.llm import LLMConfig
 from anomalygpt.memory import MemoryConfig
 from anomalygpt.text import TextConfig
 
@@ -34,6 +36,8 @@ class Preset:
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     text: TextConfig = field(default_factory=TextConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    assistant: AssistantConfig = field(default_factory=AssistantConfig)
     device: str = "cpu"  # "cpu", "cuda", "cuda:1"...
 
 

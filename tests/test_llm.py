@@ -7,48 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from tiny_llm import CHAT_TEMPLATE, VOCAB, tiny_llama, tiny_tokenizer
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from anomalygpt import llm
 from anomalygpt.backbones import WeightsError
 from anomalygpt.llm import LLMConfig, LoraConfig
 
-SPECIALS = ["<unk>", "<|im_start|>", "<|im_end|>"]
-WORDS = ["system", "user", "assistant", "is", "there", "a", "defect", "in", "this", "image", "yes", "no"]
-VOCAB = SPECIALS + WORDS + [f"w{i}" for i in range(300 - len(SPECIALS) - len(WORDS))]  # 300 tokens
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }} {{ m['content'] }}<|im_end|>{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant {% endif %}"
-)
 QUESTION = [{"role": "user", "content": "is there a defect in this image"}]
-
-
-def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    words = Tokenizer(models.WordLevel({w: i for i, w in enumerate(VOCAB)}, unk_token="<unk>"))
-    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=words, unk_token="<unk>", bos_token="<|im_start|>", eos_token="<|im_end|>"
-    )
-    tokenizer.chat_template = CHAT_TEMPLATE
-    return tokenizer
-
-
-def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
-    config = LlamaConfig(
-        vocab_size=len(VOCAB),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,  # grouped-query, as SmolLM2: v_proj is narrower than q_proj
-        max_position_embeddings=128,
-        bos_token_id=1,
-        eos_token_id=2,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(config).eval()
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,506 @@
+"""The chat assistant: a causal LM with LoRA that explains an Inspection, and a ChatSession that caches it.
+
+Input layout, the same in training and in chat (LLaVA-style):
+    system:    SYSTEM_PROMPT + Inspection.facts()
+    user:      IMAGE_PLACEHOLDER x (1 + prompt tokens) + "\\n" + first question
+    assistant: answer ... later turns ... assistant cue (+ the guard's forced "Yes"/"No")
+The placeholder positions are filled with [image token][prompt tokens] by masked_scatter, after a count check.
+transformers and peft are imported inside the functions that need them, so parsing a preset stays cheap.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import secrets
+import shutil
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from anomalygpt.backbones import WeightsError
+from anomalygpt.guard import contradicts, expected_opening
+from anomalygpt.io import ImageSource, load_image
+from anomalygpt.llm import attach_lora, chat_prompt_ids, load_llm
+from anomalygpt.prompt_learner import ImageProjection, PromptLearner, PromptLearnerConfig, normalised_map
+from anomalygpt.weights import check_keys, load_into, load_module, save_module
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from anomalygpt.config import Preset
+    from anomalygpt.inspection import Inspection, Inspector, References
+
+IMAGE_PLACEHOLDER = "<|anomalygpt_image|>"  # one token per visual embedding; added to the tokenizer as special
+IGNORE_INDEX = -100  # label of every token the loss skips (all but the answers)
+SYSTEM_PROMPT = (
+    "You are an industrial inspection assistant. An anomaly detector inspected the image; its result follows. "
+    "Answer the operator's questions from this result, briefly, and never contradict it."
+)
+WEIGHTS_FORMAT = "anomalygpt-assistant/1"
+VISUAL_STEM = "visual"  # prompt learner + image projection: visual.safetensors beside visual.json (the config)
+LORA_DIR = "lora"  # peft's adapter folder
+ADAPTER_FILE = "adapter_model.safetensors"
+STREAM_TIMEOUT_S = 600.0  # a generation thread silent this long has failed; the stream raises instead of hanging
+
+
+@dataclass(frozen=True)
+class AssistantConfig:
+    weights: str = ""  # folder of trained parts (a bare name means weights/<name>); "" = untrained parts
+    prompt_learner: PromptLearnerConfig = field(default_factory=PromptLearnerConfig)
+    max_new_tokens: int = 128
+    max_question_chars: int = 500  # longer questions are refused with a one-line message
+    history_turns: int = 4  # earlier question/answer pairs kept in the prompt; older ones are dropped
+    guard: bool = True  # force the opening Yes/No of a defect question from the verdict
+    seed: int = 0  # initialises untrained parts, without touching the global RNG
+
+
+class QuestionError(ValueError):
+    """A question the session refuses (empty, too long); the message is one line."""
+
+
+class AssistantOutput(NamedTuple):
+    logits: torch.Tensor  # (B, L, V), or (B, K, V) at the K positions forward was given
+
+
+class Example(NamedTuple):
+    input_ids: list[int]
+    labels: list[int]  # IGNORE_INDEX except on answer tokens (and each answer's end-of-turn token)
+
+
+# ---------------------------------------------------------------- prompt layout
+
+
+def system_text(inspection: Inspection) -> str:
+    return f"{SYSTEM_PROMPT}\n{inspection.facts()}"
+
+
+def chat_messages(system: str, turns: Sequence[tuple[str, str | None]], n_visual: int) -> list[dict[str, str]]:
+    """System turn, then (question, answer) pairs; the placeholders open the first user turn. None: no answer yet."""
+    messages = [{"role": "system", "content": system}]
+    for index, (question, answer) in enumerate(turns):
+        content = f"{IMAGE_PLACEHOLDER * n_visual}\n{question}" if index == 0 else question
+        messages.append({"role": "user", "content": content})
+        if answer is not None:
+            messages.append({"role": "assistant", "content": answer})
+    return messages
+
+
+def template_ids(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Mapping[str, str]]) -> list[int]:
+    """The whole conversation in the chat template, without the trailing assistant cue."""
+    encoded: Any = tokenizer.apply_chat_template(
+        [dict(m) for m in messages], add_generation_prompt=False, tokenize=True, return_dict=True
+    )
+    return [int(i) for i in encoded["input_ids"]]
+
+
+def conversation_example(
+    tokenizer: PreTrainedTokenizerBase, system: str, turns: Sequence[tuple[str, str]], n_visual: int
+) -> Example:
+    """Token ids of a whole conversation with labels on the answers only, as the chat will prompt it.
+
+    Each answer's span is what its turn adds after the assistant cue, up to and including the end-of-turn token,
+    so the model learns to stop there; the template's text after it (a newline) is not learned.
+    """
+    ids: list[int] = []
+    labels: list[int] = []
+    for count in range(1, len(turns) + 1):
+        prompt = chat_prompt_ids(
+            tokenizer, chat_messages(system, [*turns[: count - 1], (turns[count - 1][0], None)], n_visual)
+        )
+        full = template_ids(tokenizer, chat_messages(system, turns[:count], n_visual))
+        if full[: len(ids)] != ids or full[: len(prompt)] != prompt or len(prompt) < len(ids):
+            raise ValueError("the chat template is not prefix-stable: answer tokens cannot be located")
+        answer = full[len(prompt) :]
+        end = answer.index(tokenizer.eos_token_id) + 1 if tokenizer.eos_token_id in answer else len(answer)
+        labels += [IGNORE_INDEX] * (len(prompt) - len(ids)) + answer[:end] + [IGNORE_INDEX] * (len(answer) - end)
+        ids = full
+    return Example(ids, labels)
+
+
+def check_question(question: str, max_chars: int) -> str:
+    """The question stripped; QuestionError when empty or longer than max_chars."""
+    text = " ".join(question.split())
+    if not text:
+        raise QuestionError("empty question: type a question about the image")
+    if len(text) > max_chars:
+        raise QuestionError(f"question too long: {len(text)} characters, at most {max_chars}")
+    return text
+
+
+def merge_embeddings(embeds: torch.Tensor, slots: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    """Put features (B, n, H) into embeds (B, L, H) where slots (B, L) is True, in order (transformers' LLaVA way)."""
+    per_row = slots.sum(dim=1)  # (B,)
+    if slots.shape[0] != features.shape[0] or bool((per_row != features.shape[1]).any()):
+        raise ValueError(
+            f"placeholder tokens per sequence {per_row.tolist()} do not match the "
+            f"{features.shape[0]} x {features.shape[1]} image/prompt embeddings"
+        )
+    mask = slots[..., None].expand_as(embeds)  # (B, L, H)
+    return embeds.masked_scatter(mask, features.to(embeds.dtype).reshape(-1, embeds.shape[-1]))
+
+
+# ---------------------------------------------------------------- the model
+
+
+class Assistant(nn.Module):
+    """LLM (+ LoRA) with the prompt learner and image projection; holds the Inspector whose results it explains."""
+
+    def __init__(
+        self,
+        llm: nn.Module,
+        tokenizer: PreTrainedTokenizerBase,
+        prompt_learner: PromptLearner,
+        projection: ImageProjection,
+        preset: Preset,
+        inspector: Inspector | None = None,
+    ) -> None:
+        super().__init__()
+        self.llm = llm  # a peft model around the frozen causal LM
+        self.prompt_learner = prompt_learner
+        self.projection = projection
+        self.tokenizer = tokenizer
+        self.preset = preset
+        self.cfg: AssistantConfig = preset.assistant
+        self.inspector = inspector
+        self.placeholder_id = placeholder_id(tokenizer)
+
+    @property
+    def n_visual(self) -> int:
+        """Placeholder tokens per image: the image token, then the prompt learner's tokens."""
+        return 1 + self.prompt_learner.n_tokens
+
+    @property
+    def device(self) -> torch.device:
+        return self.projection.linear.weight.device
+
+    def visual_tokens(self, embedding: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
+        """(B, D) global embeddings and (B, 1, S, S) normalised maps -> (B, n_visual, hidden)."""
+        return torch.cat([self.projection(embedding), self.prompt_learner(maps)], dim=1)
+
+    def input_embeddings(self, input_ids: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
+        """(B, L) ids and (B, n_visual, hidden) visual tokens -> (B, L, hidden) LLM input embeddings."""
+        embeds = self.llm.get_input_embeddings()(input_ids)  # type: ignore[operator]
+        return merge_embeddings(embeds, input_ids == self.placeholder_id, visual)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        embedding: torch.Tensor,
+        maps: torch.Tensor,
+        positions: torch.Tensor | None = None,
+    ) -> AssistantOutput:
+        """Logits (B, L, V), or (B, K, V) at the K sequence positions given (training skips the rest: the
+        vocabulary projection is a fifth of a small LM's compute, and most positions carry no label)."""
+        embeds = self.input_embeddings(input_ids, self.visual_tokens(embedding, maps))
+        keep = 0 if positions is None else positions  # transformers' logits_to_keep: 0 = every position
+        out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False, logits_to_keep=keep)
+        return AssistantOutput(out.logits)
+
+    def map_input(self, inspection: Inspection) -> torch.Tensor:
+        """(1, 1, S, S) normalised anomaly map of an Inspection: 0 = typical good image, 1 = the threshold."""
+        if inspection.anomaly_map is None:
+            raise ValueError("the inspection carries no anomaly map")
+        normal_mean = float(inspection.calibration["normal_mean"])
+        cfg = self.prompt_learner.cfg
+        return normalised_map(inspection.anomaly_map, normal_mean, inspection.threshold, cfg)[None].to(self.device)
+
+    def prompt_ids(self, system: str, history: Sequence[tuple[str, str]], question: str) -> list[int]:
+        """The chat prompt up to the assistant cue, with the last cfg.history_turns turns of history."""
+        kept = list(history)[-self.cfg.history_turns :] if self.cfg.history_turns > 0 else []
+        messages = chat_messages(system, [*kept, (question, None)], self.n_visual)
+        return chat_prompt_ids(self.tokenizer, messages)
+
+    def stream(self, prompt_ids: Sequence[int], visual: torch.Tensor, opening: str | None = None) -> Iterator[str]:
+        """Greedy answer as text pieces; `opening` ("Yes"/"No") is prefilled and streamed first. visual: (n, hidden)."""
+        from transformers import TextIteratorStreamer
+
+        prefix = self.tokenizer.encode(opening, add_special_tokens=False) if opening else []
+        ids = torch.tensor([[*prompt_ids, *prefix]], device=self.device)  # (1, L)
+        with torch.inference_mode():
+            embeds = self.input_embeddings(ids, visual[None].to(self.device))  # (1, L, hidden)
+        streamer = TextIteratorStreamer(self.tokenizer, skip_special_tokens=True, timeout=STREAM_TIMEOUT_S)
+        if prefix:
+            streamer.put(torch.tensor(prefix))  # decoded together with the continuation, so spacing is right
+        failure: list[BaseException] = []
+        thread = threading.Thread(target=self._generate, args=(embeds, streamer, failure), daemon=True)
+        thread.start()
+        yield from (piece for piece in streamer if piece)
+        thread.join()
+        if failure:
+            raise failure[0]
+
+    def _generate(self, embeds: torch.Tensor, streamer: Any, failure: list[BaseException]) -> None:
+        """generate() on the inputs embeddings, in the streaming thread; an error is handed back to the stream."""
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        try:
+            with torch.inference_mode():
+                self.llm.generate(  # type: ignore[operator]
+                    inputs_embeds=embeds,
+                    attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device),
+                    max_new_tokens=self.cfg.max_new_tokens,
+                    do_sample=False,
+                    pad_token_id=pad,
+                    suppress_tokens=[self.placeholder_id],
+                    streamer=streamer,
+                )
+        except BaseException as error:  # noqa: BLE001 - re-raised in the consumer's thread
+            failure.append(error)
+            streamer.end()
+
+
+# ---------------------------------------------------------------- the chat session
+
+
+@dataclass(frozen=True)
+class Turn:
+    question: str
+    answer: str
+    guarded: bool  # the opening Yes/No was forced from the verdict
+    contradicts: bool  # the answer still states another verdict than the Inspection's (guard.contradicts)
+
+
+@dataclass
+class ImageContext:
+    """One inspected image: what the assistant is told about it, computed once and reused by every turn."""
+
+    pixels: np.ndarray  # (H, W, 3) uint8
+    source: str | None
+    embedding: torch.Tensor  # (1, D) global image embedding; kept when only the references change
+    inspection: Inspection
+    visual: torch.Tensor  # (n_visual, hidden) image token + prompt embeddings
+
+
+class ChatSession:
+    """Multi-turn chat about one inspected image; follow-ups reuse the cached inspection and embeddings."""
+
+    def __init__(
+        self,
+        assistant: Assistant,
+        class_name: str | None = None,
+        sensitivity: float = 0.0,
+        guard: bool | None = None,  # None: the preset's; False lets a bench measure the unguarded model
+    ) -> None:
+        if assistant.inspector is None:
+            raise ValueError("a ChatSession needs an assistant built with its Inspector")
+        self.assistant = assistant
+        self.inspector: Inspector = assistant.inspector
+        self.class_name = class_name
+        self.sensitivity = sensitivity
+        self.guard = assistant.cfg.guard if guard is None else guard
+        self.references: References | None = None
+        self.reference_sources: list[str] = []
+        self.context: ImageContext | None = None
+        self.history: list[Turn] = []
+
+    @property
+    def inspection(self) -> Inspection:
+        if self.context is None:
+            raise ValueError("no image yet: show an image first (/image PATH)")
+        return self.context.inspection
+
+    def set_references(self, images: Sequence[ImageSource], sources: Sequence[str] | None = None) -> None:
+        """Index new good references; a shown image is inspected again (a new inspection, history cleared)."""
+        self.references = self.inspector.fit(images, self.class_name)
+        self.reference_sources = (
+            list(sources) if sources is not None else [f"reference {i + 1}" for i in range(len(images))]
+        )
+        if self.context is not None:
+            self.context = self._context(self.context.pixels, self.context.source, self.context.embedding)
+            self.history = []
+
+    def show(self, image: ImageSource, source: str | None = None) -> Inspection:
+        """Inspect a new image and encode it once; the conversation starts over."""
+        pixels = load_image(image, name=source)
+        self.context = self._context(pixels, source, None)
+        self.history = []
+        return self.context.inspection
+
+    def _context(self, pixels: np.ndarray, source: str | None, embedding: torch.Tensor | None) -> ImageContext:
+        inspection = self.inspector.inspect(pixels, self.references, self.class_name, source, self.sensitivity)
+        if embedding is None:
+            embedding = self.inspector.backbone.encode([pixels], embedding=True).embedding  # (1, D)
+        assistant = self.assistant
+        with torch.inference_mode():
+            visual = assistant.visual_tokens(embedding.to(assistant.device), assistant.map_input(inspection))[0]
+        return ImageContext(pixels, source, embedding, inspection, visual)
+
+    def reset(self) -> None:
+        """Forget the conversation; the image and its inspection stay."""
+        self.history = []
+
+    def stream(self, question: str) -> Iterator[str]:
+        """The answer as text pieces; the turn joins the history once the answer is complete."""
+        question = check_question(question, self.assistant.cfg.max_question_chars)
+        context = self.context
+        if context is None:
+            raise QuestionError("no image yet: show an image first (/image PATH)")
+        opening = expected_opening(question, context.inspection) if self.guard else None
+        history = [(turn.question, turn.answer) for turn in self.history]
+        prompt = self.assistant.prompt_ids(system_text(context.inspection), history, question)
+        pieces = []
+        for piece in self.assistant.stream(prompt, context.visual, opening):
+            pieces.append(piece)
+            yield piece
+        answer = "".join(pieces).strip()
+        conflict = contradicts(answer, context.inspection, question)
+        self.history.append(Turn(question, answer, opening is not None, conflict))
+
+    def ask(self, question: str) -> str:
+        """The whole answer at once (greedy, so the same as the streamed one)."""
+        return "".join(self.stream(question)).strip()
+
+    def transcript(self) -> list[dict[str, Any]]:
+        messages: list[dict[str, Any]] = []
+        for turn in self.history:
+            messages.append({"role": "user", "content": turn.question})
+            answer = {"content": turn.answer, "guarded": turn.guarded, "contradicts": turn.contradicts}
+            messages.append({"role": "assistant", **answer})
+        return messages
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready record of the session: image, references, inspection and transcript."""
+        context = self.context
+        return {
+            "image": None if context is None else context.source,
+            "references": self.reference_sources,
+            "class_name": self.class_name,
+            "preset": self.assistant.preset.name,
+            "inspection": None if context is None else context.inspection.to_dict(),
+            "transcript": self.transcript(),
+        }
+
+
+# ---------------------------------------------------------------- building, saving, loading
+
+
+def placeholder_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    found = tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
+    if not isinstance(found, int) or found == tokenizer.unk_token_id:
+        raise ValueError(f"the tokenizer has no {IMAGE_PLACEHOLDER} token; add it with add_placeholder")
+    return found
+
+
+def embedding_tables(model: PreTrainedModel) -> list[torch.Tensor]:
+    """The (V, hidden) input embedding table and the output one (the same tensor when tied)."""
+    modules = (model.get_input_embeddings(), model.get_output_embeddings())
+    return [module.weight for module in modules if module is not None and isinstance(module.weight, torch.Tensor)]
+
+
+def add_placeholder(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel) -> int:
+    """Register IMAGE_PLACEHOLDER as a special token; new embedding rows are zero (the input row is always
+    replaced, and a zero output row gives the token no preference; generation suppresses it anyway)."""
+    tokenizer.add_tokens([IMAGE_PLACEHOLDER], special_tokens=True)
+    rows = int(embedding_tables(model)[0].shape[0])
+    if len(tokenizer) > rows:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        with torch.no_grad():
+            for table in embedding_tables(model):
+                table[rows:] = 0
+    return placeholder_id(tokenizer)
+
+
+def build_assistant(preset: str | Preset = "default", inspector: Inspector | None = None) -> Assistant:
+    """The one factory: LLM + LoRA + prompt learner + projection (trained parts loaded when the preset names them).
+
+    The Inspector is built from the preset unless given (its backbone sets the projection's input width).
+    """
+    from anomalygpt.config import Preset, load_preset
+    from anomalygpt.inspection import build_inspector
+
+    cfg = preset if isinstance(preset, Preset) else load_preset(preset)
+    inspector = inspector if inspector is not None else build_inspector(cfg)
+    loaded = load_llm(cfg.llm)
+    add_placeholder(loaded.tokenizer, loaded.model)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.assistant.seed)
+        prompt_learner = PromptLearner(cfg.assistant.prompt_learner, loaded.hidden_size)
+        projection = ImageProjection(inspector.backbone.embed_dim, loaded.hidden_size)
+        llm = attach_lora(loaded.model, cfg.llm.lora)
+    assistant = Assistant(llm, loaded.tokenizer, prompt_learner, projection, cfg, inspector)
+    if cfg.assistant.weights:
+        load_trained_parts(assistant, weights_folder(cfg.assistant.weights))
+    return assistant.to(cfg.device).eval()
+
+
+def weights_folder(name: str) -> Path:
+    from anomalygpt.inspection import weights_stem
+
+    return weights_stem(name)
+
+
+def parts_config(assistant: Assistant) -> dict[str, Any]:
+    """What the trained parts depend on; a load checks every field against the assistant it goes into."""
+    preset = assistant.preset
+    return {
+        "format": WEIGHTS_FORMAT,
+        "placeholder": IMAGE_PLACEHOLDER,
+        "hidden_size": int(assistant.projection.linear.out_features),
+        "embed_dim": int(assistant.projection.linear.in_features),
+        "prompt_learner": dataclasses.asdict(assistant.prompt_learner.cfg),
+        "lora": dataclasses.asdict(preset.llm.lora),
+        "backbone": {"name": preset.backbone.name, "image_size": preset.backbone.image_size},
+    }
+
+
+def save_assistant(assistant: Assistant, folder: str | Path, extra: Mapping[str, Any] | None = None) -> Path:
+    """Write the trained parts (visual.safetensors + visual.json, lora/) to a temp sibling, then swap it in."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    temp = folder.with_name(f".{folder.name}.{secrets.token_hex(6)}.tmp")
+    old = folder.with_name(f".{folder.name}.{secrets.token_hex(6)}.old")
+    try:
+        temp.mkdir()
+        state = {f"prompt_learner.{k}": v for k, v in assistant.prompt_learner.state_dict().items()}
+        state |= {f"projection.{k}": v for k, v in assistant.projection.state_dict().items()}
+        save_module(temp / VISUAL_STEM, state, {**parts_config(assistant), **dict(extra or {})})
+        assistant.llm.save_pretrained(temp / LORA_DIR, save_embedding_layers=False)  # type: ignore[operator]
+        if folder.exists():
+            os.replace(folder, old)
+        os.replace(temp, folder)
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+    return folder
+
+
+def load_trained_parts(assistant: Assistant, folder: Path) -> None:
+    """Load prompt learner, projection and LoRA from a save_assistant folder, strictly."""
+    expected_keys = {f"prompt_learner.{k}" for k in assistant.prompt_learner.state_dict()}
+    expected_keys |= {f"projection.{k}" for k in assistant.projection.state_dict()}
+    state, config = load_module(folder / VISUAL_STEM, expected_keys)
+    check_parts_config(config, parts_config(assistant), folder)
+    for prefix, module in (("prompt_learner.", assistant.prompt_learner), ("projection.", assistant.projection)):
+        load_into(module, {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}, str(folder))
+    load_adapter(assistant.llm, folder / LORA_DIR)
+
+
+def check_parts_config(found: Mapping[str, Any], expected: Mapping[str, Any], folder: Path) -> None:
+    differing = [key for key in expected if json.dumps(found.get(key)) != json.dumps(expected[key])]
+    if differing:
+        details = "; ".join(f"{key}: saved {found.get(key)!r}, this preset {expected[key]!r}" for key in differing)
+        raise WeightsError(f"{folder}: assistant weights do not fit this preset ({details})")
+
+
+def load_adapter(llm: nn.Module, folder: Path) -> None:
+    """The LoRA weights peft saved, into the adapter attach_lora created; any key mismatch is an error."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    path = folder / ADAPTER_FILE
+    if not path.is_file():
+        raise WeightsError(f"{path}: LoRA adapter file not found")
+    state = load_file(str(path))
+    check_keys(set(state), set(get_peft_model_state_dict(llm, save_embedding_layers=False)), str(path))
+    try:
+        set_peft_model_state_dict(llm, state)
+    except RuntimeError as error:
+        raise WeightsError(f"{path}: {' '.join(str(error).split())[:300]}") from error

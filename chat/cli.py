@@ -1,0 +1,92 @@
+"""`anomalygpt chat IMAGE [--ref GOOD...]`: inspect an image, then talk about it in the terminal.
+
+With --ask (repeatable) each question is answered in turn and the command exits; without, it is a REPL.
+Exit codes: 0 done, 2 bad input (the image, a reference, the preset, or a refused --ask question).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from anomalygpt.cli import MAX_REFERENCES, CliParser, UsageError, check_sensitivity, one_line
+from anomalygpt.io import list_images, load_image
+from chat.terminal import PROG, Terminal, interactive_lines
+
+
+@dataclass(frozen=True)
+class ChatOptions:
+    image: str
+    refs: list[str]
+    preset: str
+    class_name: str | None
+    questions: list[str]  # --ask, in order; empty: the REPL
+    sensitivity: float
+
+
+def build_parser() -> CliParser:
+    parser = CliParser(
+        prog=PROG,
+        description="Inspect IMAGE against good references, then chat about the result. Put IMAGE before --ref.",
+    )
+    parser.add_argument("image", metavar="IMAGE", help="the image to inspect and talk about")
+    parser.add_argument(
+        "--ref",
+        action="extend",
+        nargs="+",
+        default=[],
+        metavar="GOOD",
+        help=f"good images (files or folders) of the same product, 1 to {MAX_REFERENCES}; none: zero-shot",
+    )
+    parser.add_argument("--preset", default="default", help="preset name or JSON path (default: 'default')")
+    parser.add_argument("--class-name", default=None, help="product name, e.g. 'screw'")
+    parser.add_argument(
+        "--ask", action="append", default=[], metavar="QUESTION", help="ask, print the answer and exit (repeatable)"
+    )
+    parser.add_argument("--sensitivity", type=float, default=0.0, help="-5 to 5 normal spreads; > 0: more alarms")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(None if argv is None else list(argv))
+    except SystemExit as stop:
+        return stop.code if isinstance(stop.code, int) else 0 if stop.code is None else 2
+    options = ChatOptions(args.image, list(args.ref), args.preset, args.class_name, list(args.ask), args.sensitivity)
+    try:
+        terminal = open_terminal(options)
+    except (ValueError, OSError) as error:  # ImageError, InspectionError, ConfigError, WeightsError...
+        print(f"{PROG}: error: {one_line(str(error))}", file=sys.stderr)
+        return 2
+    terminal.show_facts()
+    if options.questions:
+        answered = [terminal.ask(question) for question in options.questions]
+        return 0 if all(answered) else 2
+    print("Ask about the image; /help lists the commands.", file=sys.stdout, flush=True)
+    return terminal.run(interactive_lines())
+
+
+def open_terminal(options: ChatOptions) -> Terminal:
+    """Check the inputs (cheapest first), build inspector and assistant, inspect the image."""
+    check_sensitivity(options.sensitivity)
+    image = load_image(options.image)
+    references = list_images(options.refs) if options.refs else []
+    if len(references) > MAX_REFERENCES:
+        raise UsageError(f"--ref: {len(references)} images given; at most {MAX_REFERENCES} are supported")
+    reference_images = [load_image(path) for path in references]
+    from anomalygpt.assistant import ChatSession, build_assistant  # torch and transformers: after the checks
+    from anomalygpt.config import load_preset
+
+    preset = load_preset(options.preset)
+    if not preset.assistant.weights:
+        print(
+            f"{PROG}: note: preset {preset.name!r} names no trained assistant weights; answers come from untrained "
+            "parts (the verdict is still the detector's)",
+            file=sys.stderr,
+        )
+    session = ChatSession(build_assistant(preset), options.class_name, options.sensitivity)
+    if reference_images:
+        session.set_references(reference_images, [str(path) for path in references])
+    session.show(image, source=options.image)
+    return Terminal(session)
