@@ -15,7 +15,10 @@ from pathlib import Path
 from anomalygpt.cli import verdict_table, write_outputs
 from anomalygpt.inspection import build_inspector
 from anomalygpt.io import load_image, write_json_atomic
+from chat.answerers import grounded_answer
 from eval.datasets import draw_shots, load_split
+
+DEMO_QUESTIONS = ("Is there any defect in this cell?", "Where is it, and how large?")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,7 +62,11 @@ def main(argv: list[str]) -> int:
     flagged = next((i for i in inspections if i.is_anomalous), None)
     if flagged is not None:
         print(f"\nWhat the assistant is told about {flagged.source}:\n{flagged.facts()}")
+        print(f"\nA scripted chat about {flagged.source} (template answers grounded in the inspection):")
+        for question in DEMO_QUESTIONS:
+            print(f"  operator: {question}\n  assistant: {grounded_answer(question, flagged)}")
     write_json_atomic(args.out / "summary.json", {"references": [str(p) for p in refs], "records": records})
     print(f"\nOverlays, maps and JSON records: {args.out}/  ({time.perf_counter() - start:.0f} s)")
     print("Next: .venv/bin/anomalygpt detect QUERY... --ref GOOD... --out DIR   (see README.md)")
+    print("Web app: .venv/bin/anomalygpt ui   then open http://127.0.0.1:7860 in a browser")
     return 0
