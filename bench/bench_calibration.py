@@ -24,6 +24,7 @@ from anomalygpt.config import load_preset
 from anomalygpt.inspection import build_inspector
 from anomalygpt.io import write_json_atomic
 from simulation.anomalies import load_params, simulate_random
+from simulation.normals import band_crops
 
 TEXTURES = ("brick", "grass", "gravel", "immunohistochemistry")
 Z_VALUES = (1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0)
@@ -36,22 +37,12 @@ def texture_rgb(name: str) -> np.ndarray:
     return np.repeat(image[..., None], 3, axis=2) if image.ndim == 2 else image[..., :3]
 
 
-def crops(image: np.ndarray, n: int, size: int, rows: tuple[int, int], rng: np.random.Generator) -> list[np.ndarray]:
-    """n random size x size crops whose top edge lies in [rows[0], rows[1] - size]."""
-    out = []
-    for _ in range(n):
-        y = int(rng.integers(rows[0], rows[1] - size + 1))
-        x = int(rng.integers(0, image.shape[1] - size + 1))
-        out.append(np.ascontiguousarray(image[y : y + size, x : x + size]))
-    return out
-
-
 def run(texture: str, k: int, seed: int, n_test: int, size: int, inspector) -> dict:
     rng = np.random.default_rng([seed, k, TEXTURES.index(texture)])
     image = texture_rgb(texture)
     half = image.shape[0] // 2
-    refs = crops(image, k, size, (0, half), rng)
-    goods = crops(image, 2 * n_test, size, (half, image.shape[0]), rng)
+    refs = band_crops(image, k, size, (0, half), rng)
+    goods = band_crops(image, 2 * n_test, size, (half, image.shape[0]), rng)
     params = load_params(None)
     defects = [simulate_random(img, goods[n_test:], params, rng).image for img in goods[:n_test]]
     references = inspector.fit(refs)

@@ -32,18 +32,9 @@ from eval.datasets import ELPV_TYPES, draw_shots, load_split
 from eval.metrics import image_metrics, verdict_metrics
 from eval.runner import PatchCache, encode_category, image_paths
 from simulation.anomalies import load_params, simulate_random
-from simulation.normals import VALIDATION_PICTURES, picture
+from simulation.normals import VALIDATION_PICTURES, band_crops, picture
 
 WEIGHTS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0)
-
-
-def crops(image: np.ndarray, n: int, size: int, rows: tuple[int, int], rng: np.random.Generator) -> list[np.ndarray]:
-    out = []
-    for _ in range(n):
-        y = int(rng.integers(rows[0], rows[1] - size + 1))
-        x = int(rng.integers(0, image.shape[1] - size + 1))
-        out.append(np.ascontiguousarray(image[y : y + size, x : x + size]))
-    return out
 
 
 def validation_task(inspector: Inspector, name: str, k: int, seed: int, n: int, size: int) -> dict:
@@ -52,8 +43,8 @@ def validation_task(inspector: Inspector, name: str, k: int, seed: int, n: int, 
     image = picture(name)
     half = image.shape[0] // 2
     size = min(size, half)  # clock is 300 px tall
-    refs = crops(image, k, size, (0, half), rng)
-    goods = crops(image, 2 * n, size, (half, image.shape[0]), rng)
+    refs = band_crops(image, k, size, (0, half), rng)
+    goods = band_crops(image, 2 * n, size, (half, image.shape[0]), rng)
     simulated = [simulate_random(g, goods[n:], load_params(None), rng) for g in goods[:n]]
     queries = goods[n:] + [s.image for s in simulated]
     masks = [np.zeros((size, size), bool)] * n + [s.mask for s in simulated]

@@ -68,3 +68,15 @@ def object_images(textures: Sequence[np.ndarray], rng: np.random.Generator) -> l
         image[mask > 0] = (texture[mask > 0].astype(np.uint16) // 2 + 64).astype(np.uint8)
         pool.append(image)
     return pool
+
+
+def band_crops(
+    image: np.ndarray, n: int, size: int, rows: tuple[int, int], rng: np.random.Generator
+) -> list[np.ndarray]:
+    """n random size x size crops whose top edge lies in [rows[0], rows[1] - size] (e.g. one half of a picture)."""
+    out = []
+    for _ in range(n):
+        y = int(rng.integers(rows[0], rows[1] - size + 1))
+        x = int(rng.integers(0, image.shape[1] - size + 1))
+        out.append(np.ascontiguousarray(image[y : y + size, x : x + size]))
+    return out
