@@ -79,8 +79,8 @@ def simulated_images(
     rng = np.random.default_rng(seed)
     textures = normal_crops(pictures, count, size, rng)
     is_object = rng.random(count) < cfg.object_fraction
-    objects = object_images([t for t, o in zip(textures, is_object, strict=True) if o], rng)
-    normals = [objects.pop(0) if o else t for t, o in zip(textures, is_object, strict=True)]
+    objects = iter(object_images([t for t, o in zip(textures, is_object, strict=True) if o], rng))
+    normals = [next(objects) if o else t for t, o in zip(textures, is_object, strict=True)]
     params = {False: load_params(None), True: load_params("hazelnut")}
     images, masks, labels = [], np.zeros((count, size, size), dtype=bool), np.zeros(count, dtype=np.int64)
     for i in tqdm(range(count), desc="simulate", unit="image", leave=False, disable=None):
