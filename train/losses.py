@@ -1,4 +1,4 @@
-"""Segmentation losses for the decoder: pure functions of logits and masks."""
+"""Training losses, pure functions: focal + dice for decoder maps, answer-token cross-entropy for the assistant."""
 
 from __future__ import annotations
 
