@@ -139,7 +139,7 @@ class Inspector:
         check_same_size(images, [reference_name(ref, i) for i, ref in enumerate(references)])
         memory = PatchMemory.build(self.backbone, images, self.preset.memory)
         weight = self.preset.decoder.fusion_weight
-        if self.prior is not None and weight > 0:
+        if weight > 0 and self.prior is not None:  # the decoder loads only when it is fused
             memory.prior = self.prior.weighted(class_name or self.preset.decoder.class_name or None, weight)
         calibration = calibrate(memory, self.preset.calibration)
         return References(memory, calibration, (time.perf_counter() - start) * 1000)

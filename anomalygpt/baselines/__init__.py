@@ -1,0 +1,1 @@
+"""Comparable detectors from the literature, each satisfying anomalygpt.detector.Detector."""
