@@ -55,6 +55,7 @@ class Detector(Protocol):
 
     name: str
     threshold: float
+    config: Any  # the method's settings (a dataclass), recorded with benchmark results
 
     def fit(self, normals: Sequence[ImageSource], workdir: Path | None = None) -> FitReport:
         """Train on good images; with a workdir, checkpoint there and resume a fit it holds."""
@@ -77,6 +78,17 @@ class FeatureCache:
         self.keep = keep
         self.batch_size = batch_size
         self._stored: dict[bytes, list[torch.Tensor]] = {}  # image digest -> per stage (C, h, w) float16
+        # Bookkeeping for fair timings when detectors share the cache: backbone work done vs images asked for.
+        self.encoded = 0
+        self.encode_seconds = 0.0
+        self.served = 0
+
+    def _encode(self, images: Sequence[np.ndarray]) -> list[torch.Tensor]:
+        watch = Stopwatch()
+        patches = self.backbone.encode(images, batch_size=self.batch_size).patches
+        self.encoded += len(images)
+        self.encode_seconds += watch.seconds
+        return patches
 
     @staticmethod
     def digest(image: np.ndarray) -> bytes:
@@ -85,17 +97,22 @@ class FeatureCache:
     @torch.inference_mode()
     def patches(self, images: Sequence[np.ndarray]) -> list[torch.Tensor]:
         """Per stage (B, C, h, w) float32 patches of the images, on the backbone's device."""
+        self.served += len(images)
         if not self.keep:
-            return self.backbone.encode(images, batch_size=self.batch_size).patches
+            return self._encode(images)
         keys = [self.digest(image) for image in images]
         missing = list({key: image for key, image in zip(keys, images, strict=True) if key not in self._stored}.items())
         if missing:
-            encoded = self.backbone.encode([image for _, image in missing], batch_size=self.batch_size).patches
+            encoded = self._encode([image for _, image in missing])
             for row, (key, _) in enumerate(missing):
                 self._stored[key] = [stage[row].to("cpu", torch.float16) for stage in encoded]
         device = self.backbone.mean.device
         n_stages = len(self._stored[keys[0]])
         return [torch.stack([self._stored[key][s] for key in keys]).to(device, torch.float32) for s in range(n_stages)]
+
+    def forget(self) -> None:
+        """Drop the stored features (e.g. when a benchmark moves to the next category)."""
+        self._stored.clear()
 
 
 def load_batches(sources: Sequence[ImageSource], desc: str, batch_size: int = LOAD_BATCH) -> Iterator[list[np.ndarray]]:
@@ -173,6 +190,7 @@ class FewShotDetector:
 
     def __init__(self, inspector: Inspector, features: FeatureCache) -> None:
         self.inspector = inspector
+        self.config = inspector.preset
         self.features = features
         self.references: References | None = None
         self.threshold = float("nan")

@@ -31,6 +31,8 @@ class EvalOptions:
     preset: str | None  # None: the default preset
     out: Path
     held_out: bool  # also score the samples a dataset reports apart (ELPV's uncertain p = 1/3 cells)
+    method: str = "inspector"  # comma-separated methods, as typed; "all" = every method
+    test_fraction: float = 0.3  # with baselines: good images held out for testing where the pool is test data
 
 
 @dataclass
@@ -45,9 +47,10 @@ class EvalJob:
 def build_parser() -> CliParser:
     parser = CliParser(
         prog=PROG,
-        description="Benchmark the few-shot inspector: k references drawn per seed from good images, thresholds "
-        "from the references only, full images. Writes results.json, results.md and PNG plots to --out; "
-        "finished settings are cached in --out/cache and reused when the same command runs again.",
+        description="Benchmark the few-shot inspector (k references drawn per seed from good images, thresholds "
+        "from the references only, full images), alone or beside the baselines (--method). Writes results.json, "
+        "results.md and PNG plots to --out; finished settings are cached in --out/cache and reused when the same "
+        "command runs again.",
     )
     parser.add_argument("--dataset", required=True, help="mvtec, visa, elpv (installed package) or folder")
     parser.add_argument("--root", type=Path, default=None, help="dataset folder (not used for elpv)")
@@ -66,7 +69,49 @@ def build_parser() -> CliParser:
         action="store_true",
         help="also score the samples a dataset reports apart (ELPV's uncertain p=1/3 cells; about 11%% more time)",
     )
+    parser.add_argument(
+        "--method",
+        default="inspector",
+        help="comma-separated methods: inspector (few-shot, rows per --shots), patchcore, simplenet, unet-ae, "
+        "feature-ae, or all. With any baseline every method trains on the same split: all good images not held "
+        "out for testing (default: inspector)",
+    )
+    parser.add_argument(
+        "--test-fraction",
+        type=float,
+        default=0.3,
+        help="with baselines: share of the good images held out for testing on ELPV and plain folders (default 0.3)",
+    )
     return parser
+
+
+def chosen_methods(text: str) -> tuple[str, ...]:
+    """'inspector,patchcore' -> ('inspector', 'patchcore'); 'all' -> every method; UsageError naming unknown ones."""
+    from anomalygpt.detector import METHODS
+
+    wanted = list(dict.fromkeys(name.strip() for name in text.split(",") if name.strip()))
+    if wanted == ["all"]:
+        return METHODS
+    unknown = [name for name in wanted if name not in METHODS]
+    if unknown or not wanted:
+        raise UsageError(f"--method: unknown method {(unknown or [text])[0]!r}; known: {', '.join(METHODS)}, all")
+    return tuple(wanted)
+
+
+def check_full_shot_split(split: Any, methods: tuple[str, ...], shots: tuple[int, ...], options: EvalOptions) -> None:
+    """Every seed's training set holds the Inspector's k references (and enough for a baseline), test both classes."""
+    from anomalygpt.detector import MIN_VALIDATION
+    from eval.datasets import full_shot_split
+
+    for seed in parse_ints("--seeds", options.seeds, minimum=0):
+        train, test = full_shot_split(split, seed, options.test_fraction)
+        needed = max(max(shots) if "inspector" in methods else 0, MIN_VALIDATION + 1)
+        if len(train) < needed:
+            raise UsageError(
+                f"{split.category}: {len(train)} good training images after the test hold-out; {needed} needed"
+            )
+        if {sample.label for sample in test} != {0, 1}:
+            raise UsageError(f"{split.category}: needs good and defective test images; raise --test-fraction")
 
 
 def parse_ints(option: str, text: str, minimum: int, maximum: int | None = None) -> tuple[int, ...]:
@@ -139,6 +184,8 @@ def options_from(args: argparse.Namespace) -> EvalOptions:
         preset=args.preset,
         out=args.out,
         held_out=bool(args.held_out),
+        method=args.method,
+        test_fraction=args.test_fraction,
     )
 
 
@@ -151,11 +198,17 @@ def prepare(options: EvalOptions) -> EvalJob:
     shots = parse_ints("--shots", options.shots, minimum=1, maximum=MAX_SHOTS)
     seeds = parse_ints("--seeds", options.seeds, minimum=0)
     root = checked_root(options.dataset, options.root)
+    if not 0.0 < options.test_fraction < 1.0:
+        raise UsageError(f"--test-fraction: {options.test_fraction} must be between 0 and 1")
     check_out_dir(options.out)
     from anomalygpt.config import DEFAULT_PRESET, load_preset  # imports torch: after the instant checks
     from eval.runner import EvalConfig, check_cache_config, fingerprint
 
     preset = load_preset(options.preset or DEFAULT_PRESET)
+    methods = chosen_methods(options.method)
+    full_shot = methods != ("inspector",)
+    if options.zero_shot and full_shot:
+        raise UsageError("--zero-shot: the decoder alone has no training set; use it without baselines in --method")
     if options.zero_shot:
         if not preset.decoder.weights:
             raise UsageError(f"--zero-shot: preset {preset.name!r} has no trained decoder (decoder.weights)")
@@ -163,8 +216,22 @@ def prepare(options: EvalOptions) -> EvalJob:
     names = chosen_categories(options.dataset, root, options.categories)
     splits = {name: load_split(options.dataset, root, name) for name in names}
     for split in splits.values():
-        check_split(split, shots)
-    config = EvalConfig(options.dataset, root, names, shots, seeds, preset, options.out, options.held_out)
+        if full_shot:
+            check_full_shot_split(split, methods, shots, options)
+        else:
+            check_split(split, shots)
+    config = EvalConfig(
+        options.dataset,
+        root,
+        names,
+        shots,
+        seeds,
+        preset,
+        options.out,
+        options.held_out,
+        methods,
+        options.test_fraction,
+    )
     check_cache_config(options.out, fingerprint(config))
     args = {
         "dataset": options.dataset,
@@ -176,6 +243,8 @@ def prepare(options: EvalOptions) -> EvalJob:
         "preset": options.preset or DEFAULT_PRESET,
         "out": str(options.out),
         "held_out": options.held_out,
+        "methods": list(methods),
+        "test_fraction": options.test_fraction,
     }
     return EvalJob(config, splits, args)
 
@@ -185,11 +254,11 @@ def run(job: EvalJob) -> str:
     from anomalygpt.config import to_dict
     from anomalygpt.inspection import build_inspector
     from eval.report import markdown_report, results_document, showcase, write_report
-    from eval.runner import example_panels, run_eval
+    from eval.runner import INSPECTOR, example_panels, run_eval
 
     inspector = build_inspector(job.config.preset)
     outcome = run_eval(inspector, job.config, job.splits)
-    shown = showcase(outcome.results)
+    shown = {category: r for category, r in showcase(outcome.results).items() if r.method == INSPECTOR}
     examples = {
         category: example_panels(inspector, job.splits[category], result)
         for category, result in tqdm(shown.items(), desc="examples", unit="category", disable=None)

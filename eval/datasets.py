@@ -71,6 +71,21 @@ def draw_shots(split: CategorySplit, k: int, seed: int) -> tuple[list[Path], lis
     return references, test
 
 
+def full_shot_split(split: CategorySplit, seed: int, test_fraction: float) -> tuple[list[Path], list[Sample]]:
+    """(training normals, test samples) for detectors trained on every good image not held out for testing.
+
+    Where the pool doubles as test data (ELPV, plain folders) a seeded `test_fraction` of the good images is held
+    out as good test samples and the rest is training data; elsewhere the pool (train/good) is the training data.
+    """
+    pool = sorted(split.reference_pool)
+    if not split.pool_is_test:
+        return pool, list(split.test)
+    order = np.random.default_rng(seed).permutation(len(pool))
+    n_test = int(round(len(pool) * test_fraction))
+    good = [Sample(pool[i], 0, split.category, "good") for i in sorted(order[:n_test])]
+    return [pool[i] for i in sorted(order[n_test:])], list(split.test) + good
+
+
 def load_mask(path: Path) -> np.ndarray:
     """Ground-truth mask as (H, W) bool, defect where any channel > 0 (masks hold 0/255 or 0/1)."""
     try:

@@ -22,7 +22,7 @@ from sklearn.metrics import roc_curve
 
 from anomalygpt.io import write_json_atomic, write_png_atomic, write_text_atomic
 from anomalygpt.visualize import enlarged, overlay
-from eval.runner import EvalRun, ExamplePanel, SettingResult, safe_name
+from eval.runner import INSPECTOR, EvalRun, ExamplePanel, SettingResult, safe_name
 
 SUMMARISED = (
     "auroc",
@@ -40,6 +40,7 @@ SUMMARISED = (
     "score_ms_per_image",
     "ms_per_image",
     "index_ms",
+    "fit_seconds",
     "peak_rss_mb",
 )
 # (column title, metric, digits) of results.md; the held-out column appears only when a dataset has one
@@ -54,6 +55,7 @@ TABLE = (
     ("ms/image", "ms_per_image", 0),
 )
 HELD_OUT_COLUMN = ("uncertain flagged", "held_out_flagged", 3)
+FIT_COLUMN = ("training s", "fit_seconds", 1)  # runs with baselines: fit time, backbone included
 PACKAGES = ("anomalygpt", "torch", "numpy", "scikit-learn", "scipy", "matplotlib")
 DPI = 100
 MEAN_ROW = "mean"
@@ -77,17 +79,30 @@ def shot_block(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
     return {"seeds": {str(seed): metrics for seed, metrics in per_seed.items()}, "summary": summary(per_seed)}
 
 
-def by_category(results: Sequence[SettingResult]) -> dict[str, dict[int, dict[int, dict[str, Any]]]]:
-    """results as {category: {k: {seed: metrics}}}, in run order."""
-    table: dict[str, dict[int, dict[int, dict[str, Any]]]] = {}
-    for result in results:
-        table.setdefault(result.category, {}).setdefault(result.k, {})[result.seed] = result.metrics
+Table = dict[str, dict[str, dict[int, dict[str, Any]]]]
+
+
+def row_order(result: SettingResult) -> tuple[bool, int]:
+    """Inspector rows first, by k; then the baselines in the order they were asked for (stable sort)."""
+    return (result.method != INSPECTOR, result.k if result.method == INSPECTOR else 0)
+
+
+def row_name(label: str) -> str:
+    """'k=4' -> '4'; a baseline's label is its name."""
+    return label.removeprefix("k=")
+
+
+def by_category(results: Sequence[SettingResult]) -> Table:
+    """results as {category: {row label ('k=4', 'patchcore'): {seed: metrics}}}, rows in row_order."""
+    table: Table = {}
+    for result in sorted(results, key=row_order):
+        table.setdefault(result.category, {}).setdefault(result.label, {})[result.seed] = result.metrics
     return table
 
 
-def category_mean(table: dict[str, dict[int, dict[int, dict[str, Any]]]], k: int, seed: int) -> dict[str, Any]:
-    """Each metric averaged over categories for one (k, seed); None where any category lacks it."""
-    rows = [shots[k][seed] for shots in table.values()]
+def category_mean(table: Table, label: str, seed: int) -> dict[str, Any]:
+    """Each metric averaged over categories for one (row, seed); None where any category lacks it."""
+    rows = [per_row[label][seed] for per_row in table.values()]
     means = {key: spread([row.get(key) for row in rows]) for key in SUMMARISED}
     return {key: None if value is None else value["mean"] for key, value in means.items()}
 
@@ -98,12 +113,12 @@ def summaries(results: Sequence[SettingResult]) -> dict[str, Any]:
     The mean row averages the categories within each seed first, so its std is the spread between seeds.
     """
     table = by_category(results)
-    shots = sorted({result.k for result in results})
+    labels = list(dict.fromkeys(result.label for result in sorted(results, key=row_order)))
     seeds = sorted({result.seed for result in results})
     categories = {
-        category: {f"k={k}": shot_block(per_k[k]) for k in sorted(per_k)} for category, per_k in table.items()
+        category: {label: shot_block(per_row[label]) for label in per_row} for category, per_row in table.items()
     }
-    mean = {f"k={k}": shot_block({seed: category_mean(table, k, seed) for seed in seeds}) for k in shots}
+    mean = {label: shot_block({seed: category_mean(table, label, seed) for seed in seeds}) for label in labels}
     return {"categories": categories, MEAN_ROW: mean}
 
 
@@ -161,7 +176,26 @@ def table_columns(document: dict[str, Any]) -> list[tuple[str, str, int]]:
     columns = list(TABLE)
     if any(block["summary"]["held_out_flagged"] for block in document[MEAN_ROW].values()):
         columns.append(HELD_OUT_COLUMN)
+    if any(block["summary"]["fit_seconds"] for block in document[MEAN_ROW].values()):
+        columns.append(FIT_COLUMN)
     return columns
+
+
+def protocol_text(args: dict[str, Any]) -> str:
+    """How the numbers were made, in the words of the run's protocol."""
+    common = "Mean ± std over seeds. Full images, no normalisation over the test set."
+    if list(args.get("methods", [INSPECTOR])) == [INSPECTOR]:  # results.json of older runs has no "methods"
+        return (
+            f"{common} References drawn per seed from good images only, thresholds from the references only. "
+            "Verdicts at the automatic threshold. ms/image = decode + backbone (batched) + map + score."
+        )
+    return (
+        f"{common} Per seed, {args['test_fraction']:.0%} of the good images are held out for testing where the "
+        "dataset has no separate good test images; every baseline trains on all the other good images and sets "
+        "its own threshold from them; the Inspector (rows by k) draws its k references from the same training "
+        "images. Same test images for every method. Training s and ms/image include the backbone's cost for every "
+        "image a method encodes, although the run encodes each image once."
+    )
 
 
 def table_rows(document: dict[str, Any], columns: Sequence[tuple[str, str, int]]) -> list[str]:
@@ -170,7 +204,7 @@ def table_rows(document: dict[str, Any], columns: Sequence[tuple[str, str, int]]
     for name, shots in named:
         for shot, block in shots.items():
             cells = [cell(block["summary"][metric], digits) for _, metric, digits in columns]
-            rows.append(f"| {name} | {shot[2:]} | " + " | ".join(cells) + " |")
+            rows.append(f"| {name} | {row_name(shot)} | " + " | ".join(cells) + " |")
     return rows
 
 
@@ -180,7 +214,7 @@ def speed_rows(document: dict[str, Any]) -> list[str]:
         s = block["summary"]
         cells = [cell(s[key], 0) for key in ("encode_ms_per_image", "score_ms_per_image", "index_ms")]
         peak = "—" if s["peak_rss_mb"] is None else f"{s['peak_rss_mb']['mean']:.0f}"
-        rows.append(f"| {shot[2:]} | " + " | ".join(cells) + f" | {peak} |")
+        rows.append(f"| {row_name(shot)} | " + " | ".join(cells) + f" | {peak} |")
     return rows
 
 
@@ -188,6 +222,8 @@ def markdown_report(document: dict[str, Any]) -> str:
     """results.md: the per-category table, the mean rows, speed, and how the numbers were made."""
     args, env = document["config"]["args"], document["machine"]
     columns = table_columns(document)
+    baselines = list(args.get("methods", [INSPECTOR])) != [INSPECTOR]
+    first, fit_title = ("k or method", "fit") if baselines else ("k", "reference indexing")
     lines = [
         f"# anomalygpt eval: {args['dataset']}",
         "",
@@ -195,17 +231,15 @@ def markdown_report(document: dict[str, Any]) -> str:
         f"{document['date']}; {document['seconds']:.0f} s ({document['settings_computed']} settings computed, "
         f"{document['settings_reused']} reused from the cache).",
         "",
-        "Mean ± std over seeds. Full images, references drawn per seed from good images only, thresholds from the "
-        "references only, no normalisation over the test set. Verdicts at the automatic threshold. "
-        "ms/image = decode + backbone (batched) + map + score.",
+        protocol_text(args),
         "",
-        "| category | k | " + " | ".join(title for title, _, _ in columns) + " |",
+        f"| category | {first} | " + " | ".join(title for title, _, _ in columns) + " |",
         "|---|---|" + "---|" * len(columns),
         *table_rows(document, columns),
         "",
         "Speed (mean over categories, ± std over seeds):",
         "",
-        "| k | encode ms/image | score ms/image | reference indexing ms | peak RSS MB |",
+        f"| {first} | encode ms/image | score ms/image | {fit_title} ms | peak RSS MB |",
         "|---|---|---|---|---|",
         *speed_rows(document),
         "",
@@ -223,11 +257,15 @@ def figure_pixels(figure: Figure) -> np.ndarray:
 
 
 def showcase(results: Sequence[SettingResult]) -> dict[str, SettingResult]:
-    """Per category the setting the plots show: the largest k, its first seed."""
+    """Per category the setting the plots show: the Inspector's largest k, its first seed (else a baseline's)."""
+
+    def rank(result: SettingResult) -> tuple[bool, int, int]:
+        return (result.method == INSPECTOR, result.k if result.method == INSPECTOR else 0, -result.seed)
+
     chosen: dict[str, SettingResult] = {}
     for result in results:
         best = chosen.get(result.category)
-        if best is None or (result.k, -result.seed) > (best.k, -best.seed):
+        if best is None or rank(result) > rank(best):
             chosen[result.category] = result
     return chosen
 
@@ -242,8 +280,29 @@ def roc_picture(shown: dict[str, SettingResult]) -> np.ndarray:
     axes.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=0.8)
     some = next(iter(shown.values()))
     axes.set(xlabel="false-positive rate (good flagged)", ylabel="true-positive rate (defects found)")
-    axes.set_title(f"Image ROC, k={some.k}, seed {some.seed} (AUROC in brackets)")
+    axes.set_title(f"Image ROC, {some.label}, seed {some.seed} (AUROC in brackets)")
     axes.legend(fontsize=7, loc="lower right", ncol=2 if len(shown) > 8 else 1)
+    return figure_pixels(figure)
+
+
+def methods_roc_picture(results: Sequence[SettingResult]) -> np.ndarray:
+    """Runs with baselines: per category, one ROC curve per method (first seed), the Inspector's k included."""
+    seed = min(result.seed for result in results)
+    per_category: dict[str, list[SettingResult]] = {}
+    for result in sorted(results, key=row_order):
+        if result.seed == seed:
+            per_category.setdefault(result.category, []).append(result)
+    rows, columns = grid_shape(len(per_category), max_columns=3)
+    figure = Figure(figsize=(4.6 * columns, 4.2 * rows), dpi=DPI, layout="constrained")
+    for position, (category, members) in enumerate(per_category.items(), start=1):
+        axes = figure.add_subplot(rows, columns, position)
+        for result in members:
+            fpr, tpr, _ = roc_curve(result.labels, result.scores)
+            name = f"inspector k={result.k}" if result.method == INSPECTOR else result.method
+            axes.plot(fpr, tpr, linewidth=1.2, label=f"{name} ({result.metrics['auroc']:.3f})")
+        axes.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=0.8)
+        axes.set(xlabel="good flagged", ylabel="defects found", title=f"{category}, seed {seed}")
+        axes.legend(fontsize=7, loc="lower right")
     return figure_pixels(figure)
 
 
@@ -269,7 +328,7 @@ def histogram_picture(shown: dict[str, SettingResult]) -> np.ndarray:
         if position == 1:
             axes.legend(fontsize=7)
     some = next(iter(shown.values()))
-    figure.suptitle(f"Image scores, k={some.k}, seed {some.seed}; dashed: automatic threshold", fontsize=10)
+    figure.suptitle(f"Image scores, {some.label}, seed {some.seed}; dashed: automatic threshold", fontsize=10)
     return figure_pixels(figure)
 
 
@@ -297,29 +356,36 @@ def examples_picture(category: str, panels: Sequence[ExamplePanel]) -> np.ndarra
 
 
 def speed_picture(results: Sequence[SettingResult]) -> np.ndarray:
-    """ms per image (encode and score parts) and peak RSS, per k, averaged over categories and seeds."""
-    shots = sorted({result.k for result in results})
-    per_k = {k: [r.metrics for r in results if r.k == k] for k in shots}
-    encode = [np.mean([m["encode_ms_per_image"] for m in per_k[k]]) for k in shots]
-    score = [np.mean([m["score_ms_per_image"] for m in per_k[k]]) for k in shots]
-    peak = [max((m["peak_rss_mb"] or 0.0) for m in per_k[k]) for k in shots]
-    figure = Figure(figsize=(9, 3.6), dpi=DPI, layout="constrained")
+    """ms per image (encode and score parts) per row, and training time (with baselines) or peak RSS."""
+    labels = list(dict.fromkeys(result.label for result in sorted(results, key=row_order)))
+    per_row = {label: [r.metrics for r in results if r.label == label] for label in labels}
+    encode = [np.mean([m["encode_ms_per_image"] for m in per_row[label]]) for label in labels]
+    score = [np.mean([m["score_ms_per_image"] for m in per_row[label]]) for label in labels]
+    figure = Figure(figsize=(max(9, 1.6 * len(labels)), 3.6), dpi=DPI, layout="constrained")
     left, right = figure.add_subplot(1, 2, 1), figure.add_subplot(1, 2, 2)
-    names = [str(k) for k in shots]
+    names = [row_name(label) for label in labels]
+    axis = "k (references)" if all(label.startswith("k=") for label in labels) else "k (references) or method"
     left.bar(names, encode, color="tab:blue", label="decode + backbone")
     totals = left.bar(names, score, bottom=encode, color="tab:orange", label="map + score")
     left.bar_label(totals, labels=[f"{e + s:.0f}" for e, s in zip(encode, score, strict=True)], fontsize=8)
-    left.set(xlabel="k (references)", ylabel="ms per image", title="Time per image")
+    left.set(xlabel=axis, ylabel="ms per image", title="Time per image")
     left.legend(fontsize=8)
-    right.bar_label(right.bar(names, peak, color="tab:purple"), fmt="%.0f", fontsize=8)
-    right.set(xlabel="k (references)", ylabel="MB", title="Peak RSS of the process so far")
+    if all(m.get("fit_seconds") is not None for rows in per_row.values() for m in rows):
+        fit = [np.mean([m["fit_seconds"] for m in per_row[label]]) for label in labels]
+        right.bar_label(right.bar(names, fit, color="tab:green"), fmt="%.1f", fontsize=8)
+        right.set(xlabel=axis, ylabel="seconds", title="Training / indexing time (backbone included)")
+    else:
+        peak = [max((m["peak_rss_mb"] or 0.0) for m in per_row[label]) for label in labels]
+        right.bar_label(right.bar(names, peak, color="tab:purple"), fmt="%.0f", fontsize=8)
+        right.set(xlabel=axis, ylabel="MB", title="Peak RSS of the process so far")
     return figure_pixels(figure)
 
 
 def write_report(out: Path, document: dict[str, Any], run: EvalRun, examples: dict[str, list[ExamplePanel]]) -> None:
     """results.json, results.md, roc.png, histograms.png, speed.png and examples/<category>.png, each atomic."""
     shown = showcase(run.results)
-    write_png_atomic(out / "roc.png", roc_picture(shown))
+    baselines = any(result.method != INSPECTOR for result in run.results)
+    write_png_atomic(out / "roc.png", methods_roc_picture(run.results) if baselines else roc_picture(shown))
     write_png_atomic(out / "histograms.png", histogram_picture(shown))
     write_png_atomic(out / "speed.png", speed_picture(run.results))
     for category, panels in examples.items():

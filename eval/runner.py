@@ -35,6 +35,7 @@ ENCODE_BATCH = 16  # images decoded and encoded at once
 SCORE_BATCH = 16  # cached images turned into maps at once: 16 x 1024 x 1024 float32 maps is 64 MB
 CACHE_DIR = "cache"
 CONFIG_FILE = "config.json"  # in CACHE_DIR: the fingerprint every cached setting belongs to
+INSPECTOR = "inspector"  # the few-shot method; every other --method is a baseline (anomalygpt.detector)
 
 Metrics = dict[str, float | int | None]
 
@@ -53,6 +54,12 @@ class EvalConfig:
     preset: Preset
     out: Path
     held_out: bool = False  # also score the split's held-out samples (ELPV's uncertain p = 1/3 cells)
+    methods: tuple[str, ...] = (INSPECTOR,)  # any baseline: every method trains on the same full-shot split
+    test_fraction: float = 0.3  # with baselines: share of the good images held out for testing (ELPV, folders)
+
+    @property
+    def full_shot(self) -> bool:
+        return self.methods != (INSPECTOR,)
 
 
 @dataclass
@@ -80,6 +87,12 @@ class SettingResult:
     scores: list[float]
     calibration: dict[str, Any]
     held_out_scores: list[float] = field(default_factory=list)  # ELPV's uncertain p = 1/3 cells
+    method: str = INSPECTOR  # a baseline's name: trained on every good image not held out (k = how many)
+
+    @property
+    def label(self) -> str:
+        """The report row this result belongs to: 'k=4' for the Inspector, the method's name for a baseline."""
+        return f"k={self.k}" if self.method == INSPECTOR else self.method
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -119,7 +132,8 @@ def fingerprint(config: EvalConfig) -> dict[str, Any]:
     preset = to_dict(config.preset)
     preset.pop("name")  # a renamed copy of the same preset gives the same numbers
     root = None if config.dataset == "elpv" or config.root is None else str(Path(config.root).resolve())
-    return {"protocol": EVAL_PROTOCOL, "dataset": config.dataset, "root": root, "preset": preset}
+    base = {"protocol": EVAL_PROTOCOL, "dataset": config.dataset, "root": root, "preset": preset}
+    return {**base, "full_shot_test_fraction": config.test_fraction} if config.full_shot else base
 
 
 def plain_json(data: Any) -> Any:
@@ -159,8 +173,9 @@ def safe_name(category: str) -> str:
     return re.sub(r"[^\w.-]", "_", category) or "_"
 
 
-def cache_path(out: Path, category: str, k: int, seed: int) -> Path:
-    return out / CACHE_DIR / safe_name(category) / f"k{k}_seed{seed}.json"
+def cache_path(out: Path, category: str, k: int, seed: int, method: str = INSPECTOR) -> Path:
+    name = f"k{k}_seed{seed}" if method == INSPECTOR else f"{method}_seed{seed}"
+    return out / CACHE_DIR / safe_name(category) / f"{name}.json"
 
 
 def setting_key(base: dict[str, Any], category: str, k: int, seed: int) -> dict[str, Any]:
@@ -322,19 +337,25 @@ def pixel_figures(pixels: PixelMetrics | None) -> Metrics:
     return {key: summary[key] for key in keys}
 
 
-def setting_metrics(
-    labels: np.ndarray, scored: Scored, fitted: Fitted, pixels: PixelMetrics | None, cache: PatchCache
-) -> Metrics:
-    """Image, pixel and verdict metrics at the automatic threshold, plus sizes and timings."""
-    threshold = fitted.calibration.image_threshold
-    score_ms = scored.score_ms / len(labels)
+def detection_metrics(labels: np.ndarray, scores: np.ndarray, threshold: float, pixels: PixelMetrics | None) -> Metrics:
+    """Image and pixel metrics, and the verdicts' at threshold, with the test set's class counts."""
     return {
-        **image_metrics(labels, scored.scores),
+        **image_metrics(labels, scores),
         **pixel_figures(pixels),
-        **verdict_metrics(labels, scored.scores > threshold),
+        **verdict_metrics(labels, scores > threshold),
         "threshold": threshold,
         "n_good": int((labels == 0).sum()),
         "n_defective": int(labels.sum()),
+    }
+
+
+def setting_metrics(
+    labels: np.ndarray, scored: Scored, fitted: Fitted, pixels: PixelMetrics | None, cache: PatchCache
+) -> Metrics:
+    """Image, pixel and verdict metrics at the automatic threshold, plus timings."""
+    score_ms = scored.score_ms / len(labels)
+    return {
+        **detection_metrics(labels, scored.scores, fitted.calibration.image_threshold, pixels),
         "encode_ms_per_image": cache.encode_ms_per_image,
         "score_ms_per_image": score_ms,
         "ms_per_image": cache.encode_ms_per_image + score_ms,
@@ -409,17 +430,33 @@ def run_category(
         bar.update()
 
 
+CategoryRunner = Callable[[Inspector, EvalConfig, CategorySplit, dict[str, Any], EvalRun, tqdm], None]
+
+
 def run_eval(inspector: Inspector, config: EvalConfig, splits: dict[str, CategorySplit]) -> EvalRun:
-    """Score every (category, k, seed), reusing finished ones from <out>/cache."""
+    """Score every (category, k, seed), reusing finished ones from <out>/cache; with baselines, every method too."""
+    if config.full_shot:
+        from eval import compare  # it builds on this module
+
+        return run_settings(inspector, config, splits, compare.run_category, len(compare.settings_of(config)))
+    return run_settings(inspector, config, splits, run_category, len(config.shots) * len(config.seeds))
+
+
+def run_settings(
+    inspector: Inspector,
+    config: EvalConfig,
+    splits: dict[str, CategorySplit],
+    category_runner: CategoryRunner,
+    per_category: int,
+) -> EvalRun:
     start = time.perf_counter()
     base = fingerprint(config)
     check_cache_config(config.out, base)
     write_json_atomic(config.out / CACHE_DIR / CONFIG_FILE, base)
     run = EvalRun([], [], [], 0.0)
-    total = len(config.categories) * len(config.shots) * len(config.seeds)
-    with tqdm(total=total, unit="setting", disable=None) as bar:
+    with tqdm(total=len(config.categories) * per_category, unit="setting", disable=None) as bar:
         for category in config.categories:
-            run_category(inspector, config, splits[category], base, run, bar)
+            category_runner(inspector, config, splits[category], base, run, bar)
     run.seconds = time.perf_counter() - start
     return run
 
