@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+
+from anomalygpt.detector import FeatureCache, load_batches
+from anomalygpt.io import ImageSource
 
 
 def patch_grid(patches: Sequence[torch.Tensor], neighbourhood: int = 3) -> torch.Tensor:
@@ -26,3 +30,32 @@ def patch_grid(patches: Sequence[torch.Tensor], neighbourhood: int = 3) -> torch
             feats = F.interpolate(feats, size=tuple(size), mode="bilinear", align_corners=False)
         out.append(feats)
     return torch.cat(out, dim=1)
+
+
+def feature_signature(features: FeatureCache) -> str:
+    """What the features depend on besides the images, for checkpoint fingerprints: backbone, input size, stages."""
+    backbone = features.backbone
+    return f"{type(backbone).__name__}:{backbone.image_size}:{','.join(map(str, backbone.stage_dims))}"
+
+
+class Grids(NamedTuple):
+    grids: torch.Tensor  # (N, C, h, w) float16 on the CPU: 1,000 images of 40 x 40 x 152 take 0.5 GB
+    image_size: tuple[int, int]  # (H, W) of the images
+
+
+@torch.inference_mode()
+def extract_grids(features: FeatureCache, sources: Sequence[ImageSource], neighbourhood: int, desc: str) -> Grids:
+    """patch_grid of every image, loaded and encoded in batches into one preallocated float16 tensor."""
+    grids: torch.Tensor | None = None
+    size = (0, 0)
+    row = 0
+    for batch in load_batches(sources, desc):
+        grid = patch_grid(features.patches(batch), neighbourhood).to("cpu", torch.float16)  # (B, C, h, w)
+        if grids is None:
+            grids = torch.empty((len(sources), *grid.shape[1:]), dtype=torch.float16)
+            size = batch[0].shape[:2]
+        grids[row : row + len(grid)] = grid
+        row += len(grid)
+    if grids is None:
+        raise ValueError(f"{desc}: no images")
+    return Grids(grids, size)

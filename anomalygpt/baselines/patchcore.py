@@ -1,0 +1,221 @@
+"""PatchCore (Roth et al., "Towards Total Recall in Industrial Anomaly Detection", CVPR 2022), full-shot.
+
+A memory bank of locally aware patch features of the normals, thinned by greedy coreset selection; a test patch
+scores its Euclidean distance to the nearest bank patch, an image its highest patch score reweighted by how
+isolated that bank patch is among its own neighbours.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from anomalygpt.baselines.features import extract_grids, feature_signature, patch_grid
+from anomalygpt.detector import (
+    DetectorError,
+    FeatureCache,
+    FitReport,
+    Prediction,
+    Stopwatch,
+    data_fingerprint,
+    gaussian_threshold,
+    load_checkpoint,
+    predict_all,
+    save_checkpoint,
+    validation_split,
+)
+from anomalygpt.io import ImageSource
+from anomalygpt.memory import fuse_maps
+
+CHECKPOINT = "patchcore.pt"
+PROJECT_ROWS = 1 << 16  # patches projected at a time (40 MB of float32 at 152 channels)
+CORESET_BLOCK = 4096  # rows refreshed together in the greedy selection: a (block, m) distance matrix per refresh
+
+
+@dataclass(frozen=True)
+class PatchCoreConfig:
+    neighbourhood: int = 3  # patch features averaged over an n x n window per stage (local awareness)
+    coreset_ratio: float = 0.01  # share of the training patches kept in the memory bank
+    min_coreset: int = 1000  # keep at least this many patches (all when fewer): 1% of a few images is too thin
+    projection_dim: int = 128  # Johnson-Lindenstrauss projection on which coreset distances are computed
+    reweight_neighbours: int = 9  # b: bank neighbours of the nearest bank patch in the image-score reweighting
+    sigma: float = 4.0  # Gaussian smoothing of the map, in image pixels
+    chunk_elements: int = 1 << 24  # bound on query x bank distances held at once (64 MB of float32)
+
+
+def validate(config: PatchCoreConfig) -> None:
+    if config.neighbourhood < 1 or config.neighbourhood % 2 == 0:
+        raise DetectorError(f"patchcore: neighbourhood must be a positive odd number, got {config.neighbourhood}")
+    if not 0.0 < config.coreset_ratio <= 1.0:
+        raise DetectorError(f"patchcore: coreset_ratio must be in (0, 1], got {config.coreset_ratio}")
+    if config.min_coreset < 1:
+        raise DetectorError(f"patchcore: min_coreset must be at least 1, got {config.min_coreset}")
+    if config.projection_dim < 1:
+        raise DetectorError(f"patchcore: projection_dim must be at least 1, got {config.projection_dim}")
+    if config.reweight_neighbours < 1:
+        raise DetectorError(f"patchcore: reweight_neighbours must be at least 1, got {config.reweight_neighbours}")
+    if config.sigma < 0 or config.chunk_elements < 1:
+        raise DetectorError(f"patchcore: sigma must be >= 0 and chunk_elements >= 1, got {config}")
+
+
+def grid_rows(grid: torch.Tensor) -> torch.Tensor:
+    """(B, C, h, w) -> (B*h*w, C), row-major per image."""
+    return grid.permute(0, 2, 3, 1).reshape(-1, grid.shape[1])
+
+
+def coreset_size(n_patches: int, ratio: float, minimum: int) -> int:
+    return min(n_patches, max(minimum, math.ceil(ratio * n_patches)))
+
+
+def random_projection(dim_in: int, dim_out: int, generator: torch.Generator) -> torch.Tensor:
+    """(dim_in, dim_out) Gaussian Johnson-Lindenstrauss matrix: distances are kept up to a small distortion."""
+    return torch.randn(dim_in, dim_out, generator=generator) / math.sqrt(dim_out)
+
+
+def greedy_coreset(points: torch.Tensor, n_select: int, first: int, block: int = CORESET_BLOCK) -> torch.Tensor:
+    """(n_select,) row indices of points (N, D) by iterative farthest-point selection, starting at row `first`.
+
+    Exact greedy, made fast by lazy refreshes: each block of rows keeps its nearest-centre distances as of some
+    earlier centre count and their maximum, an upper bound that only shrinks. Only the block with the highest bound
+    is brought up to date (one matrix product with all centres it has not seen), until the top block is current;
+    its farthest row is then the farthest overall. Blocks that cannot hold the farthest row are never touched.
+    """
+    n = points.shape[0]
+    if not 0 < n_select <= n:
+        raise ValueError(f"cannot select {n_select} of {n} points")
+    sq_norms = points.square().sum(dim=1)  # (N,)
+    starts = list(range(0, n, block))
+    nearest = torch.full((n,), math.inf)  # squared distance to the nearest centre seen by the row's block
+    seen = [0] * len(starts)  # centres each block has been refreshed with
+    bound = torch.full((len(starts),), math.inf)  # max of `nearest` per block
+    chosen = torch.empty(n_select, dtype=torch.long)
+    chosen[0] = first
+    for count in range(1, n_select):
+        while True:
+            b = int(bound.argmax())
+            if seen[b] == count:
+                break
+            lo, hi = starts[b], min(starts[b] + block, n)
+            centres = chosen[seen[b] : count]
+            sq = sq_norms[lo:hi, None] - 2.0 * points[lo:hi] @ points[centres].T + sq_norms[centres][None]
+            nearest[lo:hi] = torch.minimum(nearest[lo:hi], sq.amin(dim=1).clamp_min(0.0))
+            bound[b] = nearest[lo:hi].max()
+            seen[b] = count
+        chosen[count] = starts[b] + int(nearest[starts[b] : starts[b] + block].argmax())
+    return chosen
+
+
+def nearest_bank(
+    queries: torch.Tensor, bank: torch.Tensor, k: int, chunk_elements: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Euclidean distances (Q, k) and bank indices (Q, k) of the k nearest bank rows (N, C) to each query (Q, C)."""
+    rows = max(1, chunk_elements // bank.shape[0])
+    parts = [
+        torch.cdist(queries[i : i + rows], bank).topk(k, dim=1, largest=False) for i in range(0, len(queries), rows)
+    ]
+    return torch.cat([p.values for p in parts]), torch.cat([p.indices for p in parts])
+
+
+def reweighted_scores(
+    worst: torch.Tensor, nearest: torch.Tensor, bank: torch.Tensor, b: int, chunk_elements: int
+) -> torch.Tensor:
+    """(B,) image scores: each image's worst patch (B, C) at distance s* from its nearest bank row m* (index (B,)),
+    times w = 1 - exp(s*) / sum over the b bank neighbours m of m* (m* included) of exp(||worst - m||)."""
+    b = min(b, bank.shape[0])
+    neighbours = nearest_bank(bank[nearest], bank, b, chunk_elements)[1]  # (B, b)
+    distances = (bank[neighbours] - worst[:, None]).norm(dim=2)  # (B, b)
+    s_star = (bank[nearest] - worst).norm(dim=1)  # (B,)
+    weight = 1.0 - torch.exp(s_star - torch.logsumexp(distances, dim=1))  # log-space: raw distances overflow exp
+    return weight * s_star
+
+
+class PatchCoreDetector:
+    """Greedy-coreset memory of normal patch features; see the module docstring."""
+
+    name = "patchcore"
+
+    def __init__(self, features: FeatureCache, seed: int, config: PatchCoreConfig) -> None:
+        validate(config)
+        self.features = features
+        self.seed = seed
+        self.config = config
+        self.bank: torch.Tensor | None = None  # (M, C) float32 selected patch features
+        self.threshold = float("nan")
+
+    def fingerprint(self, normals: Sequence[ImageSource]) -> dict[str, Any]:
+        return {
+            "method": self.name,
+            "config": asdict(self.config),
+            "seed": self.seed,
+            "features": feature_signature(self.features),
+            "data": data_fingerprint(normals),
+        }
+
+    def fit(self, normals: Sequence[ImageSource], workdir: Path | None = None) -> FitReport:
+        watch = Stopwatch()
+        fingerprint = self.fingerprint(normals)
+        path = None if workdir is None else Path(workdir) / CHECKPOINT
+        state = None if path is None else load_checkpoint(path, fingerprint)
+        train, held_out = validation_split(len(normals), self.seed)
+        resumed = state is not None
+        if state is None:
+            self.bank = self.select_bank([normals[i] for i in train]).to(self.device)
+            scores = predict_all(self, [normals[i] for i in held_out], f"{self.name}: validation")
+            state = {
+                "fingerprint": fingerprint,
+                "bank": self.bank.half().cpu(),
+                "threshold": gaussian_threshold(scores),
+            }
+            if path is not None:
+                save_checkpoint(path, state)
+        self.bank = state["bank"].to(self.device, torch.float32)  # stored float16 patches: lossless
+        self.threshold = float(state["threshold"])
+        rule = f"mean + 3 std of the image scores of {len(held_out)} held-out normals (10%, not in the bank)"
+        return FitReport(len(normals), watch.seconds, self.threshold, rule, resumed=resumed)
+
+    @property
+    def device(self) -> torch.device:
+        return self.features.backbone.mean.device
+
+    @torch.inference_mode()
+    def select_bank(self, sources: Sequence[ImageSource]) -> torch.Tensor:
+        """(M, C) float32 coreset of the training patches (held as float16 grids, projected in chunks)."""
+        grids = extract_grids(self.features, sources, self.config.neighbourhood, f"{self.name}: features").grids
+        generator = torch.Generator().manual_seed(self.seed)
+        projection = random_projection(grids.shape[1], self.config.projection_dim, generator)
+        per_chunk = max(1, PROJECT_ROWS // (grids.shape[2] * grids.shape[3]))
+        projected = torch.cat(
+            [grid_rows(grids[i : i + per_chunk].float()) @ projection for i in range(0, len(grids), per_chunk)]
+        )
+        n_select = coreset_size(len(projected), self.config.coreset_ratio, self.config.min_coreset)
+        first = int(torch.randint(len(projected), (1,), generator=generator))
+        selected = greedy_coreset(projected, n_select, first)
+        image, position = selected // (grids.shape[2] * grids.shape[3]), selected % (grids.shape[2] * grids.shape[3])
+        return grids.flatten(2)[image, :, position].float()  # (M, C), same rows as grid_rows without its copy
+
+    @torch.inference_mode()
+    def predict(self, images: Sequence[np.ndarray]) -> Prediction:
+        if self.bank is None:
+            raise DetectorError(f"{self.name}: predict before fit")
+        grid = patch_grid(self.features.patches(images), self.config.neighbourhood)  # (B, C, h, w)
+        b, _, h, w = grid.shape
+        queries = grid_rows(grid)
+        distances, indices = nearest_bank(queries, self.bank, 1, self.config.chunk_elements)
+        patch_scores = distances[:, 0].view(b, h * w)
+        worst = patch_scores.argmax(dim=1) + torch.arange(b, device=grid.device) * (h * w)  # (B,) query rows
+        scores = reweighted_scores(
+            queries[worst], indices[worst, 0], self.bank, self.config.reweight_neighbours, self.config.chunk_elements
+        )
+        maps = fuse_maps([patch_scores.view(b, h, w)], images[0].shape[:2], self.config.sigma)
+        return Prediction(scores.cpu().numpy().astype(np.float64), maps)
+
+
+def build(features: FeatureCache, seed: int, config: PatchCoreConfig | None = None) -> PatchCoreDetector:
+    """PatchCore on the cache's backbone; DetectorError on an invalid config."""
+    return PatchCoreDetector(features, seed, config or PatchCoreConfig())

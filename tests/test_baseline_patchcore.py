@@ -1,0 +1,169 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import texture_crops, with_dark_blob
+
+from anomalygpt.baselines.patchcore import (
+    PatchCoreConfig,
+    PatchCoreDetector,
+    build,
+    coreset_size,
+    greedy_coreset,
+    reweighted_scores,
+)
+from anomalygpt.detector import DetectorError, FeatureCache, build_detector, validation_split
+
+RADIUS = 10
+
+
+def blob_centres(n: int, seed: int) -> list[tuple[int, int]]:
+    rng = np.random.default_rng(seed)
+    return [(int(x), int(y)) for x, y in rng.integers(30, 98, size=(n, 2))]
+
+
+@pytest.fixture(scope="module")
+def cache(small_backbone):
+    return FeatureCache(small_backbone, keep=True)
+
+
+@pytest.fixture(scope="module")
+def data():
+    crops = texture_crops(24, seed=1)
+    centres = blob_centres(12, seed=2)
+    anomalous = [with_dark_blob(image, c, RADIUS) for image, c in zip(crops[12:], centres, strict=True)]
+    return {"normals": crops[:12], "good": crops[12:], "anomalous": anomalous, "centres": centres}
+
+
+@pytest.fixture(scope="module")
+def fitted(cache, data, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("patchcore")
+    detector = build(cache, seed=0)
+    report = detector.fit(data["normals"], workdir)
+    return detector, report, workdir
+
+
+def test_every_blob_scores_above_every_held_out_good_crop(fitted, data):
+    detector, _, _ = fitted
+    good = detector.predict(data["good"]).scores
+    bad = detector.predict(data["anomalous"]).scores
+    assert bad.min() > good.max()
+
+
+def test_map_peaks_inside_the_blob(fitted, data):
+    detector, _, _ = fitted
+    maps = detector.predict(data["anomalous"]).maps
+    assert maps.shape == (12, 128, 128) and maps.dtype == np.float32
+    for anomaly_map, (cx, cy) in zip(maps, data["centres"], strict=True):
+        y, x = np.unravel_index(anomaly_map.argmax(), anomaly_map.shape)
+        assert (x - cx) ** 2 + (y - cy) ** 2 <= RADIUS**2
+
+
+def test_threshold_is_mean_plus_3_std_of_held_out_normals(fitted, data):
+    detector, report, _ = fitted
+    _, held_out = validation_split(12, seed=0)
+    scores = detector.predict([data["normals"][i] for i in held_out]).scores
+    assert report.threshold == detector.threshold
+    assert report.threshold == pytest.approx(scores.mean() + 3 * scores.std(ddof=1), rel=1e-5)
+    assert report.n_images == 12 and not report.resumed and "held-out" in report.threshold_rule
+
+
+def test_bank_is_the_minimum_coreset_of_the_training_patches(fitted):
+    detector, _, _ = fitted
+    assert detector.bank is not None
+    # 10 training crops x 16 x 16 stride-8 positions = 2560 patches; 1% is below the minimum of 1000.
+    assert detector.bank.shape == (1000, 40 + 112)
+
+
+def test_greedy_coreset_picks_the_farthest_point_each_time():
+    points = torch.tensor([[0.0, 0.0], [1.0, 0.0], [10.0, 0.0], [0.0, 6.0], [10.0, 10.0], [5.0, 5.1]])
+    # From (0, 0): (10, 10) is farthest (14.1); then (10, 0) (10 from both); then (5, 5.1) (7.0 from (0, 0));
+    # then (0, 6) (5.08 from (5, 5.1)); (1, 0) last (1 from (0, 0)).
+    for block in (1, 2, 4, 4096):
+        assert greedy_coreset(points, 6, first=0, block=block).tolist() == [0, 4, 2, 5, 3, 1]
+    # From (1, 0): (10, 10) at 13.5; then (10, 0), 9 from (1, 0) against 6.5 for (5, 5.1) and 6.1 for (0, 6).
+    assert greedy_coreset(points, 3, first=1, block=2).tolist() == [1, 4, 2]
+
+
+def naive_greedy(points: torch.Tensor, n_select: int, first: int) -> list[int]:
+    chosen, nearest = [first], (points - points[first]).norm(dim=1)
+    for _ in range(n_select - 1):
+        chosen.append(int(nearest.argmax()))
+        nearest = torch.minimum(nearest, (points - points[chosen[-1]]).norm(dim=1))
+    return chosen
+
+
+@pytest.mark.parametrize("block", [7, 64, 1000])
+def test_lazy_greedy_coreset_equals_the_plain_algorithm(block):
+    points = torch.randn(600, 16, generator=torch.Generator().manual_seed(3))
+    assert greedy_coreset(points, 60, first=5, block=block).tolist() == naive_greedy(points, 60, first=5)
+
+
+def test_coreset_size_honours_ratio_and_minimum():
+    assert coreset_size(1_600_000, 0.01, 1000) == 16_000
+    assert coreset_size(50_000, 0.01, 1000) == 1000  # the minimum
+    assert coreset_size(500, 0.01, 1000) == 500  # never more than there are
+    assert coreset_size(2560, 0.1, 1) == 256
+
+
+def test_coreset_ratio_sets_the_bank_size(cache, data):
+    detector = build(cache, seed=0, config=PatchCoreConfig(coreset_ratio=0.1, min_coreset=1))
+    detector.fit(data["normals"])
+    assert detector.bank is not None and detector.bank.shape[0] == math.ceil(0.1 * 2560)
+
+
+def test_reweighting_matches_hand_computed_weight_and_stays_finite():
+    bank = torch.tensor([[0.0], [1.0], [2.0], [10.0]])
+    # Worst patch 0.4: nearest m* = 0 (s* = 0.4); its b = 2 neighbours are 0 and 1, at 0.4 and 0.6 from the patch.
+    score = reweighted_scores(torch.tensor([[0.4]]), torch.tensor([0]), bank, 2, 1 << 20)
+    weight = 1 - math.exp(0.4) / (math.exp(0.4) + math.exp(0.6))
+    assert score.item() == pytest.approx(weight * 0.4, rel=1e-5)
+    # Worst patch 1000, m* = 10 (s* = 990); b = 9 is capped at the 4 bank rows, at 1000, 999, 998 and 990.
+    far = reweighted_scores(torch.tensor([[1000.0]]), torch.tensor([3]), bank, 9, 1 << 20)  # exp(990) overflows
+    expected = 990 * (1 - 1 / (1 + math.exp(8) + math.exp(9) + math.exp(10)))
+    assert torch.isfinite(far).all()
+    assert far.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_second_fit_with_the_same_workdir_resumes(fitted, cache, data):
+    detector, report, workdir = fitted
+    assert (workdir / "patchcore.pt").is_file()
+    again = build(cache, seed=0)
+    resumed = again.fit(data["normals"], workdir)
+    assert resumed.resumed and resumed.threshold == report.threshold
+    first, second = detector.predict(data["anomalous"]), again.predict(data["anomalous"])
+    np.testing.assert_array_equal(first.scores, second.scores)
+    np.testing.assert_array_equal(first.maps, second.maps)
+
+
+def test_another_seed_does_not_reuse_the_checkpoint(fitted, cache, data):
+    _, _, workdir = fitted
+    report = build(cache, seed=1).fit(data["normals"], workdir)
+    assert not report.resumed
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        PatchCoreConfig(coreset_ratio=0.0),
+        PatchCoreConfig(coreset_ratio=1.5),
+        PatchCoreConfig(min_coreset=0),
+        PatchCoreConfig(neighbourhood=2),
+        PatchCoreConfig(projection_dim=0),
+        PatchCoreConfig(reweight_neighbours=0),
+        PatchCoreConfig(sigma=-1.0),
+    ],
+)
+def test_bad_config_raises(cache, config):
+    with pytest.raises(DetectorError, match="patchcore: "):
+        build(cache, seed=0, config=config)
+
+
+def test_predict_before_fit_raises(cache, data):
+    with pytest.raises(DetectorError, match="before fit"):
+        build(cache, seed=0).predict(data["good"])
+
+
+def test_built_by_name(cache):
+    assert isinstance(build_detector("patchcore", cache, seed=0), PatchCoreDetector)
