@@ -54,7 +54,7 @@ NORMAL_CLAIMS = re.compile(
     r"|\bno (anomal\w*|defects?|flaws?|damage)\b"
     r"|\bnothing (looks|is|seems|appears) (defective|wrong|anomalous|abnormal|unusual)\b"
     r"|\b(0|zero) (separate )?anomalous regions?\b"
-    r"|\b0% of the image\b"
+    r"|(?<![\d.])\b0% of the image\b"  # not the end of "1.0%"
     r"|\bnot (defective|anomalous|abnormal|damaged)\b",
     re.IGNORECASE,
 )

@@ -161,8 +161,9 @@ class AssistantAnswerer:
     image and cached by the pixels' digest, so follow-up questions never re-encode the image.
     """
 
-    def __init__(self, assistant: Any) -> None:
+    def __init__(self, assistant: Any, guard: bool | None = None) -> None:
         self.assistant = assistant  # anomalygpt.assistant.Assistant, built with its Inspector
+        self.guard = assistant.cfg.guard if guard is None else guard  # False: a bench measures the bare model
         self.embeddings: OrderedDict[bytes, torch.Tensor] = OrderedDict()  # digest -> (1, D), oldest first
         self.lock = threading.Lock()
 
@@ -177,7 +178,7 @@ class AssistantAnswerer:
         with torch.inference_mode():
             maps = assistant.map_input(inspection)  # (1, 1, S, S)
             visual = assistant.visual_tokens(self.embedding(image).to(assistant.device), maps)[0]  # (n, hidden)
-        opening = expected_opening(question, inspection) if assistant.cfg.guard else None
+        opening = expected_opening(question, inspection) if self.guard else None
         prompt = assistant.prompt_ids(system_text(inspection), history, question)
         yield from assistant.stream(prompt, visual, opening)
 

@@ -279,6 +279,8 @@ def test_contradicts_on_hand_written_answers(verdicts: dict[str, Inspection]) ->
         ("No.", "Is this part OK?", False, True),  # "no, it is not OK" = defective
         ("Yes, it is free of defects.", "Is it free of defects?", True, False),
         ("The image looks normal, and 2 anomalous regions stand out.", None, True, True),  # says both
+        ("Nothing: 0% of the image looks anomalous.", "How big is it?", True, False),
+        ("About 1.0% of the image; I would call that medium.", "Is the defect big or small?", False, False),
     ]
     for answer, question, against_bad, against_good in cases:
         assert contradicts(answer, bad, question) is against_bad, answer

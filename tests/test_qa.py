@@ -1,0 +1,98 @@
+"""QA accuracy on simulated conversations: answer parsing by hand, and whole replays of known answerers."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from anomalygpt.inspection import Inspection
+from chat.answerers import GroundedAnswerer
+from eval.qa import asker, evaluate, read_records, record_case, stated_count, stated_locations, turn_scores
+from simulation.normals import VALIDATION_PICTURES, normal_crops
+from simulation.writer import write_dataset
+
+N = 16
+
+
+@pytest.fixture(scope="module")
+def conversations(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    base = tmp_path_factory.mktemp("qa")
+    normals = []
+    for index, image in enumerate(normal_crops(VALIDATION_PICTURES, 6, 96, np.random.default_rng(3))):
+        normals.append(base / "normals" / f"{index}.png")
+        normals[-1].parent.mkdir(exist_ok=True)
+        Image.fromarray(image).save(normals[-1])
+    write_dataset(normals, base / "sim", N, 11, None, size=96, progress=False)
+    return base / "sim"
+
+
+def test_locations_and_counts_read_from_answers() -> None:
+    assert stated_locations("Two in the top left and one at the bottom.") == {"top left", "bottom"}
+    assert stated_locations("It sits in the centre, slightly right.") == {"center", "right"}
+    assert stated_locations("The image looks normal.") == set()
+    assert stated_count("I count 3 regions, 2 of them small.") == 3
+    assert stated_count("Exactly two separate anomalous regions.") == 2
+    assert stated_count("None: I count 0 anomalous regions.") == 0
+    assert stated_count("Several.") is None
+
+
+def test_turn_scores_by_intent() -> None:
+    where = {
+        "intent": "where",
+        "question": "Where?",
+        "truth": {"anomalous": True, "count": 2, "locations": ["top", "left"]},
+    }
+    assert turn_scores(where, "At the top and on the left.") == {"location": True}
+    assert turn_scores(where, "At the top.") == {"location": False}
+    anomaly = {
+        "intent": "anomaly",
+        "question": "Is there a defect?",
+        "truth": {"anomalous": False, "count": 0, "locations": []},
+    }
+    assert turn_scores(anomaly, "No, it looks fine.") == {"yes_no": True}
+    assert turn_scores(anomaly, "Yes, there is a scratch.") == {"yes_no": False}
+    assert turn_scores(anomaly, "Hard to say.") == {"yes_no": False}  # states no verdict
+    count = {"intent": "count", "question": "How many?", "truth": {"anomalous": True, "count": 1, "locations": ["top"]}}
+    assert turn_scores(count, "1 anomalous region.") == {"count": True}
+
+
+def test_the_template_answerer_scores_perfectly(conversations: Path) -> None:
+    report = evaluate(conversations, read_records(conversations), asker(GroundedAnswerer()), None, z=3.0)
+    summary = report.summary()
+    assert summary["yes_no"] == {"accuracy": 1.0, "n": N}  # every conversation opens with the anomaly question
+    assert summary["contradictions"]["count"] == 0 and summary["contradictions"]["n"] == len(report.turns)
+    for figure in ("location", "count"):
+        assert summary[figure]["n"] == 0 or summary[figure]["accuracy"] == 1.0
+
+
+def test_an_answerer_that_always_says_fine(conversations: Path) -> None:
+    records = read_records(conversations)
+
+    def fine(question: str, history: Sequence[tuple[str, str]], inspection: Inspection, image: np.ndarray) -> str:
+        return "No, it looks fine: 0 anomalous regions."
+
+    report = evaluate(conversations, records, fine, fine, z=3.0)
+    summary = report.summary()
+    anomalous = [bool(r["regions"]) for r in records]
+    assert summary["yes_no"]["accuracy"] == pytest.approx(1 - np.mean(anomalous))
+    expected = sum(len(r["turns"]) for r in records if r["regions"])  # every turn about an anomalous image
+    assert summary["contradictions"]["count"] == expected
+    assert summary["unguarded_contradictions"] == {
+        "count": sum(anomalous),
+        "n": N,
+        "rate": pytest.approx(np.mean(anomalous)),
+    }
+
+
+def test_record_case_states_the_conversation_and_maps_its_mask(conversations: Path) -> None:
+    record = next(r for r in read_records(conversations) if r["regions"])
+    inspection, image = record_case(conversations, record, 3.0, seed=0)
+    assert inspection.is_anomalous and len(inspection.regions) == len(record["regions"])
+    assert inspection.anomaly_map is not None and inspection.anomaly_map.shape == image.shape[:2]
+    mask = np.asarray(Image.open(conversations / record["mask"])) > 127
+    above = inspection.anomaly_map > inspection.threshold
+    assert (above == mask).mean() > 0.97  # the map crosses the threshold on the mask's pixels
