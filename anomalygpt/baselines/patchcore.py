@@ -103,8 +103,9 @@ def greedy_coreset(points: torch.Tensor, n_select: int, first: int, block: int =
                 break
             lo, hi = starts[b], min(starts[b] + block, n)
             centres = chosen[seen[b] : count]
-            sq = sq_norms[lo:hi, None] - 2.0 * points[lo:hi] @ points[centres].T + sq_norms[centres][None]
-            nearest[lo:hi] = torch.minimum(nearest[lo:hi], sq.amin(dim=1).clamp_min(0.0))
+            # ||x - c||^2 = ||x||^2 + min over c of (||c||^2 - 2 x.c): one fused matrix product per refresh
+            partial = torch.addmm(sq_norms[centres][None], points[lo:hi], points[centres].T, alpha=-2.0).amin(dim=1)
+            nearest[lo:hi] = torch.minimum(nearest[lo:hi], (partial + sq_norms[lo:hi]).clamp_min(0.0))
             bound[b] = nearest[lo:hi].max()
             seen[b] = count
         chosen[count] = starts[b] + int(nearest[starts[b] : starts[b] + block].argmax())
