@@ -147,13 +147,14 @@ class FeatureAEDetector:
         fingerprint = self.fingerprint(normals)
         path = None if workdir is None else Path(workdir) / CHECKPOINT
         state = None if path is None else load_checkpoint(path, fingerprint)
-        if state is None or state["epoch"] < self.config.epochs:
-            state = self.train(normals, fingerprint, state, path)
-        else:
+        resumed = state is not None
+        if state is not None and state["epoch"] == self.config.epochs:
             self.restore(state)
+        else:
+            state = self.train(normals, fingerprint, state, path)
         self.threshold = float(state["threshold"])
         rule = f"mean + 3 std of the image scores of the {len(normals)} training normals themselves (no hold-out)"
-        return FitReport(len(normals), watch.seconds, self.threshold, rule, resumed=state["resumed"])
+        return FitReport(len(normals), watch.seconds, self.threshold, rule, resumed=resumed)
 
     def restore(self, state: dict[str, Any]) -> None:
         self.standardise = Standardiser(state["mean"].to(self.device), state["std"].to(self.device))
@@ -161,7 +162,6 @@ class FeatureAEDetector:
         model.load_state_dict(state["model"], strict=True)
         self.model = model.to(self.device).eval()
         self.losses = list(state["losses"])
-        state["resumed"] = True
 
     def train(
         self,
@@ -186,22 +186,34 @@ class FeatureAEDetector:
         for epoch in progress:
             self.losses.append(self.train_epoch(model, optimiser, grids, epoch))
             progress.set_postfix(loss=f"{self.losses[-1]:.4f}")
-            done = epoch + 1 == self.config.epochs
-            state = {
-                "fingerprint": fingerprint,
-                "model": {k: v.cpu() for k, v in model.state_dict().items()},
-                "optimiser": optimiser.state_dict(),
-                "epoch": epoch + 1,
-                "losses": list(self.losses),
-                "mean": standardise.mean.cpu(),
-                "std": standardise.std.cpu(),
-                "threshold": self.training_threshold(grids, size) if done else float("nan"),
-            }
+            threshold = self.training_threshold(grids, size) if epoch + 1 == self.config.epochs else float("nan")
+            state = self.snapshot(fingerprint, model, optimiser, epoch + 1, standardise, threshold)
             if path is not None:
                 save_checkpoint(path, state)
         model.eval()
         assert state is not None  # epochs >= 1 and a partial checkpoint has epoch < epochs
-        return {**state, "resumed": start > 0}
+        return state
+
+    def snapshot(
+        self,
+        fingerprint: dict[str, Any],
+        model: nn.Module,
+        optimiser: torch.optim.Optimizer,
+        epochs_done: int,
+        standardise: Standardiser,
+        threshold: float,
+    ) -> dict[str, Any]:
+        """Checkpoint state after a finished epoch; the threshold is NaN until the last."""
+        return {
+            "fingerprint": fingerprint,
+            "model": {k: v.cpu() for k, v in model.state_dict().items()},
+            "optimiser": optimiser.state_dict(),
+            "epoch": epochs_done,
+            "losses": list(self.losses),
+            "mean": standardise.mean.cpu(),
+            "std": standardise.std.cpu(),
+            "threshold": threshold,
+        }
 
     def train_epoch(self, model: nn.Module, optimiser: torch.optim.Optimizer, grids: torch.Tensor, epoch: int) -> float:
         """One pass over the images in a seeded order; the mean batch loss."""

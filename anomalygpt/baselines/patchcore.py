@@ -18,6 +18,7 @@ import torch
 
 from anomalygpt.baselines.features import extract_grids, feature_signature, patch_grid
 from anomalygpt.detector import (
+    VALIDATION_FRACTION,
     DetectorError,
     FeatureCache,
     FitReport,
@@ -78,6 +79,16 @@ def coreset_size(n_patches: int, ratio: float, minimum: int) -> int:
 def random_projection(dim_in: int, dim_out: int, generator: torch.Generator) -> torch.Tensor:
     """(dim_in, dim_out) Gaussian Johnson-Lindenstrauss matrix: distances are kept up to a small distortion."""
     return torch.randn(dim_in, dim_out, generator=generator) / math.sqrt(dim_out)
+
+
+def project(grids: torch.Tensor, projection: torch.Tensor) -> torch.Tensor:
+    """(N*h*w, D) float32 projections of the rows of (N, C, h, w) grids, written chunk by chunk into one tensor."""
+    per_image = grids.shape[2] * grids.shape[3]
+    out = torch.empty(len(grids) * per_image, projection.shape[1])
+    step = max(1, PROJECT_ROWS // per_image)
+    for i in range(0, len(grids), step):
+        out[i * per_image : (i + step) * per_image] = grid_rows(grids[i : i + step].float()) @ projection
+    return out
 
 
 def greedy_coreset(points: torch.Tensor, n_select: int, first: int, block: int = CORESET_BLOCK) -> torch.Tensor:
@@ -181,7 +192,8 @@ class PatchCoreDetector:
                 save_checkpoint(path, state)
         self.bank = state["bank"].to(self.device, torch.float32)  # stored float16 patches: lossless
         self.threshold = float(state["threshold"])
-        rule = f"mean + 3 std of the image scores of {len(held_out)} held-out normals (10%, not in the bank)"
+        share = f"{VALIDATION_FRACTION:.0%}"
+        rule = f"mean + 3 std of the image scores of {len(held_out)} held-out normals ({share}, not in the bank)"
         return FitReport(len(normals), watch.seconds, self.threshold, rule, resumed=resumed)
 
     @property
@@ -193,15 +205,12 @@ class PatchCoreDetector:
         """(M, C) float32 coreset of the training patches (held as float16 grids, projected in chunks)."""
         grids = extract_grids(self.features, sources, self.config.neighbourhood, f"{self.name}: features").grids
         generator = torch.Generator().manual_seed(self.seed)
-        projection = random_projection(grids.shape[1], self.config.projection_dim, generator)
-        per_chunk = max(1, PROJECT_ROWS // (grids.shape[2] * grids.shape[3]))
-        projected = torch.cat(
-            [grid_rows(grids[i : i + per_chunk].float()) @ projection for i in range(0, len(grids), per_chunk)]
-        )
+        projected = project(grids, random_projection(grids.shape[1], self.config.projection_dim, generator))
         n_select = coreset_size(len(projected), self.config.coreset_ratio, self.config.min_coreset)
         first = int(torch.randint(len(projected), (1,), generator=generator))
         selected = greedy_coreset(projected, n_select, first)
-        image, position = selected // (grids.shape[2] * grids.shape[3]), selected % (grids.shape[2] * grids.shape[3])
+        per_image = grids.shape[2] * grids.shape[3]
+        image, position = selected // per_image, selected % per_image
         return grids.flatten(2)[image, :, position].float()  # (M, C), same rows as grid_rows without its copy
 
     @torch.inference_mode()
