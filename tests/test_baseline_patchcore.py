@@ -107,10 +107,13 @@ def test_coreset_size_honours_ratio_and_minimum():
     assert coreset_size(2560, 0.1, 1) == 256
 
 
-def test_coreset_ratio_sets_the_bank_size(cache, data):
+def test_coreset_ratio_sets_the_bank_size_without_the_global_rng(cache, data):
+    torch.manual_seed(123)
+    before = torch.random.get_rng_state()
     detector = build(cache, seed=0, config=PatchCoreConfig(coreset_ratio=0.1, min_coreset=1))
     detector.fit(data["normals"])
     assert detector.bank is not None and detector.bank.shape[0] == math.ceil(0.1 * 2560)
+    assert torch.equal(before, torch.random.get_rng_state())
 
 
 def test_reweighting_matches_hand_computed_weight_and_stays_finite():
