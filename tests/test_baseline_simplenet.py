@@ -54,6 +54,12 @@ def test_blobs_score_above_held_out_good_crops(fitted):
         assert (peak_x - x) ** 2 + (peak_y - y) ** 2 <= BLOB_RADIUS**2
 
 
+def test_fit_leaves_the_global_rng_alone(cache, normals):
+    before = torch.get_rng_state()
+    build(cache, 0, SimpleNetConfig(steps=2, positions_per_step=64)).fit(normals)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
 def test_threshold_is_mean_plus_three_std_of_held_out_normals(fitted, normals):
     detector, report = fitted
     _, validation = validation_split(len(normals), seed=0)

@@ -166,8 +166,11 @@ class SimpleNetDetector:
     def fit(self, normals: Sequence[ImageSource], workdir: Path | None = None) -> FitReport:
         watch = Stopwatch()
         train_idx, validation = validation_split(len(normals), self.seed)
-        generator = torch.Generator().manual_seed(self.seed)
-        net = SimpleNet(self.channels, self.hidden, self.config.leaky_slope, generator).to(self.device)
+        with torch.random.fork_rng(devices=[]):  # nn.Linear's own init draws from the global RNG; ours replaces it
+            net = SimpleNet(
+                self.channels, self.hidden, self.config.leaky_slope, torch.Generator().manual_seed(self.seed)
+            )
+        net = net.to(self.device)
         optimisers = self.optimisers(net)
         path = None if workdir is None else Path(workdir) / CHECKPOINT_NAME
         fingerprint = self.fingerprint(normals)
