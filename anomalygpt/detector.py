@@ -162,7 +162,7 @@ def load_checkpoint(path: Path, fingerprint: dict[str, Any]) -> dict[str, Any] |
     """The checkpoint at path when it was written for fingerprint (same config and data); else None."""
     if not path.is_file():
         return None
-    state = torch.load(path, weights_only=False)
+    state = torch.load(path, map_location="cpu", weights_only=False)  # a GPU run's checkpoint resumes on a CPU
     return state if state.get("fingerprint") == fingerprint else None
 
 
