@@ -62,7 +62,7 @@ class UNetAEConfig:
     l1_weight: float = 1.0
     ssim_weight: float = 1.0
     map_ssim_weight: float = 0.0  # map = (1 - w) * absolute error + w * (1 - local SSIM), channel means
-    # (0: on brick textures the absolute error separated blobs better; on ELPV the two were within 0.04 either way)
+    # (0: on brick textures the absolute error separated blobs better)
     sigma: float = 4.0  # Gaussian smoothing of the map, in image pixels
     top_fraction: float = 0.01  # image score = mean of the highest fraction of map pixels
 
