@@ -10,6 +10,7 @@ Detectors on the same backbone share a `FeatureCache`, so that in one benchmark 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib
 import io
@@ -164,6 +165,32 @@ def load_checkpoint(path: Path, fingerprint: dict[str, Any]) -> dict[str, Any] |
         return None
     state = torch.load(path, map_location="cpu", weights_only=False)  # a GPU run's checkpoint resumes on a CPU
     return state if state.get("fingerprint") == fingerprint else None
+
+
+def checkpoint_fingerprint(
+    name: str,
+    config: Any,
+    seed: int,
+    normals: Sequence[ImageSource],
+    features: FeatureCache | None,
+    skip: tuple[str, ...] = (),
+) -> dict[str, Any]:
+    """What a baseline's checkpoint must match to be resumed: method, config (less the `skip` fields, such as a
+    training length a longer fit may extend), seed, data and, for feature methods, the backbone."""
+    settings = {key: value for key, value in dataclasses.asdict(config).items() if key not in skip}
+    out = {"method": name, "config": settings, "seed": seed, "data": data_fingerprint(normals)}
+    if features is not None:
+        backbone = features.backbone
+        out["backbone"] = [type(backbone).__name__, backbone.image_size, list(backbone.stage_dims)]
+    return out
+
+
+def held_out_threshold(detector: Detector, normals: Sequence[ImageSource]) -> tuple[float, str]:
+    """The baselines' own threshold and its rule: mean + THRESHOLD_Z std of held-out normals' image scores."""
+    scores = predict_all(detector, normals, f"{detector.name}: validation")
+    return gaussian_threshold(
+        scores
+    ), f"mean + {THRESHOLD_Z:g} std of the image scores of {len(normals)} held-out normals"
 
 
 def data_fingerprint(sources: Sequence[ImageSource]) -> str:

@@ -7,7 +7,7 @@ locally aware features as PatchCore, standardised per channel with the training 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -16,14 +16,14 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from anomalygpt.baselines.features import extract_grids, feature_signature, patch_grid
+from anomalygpt.baselines.features import extract_grids, patch_grid
 from anomalygpt.detector import (
     DetectorError,
     FeatureCache,
     FitReport,
     Prediction,
     Stopwatch,
-    data_fingerprint,
+    checkpoint_fingerprint,
     gaussian_threshold,
     load_checkpoint,
     save_checkpoint,
@@ -132,13 +132,7 @@ class FeatureAEDetector:
         return self.features.backbone.mean.device
 
     def fingerprint(self, normals: Sequence[ImageSource]) -> dict[str, Any]:
-        return {
-            "method": self.name,
-            "config": asdict(self.config),
-            "seed": self.seed,
-            "features": feature_signature(self.features),
-            "data": data_fingerprint(normals),
-        }
+        return checkpoint_fingerprint(self.name, self.config, self.seed, normals, self.features)
 
     def fit(self, normals: Sequence[ImageSource], workdir: Path | None = None) -> FitReport:
         watch = Stopwatch()

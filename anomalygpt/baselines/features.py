@@ -32,12 +32,6 @@ def patch_grid(patches: Sequence[torch.Tensor], neighbourhood: int = 3) -> torch
     return torch.cat(out, dim=1)
 
 
-def feature_signature(features: FeatureCache) -> str:
-    """What the features depend on besides the images, for checkpoint fingerprints: backbone, input size, stages."""
-    backbone = features.backbone
-    return f"{type(backbone).__name__}:{backbone.image_size}:{','.join(map(str, backbone.stage_dims))}"
-
-
 class Grids(NamedTuple):
     grids: torch.Tensor  # (N, C, h, w) float16 on the CPU: 1,000 images of 40 x 40 x 152 take 0.5 GB
     image_size: tuple[int, int]  # (H, W) of the images

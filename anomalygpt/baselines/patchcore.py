@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from anomalygpt.baselines.features import extract_grids, feature_signature, patch_grid
+from anomalygpt.baselines.features import extract_grids, patch_grid
 from anomalygpt.detector import (
     VALIDATION_FRACTION,
     DetectorError,
@@ -24,10 +24,9 @@ from anomalygpt.detector import (
     FitReport,
     Prediction,
     Stopwatch,
-    data_fingerprint,
-    gaussian_threshold,
+    checkpoint_fingerprint,
+    held_out_threshold,
     load_checkpoint,
-    predict_all,
     save_checkpoint,
     validation_split,
 )
@@ -165,13 +164,7 @@ class PatchCoreDetector:
         self.threshold = float("nan")
 
     def fingerprint(self, normals: Sequence[ImageSource]) -> dict[str, Any]:
-        return {
-            "method": self.name,
-            "config": asdict(self.config),
-            "seed": self.seed,
-            "features": feature_signature(self.features),
-            "data": data_fingerprint(normals),
-        }
+        return checkpoint_fingerprint(self.name, self.config, self.seed, normals, self.features)
 
     def fit(self, normals: Sequence[ImageSource], workdir: Path | None = None) -> FitReport:
         watch = Stopwatch()
@@ -182,12 +175,8 @@ class PatchCoreDetector:
         resumed = state is not None
         if state is None:
             self.bank = self.select_bank([normals[i] for i in train]).to(self.device)
-            scores = predict_all(self, [normals[i] for i in held_out], f"{self.name}: validation")
-            state = {
-                "fingerprint": fingerprint,
-                "bank": self.bank.half().cpu(),
-                "threshold": gaussian_threshold(scores),
-            }
+            threshold, _ = held_out_threshold(self, [normals[i] for i in held_out])
+            state = {"fingerprint": fingerprint, "bank": self.bank.half().cpu(), "threshold": threshold}
             if path is not None:
                 save_checkpoint(path, state)
         self.bank = state["bank"].to(self.device, torch.float32)  # stored float16 patches: lossless

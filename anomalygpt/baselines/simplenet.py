@@ -6,7 +6,6 @@ Full-shot: trained on all the normals it is given except a held-out tenth that s
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,17 +18,15 @@ from tqdm import tqdm
 
 from anomalygpt.baselines.features import patch_grid
 from anomalygpt.detector import (
-    THRESHOLD_Z,
     DetectorError,
     FeatureCache,
     FitReport,
     Prediction,
     Stopwatch,
-    data_fingerprint,
-    gaussian_threshold,
+    checkpoint_fingerprint,
+    held_out_threshold,
     load_batches,
     load_checkpoint,
-    predict_all,
     save_checkpoint,
     validation_split,
 )
@@ -145,16 +142,10 @@ class SimpleNetDetector:
         self.threshold = float("nan")
 
     def fingerprint(self, normals: Sequence[ImageSource]) -> dict[str, Any]:
-        """What a checkpoint must match to be resumed: all that shapes the training path, not its length."""
-        backbone = self.features.backbone
-        config = dataclasses.asdict(self.config)
-        del config["steps"], config["checkpoint_every"]
-        return {
-            "config": config,
-            "seed": self.seed,
-            "data": data_fingerprint(normals),
-            "backbone": (type(backbone).__name__, backbone.image_size, backbone.stage_dims),
-        }
+        """Steps and checkpoint spacing do not shape the training path: a longer fit resumes a shorter one."""
+        return checkpoint_fingerprint(
+            self.name, self.config, self.seed, normals, self.features, skip=("steps", "checkpoint_every")
+        )
 
     def training_features(self, normals: Sequence[ImageSource]) -> torch.Tensor:
         """(N, C) float16 locally aware patch features of every position of every normal, on the CPU."""
@@ -185,9 +176,7 @@ class SimpleNetDetector:
             feats = self.training_features([normals[i] for i in train_idx])
             self.train_steps(net, optimisers, feats, start, path, fingerprint)
         self.net = net.eval()
-        scores = predict_all(self, [normals[i] for i in validation], desc="simplenet validation")
-        self.threshold = gaussian_threshold(scores)
-        rule = f"mean + {THRESHOLD_Z:g} std of the image scores of {len(validation)} held-out normals"
+        self.threshold, rule = held_out_threshold(self, [normals[i] for i in validation])
         return FitReport(len(normals), watch.seconds, self.threshold, rule, resumed=state is not None)
 
     def optimisers(self, net: SimpleNet) -> tuple[torch.optim.Adam, torch.optim.Adam]:

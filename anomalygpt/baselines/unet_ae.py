@@ -11,7 +11,6 @@ choice is checked on simulated anomalies of held-out pictures by bench/bench_bas
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,17 +24,15 @@ from tqdm import tqdm
 
 from anomalygpt.baselines.losses import local_ssim, reconstruction_loss
 from anomalygpt.detector import (
-    THRESHOLD_Z,
     DetectorError,
     FeatureCache,
     FitReport,
     Prediction,
     Stopwatch,
-    data_fingerprint,
-    gaussian_threshold,
+    checkpoint_fingerprint,
+    held_out_threshold,
     load_batches,
     load_checkpoint,
-    predict_all,
     save_checkpoint,
     top_scores,
     validation_split,
@@ -180,9 +177,7 @@ class UNetAEDetector:
 
     def fingerprint(self, normals: Sequence[ImageSource]) -> dict[str, Any]:
         """What a checkpoint must match to be resumed: all that shapes the training path, not its length."""
-        config = dataclasses.asdict(self.config)
-        del config["epochs"]
-        return {"config": config, "seed": self.seed, "data": data_fingerprint(normals)}
+        return checkpoint_fingerprint(self.name, self.config, self.seed, normals, None, skip=("epochs",))
 
     def new_net(self) -> UNetAE:
         cfg = self.config
@@ -207,9 +202,7 @@ class UNetAEDetector:
             pixels = self.training_pixels([normals[i] for i in train_idx])
             self.train_epochs(net, optimiser, pixels, start, path, fingerprint)
         self.net = net.eval()
-        scores = predict_all(self, [normals[i] for i in validation], desc="unet-ae validation")
-        self.threshold = gaussian_threshold(scores)
-        rule = f"mean + {THRESHOLD_Z:g} std of the image scores of {len(validation)} held-out normals"
+        self.threshold, rule = held_out_threshold(self, [normals[i] for i in validation])
         return FitReport(len(normals), watch.seconds, self.threshold, rule, resumed=state is not None)
 
     def restore(self, state: dict[str, Any], net: UNetAE, optimiser: torch.optim.Adam) -> int:
