@@ -193,6 +193,17 @@ def held_out_threshold(detector: Detector, normals: Sequence[ImageSource]) -> tu
     ), f"mean + {THRESHOLD_Z:g} std of the image scores of {len(normals)} held-out normals"
 
 
+def resumable_state(
+    workdir: Path | None, filename: str, fingerprint: dict[str, Any], progress_key: str, length: int
+) -> tuple[Path | None, dict[str, Any] | None]:
+    """(checkpoint path, state to resume) of an iterative fit; a checkpoint trained past `length` is not resumed."""
+    path = None if workdir is None else Path(workdir) / filename
+    state = None if path is None else load_checkpoint(path, fingerprint)
+    if state is not None and state[progress_key] > length:
+        state = None  # start over rather than return a longer fit than asked for
+    return path, state
+
+
 def data_fingerprint(sources: Sequence[ImageSource]) -> str:
     """A short digest of the normals (paths, or pixels of in-memory images): no checkpoint is reused on other data."""
     h = hashlib.blake2b(digest_size=8)

@@ -3,6 +3,9 @@ import pytest
 from skimage import data
 
 from anomalygpt.backbones import BackboneConfig, build_backbone
+from anomalygpt.detector import FeatureCache
+
+BLOB_RADIUS = 10  # px, the dark disks of `blob_data`
 
 
 @pytest.fixture(scope="session")
@@ -28,3 +31,19 @@ def with_dark_blob(image: np.ndarray, center: tuple[int, int], radius: int) -> n
     yy, xx = np.mgrid[: image.shape[0], : image.shape[1]]
     out[(xx - center[0]) ** 2 + (yy - center[1]) ** 2 <= radius**2] = 15
     return out
+
+
+@pytest.fixture(scope="session")
+def feature_cache(small_backbone):
+    """One stored-feature cache for the feature baselines' tests."""
+    return FeatureCache(small_backbone, keep=True)
+
+
+@pytest.fixture(scope="session")
+def blob_data():
+    """12 good training crops, 12 held-out good crops, and those 12 with a dark disk at "centres" (x, y)."""
+    crops = texture_crops(24, seed=1)
+    rng = np.random.default_rng(2)
+    centres = [(int(x), int(y)) for x, y in rng.integers(30, 98, size=(12, 2))]
+    anomalous = [with_dark_blob(image, c, BLOB_RADIUS) for image, c in zip(crops[12:], centres, strict=True)]
+    return {"normals": crops[:12], "good": crops[12:], "anomalous": anomalous, "centres": centres}

@@ -1,34 +1,26 @@
 import numpy as np
 import pytest
 import torch
-from conftest import texture_crops, with_dark_blob
+from conftest import BLOB_RADIUS
 from torch import nn
 
 from anomalygpt.baselines.feature_ae import FeatureAEConfig, FeatureAEDetector, build
-from anomalygpt.detector import DetectorError, FeatureCache, build_detector
+from anomalygpt.detector import DetectorError, build_detector
 
-RADIUS = 10
+RADIUS = BLOB_RADIUS
 # Twelve 128 px crops give 3 steps an epoch: more epochs and a higher rate than the ELPV-sized default.
 SMALL = FeatureAEConfig(epochs=60, batch_images=4, learning_rate=1e-2)
 QUICK = FeatureAEConfig(epochs=3, batch_images=4)  # checkpoint mechanics only
 
 
-def blob_centres(n: int, seed: int) -> list[tuple[int, int]]:
-    rng = np.random.default_rng(seed)
-    return [(int(x), int(y)) for x, y in rng.integers(30, 98, size=(n, 2))]
+@pytest.fixture(scope="module")
+def cache(feature_cache):
+    return feature_cache
 
 
 @pytest.fixture(scope="module")
-def cache(small_backbone):
-    return FeatureCache(small_backbone, keep=True)
-
-
-@pytest.fixture(scope="module")
-def data():
-    crops = texture_crops(24, seed=1)
-    centres = blob_centres(12, seed=2)
-    anomalous = [with_dark_blob(image, c, RADIUS) for image, c in zip(crops[12:], centres, strict=True)]
-    return {"normals": crops[:12], "good": crops[12:], "anomalous": anomalous, "centres": centres}
+def data(blob_data):
+    return blob_data
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import texture_crops, with_dark_blob
+from conftest import BLOB_RADIUS
 
 from anomalygpt.baselines.patchcore import (
     PatchCoreConfig,
@@ -13,27 +13,19 @@ from anomalygpt.baselines.patchcore import (
     greedy_coreset,
     reweighted_scores,
 )
-from anomalygpt.detector import DetectorError, FeatureCache, build_detector, validation_split
+from anomalygpt.detector import DetectorError, build_detector, validation_split
 
-RADIUS = 10
-
-
-def blob_centres(n: int, seed: int) -> list[tuple[int, int]]:
-    rng = np.random.default_rng(seed)
-    return [(int(x), int(y)) for x, y in rng.integers(30, 98, size=(n, 2))]
+RADIUS = BLOB_RADIUS
 
 
 @pytest.fixture(scope="module")
-def cache(small_backbone):
-    return FeatureCache(small_backbone, keep=True)
+def cache(feature_cache):
+    return feature_cache
 
 
 @pytest.fixture(scope="module")
-def data():
-    crops = texture_crops(24, seed=1)
-    centres = blob_centres(12, seed=2)
-    anomalous = [with_dark_blob(image, c, RADIUS) for image, c in zip(crops[12:], centres, strict=True)]
-    return {"normals": crops[:12], "good": crops[12:], "anomalous": anomalous, "centres": centres}
+def data(blob_data):
+    return blob_data
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ from anomalygpt.detector import (
     checkpoint_fingerprint,
     held_out_threshold,
     load_batches,
-    load_checkpoint,
+    resumable_state,
     save_checkpoint,
     validation_split,
 )
@@ -164,11 +164,8 @@ class SimpleNetDetector:
             )
         net = net.to(self.device)
         optimisers = self.optimisers(net)
-        path = None if workdir is None else Path(workdir) / CHECKPOINT_NAME
         fingerprint = self.fingerprint(normals)
-        state = None if path is None else load_checkpoint(path, fingerprint)
-        if state is not None and state["step"] > self.config.steps:
-            state = None  # trained past this fit's length: start over rather than return a longer fit
+        path, state = resumable_state(workdir, CHECKPOINT_NAME, fingerprint, "step", self.config.steps)
         start = 0 if state is None else self.restore(state, net, optimisers)
         if start == 0:
             self.losses = []

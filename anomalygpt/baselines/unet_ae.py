@@ -32,7 +32,7 @@ from anomalygpt.detector import (
     checkpoint_fingerprint,
     held_out_threshold,
     load_batches,
-    load_checkpoint,
+    resumable_state,
     save_checkpoint,
     top_scores,
     validation_split,
@@ -190,11 +190,8 @@ class UNetAEDetector:
         train_idx, validation = validation_split(len(normals), self.seed)
         net = self.new_net()
         optimiser = torch.optim.Adam(net.parameters(), lr=self.config.learning_rate)
-        path = None if workdir is None else Path(workdir) / CHECKPOINT_NAME
         fingerprint = self.fingerprint(normals)
-        state = None if path is None else load_checkpoint(path, fingerprint)
-        if state is not None and state["epoch"] > self.config.epochs:
-            state = None  # trained past this fit's length: start over rather than return a longer fit
+        path, state = resumable_state(workdir, CHECKPOINT_NAME, fingerprint, "epoch", self.config.epochs)
         start = 0 if state is None else self.restore(state, net, optimiser)
         if start == 0:
             self.losses = []
