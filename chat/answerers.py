@@ -163,7 +163,7 @@ class AssistantAnswerer:
 
     def __init__(self, assistant: Any, guard: bool | None = None) -> None:
         self.assistant = assistant  # anomalygpt.assistant.Assistant, built with its Inspector
-        self.guard = assistant.cfg.guard if guard is None else guard  # False: a bench measures the bare model
+        self.guard = guard  # None: the preset's; False lets a bench measure the bare model
         self.embeddings: OrderedDict[bytes, torch.Tensor] = OrderedDict()  # digest -> (1, D), oldest first
         self.lock = threading.Lock()
 
@@ -178,7 +178,8 @@ class AssistantAnswerer:
         with torch.inference_mode():
             maps = assistant.map_input(inspection)  # (1, 1, S, S)
             visual = assistant.visual_tokens(self.embedding(image).to(assistant.device), maps)[0]  # (n, hidden)
-        opening = expected_opening(question, inspection) if self.guard else None
+        guarded = assistant.cfg.guard if self.guard is None else self.guard
+        opening = expected_opening(question, inspection) if guarded else None
         prompt = assistant.prompt_ids(system_text(inspection), history, question)
         yield from assistant.stream(prompt, visual, opening)
 
