@@ -98,13 +98,15 @@ def chosen_methods(text: str) -> tuple[str, ...]:
     return tuple(wanted)
 
 
-def check_full_shot_split(split: Any, methods: tuple[str, ...], shots: tuple[int, ...], options: EvalOptions) -> None:
+def check_full_shot_split(
+    split: Any, methods: tuple[str, ...], shots: tuple[int, ...], seeds: tuple[int, ...], test_fraction: float
+) -> None:
     """Every seed's training set holds the Inspector's k references (and enough for a baseline), test both classes."""
     from anomalygpt.detector import MIN_VALIDATION
     from eval.datasets import full_shot_split
 
-    for seed in parse_ints("--seeds", options.seeds, minimum=0):
-        train, test = full_shot_split(split, seed, options.test_fraction)
+    for seed in seeds:
+        train, test = full_shot_split(split, seed, test_fraction)
         needed = max(max(shots) if "inspector" in methods else 0, MIN_VALIDATION + 1)
         if len(train) < needed:
             raise UsageError(
@@ -217,7 +219,7 @@ def prepare(options: EvalOptions) -> EvalJob:
     splits = {name: load_split(options.dataset, root, name) for name in names}
     for split in splits.values():
         if full_shot:
-            check_full_shot_split(split, methods, shots, options)
+            check_full_shot_split(split, methods, shots, seeds, options.test_fraction)
         else:
             check_split(split, shots)
     config = EvalConfig(

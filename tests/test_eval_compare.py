@@ -15,7 +15,15 @@ import skimage.data
 from PIL import Image
 
 import anomalygpt.detector as detector_module
-from anomalygpt.detector import FeatureCache, FitReport, Prediction, Stopwatch, gaussian_threshold, load_batches
+from anomalygpt.detector import (
+    DetectorError,
+    FeatureCache,
+    FitReport,
+    Prediction,
+    Stopwatch,
+    gaussian_threshold,
+    load_batches,
+)
 from eval.cli import main
 from eval.compare import Costs, charged
 from eval.datasets import load_split
@@ -161,3 +169,12 @@ def test_full_shot_split_holds_out_a_seeded_share_of_the_good_images(tree: tuple
     assert len(goods) == 4 and len(train0) == 10 and not set(goods) & set(train0)
     assert set(goods) | set(train0) == set(split.reference_pool)
     assert train0 != train1 and full_shot_split(split, 0, 0.3)[0] == train0
+
+
+def test_normals_of_another_size_are_named_in_one_line(tree: tuple[Path, Path]) -> None:
+    goods = sorted((tree[0] / "good").iterdir())
+    odd = tree[0].parent / "odd.png"
+    Image.fromarray(np.zeros((SIDE, SIDE + 8), dtype=np.uint8)).save(odd)
+    with pytest.raises(DetectorError) as caught:
+        list(load_batches([*goods[:3], odd], "fit"))
+    assert str(caught.value) == f"{odd}: {SIDE + 8}x{SIDE} px, others {SIDE}x{SIDE} px"
