@@ -59,7 +59,7 @@ class VisionBackbone(nn.Module):
         """(H, W, 3) uint8 images -> normalised (B, 3, S, S) at the backbone's input size."""
         batch = []
         for image in images:
-            pixels = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float() / 255.0
+            pixels = torch.from_numpy(image.astype(np.float32)).permute(2, 0, 1)[None] / 255.0  # a writable copy
             batch.append(
                 F.interpolate(
                     pixels,
@@ -101,12 +101,13 @@ class EfficientNetLiteBackbone(VisionBackbone):
 
     def forward(self, pixels: torch.Tensor, embedding: bool = True) -> BackboneFeatures:
         net = self.net
-        x = net._swish(net._bn0(net._conv_stem(pixels)))
+        x = pixels.contiguous(memory_format=torch.channels_last)  # as the weights (see fold_batch_norms)
+        x = net._swish(net._bn0(net._conv_stem(x)))
         patches = []
         for index, block in enumerate(net._blocks):
             x = block(x)
             if index in self.stages:
-                patches.append(x)
+                patches.append(x.contiguous())
             if not embedding and index == max(self.stages):  # the stride-32 blocks and head cost a third
                 return BackboneFeatures(patches, x.new_zeros((x.shape[0], 0)))
         x = net._swish(net._bn1(net._conv_head(x)))
@@ -126,12 +127,32 @@ def efficientnet_weights_path() -> Path:
     return path
 
 
+def fold_batch_norms(net: nn.Module) -> nn.Module:
+    """Frozen EfficientNet-Lite with every BatchNorm folded into the conv before it, in channels-last layout.
+
+    The same function to float rounding (outputs differ by ~1e-6 relative); on the 2-core CPU the stride-16
+    encoder runs about 1.8x faster (bench/bench_scoring.py --backbone). Only for inference: the BNs are gone.
+    """
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    pairs = [(net, "_conv_stem", "_bn0"), (net, "_conv_head", "_bn1")]
+    for block in net._blocks:  # type: ignore[union-attr]
+        if hasattr(block, "_expand_conv"):  # blocks with expand ratio 1 have none
+            pairs.append((block, "_expand_conv", "_bn0"))
+        pairs += [(block, "_depthwise_conv", "_bn1"), (block, "_project_conv", "_bn2")]
+    for owner, conv, norm in pairs:
+        setattr(owner, conv, fuse_conv_bn_eval(getattr(owner, conv).eval(), getattr(owner, norm).eval()))
+        setattr(owner, norm, nn.Identity())
+    return net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+
+
 def build_efficientnet_lite0(cfg: BackboneConfig) -> VisionBackbone:
     from efficientnet_lite_pytorch import EfficientNet
 
     net = EfficientNet.from_name("efficientnet-lite0")
     state = torch.load(efficientnet_weights_path(), map_location="cpu", weights_only=True)
     net.load_state_dict(state, strict=True)
+    fold_batch_norms(net)
     stages = cfg.stages or EFFICIENTNET_DEFAULT_STAGES
     if max(stages) >= len(net._blocks) or min(stages) < 0:
         raise ValueError(f"efficientnet-lite0 stages must be block indices in 0..{len(net._blocks) - 1}, got {stages}")

@@ -109,6 +109,32 @@ def test_efficientnet_real_weights_recognise_a_cat():
     assert float(probs[281:286].sum()) > 0.5
 
 
+def test_efficientnet_folded_batch_norms_compute_the_same_features():
+    from efficientnet_lite_pytorch import EfficientNet
+
+    from anomalygpt.backbones import efficientnet_weights_path
+
+    backbone = build_backbone(BackboneConfig(image_size=160))
+    plain = EfficientNet.from_name("efficientnet-lite0")
+    plain.load_state_dict(torch.load(efficientnet_weights_path(), map_location="cpu", weights_only=True))
+    plain.eval()
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in backbone.modules())
+    pixels = backbone.preprocess([np.random.default_rng(0).integers(0, 256, (150, 170, 3), dtype=np.uint8)])
+    with torch.inference_mode():
+        folded = backbone(pixels, embedding=True)
+        x = plain._swish(plain._bn0(plain._conv_stem(pixels)))
+        expected = []
+        for index, block in enumerate(plain._blocks):
+            x = block(x)
+            if index in backbone.stages:
+                expected.append(x)
+        x = plain._swish(plain._bn1(plain._conv_head(x)))
+    for got, want in zip(folded.patches, expected, strict=True):
+        assert got.is_contiguous()
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+    torch.testing.assert_close(folded.embedding, x.mean(dim=(2, 3)), rtol=1e-4, atol=1e-4)
+
+
 def test_preprocess_normalises_with_the_backbones_own_statistics(efficientnet):
     white = efficientnet.preprocess([np.full((10, 20, 3), 255, np.uint8)])
     assert tuple(white.shape) == (1, 3, 128, 128)
