@@ -21,14 +21,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from anomalygpt.config import load_preset
 from anomalygpt.guard import answer_claims
 from anomalygpt.io import load_image, write_json_atomic
 from chat.answerers import AssistantAnswerer, GroundedAnswerer
 from eval.qa import asker, evaluate, read_records
-from simulation.normals import VALIDATION_PICTURES, normal_crops
+from simulation.normals import VALIDATION_PICTURES, write_normals
 from simulation.writer import write_dataset
 
 SIZE = 256
@@ -38,11 +37,7 @@ ELPV_QUESTION = "Is there a defect in this cell?"
 
 def held_out_conversations(out: Path, n: int, seed: int) -> Path:
     """An `anomalygpt simulate` folder from normals of the validation pictures (resumed when it exists)."""
-    normals = []
-    for index, image in enumerate(normal_crops(VALIDATION_PICTURES, N_NORMALS, SIZE, np.random.default_rng(seed))):
-        normals.append(out / "normals" / f"{index:03d}.png")
-        normals[-1].parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(image).save(normals[-1])
+    normals = write_normals(VALIDATION_PICTURES, N_NORMALS, SIZE, seed, out / "normals")
     write_dataset(normals, out / "conversations", n, seed, None, size=SIZE)
     return out / "conversations"
 

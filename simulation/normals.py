@@ -1,16 +1,22 @@
 """Normal images available offline: scikit-image's bundled pictures (BSD), split into training and validation.
 
-The shipped decoder is trained on crops of the training pictures only; its validation figures come from crops
-of pictures training never saw. ELPV is never used here.
+The shipped decoder and assistant are trained on crops of the training pictures only; their validation figures
+come from crops of pictures training never saw. ELPV is never used here. As a command, it writes a folder of
+such crops for `anomalygpt simulate --normals`:
+
+    python -m simulation.normals --pictures train --n 160 --size 256 --seed 0 --out runs/assistant_cpu/normals
 """
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Sequence
+from pathlib import Path
 
 import cv2
 import numpy as np
 import skimage.data
+from PIL import Image
 
 TRAIN_PICTURES = (
     "brick",
@@ -31,6 +37,7 @@ TRAIN_PICTURES = (
     "colorwheel",
 )
 VALIDATION_PICTURES = ("gravel", "clock", "immunohistochemistry")
+PICTURE_SETS = {"train": TRAIN_PICTURES, "validation": VALIDATION_PICTURES}
 
 
 def picture(name: str) -> np.ndarray:
@@ -54,6 +61,16 @@ def normal_crops(names: Sequence[str], count: int, size: int, rng: np.random.Gen
     """`count` normal images cycling over the named pictures."""
     bases = [picture(name) for name in names]
     return [random_crop(bases[i % len(bases)], size, rng) for i in range(count)]
+
+
+def write_normals(names: Sequence[str], count: int, size: int, seed: int, folder: Path) -> list[Path]:
+    """normal_crops(names, count, size, seed) saved as folder/000.png, 001.png...; returns the paths."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index, image in enumerate(normal_crops(names, count, size, np.random.default_rng(seed))):
+        paths.append(folder / f"{index:03d}.png")
+        Image.fromarray(image).save(paths[-1])
+    return paths
 
 
 def object_images(textures: Sequence[np.ndarray], rng: np.random.Generator) -> list[np.ndarray]:
@@ -80,3 +97,22 @@ def band_crops(
         x = int(rng.integers(0, image.shape[1] - size + 1))
         out.append(np.ascontiguousarray(image[y : y + size, x : x + size]))
     return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Write crops of bundled pictures as a folder of normal images.")
+    parser.add_argument("--pictures", choices=sorted(PICTURE_SETS), default="train")
+    parser.add_argument("--n", type=int, default=160, help="number of crops")
+    parser.add_argument("--size", type=int, default=256, help="square side of each crop")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, required=True, help="folder to write (created; existing files replaced)")
+    args = parser.parse_args(argv)
+    if args.n < 1 or args.size < 16:
+        parser.error("--n must be at least 1 and --size at least 16")
+    paths = write_normals(PICTURE_SETS[args.pictures], args.n, args.size, args.seed, args.out)
+    print(f"wrote {len(paths)} crops of the {args.pictures} pictures to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

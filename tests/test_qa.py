@@ -12,7 +12,7 @@ from PIL import Image
 from anomalygpt.inspection import Inspection
 from chat.answerers import GroundedAnswerer
 from eval.qa import asker, evaluate, read_records, record_case, stated_count, stated_locations, turn_scores
-from simulation.normals import VALIDATION_PICTURES, normal_crops
+from simulation.normals import VALIDATION_PICTURES, write_normals
 from simulation.writer import write_dataset
 
 N = 16
@@ -21,11 +21,7 @@ N = 16
 @pytest.fixture(scope="module")
 def conversations(tmp_path_factory: pytest.TempPathFactory) -> Path:
     base = tmp_path_factory.mktemp("qa")
-    normals = []
-    for index, image in enumerate(normal_crops(VALIDATION_PICTURES, 6, 96, np.random.default_rng(3))):
-        normals.append(base / "normals" / f"{index}.png")
-        normals[-1].parent.mkdir(exist_ok=True)
-        Image.fromarray(image).save(normals[-1])
+    normals = write_normals(VALIDATION_PICTURES, 6, 96, 3, base / "normals")
     write_dataset(normals, base / "sim", N, 11, None, size=96, progress=False)
     return base / "sim"
 

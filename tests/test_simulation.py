@@ -307,3 +307,19 @@ def test_simulate_random_redraws_a_family_that_cannot_mark_the_image() -> None:
     assert result.family == "spot" and result.params["failed_families"] == ["missing"]
     with pytest.raises(SimulationError, match=r"no family .* \(tried missing\)"):
         simulate_random(flat, [], _only(params, "missing"), np.random.default_rng(0))
+
+
+def test_normals_command_writes_seeded_crops_of_the_chosen_pictures(tmp_path: Path) -> None:
+    from simulation.normals import main as normals_main
+
+    assert normals_main(["--pictures", "validation", "--n", "4", "--size", "32", "--out", str(tmp_path / "a")]) == 0
+    assert normals_main(["--pictures", "validation", "--n", "4", "--size", "32", "--out", str(tmp_path / "b")]) == 0
+    written = sorted((tmp_path / "a").iterdir())
+    assert [p.name for p in written] == ["000.png", "001.png", "002.png", "003.png"]
+    first = [cv2.imread(str(p)) for p in written]
+    assert all(image.shape == (32, 32, 3) for image in first)
+    assert all(np.array_equal(a, cv2.imread(str(tmp_path / "b" / p.name))) for a, p in zip(first, written, strict=True))
+    assert not np.array_equal(first[0], first[1])  # crops of different pictures
+    with pytest.raises(SystemExit):
+        normals_main(["--n", "0", "--out", str(tmp_path / "c")])
+    assert not (tmp_path / "c").exists()
