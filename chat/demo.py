@@ -2,7 +2,9 @@
 
 Indexes 4 good cells as references, inspects a few good and defective cells of the same type with thresholds
 from the references alone, writes an overlay, a JSON record and a map per cell plus a summary, and prints the
-verdict table beside the dataset's own labels. ELPV images are read from the installed package, never copied.
+verdict table beside the dataset's own labels, then a scripted two-turn chat about a flagged cell: the LLM
+assistant when the preset ships trained assistant weights (the first run converts the offline LLM once), the
+grounded template answers otherwise. ELPV images are read from the installed package, never copied.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from pathlib import Path
 from anomalygpt.cli import verdict_table, write_outputs
 from anomalygpt.inspection import build_inspector
 from anomalygpt.io import load_image, write_json_atomic
-from chat.answerers import grounded_answer
+from chat.answerers import ANSWERER_CHOICES, AnswererError, GroundedAnswerer, load_answerer
 from eval.datasets import draw_shots, load_split
 
 DEMO_QUESTIONS = ("Is there any defect in this cell?", "Where is it, and how large?")
@@ -28,6 +30,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--per-class", type=int, default=3, help="good and defective cells to inspect, each")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("runs/demo"))
+    parser.add_argument(
+        "--answerer",
+        choices=ANSWERER_CHOICES,
+        default="auto",
+        help="who answers the scripted chat (auto: the LLM assistant when the preset names trained assistant weights)",
+    )
     return parser
 
 
@@ -62,9 +70,22 @@ def main(argv: list[str]) -> int:
     flagged = next((i for i in inspections if i.is_anomalous), None)
     if flagged is not None:
         print(f"\nWhat the assistant is told about {flagged.source}:\n{flagged.facts()}")
-        print(f"\nA scripted chat about {flagged.source} (template answers grounded in the inspection):")
+        try:
+            answerer = load_answerer(inspector.preset, args.answerer, inspector)
+        except AnswererError as error:
+            print(f"anomalygpt demo: error: {error}", file=sys.stderr)
+            return 1
+        who = "template answers" if isinstance(answerer, GroundedAnswerer) else "LLM assistant"
+        print(f"\nA scripted chat about {flagged.source} ({who}, grounded in the inspection):")
+        image, turns = load_image(queries[inspections.index(flagged)].path), []
         for question in DEMO_QUESTIONS:
-            print(f"  operator: {question}\n  assistant: {grounded_answer(question, flagged)}")
+            print(f"  operator: {question}\n  assistant: ", end="", flush=True)
+            pieces = []
+            for piece in answerer.stream(question, turns, flagged, image):
+                print(piece, end="", flush=True)
+                pieces.append(piece)
+            print()
+            turns.append((question, "".join(pieces).strip()))
     write_json_atomic(args.out / "summary.json", {"references": [str(p) for p in refs], "records": records})
     print(f"\nOverlays, maps and JSON records: {args.out}/  ({time.perf_counter() - start:.0f} s)")
     print("Next: .venv/bin/anomalygpt detect QUERY... --ref GOOD... --out DIR   (see README.md)")

@@ -1,9 +1,25 @@
 import json
 
+from chat import demo
 from chat.demo import main
 
 
-def test_demo_inspects_real_elpv_cells_and_writes_overlays(tmp_path, capsys):
+class ScriptedAnswerer:
+    """Records what the demo asks and streams a fixed answer in two pieces."""
+
+    def __init__(self):
+        self.calls = []
+
+    def stream(self, question, history, inspection, image):
+        self.calls.append((question, list(history), inspection, image.shape))
+        yield f"Answer {len(self.calls)} "
+        yield f"about {inspection.source}."
+
+
+def test_demo_inspects_real_elpv_cells_and_writes_overlays(tmp_path, capsys, monkeypatch):
+    answerer = ScriptedAnswerer()
+    chosen = []
+    monkeypatch.setattr(demo, "load_answerer", lambda preset, choice, inspector: chosen.append(choice) or answerer)
     out = tmp_path / "demo"
     assert main(["--per-class", "1", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
@@ -18,6 +34,20 @@ def test_demo_inspects_real_elpv_cells_and_writes_overlays(tmp_path, capsys):
         assert record["verdict"] in printed
     # No reference is ever inspected as a query.
     assert not {r["source"] for r in records} & {p.rsplit("/", 1)[-1] for p in summary["references"]}
+    # The scripted chat: both questions about the flagged cell, streamed, the second one with the first turn.
+    flagged = next(r for r in records if r["is_anomalous"])
+    assert chosen == ["auto"] and [call[0] for call in answerer.calls] == list(demo.DEMO_QUESTIONS)
+    assert all(call[2].source == flagged["source"] and call[3] == (300, 300, 3) for call in answerer.calls)
+    first_answer = f"Answer 1 about {flagged['source']}."
+    assert answerer.calls[0][1] == [] and answerer.calls[1][1] == [(demo.DEMO_QUESTIONS[0], first_answer)]
+    assert f"  assistant: {first_answer}\n" in printed and "(LLM assistant, grounded in the inspection)" in printed
+
+
+def test_demo_grounded_chat_answers_from_the_inspection(tmp_path, capsys):
+    assert main(["--per-class", "1", "--answerer", "grounded", "--out", str(tmp_path / "demo")]) == 0
+    printed = capsys.readouterr().out
+    assert "(template answers, grounded in the inspection)" in printed
+    assert "  assistant: Yes" in printed  # the flagged cell's verdict, first question
 
 
 def test_demo_rejects_out_of_range_options(tmp_path, capsys):
