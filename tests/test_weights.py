@@ -135,3 +135,18 @@ def test_file_record_hashes_in_chunks(tmp_path):
     json.dumps(file_record(big))  # goes straight into MANIFEST.json
     with pytest.raises(WeightsError, match="nope.bin: file not found"):
         file_record(tmp_path / "nope.bin")
+
+
+def test_every_shipped_weight_file_is_recorded_with_its_hash():
+    from anomalygpt.inspection import WEIGHTS_DIR
+
+    recorded = json.loads((WEIGHTS_DIR / "MANIFEST.json").read_text())["files"]
+    shipped = {
+        path.relative_to(WEIGHTS_DIR).as_posix()
+        for path in WEIGHTS_DIR.rglob("*")
+        if path.suffix in {".safetensors", ".json"} and path.name != "MANIFEST.json"  # what loads (not plots)
+    }
+    assert shipped == set(recorded)
+    for name, entry in recorded.items():
+        assert {key: entry[key] for key in ("sha256", "size_bytes")} == file_record(WEIGHTS_DIR / name), name
+        assert entry["command"] and entry["data"] and isinstance(entry["seed"], int)
