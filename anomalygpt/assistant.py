@@ -220,7 +220,9 @@ class Assistant(nn.Module):
         return chat_prompt_ids(self.tokenizer, messages)
 
     def stream(self, prompt_ids: Sequence[int], visual: torch.Tensor, opening: str | None = None) -> Iterator[str]:
-        """Greedy answer as text pieces; `opening` ("Yes"/"No") is prefilled and streamed first. visual: (n, hidden)."""
+        """Greedy answer as text pieces; `opening` (guard.expected_opening) is prefilled and streamed first.
+
+        visual: (n, hidden)."""
         from transformers import TextIteratorStreamer
 
         prefix = self.tokenizer.encode(opening, add_special_tokens=False) if opening else []

@@ -1,15 +1,19 @@
-"""Keep answers consistent with the detector: question intents, the forced Yes/No opening, and `contradicts`.
+"""Keep answers consistent with the detector: question intents, forced openings, and `contradicts`.
 
-The detector decides, the LLM explains. For a yes/no question about whether there is a defect, the assistant's
-turn is prefilled with the opening word the Inspection implies ("Yes"/"No"), and the model only continues it.
-`contradicts` reads an answer's claims about the verdict, so a bench can count how often an unguarded model
-contradicts the Inspection it was given. Intent names are those of simulation/conversations.py.
+The detector decides, the LLM explains. Where a question asks for a fact the Inspection holds, the assistant's
+turn is prefilled with that fact and the model only continues it: the opening word ("Yes"/"No") of a yes/no
+question about whether there is a defect, the region count of a count question, and every region's location of
+a where question (in the wording of the training conversations). `contradicts` reads an answer's claims about
+the verdict, so a bench can count how often an unguarded model contradicts the Inspection it was given. Intent
+names are those of simulation/conversations.py.
 """
 
 from __future__ import annotations
 
 import re
 from typing import TYPE_CHECKING
+
+from anomalygpt.regions import where_phrase
 
 if TYPE_CHECKING:
     from anomalygpt.inspection import Inspection
@@ -90,11 +94,24 @@ def presence_polarity(question: str) -> str | None:
 
 
 def expected_opening(question: str, inspection: Inspection) -> str | None:
-    """ "Yes" or "No" as the Inspection answers a defect yes/no question; None for any other question."""
+    """The opening the Inspection dictates: "Yes"/"No" for a defect yes/no question, the region count for a count
+    question, the regions' locations for a where question; None for any other question, and for count and
+    where questions on an image that is anomalous by its score with no region outlined (no fact to state)."""
     polarity = presence_polarity(question)
-    if polarity is None:
+    if polarity is not None:
+        return "Yes" if inspection.is_anomalous == (polarity == "defect") else "No"
+    intent, regions = question_intent(question), inspection.regions
+    if intent not in ("count", "where") or inspection.is_anomalous != bool(regions):
         return None
-    return "Yes" if inspection.is_anomalous == (polarity == "defect") else "No"
+    n = len(regions)
+    if intent == "count":
+        return {0: "I count 0 anomalous regions", 1: "There is 1 anomalous region"}.get(
+            n, f"There are {n} anomalous regions"
+        )
+    if n == 0:
+        return "Nowhere. I found no anomalous region"
+    where = where_phrase(regions)
+    return f"The anomaly is {where}" if n == 1 else f"There are {n} anomalous regions: {where}"
 
 
 def answer_claims(answer: str, question: str | None = None) -> set[bool]:

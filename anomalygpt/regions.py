@@ -7,6 +7,7 @@ box (x0, y0, x1, y1) has x1/y1 exclusive and a filled box has its centroid at th
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -24,6 +25,21 @@ LOCATION_WORDS = (
     "bottom",
     "bottom right",
 )
+# Every phrase that names a place uses exactly one LOCATION_WORDS entry; answers name places only through these
+# phrases (simulation.conversations keeps top/bottom/left/right/center out of all other template text), so an
+# evaluator can read the locations off any answer except near_edge's, which names image borders.
+LOCATION_PHRASES = {
+    "top left": "in the top left",
+    "top": "at the top",
+    "top right": "in the top right",
+    "left": "on the left",
+    "center": "in the center",
+    "right": "on the right",
+    "bottom left": "in the bottom left",
+    "bottom": "at the bottom",
+    "bottom right": "in the bottom right",
+}
+NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
 # Size words by % of the image area. MVTec AD / VisA defects mostly cover well under 1% of the image:
 # below 0.5% (about a 16x16 px blob at 224 px, one backbone patch) is a spot an operator must look for,
 # 0.5-3% (up to about a 40x40 px blob at 224 px) is plainly visible, and 3% or more is a large area.
@@ -243,3 +259,22 @@ def regions_summary(regions: list[Region]) -> str:
         return "No anomalous region."
     noun = "region" if len(regions) == 1 else "regions"
     return f"{len(regions)} anomalous {noun}: " + "; ".join(region.describe() for region in regions) + "."
+
+
+def join_words(items: Sequence[str]) -> str:
+    """'a', 'a and b', 'a, b and c'."""
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def number_word(count: int) -> str:
+    """'one'...'ten', digits above."""
+    return NUMBER_WORDS[count] if count < len(NUMBER_WORDS) else str(count)
+
+
+def where_phrase(regions: Sequence[Region]) -> str:
+    """Every region's location: 'in the top left', or 'two in the top left and one at the bottom'."""
+    words = [region.location for region in regions]
+    groups = list(dict.fromkeys(words))  # first appearance, i.e. largest region first
+    if len(groups) == len(words):
+        return join_words([LOCATION_PHRASES[word] for word in groups])
+    return join_words([f"{number_word(words.count(word))} {LOCATION_PHRASES[word]}" for word in groups])

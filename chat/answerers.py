@@ -22,14 +22,13 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 import torch
 
-from anomalygpt.regions import format_pct
+from anomalygpt.regions import format_pct, where_phrase
 from simulation.conversations import (
     ANSWER_BUILDERS,
     CONFIDENCE_ADVERBS,
     CONFIDENCE_REASONS,
     Facts,
     render,
-    where_phrase,
 )
 
 if TYPE_CHECKING:

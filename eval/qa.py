@@ -8,8 +8,8 @@ and its own earlier answers as history. Scored per turn:
 - location ("where" turns on anomalous images): the set of location words stated equals the regions' set;
 - count ("count" turns): the first number stated (digits or words; "no"/"none" = 0) equals the region count;
 - contradiction (every turn): the answer states a verdict other than the Inspection's (guard.contradicts).
-For an answerer with a guard, "anomaly" turns are also answered unguarded, to report how often the bare model
-would have contradicted the Inspection.
+For an answerer with a guard, the turns the guard may prefill (GUARDED_INTENTS) are also answered unguarded, to
+report the bare model's own accuracy and how often it would have contradicted the Inspection.
 """
 
 from __future__ import annotations
@@ -28,16 +28,16 @@ from tqdm import tqdm
 from anomalygpt.guard import answer_claims, contradicts
 from anomalygpt.inspection import Inspection
 from anomalygpt.io import load_image
-from anomalygpt.regions import LOCATION_WORDS
+from anomalygpt.regions import LOCATION_WORDS, NUMBER_WORDS
 
 # Longest first, so "top left" is read as one word and not also as "top" and "left".
 LOCATION_PATTERN = re.compile(
     r"\b(" + "|".join(sorted((re.escape(w) for w in (*LOCATION_WORDS, "centre")), key=len, reverse=True)) + r")\b",
     re.IGNORECASE,
 )
-NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
 NUMBER_PATTERN = re.compile(r"\b(\d+|" + "|".join(NUMBER_WORDS) + r"|none|no)\b", re.IGNORECASE)
 FIGURES = ("yes_no", "location", "count")
+GUARDED_INTENTS = ("anomaly", "where", "count")  # anomalygpt.guard.expected_opening prefills these
 
 Ask = Callable[[str, Sequence[tuple[str, str]], Inspection, np.ndarray], str]  # question, history -> answer
 
@@ -79,8 +79,9 @@ class TurnResult:
     answer: str
     scores: dict[str, bool]
     contradicts: bool
-    unguarded_answer: str | None = None  # "anomaly" turns, when an unguarded answerer was given
+    unguarded_answer: str | None = None  # GUARDED_INTENTS turns, when an unguarded answerer was given
     unguarded_contradicts: bool | None = None
+    unguarded_scores: dict[str, bool] = field(default_factory=dict)
 
 
 @dataclass
@@ -92,8 +93,9 @@ class QAReport:
         """Accuracy per figure with its count, contradiction counts and rates, time per answer."""
         out: dict[str, Any] = {}
         for figure in FIGURES:
-            values = [turn.scores[figure] for turn in self.turns if figure in turn.scores]
-            out[figure] = {"accuracy": float(np.mean(values)) if values else None, "n": len(values)}
+            out[figure] = accuracy([turn.scores for turn in self.turns], figure)
+        bare_scores = [turn.unguarded_scores for turn in self.turns if turn.unguarded_answer is not None]
+        out["unguarded"] = {figure: accuracy(bare_scores, figure) for figure in FIGURES}
         n = len(self.turns)
         conflicts = sum(turn.contradicts for turn in self.turns)
         out["contradictions"] = {"count": conflicts, "n": n, "rate": conflicts / n if n else None}
@@ -105,6 +107,11 @@ class QAReport:
         }
         out["seconds_per_answer"] = self.seconds / max(1, n + len(bare))
         return out
+
+
+def accuracy(scores: Sequence[dict[str, bool]], figure: str) -> dict[str, Any]:
+    values = [score[figure] for score in scores if figure in score]
+    return {"accuracy": float(np.mean(values)) if values else None, "n": len(values)}
 
 
 def read_records(data: Path, limit: int = 0) -> list[dict[str, Any]]:
@@ -141,9 +148,10 @@ def replay(
             record["id"], turn["intent"], question, answer, turn_scores(turn, answer),
             contradicts(answer, inspection, question),
         )  # fmt: skip
-        if unguarded is not None and turn["intent"] == "anomaly":
+        if unguarded is not None and turn["intent"] in GUARDED_INTENTS:
             result.unguarded_answer = unguarded(question, history, inspection, image)
             result.unguarded_contradicts = contradicts(result.unguarded_answer, inspection, question)
+            result.unguarded_scores = turn_scores(turn, result.unguarded_answer)
         history.append((question, answer))
         results.append(result)
     return results

@@ -29,10 +29,14 @@ from scipy import ndimage
 
 from anomalygpt.regions import (
     EIGHT_CONNECTED,
+    LOCATION_PHRASES,
     Region,
     default_min_area_px,
     find_regions,
     format_pct,
+    join_words,
+    number_word,
+    where_phrase,
 )
 from simulation.anomalies import FAMILIES
 
@@ -59,20 +63,6 @@ CONFIDENCE_WORDS = ("low", "medium", "high")
 EDGE_MARGIN_FRACTION = 0.05
 MASK_THRESHOLD = 0.5
 
-# Every phrase that names a place uses exactly one LOCATION_WORDS entry; no other template text may contain
-# top/bottom/left/right/center, so an evaluator can read the locations off any answer except near_edge's,
-# which names image borders.
-LOCATION_PHRASES = {
-    "top left": "in the top left",
-    "top": "at the top",
-    "top right": "in the top right",
-    "left": "on the left",
-    "center": "in the center",
-    "right": "on the right",
-    "bottom left": "in the bottom left",
-    "bottom": "at the bottom",
-    "bottom right": "in the bottom right",
-}
 FAMILY_LOOKS = {
     "scratch": "a scratch or crack",
     "spot": "a spot or small hole",
@@ -93,7 +83,6 @@ CONFIDENCE_REASONS = {
     "low": "the evidence is weak, so please check it by eye",
 }
 CONFIDENCE_ADVERBS = {"high": "very", "medium": "fairly", "low": "not very"}
-NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
 
 QUESTIONS: dict[str, tuple[str, ...]] = {
     "anomaly": (
@@ -416,25 +405,6 @@ def render(intent: str, case: str, rng: np.random.Generator, **fields: Any) -> s
 def capitalise(text: str) -> str:
     """Text with its first character upper-cased (str.capitalize would lower the rest)."""
     return text[:1].upper() + text[1:]
-
-
-def join_words(items: Sequence[str]) -> str:
-    """'a', 'a and b', 'a, b and c'."""
-    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
-
-
-def number_word(count: int) -> str:
-    """'one'...'ten', digits above."""
-    return NUMBER_WORDS[count] if count < len(NUMBER_WORDS) else str(count)
-
-
-def where_phrase(regions: Sequence[Region]) -> str:
-    """Every region's location: 'in the top left', or 'two in the top left and one at the bottom'."""
-    words = [region.location for region in regions]
-    groups = list(dict.fromkeys(words))  # first appearance, i.e. largest region first
-    if len(groups) == len(words):
-        return join_words([LOCATION_PHRASES[word] for word in groups])
-    return join_words([f"{number_word(words.count(word))} {LOCATION_PHRASES[word]}" for word in groups])
 
 
 def look_for(family: str | None) -> str:

@@ -54,6 +54,30 @@ def inspection_with(blobs: list[tuple[int, int]], margin: float = 2.0) -> Inspec
     )
 
 
+def test_guard_openings_state_the_inspections_count_and_places() -> None:
+    from anomalygpt.guard import answer_claims, expected_opening
+    from eval.qa import stated_count, stated_locations
+
+    normal, one, three = (
+        inspection_with([], margin=-2.0),
+        inspection_with([(5, 5)]),
+        inspection_with([(5, 5), (75, 5), (40, 75)]),
+    )
+    assert [r.location for r in three.regions] == ["top left", "top right", "bottom"]
+    for question in QUESTIONS["count"]:
+        assert [stated_count(expected_opening(question, i) or "") for i in (normal, one, three)] == [0, 1, 3]
+    for question in QUESTIONS["where"]:
+        assert stated_locations(expected_opening(question, one) or "") == {"top left"}, question
+        assert stated_locations(expected_opening(question, three) or "") == {"top left", "top right", "bottom"}
+        assert answer_claims(expected_opening(question, normal) or "") == {False}
+    # Anomalous by its score with no region outlined: no count or place to state.
+    no_region = replace(one, regions=[])
+    assert expected_opening("How many defects are there?", no_region) is None
+    assert expected_opening("Where is it?", no_region) is None
+    assert expected_opening("Is it near the edge?", three) is None
+    assert expected_opening("Is there a defect?", normal) == "No"
+
+
 def test_every_training_question_gets_its_intent() -> None:
     for intent, questions in QUESTIONS.items():
         for question in questions:

@@ -225,12 +225,13 @@ def test_guard_forces_the_verdicts_yes_or_no(
     assert expected_opening("Is this part OK?", inspection) == ("No" if inspection.is_anomalous else "Yes")
 
 
-def test_other_questions_are_not_prefilled(assistant: Assistant, references: References) -> None:
+def test_fact_questions_are_prefilled_and_the_others_are_not(assistant: Assistant, references: References) -> None:
     session = session_with(assistant, references)
-    session.show(BAD)
+    inspection = session.show(BAD)
     session.ask("Is it near the edge?")
-    session.ask("Where is the defect located?")
-    assert [turn.guarded for turn in session.history] == [False, False]
+    where = session.ask("Where is the defect located?")
+    assert [turn.guarded for turn in session.history] == [False, True]
+    assert inspection.regions and where.startswith(expected_opening("Where is the defect located?", inspection) or "-")
 
 
 def test_streamed_answer_equals_the_whole_answer(assistant: Assistant, references: References) -> None:

@@ -11,7 +11,16 @@ from PIL import Image
 
 from anomalygpt.inspection import Inspection
 from chat.answerers import GroundedAnswerer
-from eval.qa import asker, evaluate, read_records, record_case, stated_count, stated_locations, turn_scores
+from eval.qa import (
+    GUARDED_INTENTS,
+    asker,
+    evaluate,
+    read_records,
+    record_case,
+    stated_count,
+    stated_locations,
+    turn_scores,
+)
 from simulation.normals import VALIDATION_PICTURES, write_normals
 from simulation.writer import write_dataset
 
@@ -77,11 +86,17 @@ def test_an_answerer_that_always_says_fine(conversations: Path) -> None:
     assert summary["yes_no"]["accuracy"] == pytest.approx(1 - np.mean(anomalous))
     expected = sum(len(r["turns"]) for r in records if r["regions"])  # every turn about an anomalous image
     assert summary["contradictions"]["count"] == expected
+    # Unguarded: every turn the guard may prefill is answered again, and scored on its own.
+    guarded = [(bool(r["regions"]), t) for r in records for t in r["turns"] if t["intent"] in GUARDED_INTENTS]
     assert summary["unguarded_contradictions"] == {
-        "count": sum(anomalous),
-        "n": N,
-        "rate": pytest.approx(np.mean(anomalous)),
+        "count": sum(bad for bad, _ in guarded),
+        "n": len(guarded),
+        "rate": pytest.approx(np.mean([bad for bad, _ in guarded])),
     }
+    counts = [t["truth"]["count"] == 0 for _, t in guarded if t["intent"] == "count"]
+    assert summary["unguarded"]["yes_no"] == summary["yes_no"]
+    assert summary["unguarded"]["count"] == {"accuracy": pytest.approx(np.mean(counts)), "n": len(counts)}
+    assert all(not turn.unguarded_scores.get("location", False) for turn in report.turns)
 
 
 def test_record_case_states_the_conversation_and_maps_its_mask(conversations: Path) -> None:
