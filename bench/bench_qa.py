@@ -93,12 +93,14 @@ def main() -> int:
             guarded, bare = AssistantAnswerer(assistant, guard=True), AssistantAnswerer(assistant, guard=False)
             report = evaluate(data, records[: args.llm_conversations], asker(guarded), asker(bare), z, args.seed)
             results["assistant"] = report.summary()
-            examples = [vars(turn) for turn in report.turns[:12]]
-            results["assistant_examples"] = examples
+            results["assistant_examples"] = [vars(turn) for turn in report.turns[:12]]
+            failed = [turn for turn in report.turns if turn.contradicts or not all(turn.scores.values())]
+            results["assistant_failures"] = [vars(turn) for turn in failed]
         if args.elpv > 0:
             results["elpv"] = elpv_agreement(assistant, args.elpv, args.seed)
     write_json_atomic(args.out / "bench_qa.json", results)
-    print(json.dumps({k: v for k, v in results.items() if k != "assistant_examples"}, indent=1))
+    shown = {k: v for k, v in results.items() if k not in ("assistant_examples", "assistant_failures")}
+    print(json.dumps(shown, indent=1))
     return 0
 
 
