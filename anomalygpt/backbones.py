@@ -143,7 +143,7 @@ def fold_batch_norms(net: nn.Module) -> nn.Module:
     for owner, conv, norm in pairs:
         setattr(owner, conv, fuse_conv_bn_eval(getattr(owner, conv).eval(), getattr(owner, norm).eval()))
         setattr(owner, norm, nn.Identity())
-    return net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    return net.to(memory_format=torch.channels_last)
 
 
 def build_efficientnet_lite0(cfg: BackboneConfig) -> VisionBackbone:
