@@ -282,6 +282,8 @@ def test_contradicts_on_hand_written_answers(verdicts: dict[str, Inspection]) ->
         ("The image looks normal, and 2 anomalous regions stand out.", None, True, True),  # says both
         ("Nothing: 0% of the image looks anomalous.", "How big is it?", True, False),
         ("About 1.0% of the image; I would call that medium.", "Is the defect big or small?", False, False),
+        ("No, I found no anomalous region at the edge.", "Is it at the edge of the image?", False, False),
+        ("No anomalous region; the image looks normal.", "Where is it?", True, False),
     ]
     for answer, question, against_bad, against_good in cases:
         assert contradicts(answer, bad, question) is against_bad, answer
