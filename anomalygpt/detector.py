@@ -185,12 +185,14 @@ def checkpoint_fingerprint(
     return out
 
 
+def held_out_rule(n: int) -> str:
+    return f"mean + {THRESHOLD_Z:g} std of the image scores of {n} held-out normals"
+
+
 def held_out_threshold(detector: Detector, normals: Sequence[ImageSource]) -> tuple[float, str]:
     """The baselines' own threshold and its rule: mean + THRESHOLD_Z std of held-out normals' image scores."""
     scores = predict_all(detector, normals, f"{detector.name}: validation")
-    return gaussian_threshold(
-        scores
-    ), f"mean + {THRESHOLD_Z:g} std of the image scores of {len(normals)} held-out normals"
+    return gaussian_threshold(scores), held_out_rule(len(normals))
 
 
 def resumable_state(

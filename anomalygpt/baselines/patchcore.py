@@ -25,6 +25,7 @@ from anomalygpt.detector import (
     Prediction,
     Stopwatch,
     checkpoint_fingerprint,
+    held_out_rule,
     held_out_threshold,
     load_checkpoint,
     save_checkpoint,
@@ -181,8 +182,7 @@ class PatchCoreDetector:
                 save_checkpoint(path, state)
         self.bank = state["bank"].to(self.device, torch.float32)  # stored float16 patches: lossless
         self.threshold = float(state["threshold"])
-        share = f"{VALIDATION_FRACTION:.0%}"
-        rule = f"mean + 3 std of the image scores of {len(held_out)} held-out normals ({share}, not in the bank)"
+        rule = held_out_rule(len(held_out)) + f" ({VALIDATION_FRACTION:.0%}, not in the bank)"
         return FitReport(len(normals), watch.seconds, self.threshold, rule, resumed=resumed)
 
     @property
@@ -206,14 +206,7 @@ class PatchCoreDetector:
     def predict(self, images: Sequence[np.ndarray]) -> Prediction:
         if self.bank is None:
             raise DetectorError(f"{self.name}: predict before fit")
-        grid = patch_grid(self.features.patches(images), self.config.neighbourhood)
-        return self.score_grids(grid, images[0].shape[:2])
-
-    @torch.inference_mode()
-    def score_grids(self, grid: torch.Tensor, size: tuple[int, int]) -> Prediction:
-        """Scores and maps of images of size (H, W) from their (B, C, h, w) patch grid."""
-        if self.bank is None:
-            raise DetectorError(f"{self.name}: predict before fit")
+        grid = patch_grid(self.features.patches(images), self.config.neighbourhood)  # (B, C, h, w)
         b, _, h, w = grid.shape
         queries = grid_rows(grid.float())
         distances, indices = nearest_bank(queries, self.bank, 1, self.config.chunk_elements)
@@ -222,7 +215,7 @@ class PatchCoreDetector:
         scores = reweighted_scores(
             queries[worst], indices[worst, 0], self.bank, self.config.reweight_neighbours, self.config.chunk_elements
         )
-        maps = fuse_maps([patch_scores.view(b, h, w)], size, self.config.sigma)
+        maps = fuse_maps([patch_scores.view(b, h, w)], images[0].shape[:2], self.config.sigma)
         return Prediction(scores.cpu().numpy().astype(np.float64), maps)
 
 
