@@ -7,47 +7,36 @@ from torch import nn
 from anomalygpt.baselines.feature_ae import FeatureAEConfig, FeatureAEDetector, build
 from anomalygpt.detector import DetectorError, build_detector
 
-RADIUS = BLOB_RADIUS
 # Twelve 128 px crops give 3 steps an epoch: more epochs and a higher rate than the ELPV-sized default.
 SMALL = FeatureAEConfig(epochs=60, batch_images=4, learning_rate=1e-2)
 QUICK = FeatureAEConfig(epochs=3, batch_images=4)  # checkpoint mechanics only
 
 
 @pytest.fixture(scope="module")
-def cache(feature_cache):
-    return feature_cache
+def fitted(feature_cache, blob_data):
+    detector = build(feature_cache, seed=0, config=SMALL)
+    return detector, detector.fit(blob_data["normals"])
 
 
-@pytest.fixture(scope="module")
-def data(blob_data):
-    return blob_data
-
-
-@pytest.fixture(scope="module")
-def fitted(cache, data):
-    detector = build(cache, seed=0, config=SMALL)
-    return detector, detector.fit(data["normals"])
-
-
-def test_every_blob_scores_above_every_held_out_good_crop(fitted, data):
+def test_every_blob_scores_above_every_held_out_good_crop(fitted, blob_data):
     detector, _ = fitted
-    good = detector.predict(data["good"]).scores
-    bad = detector.predict(data["anomalous"]).scores
+    good = detector.predict(blob_data["good"]).scores
+    bad = detector.predict(blob_data["anomalous"]).scores
     assert bad.min() > good.max()
 
 
-def test_map_peaks_inside_the_blob(fitted, data):
+def test_map_peaks_inside_the_blob(fitted, blob_data):
     detector, _ = fitted
-    maps = detector.predict(data["anomalous"]).maps
+    maps = detector.predict(blob_data["anomalous"]).maps
     assert maps.shape == (12, 128, 128) and maps.dtype == np.float32
-    for anomaly_map, (cx, cy) in zip(maps, data["centres"], strict=True):
+    for anomaly_map, (cx, cy) in zip(maps, blob_data["centres"], strict=True):
         y, x = np.unravel_index(anomaly_map.argmax(), anomaly_map.shape)
-        assert (x - cx) ** 2 + (y - cy) ** 2 <= RADIUS**2
+        assert (x - cx) ** 2 + (y - cy) ** 2 <= BLOB_RADIUS**2
 
 
-def test_threshold_is_mean_plus_3_std_of_the_training_scores(fitted, data):
+def test_threshold_is_mean_plus_3_std_of_the_training_scores(fitted, blob_data):
     detector, report = fitted
-    scores = detector.predict(data["normals"]).scores
+    scores = detector.predict(blob_data["normals"]).scores
     assert report.threshold == detector.threshold
     assert report.threshold == pytest.approx(scores.mean() + 3 * scores.std(ddof=1), rel=1e-6)
     assert report.n_images == 12 and not report.resumed and "training normals" in report.threshold_rule
@@ -60,22 +49,24 @@ def test_training_lowers_the_loss_and_widths_follow_the_features(fitted):
     assert [(c.in_channels, c.out_channels) for c in convs] == [(152, 64), (64, 32), (32, 64), (64, 152)]
 
 
-def test_refit_with_the_same_workdir_resumes_and_another_seed_does_not(cache, data, tmp_path):
-    first = build(cache, seed=0, config=QUICK)
-    assert not first.fit(data["normals"], tmp_path).resumed
+def test_refit_with_the_same_workdir_resumes_and_another_seed_does_not(feature_cache, blob_data, tmp_path):
+    first = build(feature_cache, seed=0, config=QUICK)
+    assert not first.fit(blob_data["normals"], tmp_path).resumed
     assert (tmp_path / "feature-ae.pt").is_file()
-    again = build(cache, seed=0, config=QUICK)
-    report = again.fit(data["normals"], tmp_path)
+    again = build(feature_cache, seed=0, config=QUICK)
+    report = again.fit(blob_data["normals"], tmp_path)
     assert report.resumed and report.threshold == first.threshold and again.losses == first.losses
-    a, b = first.predict(data["anomalous"]), again.predict(data["anomalous"])
+    a, b = first.predict(blob_data["anomalous"]), again.predict(blob_data["anomalous"])
     np.testing.assert_array_equal(a.scores, b.scores)
     np.testing.assert_array_equal(a.maps, b.maps)
-    assert not build(cache, seed=1, config=QUICK).fit(data["normals"], tmp_path).resumed
+    assert not build(feature_cache, seed=1, config=QUICK).fit(blob_data["normals"], tmp_path).resumed
 
 
-def test_interrupted_training_resumes_from_the_last_epoch_to_the_same_model(cache, data, tmp_path, monkeypatch):
-    unbroken = build(cache, seed=0, config=QUICK)
-    unbroken.fit(data["normals"])
+def test_interrupted_training_resumes_from_the_last_epoch_to_the_same_model(
+    feature_cache, blob_data, tmp_path, monkeypatch
+):
+    unbroken = build(feature_cache, seed=0, config=QUICK)
+    unbroken.fit(blob_data["normals"])
     original = FeatureAEDetector.train_epoch
     epochs_run: list[int] = []
 
@@ -87,19 +78,21 @@ def test_interrupted_training_resumes_from_the_last_epoch_to_the_same_model(cach
 
     monkeypatch.setattr(FeatureAEDetector, "train_epoch", crash_in_second_epoch)
     with pytest.raises(KeyboardInterrupt):
-        build(cache, seed=0, config=QUICK).fit(data["normals"], tmp_path)
+        build(feature_cache, seed=0, config=QUICK).fit(blob_data["normals"], tmp_path)
     monkeypatch.setattr(FeatureAEDetector, "train_epoch", original)
-    resumed = build(cache, seed=0, config=QUICK)
-    report = resumed.fit(data["normals"], tmp_path)
+    resumed = build(feature_cache, seed=0, config=QUICK)
+    report = resumed.fit(blob_data["normals"], tmp_path)
     assert epochs_run == [0, 1] and report.resumed
     assert resumed.losses == unbroken.losses and report.threshold == unbroken.threshold
-    np.testing.assert_array_equal(resumed.predict(data["anomalous"]).maps, unbroken.predict(data["anomalous"]).maps)
+    np.testing.assert_array_equal(
+        resumed.predict(blob_data["anomalous"]).maps, unbroken.predict(blob_data["anomalous"]).maps
+    )
 
 
-def test_training_uses_no_global_rng(cache, data):
+def test_training_uses_no_global_rng(feature_cache, blob_data):
     torch.manual_seed(123)
     before = torch.random.get_rng_state()
-    build(cache, seed=0, config=QUICK).fit(data["normals"])
+    build(feature_cache, seed=0, config=QUICK).fit(blob_data["normals"])
     assert torch.equal(before, torch.random.get_rng_state())
 
 
@@ -116,15 +109,15 @@ def test_training_uses_no_global_rng(cache, data):
         FeatureAEConfig(top_fraction=0.0),
     ],
 )
-def test_bad_config_raises(cache, config):
+def test_bad_config_raises(feature_cache, config):
     with pytest.raises(DetectorError, match="feature-ae: "):
-        build(cache, seed=0, config=config)
+        build(feature_cache, seed=0, config=config)
 
 
-def test_predict_before_fit_raises(cache, data):
+def test_predict_before_fit_raises(feature_cache, blob_data):
     with pytest.raises(DetectorError, match="before fit"):
-        build(cache, seed=0).predict(data["good"])
+        build(feature_cache, seed=0).predict(blob_data["good"])
 
 
-def test_built_by_name(cache):
-    assert isinstance(build_detector("feature-ae", cache, seed=0), FeatureAEDetector)
+def test_built_by_name(feature_cache):
+    assert isinstance(build_detector("feature-ae", feature_cache, seed=0), FeatureAEDetector)

@@ -15,47 +15,35 @@ from anomalygpt.baselines.patchcore import (
 )
 from anomalygpt.detector import DetectorError, build_detector, validation_split
 
-RADIUS = BLOB_RADIUS
-
 
 @pytest.fixture(scope="module")
-def cache(feature_cache):
-    return feature_cache
-
-
-@pytest.fixture(scope="module")
-def data(blob_data):
-    return blob_data
-
-
-@pytest.fixture(scope="module")
-def fitted(cache, data, tmp_path_factory):
+def fitted(feature_cache, blob_data, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("patchcore")
-    detector = build(cache, seed=0)
-    report = detector.fit(data["normals"], workdir)
+    detector = build(feature_cache, seed=0)
+    report = detector.fit(blob_data["normals"], workdir)
     return detector, report, workdir
 
 
-def test_every_blob_scores_above_every_held_out_good_crop(fitted, data):
+def test_every_blob_scores_above_every_held_out_good_crop(fitted, blob_data):
     detector, _, _ = fitted
-    good = detector.predict(data["good"]).scores
-    bad = detector.predict(data["anomalous"]).scores
+    good = detector.predict(blob_data["good"]).scores
+    bad = detector.predict(blob_data["anomalous"]).scores
     assert bad.min() > good.max()
 
 
-def test_map_peaks_inside_the_blob(fitted, data):
+def test_map_peaks_inside_the_blob(fitted, blob_data):
     detector, _, _ = fitted
-    maps = detector.predict(data["anomalous"]).maps
+    maps = detector.predict(blob_data["anomalous"]).maps
     assert maps.shape == (12, 128, 128) and maps.dtype == np.float32
-    for anomaly_map, (cx, cy) in zip(maps, data["centres"], strict=True):
+    for anomaly_map, (cx, cy) in zip(maps, blob_data["centres"], strict=True):
         y, x = np.unravel_index(anomaly_map.argmax(), anomaly_map.shape)
-        assert (x - cx) ** 2 + (y - cy) ** 2 <= RADIUS**2
+        assert (x - cx) ** 2 + (y - cy) ** 2 <= BLOB_RADIUS**2
 
 
-def test_threshold_is_mean_plus_3_std_of_held_out_normals(fitted, data):
+def test_threshold_is_mean_plus_3_std_of_held_out_normals(fitted, blob_data):
     detector, report, _ = fitted
     _, held_out = validation_split(12, seed=0)
-    scores = detector.predict([data["normals"][i] for i in held_out]).scores
+    scores = detector.predict([blob_data["normals"][i] for i in held_out]).scores
     assert report.threshold == detector.threshold
     assert report.threshold == pytest.approx(scores.mean() + 3 * scores.std(ddof=1), rel=1e-5)
     assert report.n_images == 12 and not report.resumed and "held-out" in report.threshold_rule
@@ -99,11 +87,11 @@ def test_coreset_size_honours_ratio_and_minimum():
     assert coreset_size(2560, 0.1, 1) == 256
 
 
-def test_coreset_ratio_sets_the_bank_size_without_the_global_rng(cache, data):
+def test_coreset_ratio_sets_the_bank_size_without_the_global_rng(feature_cache, blob_data):
     torch.manual_seed(123)
     before = torch.random.get_rng_state()
-    detector = build(cache, seed=0, config=PatchCoreConfig(coreset_ratio=0.1, min_coreset=1))
-    detector.fit(data["normals"])
+    detector = build(feature_cache, seed=0, config=PatchCoreConfig(coreset_ratio=0.1, min_coreset=1))
+    detector.fit(blob_data["normals"])
     assert detector.bank is not None and detector.bank.shape[0] == math.ceil(0.1 * 2560)
     assert torch.equal(before, torch.random.get_rng_state())
 
@@ -121,20 +109,20 @@ def test_reweighting_matches_hand_computed_weight_and_stays_finite():
     assert far.item() == pytest.approx(expected, rel=1e-6)
 
 
-def test_second_fit_with_the_same_workdir_resumes(fitted, cache, data):
+def test_second_fit_with_the_same_workdir_resumes(fitted, feature_cache, blob_data):
     detector, report, workdir = fitted
     assert (workdir / "patchcore.pt").is_file()
-    again = build(cache, seed=0)
-    resumed = again.fit(data["normals"], workdir)
+    again = build(feature_cache, seed=0)
+    resumed = again.fit(blob_data["normals"], workdir)
     assert resumed.resumed and resumed.threshold == report.threshold
-    first, second = detector.predict(data["anomalous"]), again.predict(data["anomalous"])
+    first, second = detector.predict(blob_data["anomalous"]), again.predict(blob_data["anomalous"])
     np.testing.assert_array_equal(first.scores, second.scores)
     np.testing.assert_array_equal(first.maps, second.maps)
 
 
-def test_another_seed_does_not_reuse_the_checkpoint(fitted, cache, data):
+def test_another_seed_does_not_reuse_the_checkpoint(fitted, feature_cache, blob_data):
     _, _, workdir = fitted
-    report = build(cache, seed=1).fit(data["normals"], workdir)
+    report = build(feature_cache, seed=1).fit(blob_data["normals"], workdir)
     assert not report.resumed
 
 
@@ -150,15 +138,15 @@ def test_another_seed_does_not_reuse_the_checkpoint(fitted, cache, data):
         PatchCoreConfig(sigma=-1.0),
     ],
 )
-def test_bad_config_raises(cache, config):
+def test_bad_config_raises(feature_cache, config):
     with pytest.raises(DetectorError, match="patchcore: "):
-        build(cache, seed=0, config=config)
+        build(feature_cache, seed=0, config=config)
 
 
-def test_predict_before_fit_raises(cache, data):
+def test_predict_before_fit_raises(feature_cache, blob_data):
     with pytest.raises(DetectorError, match="before fit"):
-        build(cache, seed=0).predict(data["good"])
+        build(feature_cache, seed=0).predict(blob_data["good"])
 
 
-def test_built_by_name(cache):
-    assert isinstance(build_detector("patchcore", cache, seed=0), PatchCoreDetector)
+def test_built_by_name(feature_cache):
+    assert isinstance(build_detector("patchcore", feature_cache, seed=0), PatchCoreDetector)

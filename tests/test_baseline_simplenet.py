@@ -1,19 +1,13 @@
 import numpy as np
 import pytest
 import torch
-from conftest import texture_crops, with_dark_blob
+from conftest import BLOB_RADIUS, texture_crops, with_dark_blob
 
 from anomalygpt.baselines import simplenet
 from anomalygpt.baselines.simplenet import CHECKPOINT_NAME, SimpleNetConfig, SimpleNetDetector, build, truncated_l1
-from anomalygpt.detector import DetectorError, FeatureCache, build_detector, validation_split
+from anomalygpt.detector import DetectorError, build_detector, validation_split
 
 SMALL = SimpleNetConfig(steps=300, positions_per_step=1024, checkpoint_every=20)
-BLOB_RADIUS = 10
-
-
-@pytest.fixture(scope="module")
-def cache(small_backbone):
-    return FeatureCache(small_backbone, keep=True)
 
 
 @pytest.fixture(scope="module")
@@ -22,8 +16,8 @@ def normals():
 
 
 @pytest.fixture(scope="module")
-def fitted(cache, normals):
-    detector = build(cache, seed=0, config=SMALL)
+def fitted(feature_cache, normals):
+    detector = build(feature_cache, seed=0, config=SMALL)
     return detector, detector.fit(normals)
 
 
@@ -54,9 +48,9 @@ def test_blobs_score_above_held_out_good_crops(fitted):
         assert (peak_x - x) ** 2 + (peak_y - y) ** 2 <= BLOB_RADIUS**2
 
 
-def test_fit_leaves_the_global_rng_alone(cache, normals):
+def test_fit_leaves_the_global_rng_alone(feature_cache, normals):
     before = torch.get_rng_state()
-    build(cache, 0, SimpleNetConfig(steps=2, positions_per_step=64)).fit(normals)
+    build(feature_cache, 0, SimpleNetConfig(steps=2, positions_per_step=64)).fit(normals)
     assert torch.equal(torch.get_rng_state(), before)
 
 
@@ -71,16 +65,16 @@ def test_threshold_is_mean_plus_three_std_of_held_out_normals(fitted, normals):
     assert len(detector.losses) == SMALL.steps
 
 
-def test_resume_gives_the_uninterrupted_fit(cache, normals, tmp_path, monkeypatch):
+def test_resume_gives_the_uninterrupted_fit(feature_cache, normals, tmp_path, monkeypatch):
     config = SimpleNetConfig(steps=60, positions_per_step=512, checkpoint_every=20)
-    reference = build(cache, 0, config)
+    reference = build(feature_cache, 0, config)
     reference.fit(normals)
     queries = texture_crops(3, seed=4)
     expected = reference.predict(queries)
 
-    shorter = build(cache, 0, SimpleNetConfig(steps=40, positions_per_step=512, checkpoint_every=20))
+    shorter = build(feature_cache, 0, SimpleNetConfig(steps=40, positions_per_step=512, checkpoint_every=20))
     assert not shorter.fit(normals, tmp_path / "extend").resumed
-    extended = build(cache, 0, config)
+    extended = build(feature_cache, 0, config)
     assert extended.fit(normals, tmp_path / "extend").resumed
     np.testing.assert_array_equal(extended.predict(queries).maps, expected.maps)
     assert extended.losses == reference.losses
@@ -96,14 +90,14 @@ def test_resume_gives_the_uninterrupted_fit(cache, normals, tmp_path, monkeypatc
 
     monkeypatch.setattr(simplenet, "truncated_l1", crash_at_step_30)
     with pytest.raises(KeyboardInterrupt):
-        build(cache, 0, config).fit(normals, tmp_path / "crash")
+        build(feature_cache, 0, config).fit(normals, tmp_path / "crash")
     monkeypatch.undo()
     assert torch.load(tmp_path / "crash" / CHECKPOINT_NAME, weights_only=False)["step"] == 20
-    resumed = build(cache, 0, config)
+    resumed = build(feature_cache, 0, config)
     assert resumed.fit(normals, tmp_path / "crash").resumed
     np.testing.assert_array_equal(resumed.predict(queries).maps, expected.maps)
 
-    assert not build(cache, 1, config).fit(normals, tmp_path / "crash").resumed  # another seed starts over
+    assert not build(feature_cache, 1, config).fit(normals, tmp_path / "crash").resumed  # another seed starts over
 
 
 @pytest.mark.parametrize(
@@ -115,15 +109,15 @@ def test_bad_config_raises(field, value):
         SimpleNetConfig(**{field: value})
 
 
-def test_no_hidden_units_raises(cache):
+def test_no_hidden_units_raises(feature_cache):
     with pytest.raises(DetectorError, match="hidden"):
-        build(cache, 0, SimpleNetConfig(hidden_ratio=1e-4))
+        build(feature_cache, 0, SimpleNetConfig(hidden_ratio=1e-4))
 
 
-def test_predict_before_fit_raises(cache):
+def test_predict_before_fit_raises(feature_cache):
     with pytest.raises(DetectorError, match="before fit"):
-        build(cache, 0).predict(texture_crops(1))
+        build(feature_cache, 0).predict(texture_crops(1))
 
 
-def test_build_detector_finds_simplenet(cache):
-    assert isinstance(build_detector("simplenet", cache, seed=2), SimpleNetDetector)
+def test_build_detector_finds_simplenet(feature_cache):
+    assert isinstance(build_detector("simplenet", feature_cache, seed=2), SimpleNetDetector)
