@@ -54,21 +54,23 @@ def main(argv: list[str]) -> int:
     print(
         f"  threshold {cal.image_threshold:.4f} from the references alone ({cal.method}); {references.index_ms:.0f} ms"
     )
-    records, inspections = [], []
+    records, inspections, images = [], [], []
     args.out.mkdir(parents=True, exist_ok=True)
     for sample in queries:
         image = load_image(sample.path)
         inspection = inspector.inspect(image, references, class_name="solar cell", source=sample.path.name)
         write_outputs(args.out, sample.path.stem, image, inspection)
         inspections.append(inspection)
+        images.append(image)
         records.append(inspection.to_dict() | {"label": "defective" if sample.label else "good"})
     print()
     print(verdict_table(records))
     agree = sum(r["is_anomalous"] == (r["label"] == "defective") for r in records)
     print(f"\nLabels (ELPV experts): {', '.join(r['label'] for r in records)}")
     print(f"Verdicts agree with the labels on {agree} of {len(records)} cells.")
-    flagged = next((i for i in inspections if i.is_anomalous), None)
-    if flagged is not None:
+    first = next((n for n, inspection in enumerate(inspections) if inspection.is_anomalous), None)
+    if first is not None:
+        flagged, image, turns = inspections[first], images[first], []
         print(f"\nWhat the assistant is told about {flagged.source}:\n{flagged.facts()}")
         try:
             answerer = load_answerer(inspector.preset, args.answerer, inspector)
@@ -77,7 +79,6 @@ def main(argv: list[str]) -> int:
             return 1
         who = "template answers" if isinstance(answerer, GroundedAnswerer) else "LLM assistant"
         print(f"\nA scripted chat about {flagged.source} ({who}, grounded in the inspection):")
-        image, turns = load_image(queries[inspections.index(flagged)].path), []
         for question in DEMO_QUESTIONS:
             print(f"  operator: {question}\n  assistant: ", end="", flush=True)
             pieces = []

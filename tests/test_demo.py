@@ -54,3 +54,13 @@ def test_demo_rejects_out_of_range_options(tmp_path, capsys):
     assert main(["--per-class", "0", "--out", str(tmp_path / "d")]) == 2
     assert capsys.readouterr().err == "anomalygpt demo: error: --per-class must be from 1 to 50\n"
     assert not (tmp_path / "d").exists()
+
+
+def test_demo_names_an_answerer_that_cannot_load_in_one_line(tmp_path, capsys, monkeypatch):
+    def unavailable(preset, choice, inspector):
+        raise demo.AnswererError("the LLM assistant is not available: no LLM file at /nowhere")
+
+    monkeypatch.setattr(demo, "load_answerer", unavailable)
+    assert main(["--per-class", "1", "--answerer", "assistant", "--out", str(tmp_path / "demo")]) == 1
+    err = capsys.readouterr().err
+    assert err == "anomalygpt demo: error: the LLM assistant is not available: no LLM file at /nowhere\n"
