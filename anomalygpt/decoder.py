@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from anomalygpt.prompts import text_anchors
@@ -33,6 +34,13 @@ class DecoderSpec:
     text_dim: int  # width of the text embedding space
     hidden: int = 0  # 0: one linear projection per stage; > 0: a two-layer projection with this width
     temperature: float = 0.07  # softmax temperature of the cosine similarities
+    stack_coarser: bool = False  # each stage's projection also reads every coarser stage, upsampled to its grid
+
+    def input_dims(self) -> tuple[int, ...]:
+        """Channels each stage's projection reads."""
+        if not self.stack_coarser:
+            return self.stage_dims
+        return tuple(sum(self.stage_dims[i:]) for i in range(len(self.stage_dims)))
 
 
 class DecoderOutput(NamedTuple):
@@ -45,6 +53,10 @@ def projection(in_dim: int, out_dim: int, hidden: int) -> nn.Module:
     if hidden <= 0:
         return nn.Linear(in_dim, out_dim)
     return nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, out_dim))
+
+
+def upsample(feat: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Tensor:
+    return F.interpolate(feat, size=tuple(size), mode="bilinear", align_corners=False)
 
 
 def anchor_cosines(x: torch.Tensor, project: nn.Module, anchors: torch.Tensor) -> torch.Tensor:
@@ -67,12 +79,25 @@ class AnomalyDecoder(nn.Module):
     def __init__(self, spec: DecoderSpec) -> None:
         super().__init__()
         self.spec = spec
-        self.projections = nn.ModuleList(projection(c, spec.text_dim, spec.hidden) for c in spec.stage_dims)
+        self.projections = nn.ModuleList(projection(c, spec.text_dim, spec.hidden) for c in spec.input_dims())
+
+    def stage_inputs(self, feats: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Per stage, its features, with every coarser stage's upsampled to its grid when the spec stacks them.
+
+        A fine stage sees where a patch sits (stride 8) and what surrounds it (stride 16): alone, the shallow
+        stride-8 features describe texture too locally to tell a pasted patch from the product.
+        """
+        if not self.spec.stack_coarser:
+            return list(feats)
+        return [
+            torch.cat([feat, *(upsample(coarser, feat.shape[-2:]) for coarser in feats[i + 1 :])], dim=1)
+            for i, feat in enumerate(feats)
+        ]
 
     def forward(self, feats: Sequence[torch.Tensor], anchors: torch.Tensor) -> DecoderOutput:
         """feats: per stage (B, C_i, h_i, w_i); anchors: (2, D) unit normal/abnormal text embeddings."""
         logits, abnormal = [], []
-        for feat, project in zip(feats, self.projections, strict=True):
+        for feat, project in zip(self.stage_inputs(feats), self.projections, strict=True):
             cosines = anchor_cosines(feat.permute(0, 2, 3, 1), project, anchors)  # (B, h, w, 2)
             stage_logits = cosines.permute(0, 3, 1, 2) / self.spec.temperature  # (B, 2, h, w)
             logits.append(stage_logits)

@@ -16,6 +16,7 @@ from anomalygpt.backbones import WeightsError
 from anomalygpt.config import load_preset
 from anomalygpt.decoder import AnomalyDecoder, DecoderSpec, anchor_cosines, projection
 from anomalygpt.inspection import InspectionError, build_inspector
+from anomalygpt.weights import load_module
 from train.cli import main as train_main
 
 TINY = {"name": "tiny", "backbone": {"name": "efficientnet-lite0", "image_size": 64, "stages": [4, 10]}}
@@ -34,6 +35,20 @@ def test_decoder_logits_are_cosines_over_temperature():
     assert out.abnormal[0].item() == pytest.approx(expected, rel=1e-6)
 
 
+def test_stacked_stages_read_the_coarser_features_upsampled_to_their_grid():
+    decoder = AnomalyDecoder(DecoderSpec(stage_dims=(2, 3), text_dim=4, stack_coarser=True))
+    assert [p.in_features for p in decoder.projections] == [5, 3]
+    fine, coarse = torch.randn(1, 2, 4, 4), torch.randn(1, 3, 2, 2)
+    inputs = decoder.stage_inputs([fine, coarse])
+    assert inputs[0].shape == (1, 5, 4, 4) and torch.equal(inputs[0][:, :2], fine) and torch.equal(inputs[1], coarse)
+    # bilinear, half-pixel centres: fine cell (1, 1) sits at coarse (0.25, 0.25), a quarter of the way to (1, 1)
+    c = coarse[0]
+    expected = 0.75**2 * c[:, 0, 0] + 0.75 * 0.25 * (c[:, 0, 1] + c[:, 1, 0]) + 0.25**2 * c[:, 1, 1]
+    assert torch.allclose(inputs[0][0, 2:, 1, 1], expected, atol=1e-6)
+    out = decoder([fine, coarse], torch.nn.functional.normalize(torch.randn(2, 4), dim=1))
+    assert [a.shape for a in out.abnormal] == [(1, 4, 4), (1, 2, 2)]
+
+
 def write_preset(path: Path, **decoder: object) -> Path:
     path.write_text(json.dumps({**TINY, "memory": {"augment": False}, "decoder": decoder}))
     return path
@@ -41,10 +56,11 @@ def write_preset(path: Path, **decoder: object) -> Path:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
-    """A tiny decoder trained through the CLI: 64 px, 32 simulated images, 4 epochs."""
+    """A tiny decoder trained through the CLI: 64 px, 32 simulated images, 4 epochs, stacked stages."""
     base = tmp_path_factory.mktemp("decoder")
     preset = write_preset(base / "preset.json")
     args = ["decoder", "--out", str(base / "run"), "--preset", str(preset), "--train-samples", "32"]
+    args += ["--stack-coarser"]
     assert train_main([*args, "--val-samples", "16", "--epochs", "2", "--batch-size", "8"]) == 0
     assert train_main([*args, "--val-samples", "16", "--epochs", "4", "--batch-size", "8", "--resume"]) == 0
     return base / "run"
@@ -56,6 +72,14 @@ def test_training_writes_weights_curves_and_resumes(trained):
     assert history["train_loss"][-1] < history["train_loss"][0]
     config = json.loads((trained / "decoder.json").read_text())
     assert config["spec"]["stage_dims"] == [40, 112] and config["spec"]["text_dim"] == 384
+    assert config["spec"]["stack_coarser"] and config["training"]["stack_coarser"]
+    # the weights written are the epoch with the best validation pixel AUROC, not the last one
+    best = int(np.argmax(history["val_pixel_auroc"]))
+    assert history["best_epoch"] == config["validation"]["epoch"] == best
+    assert config["validation"]["pixel_auroc"] == history["val_pixel_auroc"][best]
+    kept = torch.load(trained / "checkpoint.pt", weights_only=False)["best"]
+    written = load_module(trained / "decoder")[0]
+    assert kept.keys() == written.keys() and all(torch.equal(kept[k], written[k]) for k in kept)
     assert config["backbone"] == TINY["backbone"] and config["text"]["name"] == "minilm"
     zero_shot = config["zero_shot"]
     assert 0 < zero_shot["normal_mean"] < 1 and zero_shot["normal_spread"] > 0 and zero_shot["n_normals"] >= 2

@@ -25,6 +25,9 @@ def decoder_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--hidden", type=int, default=0, help="projection width; 0 = linear projections")
+    parser.add_argument(
+        "--stack-coarser", action="store_true", help="finer stages' projections also read the coarser stages"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
 
@@ -79,6 +82,7 @@ def run_decoder(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         lr=args.lr,
         hidden=args.hidden,
+        stack_coarser=args.stack_coarser,
         seed=args.seed,
         resume=args.resume,
     )
