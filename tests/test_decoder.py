@@ -56,11 +56,10 @@ def write_preset(path: Path, **decoder: object) -> Path:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
-    """A tiny decoder trained through the CLI: 64 px, 32 simulated images, 4 epochs, stacked stages."""
+    """A tiny decoder trained through the CLI with its defaults: 64 px, 32 simulated images, 4 epochs."""
     base = tmp_path_factory.mktemp("decoder")
     preset = write_preset(base / "preset.json")
     args = ["decoder", "--out", str(base / "run"), "--preset", str(preset), "--train-samples", "32"]
-    args += ["--stack-coarser"]
     assert train_main([*args, "--val-samples", "16", "--epochs", "2", "--batch-size", "8"]) == 0
     assert train_main([*args, "--val-samples", "16", "--epochs", "4", "--batch-size", "8", "--resume"]) == 0
     return base / "run"

@@ -21,12 +21,15 @@ def decoder_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="default", help="preset name or JSON path (backbone and text encoder)")
     parser.add_argument("--train-samples", type=int, default=2400, help="simulated training images (default 2400)")
     parser.add_argument("--val-samples", type=int, default=400, help="simulated validation images (default 400)")
-    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--epochs", type=int, default=4, help="passes over the training split; the best is kept")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--hidden", type=int, default=0, help="projection width; 0 = linear projections")
     parser.add_argument(
-        "--stack-coarser", action="store_true", help="finer stages' projections also read the coarser stages"
+        "--stack-coarser",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="finer stages' projections also read the coarser stages (default: on)",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
