@@ -189,7 +189,7 @@ def resume_state(
     state = torch.load(path, weights_only=False)
     decoder.load_state_dict(state["decoder"])
     optimizer.load_state_dict(state["optimizer"])
-    return int(state["epoch"]) + 1, History(**state["history"]), state["best"]
+    return int(state["epoch"]) + 1, History(**state["history"]), state.get("best", {})  # none before best-keeping
 
 
 @torch.inference_mode()
