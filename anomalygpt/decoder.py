@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from anomalygpt.baselines.features import patch_grid
 from anomalygpt.prompts import text_anchors
 from anomalygpt.text import TextEncoder
 
@@ -55,10 +55,6 @@ def projection(in_dim: int, out_dim: int, hidden: int) -> nn.Module:
     return nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, out_dim))
 
 
-def upsample(feat: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Tensor:
-    return F.interpolate(feat, size=tuple(size), mode="bilinear", align_corners=False)
-
-
 def anchor_cosines(x: torch.Tensor, project: nn.Module, anchors: torch.Tensor) -> torch.Tensor:
     """Cosine of each projected patch x (..., C) with each anchor (S, D) -> (..., S).
 
@@ -89,10 +85,7 @@ class AnomalyDecoder(nn.Module):
         """
         if not self.spec.stack_coarser:
             return list(feats)
-        return [
-            torch.cat([feat, *(upsample(coarser, feat.shape[-2:]) for coarser in feats[i + 1 :])], dim=1)
-            for i, feat in enumerate(feats)
-        ]
+        return [patch_grid(feats[i:], neighbourhood=1) for i in range(len(feats))]
 
     def forward(self, feats: Sequence[torch.Tensor], anchors: torch.Tensor) -> DecoderOutput:
         """feats: per stage (B, C_i, h_i, w_i); anchors: (2, D) unit normal/abnormal text embeddings."""
