@@ -2,8 +2,10 @@
 
 Training keeps the epoch with the best pixel AUROC on its validation split (the three VALIDATION_PICTURES,
 simulated with seed + 1), so that figure took part in a choice. This bench draws a new split, never used to
-choose anything: the same three pictures plus `cat` (used by nothing else), simulated exactly as training
-simulates (same families, same object share) with another seed, encoded once and scored by every decoder given.
+choose anything: new crops of the same three pictures plus the stereo motorcycle (simulation.normals.TEST_PICTURES,
+used by nothing else), simulated exactly as training simulates (same families, same object share) with another
+seed, encoded once and scored by every decoder given. (Until 2026-12-01 the fourth picture was `cat`, which is
+scikit-image's alias of the training picture `chelsea`.)
 
 Two pixel AUROCs per decoder: the raw maps at 1/4 resolution (what training validates) and the Inspector's
 zero-shot map (stages averaged, Gaussian-smoothed at full size), both against the masks at 1/4 resolution.
@@ -29,10 +31,8 @@ from anomalygpt.inspection import load_prior
 from anomalygpt.io import write_json_atomic
 from anomalygpt.memory import fuse_maps, top_mean
 from anomalygpt.prompts import text_anchors
-from simulation.normals import VALIDATION_PICTURES
+from simulation.normals import TEST_PICTURES
 from train.decoder import DecoderTrainConfig, SimulatedSplit, decoder_maps, encode_split, simulated_images
-
-TEST_PICTURES = (*VALIDATION_PICTURES, "cat")
 
 
 def score(prior: TextPrior, split: SimulatedSplit, preset: Preset, pictures: tuple[str, ...]) -> dict:

@@ -1,7 +1,10 @@
-"""Normal images available offline: scikit-image's bundled pictures (BSD), split into training and validation.
+"""Normal images available offline, split into training, validation and test pictures.
 
+Pictures are scikit-image's bundled ones (BSD), the stereo motorcycle's left view among them.
+Some scikit-image names are aliases (`cat` is `chelsea`): every split holds distinct images, which a test checks.
 The shipped decoder and assistant are trained on crops of the training pictures only; their validation figures
-come from crops of pictures training never saw. ELPV is never used here. As a command, it writes a folder of
+come from crops of pictures training never saw, and the decoder's test figure from the test pictures, which
+took part in no choice. ELPV is never used here. As a command, it writes a folder of
 such crops for `anomalygpt simulate --normals`:
 
     python -m simulation.normals --pictures train --n 160 --size 256 --seed 0 --out runs/assistant_cpu/normals
@@ -10,7 +13,7 @@ such crops for `anomalygpt simulate --normals`:
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import cv2
@@ -37,12 +40,15 @@ TRAIN_PICTURES = (
     "colorwheel",
 )
 VALIDATION_PICTURES = ("gravel", "clock", "immunohistochemistry")
-PICTURE_SETS = {"train": TRAIN_PICTURES, "validation": VALIDATION_PICTURES}
+TEST_PICTURES = (*VALIDATION_PICTURES, "motorcycle")  # the validation pictures with new crops, plus an unseen one
+PICTURE_SETS = {"train": TRAIN_PICTURES, "validation": VALIDATION_PICTURES, "test": TEST_PICTURES}
+# Pictures that are not a plain skimage.data function of their name.
+SOURCES: dict[str, Callable[[], np.ndarray]] = {"motorcycle": lambda: skimage.data.stereo_motorcycle()[0]}
 
 
 def picture(name: str) -> np.ndarray:
-    """A bundled scikit-image picture as (H, W, 3) uint8 (grey repeated; alpha dropped)."""
-    image = getattr(skimage.data, name)()
+    """A bundled picture as (H, W, 3) uint8 (grey repeated; alpha dropped)."""
+    image = SOURCES[name]() if name in SOURCES else getattr(skimage.data, name)()
     image = image if image.ndim == 3 else np.repeat(image[..., None], 3, axis=2)
     return np.ascontiguousarray(image[..., :3].astype(np.uint8))
 

@@ -323,3 +323,21 @@ def test_normals_command_writes_seeded_crops_of_the_chosen_pictures(tmp_path: Pa
     with pytest.raises(SystemExit):
         normals_main(["--n", "0", "--out", str(tmp_path / "c")])
     assert not (tmp_path / "c").exists()
+
+
+def _thumbnail(name: str) -> np.ndarray:
+    from simulation.normals import picture
+
+    grey = cv2.resize(cv2.cvtColor(picture(name), cv2.COLOR_RGB2GRAY), (32, 32), interpolation=cv2.INTER_AREA)
+    values = grey.astype(np.float64).ravel()
+    return (values - values.mean()) / (values.std() + 1e-9)
+
+
+def test_training_pictures_share_no_image_with_held_out_ones() -> None:
+    from simulation.normals import TEST_PICTURES, TRAIN_PICTURES, VALIDATION_PICTURES
+
+    assert float(np.mean(_thumbnail("cat") * _thumbnail("chelsea"))) > 0.99  # an alias is caught by this measure
+    held_out = set(VALIDATION_PICTURES) | set(TEST_PICTURES)
+    assert not held_out & set(TRAIN_PICTURES)
+    correlations = [float(np.mean(_thumbnail(a) * _thumbnail(b))) for a in TRAIN_PICTURES for b in held_out]
+    assert max(correlations) < 0.9
