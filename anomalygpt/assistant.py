@@ -235,7 +235,16 @@ class Assistant(nn.Module):
         failure: list[BaseException] = []
         thread = threading.Thread(target=self._generate, args=(embeds, streamer, failure), daemon=True)
         thread.start()
-        yield from (piece for piece in streamer if piece)
+        # The opening is the first piece, whole, whatever the streamer's flush rule (transformers 5.24 prints letters
+        # at once, earlier versions waited for a space); the streamer's text repeats it, so only what follows is sent.
+        opened = str(self.tokenizer.decode(prefix, skip_special_tokens=True)) if prefix else ""
+        if opened:
+            yield opened
+        text = ""
+        for piece in streamer:
+            text += piece
+            if len(text) > len(opened):
+                yield text[max(len(opened), len(text) - len(piece)) :]
         thread.join()
         if failure:
             raise failure[0]

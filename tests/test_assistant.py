@@ -244,7 +244,7 @@ def test_streamed_answer_equals_the_whole_answer(assistant: Assistant, reference
         whole = one.ask(DEFECT_QUESTION)
     finally:
         hook.remove()
-    assert len(pieces) >= 4 and pieces[0] == "Yes, "  # the forced opening arrives with the first word
+    assert len(pieces) >= 4 and pieces[0] == "Yes"  # the forced opening arrives first, whole
     assert whole == "".join(pieces).strip() == two.history[0].answer == "Yes, it is a darker spot at the bottom right."
     record = one.to_dict()
     assert record["inspection"]["verdict"] == "anomalous"
