@@ -6,6 +6,7 @@ The plain baseline runs in the same process on the same references: one stage, n
 averaging, max-patch score. Speed and peak RSS are measured first, on the real `Inspector.inspect` path.
 
     python bench/bench_elpv.py --shots 1,4 --seeds 0,1,2 --out runs/bench_elpv
+    python bench/bench_elpv.py --speed-only --out runs/bench_elpv_speed
 """
 
 from __future__ import annotations
@@ -173,11 +174,16 @@ def main() -> int:
     parser.add_argument("--types", default=",".join(ELPV_TYPES))
     parser.add_argument("--speed-queries", type=int, default=60)
     parser.add_argument("--out", type=Path, default=Path("runs/bench_elpv"))
+    parser.add_argument("--speed-only", action="store_true", help="measure speed and peak RSS, skip the AUROC runs")
     args = parser.parse_args()
     start = time.time()
     inspector = build_inspector(args.preset)
     speed = measure_speed(inspector, args.speed_queries, k=4)
     print(f"speed: {speed}", flush=True)
+    if args.speed_only:
+        args.out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(args.out / "speed.json", {"command": " ".join(sys.argv), "speed": speed})
+        return 0
     first_stage = dataclasses.replace(inspector.preset.backbone, stages=inspector.preset.backbone.stages[:1])
     baseline = Inspector(build_backbone(first_stage), inspector.preset)
     runs = []
