@@ -13,6 +13,7 @@ import os
 import re
 import secrets
 import shutil
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -255,7 +256,9 @@ def attach_lora(model: PreTrainedModel, cfg: LoraConfig) -> PeftModel:
     )
     model.requires_grad_(False)
     try:
-        wrapped = peft.get_peft_model(model, settings)
+        with warnings.catch_warnings():  # peft reads transformers' deprecated alias; nothing for a user to do
+            warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+            wrapped = peft.get_peft_model(model, settings)
     except ValueError as error:
         raise ValueError(f"cannot attach LoRA to {type(model).__name__}: {one_line(error)}") from error
     return wrapped

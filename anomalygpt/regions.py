@@ -278,3 +278,10 @@ def where_phrase(regions: Sequence[Region]) -> str:
     if len(groups) == len(words):
         return join_words([LOCATION_PHRASES[word] for word in groups])
     return join_words([f"{number_word(words.count(word))} {LOCATION_PHRASES[word]}" for word in groups])
+
+
+def size_details(regions: Sequence[Region]) -> str:
+    """Every region's size word and area, largest first: 'region 1 on the left is large at 6.1%; region 2 ...'."""
+    return "; ".join(
+        f"region {r.index} {LOCATION_PHRASES[r.location]} is {r.size} at {format_pct(r.area_pct)}" for r in regions
+    )

@@ -1,4 +1,4 @@
-"""Assistant accuracy on simulated conversations: yes/no, location words, counts, and contradictions.
+"""Assistant accuracy on simulated conversations: yes/no, location words, counts, sizes, and contradictions.
 
 Conversations come from an `anomalygpt simulate` folder (for a fair figure, made from normals no training saw).
 Each is replayed turn by turn: the answerer gets the Inspection the conversation's answers state (built as
@@ -7,6 +7,8 @@ and its own earlier answers as history. Scored per turn:
 - yes/no ("anomaly" turns): the verdicts the answer states (guard.answer_claims) are exactly the true one;
 - location ("where" turns on anomalous images): the set of location words stated equals the regions' set;
 - count ("count" turns): the first number stated (digits or words; "no"/"none" = 0) equals the region count;
+- size ("size" turns on anomalous images): every region's area is stated, as `format_pct` writes it, and no
+  percentage other than those and their total;
 - contradiction (every turn): the answer states a verdict other than the Inspection's (guard.contradicts).
 For an answerer with a guard, the turns the guard may prefill (GUARDED_INTENTS) are also answered unguarded, to
 report the bare model's own accuracy and how often it would have contradicted the Inspection.
@@ -28,7 +30,7 @@ from tqdm import tqdm
 from anomalygpt.guard import answer_claims, contradicts
 from anomalygpt.inspection import Inspection
 from anomalygpt.io import load_image
-from anomalygpt.regions import LOCATION_WORDS, NUMBER_WORDS
+from anomalygpt.regions import LOCATION_WORDS, NUMBER_WORDS, format_pct
 
 # Longest first, so "top left" is read as one word and not also as "top" and "left".
 LOCATION_PATTERN = re.compile(
@@ -36,8 +38,9 @@ LOCATION_PATTERN = re.compile(
     re.IGNORECASE,
 )
 NUMBER_PATTERN = re.compile(r"\b(\d+|" + "|".join(NUMBER_WORDS) + r"|none|no)\b", re.IGNORECASE)
-FIGURES = ("yes_no", "location", "count")
-GUARDED_INTENTS = ("anomaly", "where", "count")  # anomalygpt.guard.expected_opening prefills these
+PERCENT_PATTERN = re.compile(r"(?<![\d.])(\d+(?:\.\d+)?)\s?%")
+FIGURES = ("yes_no", "location", "count", "size")
+GUARDED_INTENTS = ("anomaly", "where", "count", "size")  # anomalygpt.guard.expected_opening prefills these
 
 Ask = Callable[[str, Sequence[tuple[str, str]], Inspection, np.ndarray], str]  # question, history -> answer
 
@@ -45,6 +48,18 @@ Ask = Callable[[str, Sequence[tuple[str, str]], Inspection, np.ndarray], str]  #
 def stated_locations(answer: str) -> set[str]:
     """The 3x3 grid words an answer names ('centre' read as 'center')."""
     return {"center" if word.lower() == "centre" else word.lower() for word in LOCATION_PATTERN.findall(answer)}
+
+
+def stated_percentages(answer: str) -> set[str]:
+    """The percentages an answer states, as written ('6.1%', '12%')."""
+    return {f"{number}%" for number in PERCENT_PATTERN.findall(answer)}
+
+
+def sizes_right(answer: str, area_pct: Sequence[float]) -> bool:
+    """Every region's area stated, and no percentage but those and their total."""
+    areas = {format_pct(pct) for pct in area_pct}
+    stated = stated_percentages(answer)
+    return areas <= stated <= areas | {format_pct(sum(area_pct))}
 
 
 def stated_count(answer: str) -> int | None:
@@ -68,6 +83,8 @@ def turn_scores(turn: dict[str, Any], answer: str) -> dict[str, bool]:
         scores["location"] = stated_locations(answer) == set(truth["locations"])
     if intent == "count":
         scores["count"] = stated_count(answer) == int(truth["count"])
+    if intent == "size" and truth["area_pct"]:
+        scores["size"] = sizes_right(answer, truth["area_pct"])
     return scores
 
 

@@ -36,6 +36,7 @@ from anomalygpt.regions import (
     format_pct,
     join_words,
     number_word,
+    size_details,
     where_phrase,
 )
 from simulation.anomalies import FAMILIES
@@ -441,11 +442,8 @@ def size_answer(facts: Facts, rng: np.random.Generator) -> str:
         return render("size", "normal", rng)
     if len(regions) == 1:
         return render("size", "one", rng, size=regions[0].size, pct=format_pct(regions[0].area_pct))
-    details = "; ".join(
-        f"region {r.index} {LOCATION_PHRASES[r.location]} is {r.size} at {format_pct(r.area_pct)}" for r in regions
-    )
     total = format_pct(sum(r.area_pct for r in regions))
-    return render("size", case_of(facts), rng, details=details, total=total, count=len(regions))
+    return render("size", case_of(facts), rng, details=size_details(regions), total=total, count=len(regions))
 
 
 def appearance_answer(facts: Facts, rng: np.random.Generator) -> str:

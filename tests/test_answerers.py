@@ -54,9 +54,9 @@ def inspection_with(blobs: list[tuple[int, int]], margin: float = 2.0) -> Inspec
     )
 
 
-def test_guard_openings_state_the_inspections_count_and_places() -> None:
+def test_guard_openings_state_the_inspections_count_places_and_sizes() -> None:
     from anomalygpt.guard import answer_claims, expected_opening
-    from eval.qa import stated_count, stated_locations
+    from eval.qa import sizes_right, stated_count, stated_locations
 
     normal, one, three = (
         inspection_with([], margin=-2.0),
@@ -74,6 +74,12 @@ def test_guard_openings_state_the_inspections_count_and_places() -> None:
     no_region = replace(one, regions=[])
     assert expected_opening("How many defects are there?", no_region) is None
     assert expected_opening("Where is it?", no_region) is None
+    for question in QUESTIONS["size"]:
+        for inspection in (one, three):
+            opening = expected_opening(question, inspection) or ""
+            assert sizes_right(opening, [r.area_pct for r in inspection.regions]), (question, opening)
+        assert answer_claims(expected_opening(question, normal) or "") == {False}
+    assert expected_opening("How large is it?", no_region) is None
     assert expected_opening("Is it near the edge?", three) is None
     assert expected_opening("Is there a defect?", normal) == "No"
 

@@ -63,6 +63,14 @@ def test_turn_scores_by_intent() -> None:
     assert turn_scores(anomaly, "Hard to say.") == {"yes_no": False}  # states no verdict
     count = {"intent": "count", "question": "How many?", "truth": {"anomalous": True, "count": 1, "locations": ["top"]}}
     assert turn_scores(count, "1 anomalous region.") == {"count": True}
+    size = {"intent": "size", "question": "How big?", "truth": {"anomalous": True, "area_pct": [6.1234, 0.0432]}}
+    assert turn_scores(size, "Together they cover 6.2% of the image: 6.1% on the left; 0.043% at the top.") == {
+        "size": True
+    }
+    assert turn_scores(size, "Region 1 is large at 6.1 %, region 2 small at 0.043%.") == {"size": True}
+    assert turn_scores(size, "It covers 6.1% of the image.") == {"size": False}  # region 2 left out
+    assert turn_scores(size, "6.1% and 0.043%, 2.9% in all.") == {"size": False}  # a wrong total
+    assert turn_scores({**size, "truth": {"anomalous": False, "area_pct": []}}, "Nothing: 0% of the image.") == {}
 
 
 def test_the_template_answerer_scores_perfectly(conversations: Path) -> None:
@@ -70,7 +78,7 @@ def test_the_template_answerer_scores_perfectly(conversations: Path) -> None:
     summary = report.summary()
     assert summary["yes_no"] == {"accuracy": 1.0, "n": N}  # every conversation opens with the anomaly question
     assert summary["contradictions"]["count"] == 0 and summary["contradictions"]["n"] == len(report.turns)
-    for figure in ("location", "count"):
+    for figure in ("location", "count", "size"):
         assert summary[figure]["n"] == 0 or summary[figure]["accuracy"] == 1.0
 
 
