@@ -3,8 +3,8 @@
 The detector decides, the LLM explains. Where a question asks for a fact the Inspection holds, the assistant's
 turn is prefilled with that fact and the model only continues it: the opening word ("Yes"/"No") of a yes/no
 question about whether there is a defect, the region count of a count question, every region's location of a
-where question, and every region's size word and area of a size question (in the wording of the training
-conversations). `contradicts` reads an answer's claims about
+where question, every region's size word and area of a size question, and the confidence word of a confidence
+question (in the wording of the training conversations). `contradicts` reads an answer's claims about
 the verdict, so a bench can count how often an unguarded model contradicts the Inspection it was given. Intent
 names are those of simulation/conversations.py.
 """
@@ -97,13 +97,15 @@ def presence_polarity(question: str) -> str | None:
 
 def expected_opening(question: str, inspection: Inspection) -> str | None:
     """The opening the Inspection dictates: "Yes"/"No" for a defect yes/no question, the region count for a count
-    question, the regions' locations for a where question, their sizes and areas for a size question; None for
-    any other question, and for count, where and size questions on an image that is anomalous by its score with
-    no region outlined (no fact to state)."""
+    question, the regions' locations for a where question, their sizes and areas for a size question, the
+    confidence word for a confidence question; None for any other question, and for count, where and size
+    questions on an image that is anomalous by its score with no region outlined (no fact to state)."""
     polarity = presence_polarity(question)
     if polarity is not None:
         return "Yes" if inspection.is_anomalous == (polarity == "defect") else "No"
     intent, regions = question_intent(question), inspection.regions
+    if intent == "confidence":
+        return f"My confidence is {inspection.confidence} that the image is {inspection.verdict}"
     if intent not in ("count", "where", "size") or inspection.is_anomalous != bool(regions):
         return None
     n = len(regions)

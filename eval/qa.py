@@ -1,4 +1,4 @@
-"""Assistant accuracy on simulated conversations: yes/no, location words, counts, sizes, and contradictions.
+"""Assistant accuracy on simulated conversations: yes/no, places, counts, sizes, confidence, contradictions.
 
 Conversations come from an `anomalygpt simulate` folder (for a fair figure, made from normals no training saw).
 Each is replayed turn by turn: the answerer gets the Inspection the conversation's answers state (built as
@@ -9,6 +9,7 @@ and its own earlier answers as history. Scored per turn:
 - count ("count" turns): the first number stated (digits or words; "no"/"none" = 0) equals the region count;
 - size ("size" turns on anomalous images): every region's area is stated, as `format_pct` writes it, and no
   percentage other than those and their total;
+- confidence ("confidence" turns): the confidence words stated (low, medium, high) are exactly the true one;
 - contradiction (every turn): the answer states a verdict other than the Inspection's (guard.contradicts).
 For an answerer with a guard, the turns the guard may prefill (GUARDED_INTENTS) are also answered unguarded, to
 report the bare model's own accuracy and how often it would have contradicted the Inspection.
@@ -39,8 +40,10 @@ LOCATION_PATTERN = re.compile(
 )
 NUMBER_PATTERN = re.compile(r"\b(\d+|" + "|".join(NUMBER_WORDS) + r"|none|no)\b", re.IGNORECASE)
 PERCENT_PATTERN = re.compile(r"(?<![\d.])(\d+(?:\.\d+)?)\s?%")
-FIGURES = ("yes_no", "location", "count", "size")
-GUARDED_INTENTS = ("anomaly", "where", "count", "size")  # anomalygpt.guard.expected_opening prefills these
+CONFIDENCE_PATTERN = re.compile(r"\b(low|medium|high)\b", re.IGNORECASE)
+FIGURES = ("yes_no", "location", "count", "size", "confidence")
+# anomalygpt.guard.expected_opening prefills these
+GUARDED_INTENTS = ("anomaly", "where", "count", "size", "confidence")
 
 Ask = Callable[[str, Sequence[tuple[str, str]], Inspection, np.ndarray], str]  # question, history -> answer
 
@@ -85,6 +88,8 @@ def turn_scores(turn: dict[str, Any], answer: str) -> dict[str, bool]:
         scores["count"] = stated_count(answer) == int(truth["count"])
     if intent == "size" and truth["area_pct"]:
         scores["size"] = sizes_right(answer, truth["area_pct"])
+    if intent == "confidence":
+        scores["confidence"] = {word.lower() for word in CONFIDENCE_PATTERN.findall(answer)} == {truth["confidence"]}
     return scores
 
 

@@ -54,9 +54,9 @@ def inspection_with(blobs: list[tuple[int, int]], margin: float = 2.0) -> Inspec
     )
 
 
-def test_guard_openings_state_the_inspections_count_places_and_sizes() -> None:
+def test_guard_openings_state_the_inspections_facts() -> None:
     from anomalygpt.guard import answer_claims, expected_opening
-    from eval.qa import sizes_right, stated_count, stated_locations
+    from eval.qa import sizes_right, stated_count, stated_locations, turn_scores
 
     normal, one, three = (
         inspection_with([], margin=-2.0),
@@ -80,6 +80,13 @@ def test_guard_openings_state_the_inspections_count_places_and_sizes() -> None:
             assert sizes_right(opening, [r.area_pct for r in inspection.regions]), (question, opening)
         assert answer_claims(expected_opening(question, normal) or "") == {False}
     assert expected_opening("How large is it?", no_region) is None
+    for question in QUESTIONS["confidence"]:
+        for inspection in (normal, one, replace(one, confidence="low")):
+            opening = expected_opening(question, inspection) or ""
+            assert turn_scores(
+                {"intent": "confidence", "question": question, "truth": {"confidence": inspection.confidence}}, opening
+            ) == {"confidence": True}
+            assert answer_claims(opening) == {inspection.is_anomalous}
     assert expected_opening("Is it near the edge?", three) is None
     assert expected_opening("Is there a defect?", normal) == "No"
 

@@ -71,6 +71,12 @@ def test_turn_scores_by_intent() -> None:
     assert turn_scores(size, "It covers 6.1% of the image.") == {"size": False}  # region 2 left out
     assert turn_scores(size, "6.1% and 0.043%, 2.9% in all.") == {"size": False}  # a wrong total
     assert turn_scores({**size, "truth": {"anomalous": False, "area_pct": []}}, "Nothing: 0% of the image.") == {}
+    confidence = {"intent": "confidence", "question": "How sure are you?", "truth": {"confidence": "low"}}
+    assert turn_scores(confidence, "I am not very sure that the image is anomalous (Low confidence).") == {
+        "confidence": True
+    }
+    assert turn_scores(confidence, "My confidence is high.") == {"confidence": False}
+    assert turn_scores(confidence, "Low or high, hard to say.") == {"confidence": False}
 
 
 def test_the_template_answerer_scores_perfectly(conversations: Path) -> None:
@@ -78,7 +84,7 @@ def test_the_template_answerer_scores_perfectly(conversations: Path) -> None:
     summary = report.summary()
     assert summary["yes_no"] == {"accuracy": 1.0, "n": N}  # every conversation opens with the anomaly question
     assert summary["contradictions"]["count"] == 0 and summary["contradictions"]["n"] == len(report.turns)
-    for figure in ("location", "count", "size"):
+    for figure in ("location", "count", "size", "confidence"):
         assert summary[figure]["n"] == 0 or summary[figure]["accuracy"] == 1.0
 
 
