@@ -3,8 +3,9 @@
 The detector decides, the LLM explains. Where a question asks for a fact the Inspection holds, the assistant's
 turn is prefilled with that fact and the model only continues it: the opening word ("Yes"/"No") of a yes/no
 question about whether there is a defect, the region count of a count question, every region's location of a
-where question, every region's size word and area of a size question, and the confidence word of a confidence
-question (in the wording of the training conversations). `contradicts` reads an answer's claims about
+where question, every region's size word and area of a size question, every region's shape and contrast of an
+appearance question, and the confidence word of a confidence question (in the wording of the training
+conversations). `contradicts` reads an answer's claims about
 the verdict, so a bench can count how often an unguarded model contradicts the Inspection it was given. Intent
 names are those of simulation/conversations.py.
 """
@@ -14,7 +15,7 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING
 
-from anomalygpt.regions import format_pct, size_details, where_phrase
+from anomalygpt.regions import CONTRAST_PHRASES, appearance_details, format_pct, size_details, where_phrase
 
 if TYPE_CHECKING:
     from anomalygpt.inspection import Inspection
@@ -97,22 +98,29 @@ def presence_polarity(question: str) -> str | None:
 
 def expected_opening(question: str, inspection: Inspection) -> str | None:
     """The opening the Inspection dictates: "Yes"/"No" for a defect yes/no question, the region count for a count
-    question, the regions' locations for a where question, their sizes and areas for a size question, the
-    confidence word for a confidence question; None for any other question, and for count, where and size
-    questions on an image that is anomalous by its score with no region outlined (no fact to state)."""
+    question, the regions' locations for a where question, their sizes and areas for a size question, their
+    shapes and contrasts for an appearance question, the confidence word for a confidence question; None for any
+    other question, and for the region questions on an image that is anomalous by its score with no region
+    outlined (no fact to state)."""
     polarity = presence_polarity(question)
     if polarity is not None:
         return "Yes" if inspection.is_anomalous == (polarity == "defect") else "No"
     intent, regions = question_intent(question), inspection.regions
     if intent == "confidence":
         return f"My confidence is {inspection.confidence} that the image is {inspection.verdict}"
-    if intent not in ("count", "where", "size") or inspection.is_anomalous != bool(regions):
+    if intent not in ("count", "where", "size", "appearance") or inspection.is_anomalous != bool(regions):
         return None
     n = len(regions)
     if intent == "count":
         return {0: "I count 0 anomalous regions", 1: "There is 1 anomalous region"}.get(
             n, f"There are {n} anomalous regions"
         )
+    if intent == "appearance":
+        if n == 0:
+            return "Nothing looks unusual; the image looks like a normal part"
+        if n == 1:
+            return f"A {regions[0].shape} region, {CONTRAST_PHRASES[regions[0].contrast]}"
+        return f"In {n} places: {appearance_details(regions)}"
     if intent == "size":
         if n == 0:
             return "There is nothing to measure: no region is anomalous (0% of the image)"

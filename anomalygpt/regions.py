@@ -39,6 +39,12 @@ LOCATION_PHRASES = {
     "bottom": "at the bottom",
     "bottom right": "in the bottom right",
 }
+# How answers word a region's contrast descriptor.
+CONTRAST_PHRASES = {
+    "darker": "darker than its surroundings",
+    "brighter": "brighter than its surroundings",
+    "similar": "about as bright as its surroundings",
+}
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
 # Size words by % of the image area. MVTec AD / VisA defects mostly cover well under 1% of the image:
 # below 0.5% (about a 16x16 px blob at 224 px, one backbone patch) is a spot an operator must look for,
@@ -284,4 +290,12 @@ def size_details(regions: Sequence[Region]) -> str:
     """Every region's size word and area, largest first: 'region 1 on the left is large at 6.1%; region 2 ...'."""
     return "; ".join(
         f"region {r.index} {LOCATION_PHRASES[r.location]} is {r.size} at {format_pct(r.area_pct)}" for r in regions
+    )
+
+
+def appearance_details(regions: Sequence[Region]) -> str:
+    """Every region's shape and contrast: 'region 1 on the left is compact and darker than its surroundings; ...'."""
+    return "; ".join(
+        f"region {r.index} {LOCATION_PHRASES[r.location]} is {r.shape} and {CONTRAST_PHRASES[r.contrast]}"
+        for r in regions
     )

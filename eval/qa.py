@@ -43,7 +43,7 @@ PERCENT_PATTERN = re.compile(r"(?<![\d.])(\d+(?:\.\d+)?)\s?%")
 CONFIDENCE_PATTERN = re.compile(r"\b(low|medium|high)\b", re.IGNORECASE)
 FIGURES = ("yes_no", "location", "count", "size", "confidence")
 # anomalygpt.guard.expected_opening prefills these
-GUARDED_INTENTS = ("anomaly", "where", "count", "size", "confidence")
+GUARDED_INTENTS = ("anomaly", "where", "count", "size", "appearance", "confidence")
 
 Ask = Callable[[str, Sequence[tuple[str, str]], Inspection, np.ndarray], str]  # question, history -> answer
 

@@ -28,9 +28,11 @@ import numpy as np
 from scipy import ndimage
 
 from anomalygpt.regions import (
+    CONTRAST_PHRASES,
     EIGHT_CONNECTED,
     LOCATION_PHRASES,
     Region,
+    appearance_details,
     default_min_area_px,
     find_regions,
     format_pct,
@@ -73,11 +75,6 @@ FAMILY_LOOKS = {
     "cutpaste": "a foreign patch whose texture does not match the surface",
 }
 UNKNOWN_LOOK = "an irregular area"  # a real mask with no simulation family
-CONTRAST_PHRASES = {
-    "darker": "darker than its surroundings",
-    "brighter": "brighter than its surroundings",
-    "similar": "about as bright as its surroundings",
-}
 CONFIDENCE_REASONS = {
     "high": "the evidence is clear",
     "medium": "the evidence is moderate, so a second look may help",
@@ -454,10 +451,7 @@ def appearance_answer(facts: Facts, rng: np.random.Generator) -> str:
     if len(regions) == 1:
         contrast = CONTRAST_PHRASES[regions[0].contrast]
         return render("appearance", "one", rng, look=look, shape=regions[0].shape, contrast=contrast)
-    details = "; ".join(
-        f"region {r.index} {LOCATION_PHRASES[r.location]} is {r.shape} and {CONTRAST_PHRASES[r.contrast]}"
-        for r in regions
-    )
+    details = appearance_details(regions)
     return render("appearance", case_of(facts), rng, look=look, details=details, count=len(regions))
 
 

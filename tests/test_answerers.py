@@ -56,6 +56,7 @@ def inspection_with(blobs: list[tuple[int, int]], margin: float = 2.0) -> Inspec
 
 def test_guard_openings_state_the_inspections_facts() -> None:
     from anomalygpt.guard import answer_claims, expected_opening
+    from anomalygpt.regions import CONTRAST_PHRASES
     from eval.qa import sizes_right, stated_count, stated_locations, turn_scores
 
     normal, one, three = (
@@ -79,7 +80,15 @@ def test_guard_openings_state_the_inspections_facts() -> None:
             opening = expected_opening(question, inspection) or ""
             assert sizes_right(opening, [r.area_pct for r in inspection.regions]), (question, opening)
         assert answer_claims(expected_opening(question, normal) or "") == {False}
+    for question in QUESTIONS["appearance"]:
+        region = one.regions[0]
+        assert expected_opening(question, one) == f"A {region.shape} region, {CONTRAST_PHRASES[region.contrast]}"
+        opening = expected_opening(question, three) or ""
+        assert opening.startswith(f"In 3 places: region 1 in the top left is {three.regions[0].shape} and"), opening
+        assert stated_locations(opening) == {"top left", "top right", "bottom"}
+        assert answer_claims(expected_opening(question, normal) or "") <= {False}
     assert expected_opening("How large is it?", no_region) is None
+    assert expected_opening("What does it look like?", no_region) is None
     for question in QUESTIONS["confidence"]:
         for inspection in (normal, one, replace(one, confidence="low")):
             opening = expected_opening(question, inspection) or ""
