@@ -5,9 +5,8 @@ turn is prefilled with that fact and the model only continues it: the opening wo
 question about whether there is a defect, the region count of a count question, every region's location of a
 where question, every region's size word and area of a size question, every region's shape and contrast of an
 appearance question, and the confidence word of a confidence question (in the wording of the training
-conversations). `contradicts` reads an answer's claims about
-the verdict, so a bench can count how often an unguarded model contradicts the Inspection it was given. Intent
-names are those of simulation/conversations.py.
+conversations). `contradicts` reads an answer's claims about the verdict, so a bench can count how often an
+unguarded model contradicts the Inspection it was given. Intent names are those of simulation/conversations.py.
 """
 
 from __future__ import annotations
