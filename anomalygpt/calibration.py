@@ -10,6 +10,13 @@ import torch
 
 from anomalygpt.memory import PatchMemory, top_mean
 
+# With one reference the threshold comes from the quadrants of that image alone and cannot see how good parts
+# differ from one another: on ELPV its false alarms ranged from 0 % to 93 % over three draws (bench/RESULTS.md).
+ONE_REFERENCE_CAVEAT = (
+    "one reference: its threshold cannot see how good parts vary; "
+    "give 4 or more good references for a dependable threshold"
+)
+
 
 @dataclass(frozen=True)
 class CalibrationConfig:

@@ -30,12 +30,6 @@ if TYPE_CHECKING:
     from anomalygpt.inspection import Inspection, Inspector, References
 
 PROG = "anomalygpt"
-# With one reference the threshold comes from the quadrants of that image alone and cannot see how good parts
-# differ from one another: on ELPV its false alarms ranged from 0 % to 93 % over three draws (bench/RESULTS.md).
-ONE_REFERENCE_NOTE = (
-    f"{PROG} detect: note: one reference: its threshold cannot see how good parts vary; "
-    "give 4 or more good references for a dependable threshold"
-)
 SENSITIVITY_RANGE = (-5.0, 5.0)  # in normal spreads: beyond 5 the threshold leaves the range references justify
 MAX_REFERENCES = 16  # as inspection.MAX_REFERENCES, checked here before torch is imported
 SUMMARY_STEM = "summary"  # summary.json shares --out with the per-image files; no image may take its name
@@ -197,7 +191,9 @@ def run_detect(options: DetectOptions) -> int:
     except (ValueError, OSError) as error:  # Image-, Inspection-, Config-, UsageError; WeightsError is an OSError
         return fail("detect", error)
     if len(job.reference_paths) == 1:
-        print(ONE_REFERENCE_NOTE, file=sys.stderr)
+        from anomalygpt.calibration import ONE_REFERENCE_CAVEAT  # torch is loaded by now
+
+        print(f"{PROG} detect: note: {ONE_REFERENCE_CAVEAT}", file=sys.stderr)
     try:
         records = inspect_all(job, options)
     except (ImageError, OSError) as error:  # a file changed or a disk filled after the checks

@@ -28,7 +28,7 @@ import gradio as gr
 import numpy as np
 import pandas as pd
 
-from anomalygpt.calibration import Calibration
+from anomalygpt.calibration import ONE_REFERENCE_CAVEAT, Calibration
 from anomalygpt.cli import SENSITIVITY_RANGE
 from anomalygpt.config import DEFAULT_PRESET, load_preset
 from anomalygpt.inspection import (
@@ -486,10 +486,13 @@ def inspection_status(session: Session) -> str:
     inspection = session.inspection
     assert inspection is not None
     noun = "region" if len(inspection.regions) == 1 else "regions"
-    return (
+    status = (
         f"Verdict **{inspection.verdict}** at sensitivity {session.sensitivity:+.1f} "
         f"({len(inspection.regions)} {noun}); ask about it in the chat."
     )
+    if inspection.mode == "few-shot" and inspection.n_references == 1:
+        status += f" Note: {ONE_REFERENCE_CAVEAT}."
+    return status
 
 
 def next_step(session: Session) -> str:

@@ -130,15 +130,15 @@ def test_detect_flags_the_blob_and_passes_the_good_crop(table_run: tuple[int, st
 def test_one_reference_gets_a_note_on_stderr_and_still_inspects(
     scene: Scene, table_run: tuple[int, str, str, Path]
 ) -> None:
-    from anomalygpt.cli import ONE_REFERENCE_NOTE
+    from anomalygpt.calibration import ONE_REFERENCE_CAVEAT
 
     code, stdout, stderr = run(
         ["detect", str(scene.good), "--ref", str(scene.refs / "ref0.png"), "--preset", str(scene.preset), "--json"]
     )
-    assert code == 0 and stderr.strip() == ONE_REFERENCE_NOTE
+    assert code == 0 and stderr.strip() == f"anomalygpt detect: note: {ONE_REFERENCE_CAVEAT}"
     record = json.loads(stdout)[0]  # stdout stays pure JSON
     assert record["n_references"] == 1 and record["calibration"]["method"].startswith("k=1")
-    assert ONE_REFERENCE_NOTE not in table_run[2]  # two references: no note
+    assert ONE_REFERENCE_CAVEAT not in table_run[2]  # two references: no note
 
 
 def test_detect_prints_a_verdict_table(table_run: tuple[int, str, str, Path], scene: Scene) -> None:

@@ -206,6 +206,16 @@ def test_chat_inspects_once_and_answers_from_the_inspection(
     )
 
 
+def test_one_reference_gets_a_note_in_the_status(app: WebApp, scene: Scene) -> None:
+    from anomalygpt.calibration import ONE_REFERENCE_CAVEAT
+
+    one = app.load_query(Session(), str(scene.bad)).session
+    one = app.add_references(one, [str(scene.refs[0])]).session
+    status = app.inspect(one, "", 0.0).status
+    assert "Verdict" in status and ONE_REFERENCE_CAVEAT in status
+    assert ONE_REFERENCE_CAVEAT not in app.inspect(loaded(app, scene), "", 0.0).status
+
+
 def test_sensitivity_redecides_without_encoding(
     app: WebApp, scene: Scene, inspector: Inspector, counting: CountingInspector
 ) -> None:
