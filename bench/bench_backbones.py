@@ -63,9 +63,8 @@ def quality(inspector, k: int, seeds: list[int], n_test: int, size: int) -> dict
             good, bad = np.array(r["good_scores"]), np.array(r["bad_scores"])
             labels = np.r_[np.zeros(len(good)), np.ones(len(bad))]
             aurocs.append(float(roc_auc_score(labels, np.r_[good, bad])))
-            threshold = r["normal_mean"] + inspector.preset.calibration.z * r["normal_spread"]
-            far.append(float((good > threshold).mean()))
-            recall.append(float((bad > threshold).mean()))
+            far.append(float((good > r["image_threshold"]).mean()))
+            recall.append(float((bad > r["image_threshold"]).mean()))
         per_texture[texture] = {"mean": float(np.mean(aurocs)), "std": float(np.std(aurocs)), "seeds": aurocs}
     return {
         "auroc": float(np.mean([v["mean"] for v in per_texture.values()])),

@@ -63,6 +63,7 @@ def run(texture: str, k: int, seed: int, n_test: int, size: int, inspector) -> d
         "by_z": by_z,
         "normal_mean": cal.normal_mean,
         "normal_spread": cal.normal_spread,
+        "image_threshold": cal.image_threshold,  # the inspector's own, at its preset's z
         "good_scores": good_scores.tolist(),
         "bad_scores": bad_scores.tolist(),
     }
