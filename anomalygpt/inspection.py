@@ -56,6 +56,12 @@ class Inspection:
     class_name: str | None = None
     source: str | None = None
     timings_ms: dict[str, float] = field(default_factory=dict)
+    # Why the inspection may not be trusted (references unlike the query, degenerate references...), one line
+    # each; every front end shows them before the verdict and the assistant says them first.
+    warnings: list[str] = field(default_factory=list)
+    # How well the query matches the references: {"distance", "units" (distance in units of the references'
+    # own spread), "fits" (bool), "nearest" (names of the nearest references)}; None in zero-shot mode.
+    reference_fit: dict[str, Any] | None = None
     anomaly_map: np.ndarray | None = field(default=None, repr=False)  # (H, W) float32; saved apart, not in JSON
 
     @property
@@ -76,7 +82,7 @@ class Inspection:
         """A short plain-text statement of the inspection, for the LLM's system turn and the CLI."""
         thing = self.class_name or "the product"
         verdict = "ANOMALOUS (defect found)" if self.is_anomalous else "NORMAL (no defect found)"
-        lines = [
+        lines = [f"Warning: {warning}" for warning in self.warnings] + [
             f"Verdict for {thing}: {verdict}, confidence {self.confidence}.",
             f"Anomaly score {self.score:.4f} vs threshold {self.threshold:.4f} "
             f"(margin {self.margin:+.1f} normal spreads; {self.mode}, {self.n_references} good references).",
