@@ -119,6 +119,7 @@ class References:
     memory: PatchMemory
     calibration: Calibration
     index_ms: float
+    names: list[str] = field(default_factory=list)  # one per reference: its path, or "reference N"
 
 
 class Inspector:
@@ -142,13 +143,14 @@ class Inspector:
             raise InspectionError(f"{len(references)} references given; at most {MAX_REFERENCES} are supported")
         start = time.perf_counter()
         images = [load_image(ref) for ref in references]
-        check_same_size(images, [reference_name(ref, i) for i, ref in enumerate(references)])
+        names = [reference_name(ref, i) for i, ref in enumerate(references)]
+        check_same_size(images, names)
         memory = PatchMemory.build(self.backbone, images, self.preset.memory)
         weight = self.preset.decoder.fusion_weight
         if weight > 0 and self.prior is not None:  # the decoder loads only when it is fused
             memory.prior = self.prior.weighted(class_name or self.preset.decoder.class_name or None, weight)
         calibration = calibrate(memory, self.preset.calibration)
-        return References(memory, calibration, (time.perf_counter() - start) * 1000)
+        return References(memory, calibration, (time.perf_counter() - start) * 1000, names)
 
     def inspect(
         self,
