@@ -18,9 +18,11 @@ from torch import nn
 
 from anomalygpt.backbones import WeightsError
 from anomalygpt.io import write_bytes_atomic
+from anomalygpt.state import remove_orphaned_temps
 
 NAMES_SHOWN = 3  # keys named in a mismatch message before "..."
 HASH_CHUNK = 1 << 20  # bytes read at a time by file_record
+TENSORS_SHA256 = "safetensors_sha256"  # config key: sha256 of the tensor file saved with it
 
 
 def module_paths(path_stem: str | Path) -> tuple[Path, Path]:
@@ -30,10 +32,17 @@ def module_paths(path_stem: str | Path) -> tuple[Path, Path]:
 
 
 def save_module(path_stem: str | Path, state: Mapping[str, torch.Tensor], config: dict[str, Any]) -> tuple[Path, Path]:
-    """Write the tensors and the config as a pair: both go to temp names first, then both are renamed."""
+    """Write the tensors and the config as a pair: both go to temp names first, then both are renamed, the config
+    first. The config records the tensor file's sha256, so a kill between the two renames (new config, old
+    tensors) is caught by load_module instead of pairing weights with another run's config."""
     tensors_path, config_path = module_paths(path_stem)
+    if TENSORS_SHA256 in config:
+        raise ValueError(f"{config_path}: config key {TENSORS_SHA256!r} is reserved for the pair's checksum")
     # Serialise both before touching the disk, so bad input leaves nothing behind.
-    payloads = {tensors_path: save_safetensors(_plain_tensors(state)), config_path: _json_bytes(config, config_path)}
+    tensors = save_safetensors(_plain_tensors(state))
+    checked = {**config, TENSORS_SHA256: hashlib.sha256(tensors).hexdigest()}
+    payloads = {config_path: _json_bytes(checked, config_path), tensors_path: tensors}
+    remove_orphaned_temps(tensors_path.parent, [tensors_path.name, config_path.name])  # left by a killed save
     temps = {path: path.with_name(f".{path.name}.{secrets.token_hex(6)}.pair") for path in payloads}
     try:
         for path, data in payloads.items():
@@ -67,29 +76,39 @@ def _json_bytes(config: dict[str, Any], path: Path) -> bytes:
 def load_module(
     path_stem: str | Path, expected_keys: set[str] | None = None
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Tensors (on CPU) and config of a saved part; with expected_keys, any missing or extra key is an error."""
+    """Tensors (on CPU) and config of a saved part; with expected_keys, any missing or extra key is an error.
+    A config that records the tensor file's sha256 must match it (files saved before the checksum load as-is)."""
     tensors_path, config_path = module_paths(path_stem)
-    state = _read_tensors(tensors_path)
+    data = _read_bytes(tensors_path, "weights")
     config = _read_config(config_path)
+    state = _read_tensors(tensors_path, data)
+    recorded = config.pop(TENSORS_SHA256, None)
+    if recorded is not None and recorded != hashlib.sha256(data).hexdigest():
+        raise WeightsError(
+            f"{tensors_path}: not the tensor file {config_path.name} was saved with (sha256 differs): the pair is "
+            "torn, e.g. by a save killed between its two renames; save or copy both files again"
+        )
     if expected_keys is not None:
         check_keys(set(state), expected_keys, str(tensors_path))
     return state, config
 
 
-def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+def _read_bytes(path: Path, what: str) -> bytes:
     if not path.is_file():
-        raise WeightsError(f"{path}: weights file not found")
+        raise WeightsError(f"{path}: {what} file not found")
+    return path.read_bytes()
+
+
+def _read_tensors(path: Path, data: bytes) -> dict[str, torch.Tensor]:
     try:
-        return load_safetensors(path.read_bytes())
+        return load_safetensors(data)
     except SafetensorError as error:
         raise WeightsError(f"{path}: corrupt safetensors file ({_one_line(error)})") from error
 
 
 def _read_config(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise WeightsError(f"{path}: config file not found")
     try:
-        config = json.loads(path.read_bytes())
+        config = json.loads(_read_bytes(path, "config"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise WeightsError(f"{path}: corrupt JSON config ({_one_line(error)})") from error
     if not isinstance(config, dict):

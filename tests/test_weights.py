@@ -150,3 +150,51 @@ def test_every_shipped_weight_file_is_recorded_with_its_hash():
     for name, entry in recorded.items():
         assert {key: entry[key] for key in ("sha256", "size_bytes")} == file_record(WEIGHTS_DIR / name), name
         assert entry["command"] and entry["data"] and isinstance(entry["seed"], int)
+
+
+KILL_BETWEEN_RENAMES = """
+import os, sys, torch
+from anomalygpt.weights import save_module
+real_replace, calls = os.replace, []
+def replace_then_die(src, dst):
+    calls.append(dst)
+    if len(calls) == 4:  # two staged halves written, the config renamed: die before the tensors' rename
+        os._exit(9)
+    real_replace(src, dst)
+os.replace = replace_then_die
+save_module(sys.argv[1], {"a": torch.ones(2)}, {"version": 2})
+"""
+
+
+def test_a_pair_torn_by_a_kill_is_refused_and_the_next_save_cleans_up(tmp_path):
+    import subprocess
+    import sys
+
+    old_tensors, config = save_module(tmp_path / "part", {"a": torch.zeros(2)}, {"version": 1})
+    killed = subprocess.run([sys.executable, "-c", KILL_BETWEEN_RENAMES, str(tmp_path / "part")], check=False)
+    assert killed.returncode == 9
+    assert json.loads(config.read_text())["version"] == 2  # the new config beside the old tensors
+    staged = [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert len(staged) == 1 and staged[0].startswith(".part.safetensors.") and staged[0].endswith(".pair")
+    with pytest.raises(WeightsError) as caught:
+        load_module(tmp_path / "part")
+    assert "the pair is torn" in str(caught.value) and "\n" not in str(caught.value)
+    save_module(tmp_path / "part", {"a": torch.ones(2)}, {"version": 3})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["part.json", "part.safetensors"]
+    state, loaded = load_module(tmp_path / "part")
+    assert loaded == {"version": 3} and torch.equal(state["a"], torch.ones(2))
+
+
+def test_the_config_records_the_tensor_checksum_and_old_pairs_without_it_still_load(tmp_path):
+    tensors, config = save_module(tmp_path / "part", {"a": torch.ones(3)}, {"k": 1})
+    recorded = json.loads(config.read_text())["safetensors_sha256"]
+    assert recorded == hashlib.sha256(tensors.read_bytes()).hexdigest()
+    other = save_module(tmp_path / "other", {"a": torch.zeros(3)}, {"k": 1})[0]
+    tensors.write_bytes(other.read_bytes())  # a valid tensor file, but not the one this config was saved with
+    with pytest.raises(WeightsError, match="not the tensor file part.json was saved with"):
+        load_module(tmp_path / "part")
+    config.write_text(json.dumps({"k": 1}))  # a pair saved before checksums (as the shipped weights may be)
+    state, loaded = load_module(tmp_path / "part")
+    assert loaded == {"k": 1} and torch.equal(state["a"], torch.zeros(3))
+    with pytest.raises(ValueError, match="'safetensors_sha256' is reserved"):
+        save_module(tmp_path / "part", {"a": torch.ones(3)}, {"safetensors_sha256": "x"})
