@@ -8,9 +8,11 @@ import json
 import os
 import secrets
 import struct
+import threading
 import warnings
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
@@ -25,8 +27,22 @@ MAX_PIXELS = 40_000_000  # checked from the header, before any pixel is decoded
 # and its test image different backgrounds, which the detector would report as an anomaly.
 ALPHA_BACKGROUND = 128
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+# The PIL decoders that files and bytes may reach (JPEG includes MPO, the multi-frame JPEG cameras write); the other
+# parsers PIL ships (EPS runs Ghostscript, PSD, FITS...) are never tried on untrusted input.
+PIL_FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "WEBP")
 EXIF_ORIENTATION_TAG = 0x0112
+TIFF_SAMPLE_FORMAT_TAG, TIFF_COMPRESSION_TAG = 339, 259
+TIFF_SIGNED_INTEGER = 2  # SampleFormat value of signed integer pixels
+TIFF_LOSSY_COMPRESSIONS = {6: "JPEG-compressed TIFF", 7: "JPEG-compressed TIFF", 34892: "lossy-JPEG TIFF"}
 UINT16_MAX = 65535
+UNSIGNED_16_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+# Float pixels whose maximum lies in (1, 2] could be a [0, 1] image that overshoots (a Lanczos resize) or an
+# almost black [0, 255] one; reading either way could be silently wrong, so they are refused.
+AMBIGUOUS_FLOAT_MAX = 2.0
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # IHDR colour type -> samples per pixel
+ADAM7_PASSES = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
+INFLATE_STEP = 1 << 20  # bytes of inflated PNG data held at once while checking it
 
 ImageSource = str | Path | bytes | np.ndarray | Image.Image
 # What PIL and its codecs raise on corrupt data; struct/zlib errors are not OSError subclasses.
@@ -40,8 +56,14 @@ class ImageError(ValueError):
 def load_image(source: ImageSource, *, name: str | None = None) -> np.ndarray:
     """Decode any supported source to a C-contiguous (H, W, 3) uint8 RGB array, EXIF orientation applied.
 
-    Transparency is composited over ALPHA_BACKGROUND grey; 16-bit data is scaled by 255/65535 and rounded;
-    float data is read as [0, 1] when its maximum is <= 1, else as [0, 255] (clipped, NaN -> 0).
+    A file is decoded completely or not at all: a truncated file, a PNG whose chunk CRCs or zlib checksum fail,
+    or any decoder error is an ImageError (PIL's LOAD_TRUNCATED_IMAGES is never honoured).
+    Value ranges: uint8 as is; bool and 1-bit 0/1 -> 0/255; unsigned 16-bit (PNG, TIFF, PGM, arrays) scaled by
+    255/65535 over the full 16-bit range; float read as [0, 1] when every value lies in [0, 1] and as [0, 255]
+    when they lie in [0, 255] with a maximum above 2. Refused, with an ImageError: signed integers (int8/int16
+    TIFFs, int arrays), 32-bit integers (uint32/int32 TIFFs, PIL mode "I" images), NaN or infinite floats,
+    negative floats, floats above 255, and floats whose maximum lies in (1, 2] (a [0, 1] image that overshoots
+    and a black [0, 255] one cannot be told apart). Transparency is composited over ALPHA_BACKGROUND grey.
     """
     label = name if name is not None else _source_label(source)
     if isinstance(source, np.ndarray):
@@ -95,10 +117,85 @@ def _decode_bytes(data: bytes, label: str) -> np.ndarray:
 
 
 def _decode_stream(stream: IO[bytes], head: bytes, label: str) -> np.ndarray:
-    """Open from a binary stream, check the header size, then decode."""
+    """Open from a binary stream, check the header size and (PNG) every checksum, then decode."""
     with _open_pil(stream, label) as image:
         _check_size(image.width, image.height, label)
+        if image.format == "PNG":
+            _check_png(stream, label)
         return _decode_pil(image, label, head, stream)
+
+
+def _check_png(stream: IO[bytes], label: str) -> None:
+    """Every chunk's CRC, the whole IDAT zlib stream to its Adler-32 and its exact size, and IEND.
+
+    PIL checks none of these: it skips IDAT CRCs, stops inflating once it has the pixels it needs, and fills the
+    rows of a stream that ends early with zeros, so a flipped bit decodes to wrong pixels and a short or cut file
+    to a partly black image. Inflated data is counted and dropped, never held whole.
+    """
+    try:
+        stream.seek(len(PNG_SIGNATURE))
+        _walk_png_chunks(stream, label)
+    except ImageError:
+        raise
+    except DECODE_ERRORS as exc:
+        raise ImageError(f"{label}: corrupt or truncated image (PNG pixel data: {_first_line(exc)})") from exc
+    finally:
+        stream.seek(0)
+
+
+def _walk_png_chunks(stream: IO[bytes], label: str) -> None:
+    inflater = zlib.decompressobj()
+    expected = 0  # inflated bytes the header declares, set from IHDR
+    inflated = 0
+    while True:
+        header = stream.read(8)
+        if len(header) < 8:
+            raise ImageError(f"{label}: corrupt or truncated image (PNG ends before its IEND chunk)")
+        length, kind = struct.unpack(">I4s", header)
+        body, crc = stream.read(length), stream.read(4)
+        if len(body) < length or len(crc) < 4:
+            raise ImageError(f"{label}: corrupt or truncated image (PNG ends inside its {_chunk_name(kind)} chunk)")
+        if zlib.crc32(kind + body) != int.from_bytes(crc, "big"):
+            raise ImageError(f"{label}: corrupt image (PNG {_chunk_name(kind)} chunk fails its CRC check)")
+        if kind == b"IHDR":
+            expected = _png_raw_size(body)
+        elif kind == b"IDAT":
+            inflated += _inflate(inflater, body, expected - inflated, label)
+        elif kind == b"IEND":
+            break
+    if not inflater.eof or inflated != expected:
+        raise ImageError(
+            f"{label}: corrupt or truncated image (PNG pixel data holds {inflated:,} bytes, its header declares "
+            f"{expected:,})"
+        )
+
+
+def _chunk_name(kind: bytes) -> str:
+    return kind.decode("ascii", "backslashreplace")
+
+
+def _png_raw_size(ihdr: bytes) -> int:
+    """Bytes of a PNG's inflated pixel data: each row of each (Adam7) pass, plus one filter byte per row."""
+    width, height, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", ihdr[:13])
+    bits = PNG_CHANNELS.get(colour, 4) * depth
+    passes = ADAM7_PASSES if interlace else ((0, 0, 1, 1),)
+    total = 0
+    for x0, y0, dx, dy in passes:
+        columns, rows = -(-(width - x0) // dx), -(-(height - y0) // dy)  # ceiling divisions
+        total += rows * (1 + (columns * bits + 7) // 8) if columns > 0 and rows > 0 else 0
+    return total
+
+
+def _inflate(inflater: Any, data: bytes, allowed: int, label: str) -> int:
+    """Inflate data and drop it; returns the inflated byte count. Inflating beyond `allowed` (a decompression
+    bomb, or data for another image) is corrupt, found within one step of INFLATE_STEP bytes."""
+    count = 0
+    while data and not inflater.eof:
+        count += len(inflater.decompress(data, INFLATE_STEP))
+        data = inflater.unconsumed_tail
+        if count > allowed:
+            raise ImageError(f"{label}: corrupt image (PNG holds more pixel data than its header declares)")
+    return count
 
 
 def _open_pil(stream: IO[bytes], label: str) -> Image.Image:
@@ -106,11 +203,13 @@ def _open_pil(stream: IO[bytes], label: str) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            return Image.open(stream)
+            return Image.open(stream, formats=PIL_FORMATS)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageError(f"{label}: too large: {_first_line(exc)} (limit here: {MAX_PIXELS:,})") from exc
     except UnidentifiedImageError as exc:
-        raise ImageError(f"{label}: not a readable image (cannot identify image file)") from exc
+        raise ImageError(
+            f"{label}: not a readable image (cannot identify image file; supported: PNG, JPEG, BMP, TIFF, WebP)"
+        ) from exc
     except DECODE_ERRORS as exc:
         raise ImageError(f"{label}: not a readable image ({_first_line(exc)})") from exc
 
@@ -137,12 +236,14 @@ def _decode_pil(image: Image.Image, label: str, head: bytes = b"", stream: IO[by
     head (the first bytes) and stream (the encoded file) are given for files and bytes, not PIL images.
     """
     try:
-        orientation = _orientation(image)
-        if stream is not None and isinstance(image, ImageFile.ImageFile) and _is_deep_rgb(image, head):
-            array = _decode_deep_rgb(stream, label)
-        else:
-            image.load()
-            array = _pil_pixels(image)
+        _check_pixel_format(image, label)
+        with _no_partial_decodes():
+            if stream is not None and isinstance(image, ImageFile.ImageFile) and _is_deep_rgb(image, head):
+                array = _decode_deep_rgb(stream, label)
+            else:
+                image.load()
+                array = _pil_pixels(image)
+            orientation = _orientation(image)  # after the pixels: reading EXIF may decode, and must not hide errors
     except ImageError:
         raise
     except DECODE_ERRORS as exc:
@@ -150,8 +251,45 @@ def _decode_pil(image: Image.Image, label: str, head: bytes = b"", stream: IO[by
     return np.ascontiguousarray(_apply_orientation(_array_to_rgb8(array, label), orientation))
 
 
+_TRUNCATION_LOCK = threading.Lock()
+
+
+@contextmanager
+def _no_partial_decodes() -> Iterator[None]:
+    """Decode with PIL's process-wide LOAD_TRUNCATED_IMAGES off, even if another library turned it on."""
+    if not ImageFile.LOAD_TRUNCATED_IMAGES:
+        yield
+        return
+    with _TRUNCATION_LOCK:
+        ImageFile.LOAD_TRUNCATED_IMAGES = False
+        try:
+            yield
+        finally:
+            ImageFile.LOAD_TRUNCATED_IMAGES = True
+
+
+def _check_pixel_format(image: Image.Image, label: str) -> None:
+    """Refuse pixel types without a defined brightness range (signed or 32-bit integers), from the header."""
+    signed = isinstance(image, TiffImagePlugin.TiffImageFile) and TIFF_SIGNED_INTEGER in _tag_tuple(
+        image, TIFF_SAMPLE_FORMAT_TAG
+    )
+    if signed or (image.mode.startswith("I;16") and image.mode not in UNSIGNED_16_BIT_MODES):
+        raise ImageError(
+            f"{label}: signed integer pixels have no defined brightness range; save it as 8- or 16-bit unsigned"
+        )
+    if image.mode == "I":
+        raise ImageError(
+            f"{label}: 32-bit integer pixels have no defined brightness range; save it as 8- or 16-bit unsigned"
+        )
+
+
+def _tag_tuple(image: TiffImagePlugin.TiffImageFile, tag: int) -> tuple[Any, ...]:
+    value = image.tag_v2.get(tag, ())
+    return value if isinstance(value, tuple) else (value,)
+
+
 def _orientation(image: Image.Image) -> int:
-    """EXIF orientation 1-8; 1 (as stored) when absent or malformed."""
+    """EXIF orientation 1-8; 1 (as stored) when absent or malformed (the pixels are decoded before this)."""
     try:
         value = int(image.getexif().get(EXIF_ORIENTATION_TAG, 1))
     except (TypeError, ValueError, *DECODE_ERRORS):
@@ -166,8 +304,7 @@ def _is_deep_rgb(image: ImageFile.ImageFile, head: bytes) -> bool:
     if image.format == "PNG":
         return len(head) > 24 and head[24] == 16  # IHDR bit depth, right after width and height
     if isinstance(image, TiffImagePlugin.TiffImageFile):
-        bits = image.tag_v2.get(258, ())  # BitsPerSample
-        bits = bits if isinstance(bits, tuple) else (bits,)
+        bits = _tag_tuple(image, 258)  # BitsPerSample
         return len(bits) >= 3 and all(b == 16 for b in bits)
     return False
 
@@ -188,9 +325,6 @@ def _pil_pixels(image: Image.Image) -> np.ndarray:
     mode = image.mode
     if mode.startswith("I;16"):
         return np.asarray(image).astype(np.uint16)
-    if mode == "I":
-        # 32-bit integer images come from 16-bit sources in practice; treat them as 16-bit.
-        return np.clip(np.asarray(image), 0, UINT16_MAX).astype(np.uint16)
     if mode == "F":
         return np.asarray(image, dtype=np.float32)
     if "transparency" in image.info or mode in ("P", "PA", "LA", "La", "RGBA", "RGBa"):
@@ -220,7 +354,7 @@ def _array_to_rgb8(array: np.ndarray, label: str) -> np.ndarray:
 
 
 def _to_uint8(pixels: np.ndarray, label: str) -> np.ndarray:
-    """Scale uint16 by 255/65535, floats from [0, 1] or [0, 255], bools to 0/255; uint8 unchanged."""
+    """Scale uint16 by 255/65535, floats from [0, 1] or [0, 255] (see load_image), bools to 0/255; uint8 as is."""
     if pixels.dtype == np.uint8:
         return pixels
     if pixels.dtype == np.bool_:
@@ -228,11 +362,27 @@ def _to_uint8(pixels: np.ndarray, label: str) -> np.ndarray:
     if pixels.dtype == np.uint16:
         return np.rint(pixels.astype(np.float64) * (255.0 / UINT16_MAX)).astype(np.uint8)
     if np.issubdtype(pixels.dtype, np.floating):
-        values = np.nan_to_num(pixels.astype(np.float64), nan=0.0, posinf=255.0, neginf=0.0)
-        if values.size and values.max() <= 1.0:
-            values = np.clip(values, 0.0, 1.0) * 255.0
-        return np.rint(np.clip(values, 0.0, 255.0)).astype(np.uint8)
-    raise ImageError(f"{label}: unsupported pixel dtype {pixels.dtype}; expected uint8, uint16, bool or float")
+        return np.rint(pixels.astype(np.float64) * _float_scale(pixels, label)).astype(np.uint8)
+    raise ImageError(
+        f"{label}: unsupported pixel dtype {pixels.dtype} (no defined brightness range); "
+        "expected uint8, uint16, bool or float"
+    )
+
+
+def _float_scale(pixels: np.ndarray, label: str) -> float:
+    """255 for [0, 1] data, 1 for [0, 255] data; anything else is an ImageError (see load_image)."""
+    finite = np.isfinite(pixels)
+    if not finite.all():
+        raise ImageError(f"{label}: {int(pixels.size - finite.sum())} pixel values are NaN or infinite")
+    low, high = (float(pixels.min()), float(pixels.max())) if pixels.size else (0.0, 0.0)
+    if low < 0.0 or high > 255.0:
+        raise ImageError(f"{label}: float pixel values from {low:g} to {high:g}; expected [0, 1] or [0, 255]")
+    if 1.0 < high <= AMBIGUOUS_FLOAT_MAX:
+        raise ImageError(
+            f"{label}: float pixel values up to {high:g} are ambiguous ([0, 1] overshooting, or a black [0, 255] "
+            "image); clip to [0, 1] or scale to [0, 255]"
+        )
+    return 255.0 if high <= 1.0 else 1.0
 
 
 def _composite(rgba: np.ndarray) -> np.ndarray:
@@ -259,6 +409,45 @@ def _apply_orientation(pixels: np.ndarray, orientation: int) -> np.ndarray:
     if orientation == 8:
         return np.rot90(pixels, k=1)
     return pixels
+
+
+def lossy_encoding(path: str | Path) -> str | None:
+    """'JPEG', 'lossy WebP' or a lossy TIFF compression when the file is stored lossily; None when lossless.
+
+    Told from the format (and, for WebP, from its VP8 (lossy) or VP8L (lossless) bitstream chunk), not from the
+    pixels; an unreadable file is None (decoding it reports the problem).
+    """
+    try:
+        with Image.open(path, formats=PIL_FORMATS) as image:
+            if image.format in ("JPEG", "MPO"):
+                return "JPEG"
+            if image.format == "WEBP":
+                return "lossy WebP" if _webp_is_lossy(Path(path)) else None
+            if isinstance(image, TiffImagePlugin.TiffImageFile):
+                compression = _tag_tuple(image, TIFF_COMPRESSION_TAG)
+                return TIFF_LOSSY_COMPRESSIONS.get(compression[0]) if compression else None
+    except (UnidentifiedImageError, Image.DecompressionBombError, *DECODE_ERRORS):
+        return None
+    return None
+
+
+def _webp_is_lossy(path: Path) -> bool:
+    """True when the first image bitstream in the RIFF container is VP8 (lossy); VP8L is lossless."""
+    with path.open("rb") as handle:
+        handle.seek(12)  # after "RIFF", the size and "WEBP"
+        while len(header := handle.read(8)) == 8:
+            kind, size = header[:4], int.from_bytes(header[4:], "little")
+            if kind in (b"VP8 ", b"VP8L"):
+                return kind == b"VP8 "
+            # An animation frame's own chunks start after its 16-byte frame header; other chunks are skipped.
+            handle.seek(16 if kind == b"ANMF" else size + (size & 1), os.SEEK_CUR)
+    return False
+
+
+def safe_text(text: object) -> str:
+    """str(text) safe to print on a terminal: control and other unprintable characters (ANSI escapes, bidi
+    overrides, undecodable file-name bytes) are shown as Python escapes, e.g. '\\x1b'."""
+    return "".join(char if char.isprintable() else char.encode("unicode_escape").decode("ascii") for char in str(text))
 
 
 def list_images(paths: Sequence[str | Path]) -> list[Path]:
@@ -334,7 +523,8 @@ def write_json_atomic(path: str | Path, obj: Any) -> Path:
         raise ValueError(f"{path}: cannot write JSON: NaN or Infinity is not valid JSON ({exc})") from exc
     except TypeError as exc:
         raise TypeError(f"{path}: cannot write JSON: {exc}") from exc
-    return write_text_atomic(path, text + "\n")
+    # A lone surrogate (a file name's undecodable byte) cannot be UTF-8; as a JSON \\u escape it reads back the same.
+    return write_bytes_atomic(path, (text + "\n").encode("utf-8", "backslashreplace"))
 
 
 def write_png_atomic(path: str | Path, array: np.ndarray) -> Path:

@@ -5,15 +5,18 @@ from __future__ import annotations
 import io
 import json
 import os
+import struct
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
-from PIL import Image, ImageOps
+import tifffile
+from PIL import Image, ImageFile, ImageOps
 
 import anomalygpt.io as aio
 from anomalygpt.io import (
@@ -149,9 +152,6 @@ def test_sixteen_bit_grey_modes(tmp_path: Path) -> None:
     np.testing.assert_array_equal(load_image(path)[:, :, 0], deep_expected(values))
     big_endian = Image.frombytes("I;16B", (values.shape[1], values.shape[0]), values.astype(">u2").tobytes())
     np.testing.assert_array_equal(load_image(big_endian)[:, :, 0], deep_expected(values))
-    int_mode = Image.fromarray(np.array([[-5, 511, 70000]] * 16, dtype=np.int32).repeat(6, axis=1))
-    assert int_mode.mode == "I"
-    assert load_image(int_mode)[0, ::6, 0].tolist() == [0, 2, 255]  # clipped to the 16-bit range
 
 
 def test_float_mode_scaling(tmp_path: Path) -> None:
@@ -160,8 +160,8 @@ def test_float_mode_scaling(tmp_path: Path) -> None:
     Image.fromarray(unit).save(path)
     assert mode_of(path) == "F"
     assert load_image(path)[0, ::6, 0].tolist() == [0, 64, 255]  # max <= 1: scaled by 255
-    wide = np.array([[-3.0, 100.4, 300.0]] * 16, dtype=np.float32).repeat(6, axis=1)
-    assert load_image(Image.fromarray(wide))[0, ::6, 0].tolist() == [0, 100, 255]  # clipped to [0, 255]
+    wide = np.array([[0.0, 100.4, 255.0]] * 16, dtype=np.float32).repeat(6, axis=1)
+    assert load_image(Image.fromarray(wide))[0, ::6, 0].tolist() == [0, 100, 255]  # max > 2: [0, 255] as is
 
 
 def test_arrays_of_every_layout_and_dtype() -> None:
@@ -175,7 +175,7 @@ def test_arrays_of_every_layout_and_dtype() -> None:
     np.testing.assert_array_equal(load_image(grey[:, :, None]), load_image(grey))
     np.testing.assert_array_equal(load_image(deep_tile())[:, :, 0], deep_expected(deep_tile()))
     floats = np.zeros((16, 16, 3))
-    floats[0, 0] = (0.5, 1.0, np.nan)
+    floats[0, 0] = (0.5, 1.0, 0.0)
     assert load_image(floats)[0, 0].tolist() == [128, 255, 0]
     assert load_image(np.eye(16, dtype=bool))[0, 0].tolist() == [255] * 3
 
@@ -184,7 +184,7 @@ def test_bad_arrays() -> None:
     assert "unsupported array shape (16, 16, 2)" in error_text(np.zeros((16, 16, 2), np.uint8))
     assert "unsupported array shape (256,)" in error_text(np.zeros(256, np.uint8))
     assert error_text(np.zeros((16, 16), np.int64), name="frame") == (
-        "frame: unsupported pixel dtype int64; expected uint8, uint16, bool or float"
+        "frame: unsupported pixel dtype int64 (no defined brightness range); expected uint8, uint16, bool or float"
     )
 
 
@@ -223,12 +223,234 @@ def test_missing_directory_and_empty_files(tmp_path: Path) -> None:
 def test_non_image_and_corrupt_files(tmp_path: Path) -> None:
     text = tmp_path / "bad.png"
     text.write_text("not an image at all")
-    assert error_text(text, name="bad.png") == "bad.png: not a readable image (cannot identify image file)"
-    assert error_text(b"\x89PNG garbage") == "<bytes>: not a readable image (cannot identify image file)"
+    unknown = "not a readable image (cannot identify image file; supported: PNG, JPEG, BMP, TIFF, WebP)"
+    assert error_text(text, name="bad.png") == f"bad.png: {unknown}"
+    assert error_text(b"\x89PNG garbage") == f"<bytes>: {unknown}"
     png = encoded(Image.fromarray(random_rgb(64, 64)), "PNG")
     assert error_text(png[: len(png) * 6 // 10], name="cut.png").startswith("cut.png: corrupt or truncated image (")
     jpeg = encoded(Image.fromarray(random_rgb(64, 64)), "JPEG")
     assert "image file is truncated" in error_text(jpeg[: len(jpeg) // 2], name="cut.jpg")
+
+
+# --- corrupt and truncated files ----------------------------------------------------------------
+
+
+def smooth_rgb(side: int = 64) -> np.ndarray:
+    """(side, side, 3) uint8 gradients with a little noise: compresses like a photograph, not like noise."""
+    yy, xx = np.mgrid[:side, :side]
+    base = np.stack([xx * 4, yy * 4, (xx + yy) * 2], axis=2) % 256
+    noise = np.random.default_rng(0).integers(-8, 9, size=base.shape)
+    return np.clip(base + noise, 0, 255).astype(np.uint8)
+
+
+def png_chunks(data: bytes) -> list[tuple[int, bytes, bytes]]:
+    """(offset, kind, body) of every chunk of a PNG."""
+    chunks, position = [], 8
+    while position < len(data):
+        length, kind = struct.unpack(">I4s", data[position : position + 8])
+        chunks.append((position, kind, data[position + 8 : position + 8 + length]))
+        position += 12 + length
+    return chunks
+
+
+def png_from_chunks(chunks: list[tuple[bytes, bytes]]) -> bytes:
+    """A PNG of the given (kind, body) chunks, each with a correct CRC."""
+    parts = [b"\x89PNG\r\n\x1a\n"]
+    for kind, body in chunks:
+        parts.append(struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body)))
+    return b"".join(parts)
+
+
+@pytest.mark.parametrize("fix_crc", [False, True], ids=["stale-crc", "recomputed-crc"])
+def test_png_with_a_flipped_bit_is_rejected(fix_crc: bool) -> None:
+    png = encoded(Image.fromarray(smooth_rgb()), "PNG")
+    chunks = png_chunks(png)
+    offset, _, idat = next(chunk for chunk in chunks if chunk[1] == b"IDAT")
+    rng = np.random.default_rng(0)
+    for position in rng.choice(len(idat), size=25, replace=False):
+        body = bytearray(idat)
+        body[position] ^= 1 << int(rng.integers(8))
+        if fix_crc:  # CRCs right, so only the zlib stream's own checksum and structure can tell
+            data = png_from_chunks([(kind, bytes(body) if kind == b"IDAT" else old) for _, kind, old in chunks])
+        else:
+            data = png[: offset + 8] + bytes(body) + png[offset + 8 + len(idat) :]
+        message = error_text(data, name="flip.png")
+        assert message.startswith("flip.png: corrupt") and ("IDAT chunk fails its CRC check" in message) != fix_crc
+
+
+def test_png_with_short_but_valid_pixel_data_is_rejected() -> None:
+    # Checksums all right, half the rows missing: PIL decodes what it has. The EXIF lookup used to run this
+    # decode first and swallow its error, so the second load returned a half-black image.
+    pixels = smooth_rgb()
+    rows = b"".join(b"\x00" + row.tobytes() for row in pixels[:32])  # filter byte 0, then the row
+    chunks = png_chunks(encoded(Image.fromarray(pixels), "PNG"))
+    data = png_from_chunks([(b"IHDR", chunks[0][2]), (b"IDAT", zlib.compress(rows)), (b"IEND", b"")])
+    assert error_text(data, name="short.png") == (
+        f"short.png: corrupt or truncated image (PNG pixel data holds {len(rows):,} bytes, its header declares "
+        f"{2 * len(rows):,})"
+    )
+
+
+ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
+
+
+def interlaced_png(pixels: np.ndarray) -> bytes:
+    """(H, W, 3) uint8 as an Adam7-interlaced PNG (PIL cannot write one): each pass's rows, filter byte 0."""
+    height, width = pixels.shape[:2]
+    rows = [
+        b"\x00" + row.tobytes()
+        for x0, y0, dx, dy in ADAM7
+        if x0 < width and y0 < height
+        for row in pixels[y0::dy, x0::dx]
+    ]
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 1)
+    return png_from_chunks([(b"IHDR", ihdr), (b"IDAT", zlib.compress(b"".join(rows))), (b"IEND", b"")])
+
+
+@pytest.mark.parametrize("size", [(16, 16), (17, 23), (37, 53)])
+def test_interlaced_png_is_checked_and_decoded(size: tuple[int, int]) -> None:
+    pixels = random_rgb(*size)
+    data = interlaced_png(pixels)
+    np.testing.assert_array_equal(load_image(data), pixels)
+    chunks = png_chunks(data)
+    short = png_from_chunks([(b"IHDR", chunks[0][2]), (b"IDAT", zlib.compress(zlib.decompress(chunks[1][2])[:-1]))])
+    assert "PNG pixel data holds" in error_text(short + data[-12:])
+
+
+CUT_FORMATS = {
+    "png": ("PNG", {}),
+    "jpeg": ("JPEG", {"quality": 90}),
+    "progressive jpeg": ("JPEG", {"progressive": True}),
+    "lossless webp": ("WEBP", {"lossless": True}),
+    "lossy webp": ("WEBP", {"quality": 80}),
+    "tiff": ("TIFF", {}),
+    "lzw tiff": ("TIFF", {"compression": "tiff_lzw"}),
+    "bmp": ("BMP", {}),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(CUT_FORMATS))
+def test_files_cut_anywhere_are_rejected(kind: str) -> None:
+    fmt, options = CUT_FORMATS[kind]
+    data = encoded(Image.fromarray(smooth_rgb()), fmt, **options)
+    assert load_image(data).shape == (64, 64, 3)
+    for cut in (
+        12,
+        40,
+        len(data) // 4,
+        len(data) // 2,
+        len(data) * 3 // 4,
+        len(data) - 16,
+        len(data) - 2,
+        len(data) - 1,
+    ):
+        message = error_text(data[:cut], name="cut")
+        assert message.startswith("cut: ") and ("truncated" in message or "not a readable image" in message)
+
+
+def test_pil_load_truncated_images_switch_is_not_honoured(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)  # as some libraries set it process-wide
+    jpeg = encoded(Image.fromarray(smooth_rgb()), "JPEG")
+    cut = jpeg[: len(jpeg) * 3 // 4]
+    with Image.open(io.BytesIO(cut)) as partial:
+        partial.load()  # PIL alone now accepts the cut file
+    assert "image file is truncated" in error_text(cut, name="cut.jpg")
+    assert "truncated" in error_text(encoded(Image.fromarray(smooth_rgb()), "TIFF")[:5000], name="cut.tif")
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is True  # restored for whoever set it
+
+
+def test_only_the_supported_formats_are_decoded() -> None:
+    # GIF and PGM are images PIL reads, but not formats this project accepts (PIL's other parsers stay unused).
+    for fmt in ("GIF", "PPM"):
+        message = error_text(encoded(Image.fromarray(smooth_rgb()[:, :, 0]), fmt), name=f"x.{fmt.lower()}")
+        assert message.endswith("cannot identify image file; supported: PNG, JPEG, BMP, TIFF, WebP)")
+
+
+# --- value ranges -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("dtype", "problem"),
+    [
+        ("int8", "signed integer pixels have no defined brightness range"),
+        ("int16", "signed integer pixels have no defined brightness range"),
+        ("int32", "signed integer pixels have no defined brightness range"),
+        ("uint32", "32-bit integer pixels have no defined brightness range"),
+    ],
+)
+def test_integer_tiffs_without_a_defined_range_are_refused(tmp_path: Path, dtype: str, problem: str) -> None:
+    # Before: int16 negatives wrapped to bright, uint32 clipped to white, int32 was divided by 257.
+    values = np.array([[-100, 0, 100, 200]] * 16, dtype=np.int64).repeat(4, axis=1)
+    path = tmp_path / f"{dtype}.tif"
+    tifffile.imwrite(path, values.astype(dtype) if dtype.startswith("int") else np.abs(values).astype(dtype))
+    assert error_text(path, name="x.tif") == f"x.tif: {problem}; save it as 8- or 16-bit unsigned"
+    with Image.open(path) as opened:
+        assert "integer pixels have no defined brightness range" in error_text(opened)
+    assert "no defined brightness range" in error_text(values.astype(dtype))
+
+
+FLOAT_CASES = {
+    # row of pixel values: expected uint8 row, or a fragment of the error
+    "unit": ([0.0, 0.25, 1.0, 0.5], [0, 64, 255, 128]),
+    "bytes": ([0.0, 100.4, 255.0, 2.5], [0, 100, 255, 2]),
+    "all zero": ([0.0, 0.0, 0.0, 0.0], [0, 0, 0, 0]),
+    "+inf": ([0.0, 0.25, np.inf, 0.5], "64 pixel values are NaN or infinite"),
+    "nan": ([0.0, np.nan, 1.0, 0.5], "64 pixel values are NaN or infinite"),
+    "negative": ([-0.5, 0.25, 1.0, 0.5], "float pixel values from -0.5 to 1; expected [0, 1] or [0, 255]"),
+    "above 255": ([0.0, 0.25, 300.0, 0.5], "float pixel values from 0 to 300; expected [0, 1] or [0, 255]"),
+    "overshoot": ([0.0, 0.25, 1.03, 0.5], "float pixel values up to 1.03 are ambiguous"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FLOAT_CASES))
+def test_float_pixel_ranges(tmp_path: Path, case: str) -> None:
+    row, expected = FLOAT_CASES[case]
+    values = np.array([row] * 16, dtype=np.float32).repeat(4, axis=1)  # (16, 16): each value in 64 pixels
+    path = tmp_path / "float.tif"
+    tifffile.imwrite(path, values)
+    for source in (path, values, values.astype(np.float64)):
+        if isinstance(expected, str):
+            assert expected in error_text(source)
+        else:
+            assert load_image(source)[0, ::4, 0].tolist() == expected
+
+
+# --- lossy formats and printable names ----------------------------------------------------------
+
+
+def test_lossy_encoding_is_told_from_the_format(tmp_path: Path) -> None:
+    rgb = Image.fromarray(smooth_rgb())
+    rgba = Image.fromarray(np.dstack([smooth_rgb(), smooth_rgb()[:, :, :1]]))
+    files = {
+        "a.png": (rgb, {}, None),
+        "a.bmp": (rgb, {}, None),
+        "a.tif": (rgb, {"compression": "tiff_lzw"}, None),
+        "jpeg.tif": (rgb, {"compression": "jpeg"}, "JPEG-compressed TIFF"),
+        "a.jpg": (rgb, {"quality": 95}, "JPEG"),
+        "lossless.webp": (rgb, {"lossless": True}, None),
+        "lossy.webp": (rgb, {"quality": 80}, "lossy WebP"),
+        "alpha_lossless.webp": (rgba, {"lossless": True}, None),  # VP8X, then VP8L
+        "alpha_lossy.webp": (rgba, {"quality": 80}, "lossy WebP"),  # VP8X, ALPH, then VP8
+    }
+    for name, (image, options, expected) in files.items():
+        image.save(tmp_path / name, **options)
+        assert aio.lossy_encoding(tmp_path / name) == expected, name
+    assert aio.lossy_encoding(tmp_path / "missing.png") is None
+
+
+def test_safe_text_escapes_what_a_terminal_would_obey() -> None:
+    assert aio.safe_text("ok/été/漢字 1.png") == "ok/été/漢字 1.png"
+    assert aio.safe_text("\x1b[31mred\x1b[0m.png") == "\\x1b[31mred\\x1b[0m.png"
+    assert aio.safe_text("a\nb\rc\x9b\u202e.png") == "a\\nb\\rc\\x9b\\u202e.png"
+    undecodable = os.fsdecode(b"bad\xff.png")  # a Linux file name that is not UTF-8
+    assert aio.safe_text(undecodable) == "bad\\udcff.png"
+    aio.safe_text(undecodable).encode("ascii")  # printable on any terminal encoding
+
+
+def test_json_writer_keeps_undecodable_file_names(tmp_path: Path) -> None:
+    name = os.fsdecode(b"bad\xff.png")
+    write_json_atomic(tmp_path / "n.json", {"source": name})
+    assert json.loads((tmp_path / "n.json").read_text())["source"] == name
 
 
 def test_too_small() -> None:
