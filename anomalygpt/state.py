@@ -13,6 +13,7 @@ writers (anomalygpt.io, anomalygpt.weights, save_assistant) leave behind when a 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 import shutil
@@ -26,6 +27,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as save_safetensors
 
 from anomalygpt.io import write_bytes_atomic
+
+log = logging.getLogger(__name__)
 
 STATE_FORMAT = "anomalygpt-state/1"
 # Markers in the JSON tree; a dict whose keys are not all plain strings is stored as a DICT list of pairs.
@@ -66,6 +69,26 @@ def load_state(path: str | Path) -> Any:
         raise
     except (SafetensorError, OSError, ValueError, KeyError, TypeError) as error:
         raise StateError(f"{path}: not a readable state file ({_one_line(error)})") from error
+
+
+def load_cache(path: str | Path) -> Any | None:
+    """The tree of a cache file; None when there is none, or (with a one-line note) when it cannot be read."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        return load_state(path)
+    except StateError as error:
+        log.warning("%s; computing it again", error)
+        return None
+
+
+def note_ignored_pickles(folder: str | Path, names: Iterable[str], consequence: str) -> None:
+    """One note per old pickle-format file found: it is never loaded, since unpickling a file can run code."""
+    for name in names:
+        path = Path(folder) / name
+        if path.exists():
+            log.warning("%s: old pickle format, not loaded (unpickling can run code); %s", path, consequence)
 
 
 def _encode(value: Any, tensors: dict[str, torch.Tensor], storages: set[int]) -> Any:

@@ -16,6 +16,7 @@ from anomalygpt.backbones import WeightsError
 from anomalygpt.config import load_preset
 from anomalygpt.decoder import AnomalyDecoder, DecoderSpec, anchor_cosines, projection
 from anomalygpt.inspection import InspectionError, build_inspector
+from anomalygpt.state import load_state
 from anomalygpt.weights import load_module
 from train.cli import main as train_main
 
@@ -76,7 +77,7 @@ def test_training_writes_weights_curves_and_resumes(trained):
     best = int(np.argmax(history["val_pixel_auroc"]))
     assert history["best_epoch"] == config["validation"]["epoch"] == best
     assert config["validation"]["pixel_auroc"] == history["val_pixel_auroc"][best]
-    kept = torch.load(trained / "checkpoint.pt", weights_only=False)["best"]
+    kept = load_state(trained / "checkpoint.safetensors")["best"]
     written = load_module(trained / "decoder")[0]
     assert kept.keys() == written.keys() and all(torch.equal(kept[k], written[k]) for k in kept)
     assert config["backbone"] == TINY["backbone"] and config["text"]["name"] == "minilm"

@@ -3,6 +3,11 @@
 The backbone and the text encoder are frozen, so every simulated image is encoded once and the projections
 train on cached features (seconds per epoch). Normals are scikit-image's bundled pictures (simulation.normals):
 training and validation come from different pictures. Runs on accelerate: CPU here, one or many GPUs elsewhere.
+
+Features and checkpoints are state files (anomalygpt.state: safetensors, never pickles). A checkpoint holds every
+random state the next epoch draws from (the data order's generator, torch's global one), so a killed run resumed
+with --resume ends bit-identical to an uninterrupted one on the CPU; the decoder's initial weights are drawn from
+the seed alone, so a run that finds its features cached starts exactly where one that computed them does.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from anomalygpt.inspection import build_inspector
 from anomalygpt.io import write_bytes_atomic, write_json_atomic
 from anomalygpt.memory import embed_patches, fuse_maps, top_mean
 from anomalygpt.prompts import text_anchors
+from anomalygpt.state import load_cache, load_state, note_ignored_pickles, remove_orphaned_temps, save_state
 from anomalygpt.text import build_text_encoder
 from anomalygpt.weights import save_module
 from simulation.anomalies import load_params, simulate_random
@@ -35,8 +41,21 @@ from train.losses import segmentation_loss
 # Product words the anchors are built for during training, so that any class name a user gives lands near them.
 TRAIN_WORDS = ("object", "product", "surface", "part", "material", "texture", "component", "item")
 MASK_STRIDE = 4  # losses and validation at 1/4 of the image side: finer than the stride-8 features
-CHECKPOINT = "checkpoint.pt"
-FEATURES = "features.pt"
+CHECKPOINT = "checkpoint.safetensors"
+FEATURES = "features.safetensors"
+LEGACY_CHECKPOINT, LEGACY_FEATURES = "checkpoint.pt", "features.pt"  # pickles of older versions: never loaded
+WEIGHTS = "decoder"  # <out>/decoder.safetensors + decoder.json
+# Files a run writes atomically: temp files of these that a killed run left are removed when the run starts again.
+RUN_FILES = (
+    CHECKPOINT,
+    FEATURES,
+    LEGACY_CHECKPOINT,
+    LEGACY_FEATURES,
+    f"{WEIGHTS}.safetensors",
+    f"{WEIGHTS}.json",
+    "history.json",
+    "curves.png",
+)
 
 
 @dataclass(frozen=True)
@@ -62,6 +81,9 @@ class SimulatedSplit:
     feats: list[torch.Tensor]  # per stage (N, C, h, w) float16, the memory's embedding
     masks: torch.Tensor  # (N, H/4, W/4) bool
     labels: torch.Tensor  # (N,) 1 when the image carries an anomaly
+
+    def tree(self) -> dict[str, Any]:
+        return {"feats": self.feats, "masks": self.masks, "labels": self.labels}
 
 
 @dataclass
@@ -123,18 +145,15 @@ def split_fingerprint(cfg: DecoderTrainConfig, preset: Preset) -> dict[str, Any]
 
 
 def load_or_build_splits(cfg: DecoderTrainConfig, preset: Preset) -> tuple[SimulatedSplit, SimulatedSplit]:
-    """The simulated training and validation features, cached in <out>/features.pt for --resume."""
+    """The simulated training and validation features, cached in <out>/features.safetensors for --resume."""
     path, fingerprint = cfg.out / FEATURES, split_fingerprint(cfg, preset)
-    if path.is_file():
-        cached = torch.load(path, weights_only=False)
-        if cached["fingerprint"] == fingerprint:
-            return cached["train"], cached["val"]
+    cached = load_cache(path)
+    if isinstance(cached, dict) and cached.get("fingerprint") == fingerprint:
+        return SimulatedSplit(**cached["train"]), SimulatedSplit(**cached["val"])
     size = preset.backbone.image_size
     train = encode_split(preset, *simulated_images(TRAIN_PICTURES, cfg.train_samples, size, cfg, cfg.seed))
     val = encode_split(preset, *simulated_images(VALIDATION_PICTURES, cfg.val_samples, size, cfg, cfg.seed + 1))
-    buffer = io.BytesIO()
-    torch.save({"fingerprint": fingerprint, "train": train, "val": val}, buffer)
-    write_bytes_atomic(path, buffer.getvalue())
+    save_state(path, {"fingerprint": fingerprint, "train": train.tree(), "val": val.tree()})
     return train, val
 
 
@@ -170,26 +189,48 @@ def validate(decoder: AnomalyDecoder, val: SimulatedSplit, anchors: torch.Tensor
     return pixel, float(roc_auc_score(val.labels.numpy(), scores))
 
 
+def seeded_decoder(spec: DecoderSpec, seed: int) -> AnomalyDecoder:
+    """A fresh decoder drawn from the seed alone, whatever building the backbone and text encoder drew before."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return AnomalyDecoder(spec)
+
+
 def save_checkpoint(
-    path: Path, epoch: int, decoder: AnomalyDecoder, optimizer: Any, history: History, best: dict[str, torch.Tensor]
+    path: Path,
+    epoch: int,
+    decoder: AnomalyDecoder,
+    optimizer: Any,
+    history: History,
+    best: dict[str, torch.Tensor],
+    order: torch.Generator,
 ) -> None:
-    buffer = io.BytesIO()
+    """Everything the next epoch depends on, random states included: order is the data order's generator."""
     state = {"epoch": epoch, "decoder": decoder.state_dict(), "optimizer": optimizer.state_dict(), "best": best}
-    torch.save({**state, "history": asdict(history)}, buffer)
-    write_bytes_atomic(path, buffer.getvalue())
+    rng = {"order": order.get_state(), "torch": torch.get_rng_state()}
+    save_state(path, {**state, "history": asdict(history), "rng": rng})
+
+
+def read_checkpoint(cfg: DecoderTrainConfig) -> dict[str, Any] | None:
+    """The last checkpoint's state (read before anything is built, so a bad one fails fast); None without one."""
+    path = cfg.out / CHECKPOINT
+    if not path.is_file():
+        note_ignored_pickles(cfg.out, [LEGACY_CHECKPOINT], "training starts from epoch 0")
+        return None
+    return load_state(path)
 
 
 def resume_state(
-    cfg: DecoderTrainConfig, decoder: AnomalyDecoder, optimizer: Any
+    state: dict[str, Any] | None, decoder: AnomalyDecoder, optimizer: Any, order: torch.Generator
 ) -> tuple[int, History, dict[str, torch.Tensor]]:
-    """(first epoch to run, history so far, best weights so far); loads the last checkpoint when resuming."""
-    path = cfg.out / CHECKPOINT
-    if not path.is_file():
+    """(first epoch to run, history so far, best weights so far), restored from a checkpoint's state if any."""
+    if state is None:
         return 0, History(), {}
-    state = torch.load(path, weights_only=False)
-    decoder.load_state_dict(state["decoder"])
+    decoder.load_state_dict(state["decoder"], strict=True)
     optimizer.load_state_dict(state["optimizer"])
-    return int(state["epoch"]) + 1, History(**state["history"]), state.get("best", {})  # none before best-keeping
+    order.set_state(state["rng"]["order"])
+    torch.set_rng_state(state["rng"]["torch"])
+    return int(state["epoch"]) + 1, History(**state["history"]), state["best"]
 
 
 @torch.inference_mode()
@@ -239,9 +280,12 @@ def train_decoder(cfg: DecoderTrainConfig) -> dict[str, Any]:
     """
     from accelerate import Accelerator
 
-    if (cfg.out / CHECKPOINT).is_file() and not cfg.resume:
-        raise ValueError(f"{cfg.out} holds a training run ({CHECKPOINT}); pass --resume or choose another --out")
-    torch.manual_seed(cfg.seed)
+    found = [name for name in (CHECKPOINT, LEGACY_CHECKPOINT) if (cfg.out / name).is_file()]
+    if found and not cfg.resume:
+        raise ValueError(f"{cfg.out} holds a training run ({found[0]}); pass --resume or choose another --out")
+    remove_orphaned_temps(cfg.out, RUN_FILES)  # left by a killed run
+    checkpoint = read_checkpoint(cfg)
+    note_ignored_pickles(cfg.out, [LEGACY_FEATURES], "features are computed again")
     preset = load_preset(cfg.preset)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     train, val = load_or_build_splits(cfg, preset)
@@ -250,14 +294,14 @@ def train_decoder(cfg: DecoderTrainConfig) -> dict[str, Any]:
         raise ValueError(f"--val-samples {cfg.val_samples}: the validation split needs normal and anomalous images")
     anchors = word_anchors(preset)
     spec = DecoderSpec(stage_dims(train), int(anchors.shape[-1]), cfg.hidden, cfg.temperature, cfg.stack_coarser)
-    decoder = AnomalyDecoder(spec)
+    decoder = seeded_decoder(spec, cfg.seed)
     optimizer = torch.optim.AdamW(decoder.parameters(), lr=cfg.lr, weight_decay=1e-4)
-    start_epoch, history, best = resume_state(cfg, decoder, optimizer)
+    order = torch.Generator().manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    start_epoch, history, best = resume_state(checkpoint, decoder, optimizer, order)
     words = torch.from_numpy(np.random.default_rng(cfg.seed).integers(len(TRAIN_WORDS), size=train.masks.shape[0]))
     dataset = TensorDataset(*train.feats, train.masks, words)
-    loader = DataLoader(
-        dataset, batch_size=cfg.batch_size, shuffle=True, generator=torch.Generator().manual_seed(cfg.seed)
-    )
+    loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, generator=order)
     decoder, optimizer, loader = accelerator.prepare(decoder, optimizer, loader)
     generic = anchors[0].to(accelerator.device)
     bar = tqdm(range(start_epoch, cfg.epochs), desc="train decoder", unit="epoch", disable=None)
@@ -274,7 +318,7 @@ def train_decoder(cfg: DecoderTrainConfig) -> dict[str, Any]:
             history.best_epoch = epoch
             best = {k: v.detach().cpu().clone() for k, v in accelerator.unwrap_model(decoder).state_dict().items()}
         bar.set_postfix(loss=f"{loss:.4f}", val_pixel_auroc=f"{pixel:.4f}", best_epoch=history.best_epoch)
-        save_checkpoint(cfg.out / CHECKPOINT, epoch, accelerator.unwrap_model(decoder), optimizer, history, best)
+        save_checkpoint(cfg.out / CHECKPOINT, epoch, accelerator.unwrap_model(decoder), optimizer, history, best, order)
     final = accelerator.unwrap_model(decoder)
     final.load_state_dict(best)
     return finish(cfg, preset, final, val, anchors[0], history)
@@ -327,7 +371,7 @@ def finish(
         "validation_pictures": VALIDATION_PICTURES,
         "train_seconds": round(history.seconds, 1),
     }
-    save_module(cfg.out / "decoder", decoder.state_dict(), config)
+    save_module(cfg.out / WEIGHTS, decoder.state_dict(), config)
     write_json_atomic(cfg.out / "history.json", asdict(history))
     write_bytes_atomic(cfg.out / "curves.png", curves_png(history))
     return config
