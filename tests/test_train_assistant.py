@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from conftest import texture_crops
+from pickle_probe import plant
 from PIL import Image
 from tiny_llm import save_chat_llm
 
@@ -19,6 +22,7 @@ from anomalygpt.assistant import IGNORE_INDEX, ChatSession, build_assistant
 from anomalygpt.config import load_preset
 from anomalygpt.inspection import confidence_word
 from anomalygpt.io import load_image
+from anomalygpt.state import load_state
 from simulation.writer import write_dataset
 from train.assistant import (
     AssistantTrainConfig,
@@ -143,7 +147,7 @@ def test_three_steps_write_a_checkpoint_and_a_resume_continues(
     assert train_main([*common, "--steps", "3", "--checkpoint-every", "2"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["steps"] == 3 and summary["examples"] == N_SAMPLES
-    assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 3
+    assert load_state(out / trainer.CHECKPOINT)["step"] == 3
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in (out / "assistant").iterdir()) == ["lora", "visual.json", "visual.safetensors"]
     assert train_main([*common, "--steps", "5"]) == 2  # an existing run needs --resume
@@ -165,10 +169,29 @@ def test_three_steps_write_a_checkpoint_and_a_resume_continues(
     )
 
 
-def test_an_interrupted_run_resumes_exactly(
-    data: Path, preset_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.fixture(scope="module")
+def straight(data: Path, preset_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An uninterrupted 5-step run that computed its own training set."""
+    out = tmp_path_factory.mktemp("straight") / "run"
+    assert trainer.train_assistant(config(data, out, preset_path, checkpoint_every=1))["steps"] == 5
+    return out
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    """torch.equal on every trained weight and optimizer moment; equal losses and learning rates."""
+    state_a, state_b = load_state(a / trainer.CHECKPOINT), load_state(b / trainer.CHECKPOINT)
+    assert state_a["step"] == state_b["step"] and state_a["trained"].keys() == state_b["trained"].keys()
+    assert all(torch.equal(state_a["trained"][k], state_b["trained"][k]) for k in state_a["trained"])
+    moments_a, moments_b = state_a["optimizer"]["state"], state_b["optimizer"]["state"]
+    assert moments_a.keys() == moments_b.keys()
+    assert all(torch.equal(moments_a[i][k], moments_b[i][k]) for i in moments_a for k in moments_a[i])
+    assert state_a["history"]["loss"] == state_b["history"]["loss"]
+    assert state_a["history"]["lr"] == state_b["history"]["lr"]
+
+
+def test_an_interrupted_run_resumes_bit_identically(
+    straight: Path, data: Path, preset_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    straight = trainer.train_assistant(config(data, tmp_path / "straight", preset_path, checkpoint_every=1))
     builds: list[int] = []
     real_build, real_step = trainer.build_training_set, trainer.train_step
 
@@ -188,16 +211,62 @@ def test_an_interrupted_run_resumes_exactly(
     interrupted = config(data, tmp_path / "resumed", preset_path, checkpoint_every=1)
     with pytest.raises(KeyboardInterrupt):
         trainer.train_assistant(interrupted)
-    assert torch.load(interrupted.out / "checkpoint.pt", weights_only=False)["step"] == 3
+    assert load_state(interrupted.out / trainer.CHECKPOINT)["step"] == 3
     monkeypatch.setattr(trainer, "train_step", real_step)
     resumed = trainer.train_assistant(dataclasses.replace(interrupted, resume=True))
     assert builds == [1]  # the resumed run reads the cached features
-    assert resumed["steps"] == straight["steps"] == 5
-    a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=False)
-    b = torch.load(interrupted.out / "checkpoint.pt", weights_only=False)
-    assert a["history"]["loss"] == pytest.approx(b["history"]["loss"], rel=1e-5)
-    assert set(a["trained"]) == set(b["trained"])
-    assert all(torch.allclose(a["trained"][k], b["trained"][k], atol=1e-6) for k in a["trained"])
+    assert resumed["steps"] == 5
+    assert_same_run(straight, interrupted.out)
+
+
+def test_a_run_that_finds_its_training_set_cached_is_bit_identical(
+    straight: Path, data: Path, preset_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    shutil.copy(straight / trainer.FEATURES, out / trainer.FEATURES)
+    monkeypatch.setattr(trainer, "build_training_set", lambda *args: pytest.fail("the cached set was not used"))
+    torch.manual_seed(12345)  # whatever the process drew before, the run starts from its seed
+    trainer.train_assistant(config(data, out, preset_path, checkpoint_every=1))
+    assert_same_run(straight, out)
+
+
+def test_planted_pickles_never_run_and_a_restart_cleans_its_temp_files(
+    straight: Path, data: Path, preset_path: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, capsys
+) -> None:
+    marker = tmp_path / "pickle-ran"
+    common = ["assistant", "--data", str(data), "--preset", str(preset_path), "--batch-size", "2", "--steps", "2"]
+    fresh = tmp_path / "fresh"  # a new run finding caches of both formats: computed again, never unpickled
+    plant(fresh / "features.pt", marker)
+    plant(fresh / "features.safetensors", marker)
+    with caplog.at_level(logging.WARNING):
+        assert train_main([*common, "--out", str(fresh)]) == 0
+    notes = " | ".join(record.getMessage() for record in caplog.records)
+    assert "features.pt: old pickle format, not loaded" in notes and "not a readable state file" in notes
+    old = tmp_path / "old"  # an old pickle checkpoint: refused without --resume, ignored with it
+    plant(old / "checkpoint.pt", marker)
+    shutil.copy(straight / trainer.FEATURES, old / trainer.FEATURES)
+    orphans = [
+        ".checkpoint.pt.0123456789ab.tmp",
+        ".features.safetensors.0123456789ab.tmp",
+        ".loss.png.0123456789ab.tmp",
+    ]
+    for name in orphans:
+        (old / name).write_bytes(b"x")
+    (old / ".assistant.0123456789ab.tmp" / "lora").mkdir(parents=True)  # save_assistant's temp folder
+    (old / ".mine.0123456789ab.tmp").write_bytes(b"kept")
+    assert train_main([*common, "--out", str(old)]) == 2
+    assert "holds a training run (checkpoint.pt)" in capsys.readouterr().err
+    assert train_main([*common, "--out", str(old), "--resume"]) == 0
+    assert load_state(old / trainer.CHECKPOINT)["history"]["steps"] == [1, 2]
+    assert sorted(p.name for p in old.iterdir() if p.name.startswith(".")) == [".mine.0123456789ab.tmp"]
+    planted = tmp_path / "planted"  # a pickle under the new checkpoint name: --resume refuses it on one line
+    plant(planted / "checkpoint.safetensors", marker)
+    capsys.readouterr()
+    assert train_main([*common, "--out", str(planted), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "checkpoint.safetensors: not a readable state file" in err and err.count("\n") == 1
+    assert not marker.exists()
 
 
 def test_loss_on_a_fixed_batch_falls(data: Path, preset_path: Path, tmp_path: Path) -> None:

@@ -3,7 +3,11 @@ assistant`).
 
 Data is an `anomalygpt simulate` folder: every conversation is one example, laid out exactly as the chat prompts
 it (anomalygpt.assistant.conversation_example), with the loss on the answer tokens only. The backbone and the LLM
-stay frozen; image embeddings and training maps are computed once and cached in <out>/features.pt.
+stay frozen; image embeddings and training maps are computed once and cached in <out>/features.safetensors.
+Caches and checkpoints are state files (anomalygpt.state: safetensors, never pickles). Every step's randomness
+is a function of (seed, step): its batch (seeded epoch permutations) and its LoRA dropout (torch seeded per step),
+and build_assistant draws the trained parts' initial weights from the preset's seed, so a killed run resumed
+with --resume, or one that finds its features cached, ends bit-identical to an uninterrupted one on the CPU.
 
 The training map. The answers and the facts text of a simulated conversation are computed from its true mask,
 so the map the prompt learner sees must say the same thing: the mask itself, made soft and scaled so that the
@@ -49,12 +53,16 @@ from anomalygpt.inspection import Inspection
 from anomalygpt.io import load_image, write_bytes_atomic, write_json_atomic
 from anomalygpt.prompt_learner import normalised_map
 from anomalygpt.regions import Region
+from anomalygpt.state import load_cache, load_state, note_ignored_pickles, remove_orphaned_temps, save_state
 from simulation.writer import CONVERSATIONS, FORMAT, MANIFEST
 from train.losses import answer_loss, answer_positions
 
-CHECKPOINT = "checkpoint.pt"
-FEATURES = "features.pt"
+CHECKPOINT = "checkpoint.safetensors"
+FEATURES = "features.safetensors"
+LEGACY_CHECKPOINT, LEGACY_FEATURES = "checkpoint.pt", "features.pt"  # pickles of older versions: never loaded
 WEIGHTS = "assistant"  # <out>/assistant/: the trained parts, as build_assistant loads them
+# What a run writes atomically: temp files (and save_assistant's temp folder) a killed run left are removed on restart.
+RUN_FILES = (CHECKPOINT, FEATURES, LEGACY_CHECKPOINT, LEGACY_FEATURES, WEIGHTS, "history.json", "loss.png")
 # |margin| drawn per confidence word, inside the ranges inspection.confidence_word maps back to that word.
 MARGINS = {"low": (0.05, 0.95), "medium": (1.0, 2.95), "high": (3.0, 10.0)}
 THRESHOLD_RANGE = (0.05, 2.0)  # raw image thresholds differ by backbone and product; the facts print them
@@ -237,18 +245,35 @@ def features_fingerprint(cfg: AssistantTrainConfig, preset: Preset) -> dict[str,
 
 
 def load_or_build_training_set(cfg: AssistantTrainConfig, assistant: Assistant) -> TrainingSet:
-    """The training set, cached in <out>/features.pt (reused by --resume when nothing it depends on changed)."""
+    """The training set, cached in <out>/features.safetensors (reused when nothing it depends on changed)."""
     path, fingerprint = cfg.out / FEATURES, features_fingerprint(cfg, assistant.preset)
-    if path.is_file():
-        cached = torch.load(path, weights_only=False)
-        if cached["fingerprint"] == fingerprint:
-            return TrainingSet(**cached["set"])
+    cached = load_cache(path)
+    if isinstance(cached, dict) and cached.get("fingerprint") == fingerprint:
+        return training_set(cached["set"])
+    note_ignored_pickles(cfg.out, [LEGACY_FEATURES], "the training set is computed again")
     records = read_conversations(cfg.data, cfg.max_samples)
     training = build_training_set(cfg.data, records, assistant, cfg)
-    buffer = io.BytesIO()
-    torch.save({"fingerprint": fingerprint, "set": asdict(training)}, buffer)
-    write_bytes_atomic(path, buffer.getvalue())
+    save_state(path, {"fingerprint": fingerprint, "set": training_tree(training)})
     return training
+
+
+def training_tree(training: TrainingSet) -> dict[str, torch.Tensor]:
+    """The training set as flat tensors: every example's token ids and labels concatenated, with their lengths."""
+    examples = training.examples
+    return {
+        "lengths": torch.tensor([len(example.input_ids) for example in examples]),
+        "input_ids": torch.tensor([token for example in examples for token in example.input_ids]),
+        "labels": torch.tensor([label for example in examples for label in example.labels]),
+        "embeddings": training.embeddings,
+        "maps": training.maps,
+    }
+
+
+def training_set(tree: dict[str, torch.Tensor]) -> TrainingSet:
+    lengths = tree["lengths"].tolist()
+    pairs = zip(tree["input_ids"].split(lengths), tree["labels"].split(lengths), strict=True)
+    examples = [Example(ids.tolist(), labels.tolist()) for ids, labels in pairs]
+    return TrainingSet(examples, tree["embeddings"], tree["maps"])
 
 
 @functools.lru_cache(maxsize=4)
@@ -333,19 +358,27 @@ def save_checkpoint(
     path: Path, step: int, assistant: Assistant, optimizer: Any | None, scheduler: Any, history: History
 ) -> None:
     """Trained weights, optimizer (None: not saved, as under DeepSpeed, which shards it) and schedule after
-    `step` steps, written atomically."""
-    buffer = io.BytesIO()
+    `step` steps, written atomically. No RNG state: step s draws from (seed, s) only."""
     optimizer_state = None if optimizer is None else optimizer.state_dict()
     state = {"step": step, "trained": trained_state(assistant), "optimizer": optimizer_state}
-    torch.save({**state, "scheduler": scheduler.state_dict(), "history": asdict(history)}, buffer)
-    write_bytes_atomic(path, buffer.getvalue())
+    save_state(path, {**state, "scheduler": scheduler.state_dict(), "history": asdict(history)})
 
 
-def resume_state(path: Path, assistant: Assistant, optimizer: Any, scheduler: Any) -> tuple[int, History]:
-    """(steps done, history) from the checkpoint; (0, empty) when there is none."""
+def read_checkpoint(out: Path) -> dict[str, Any] | None:
+    """The last checkpoint's state (read before anything is built, so a bad one fails fast); None without one."""
+    path = out / CHECKPOINT
     if not path.is_file():
+        note_ignored_pickles(out, [LEGACY_CHECKPOINT], "training starts from step 0")
+        return None
+    return load_state(path)
+
+
+def resume_state(
+    state: dict[str, Any] | None, path: Path, assistant: Assistant, optimizer: Any, scheduler: Any
+) -> tuple[int, History]:
+    """(steps done, history) from the checkpoint state read from path; (0, empty) when there is none."""
+    if state is None:
         return 0, History()
-    state = torch.load(path, weights_only=False)
     params = dict(assistant.named_parameters())
     if set(state["trained"]) != {name for name, p in params.items() if p.requires_grad}:
         raise ValueError(f"{path}: checkpoint holds other trained parameters than this preset's assistant")
@@ -383,15 +416,18 @@ def train_assistant(cfg: AssistantTrainConfig) -> dict[str, Any]:
     """Build, train (checkpointing every cfg.checkpoint_every steps), save the trained parts; returns a summary."""
     from accelerate import Accelerator
 
-    if (cfg.out / CHECKPOINT).is_file() and not cfg.resume:
-        raise ValueError(f"{cfg.out} holds a training run ({CHECKPOINT}); pass --resume or choose another --out")
+    found = [name for name in (CHECKPOINT, LEGACY_CHECKPOINT) if (cfg.out / name).is_file()]
+    if found and not cfg.resume:
+        raise ValueError(f"{cfg.out} holds a training run ({found[0]}); pass --resume or choose another --out")
+    remove_orphaned_temps(cfg.out, RUN_FILES)  # left by a killed run
+    checkpoint = read_checkpoint(cfg.out)
     preset = load_preset(cfg.preset)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     assistant = build_assistant(preset)
     training = load_or_build_training_set(cfg, assistant)
     optimizer = make_optimizer(assistant, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg.warmup_steps, cfg.steps))
-    start, history = resume_state(cfg.out / CHECKPOINT, assistant, optimizer, scheduler)
+    start, history = resume_state(checkpoint, cfg.out / CHECKPOINT, assistant, optimizer, scheduler)
     sharded = accelerator.state.deepspeed_plugin is not None
     if sharded:  # no DataLoader to read the micro-batch size from
         accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.batch_size
