@@ -233,7 +233,11 @@ BAD_INPUTS = {
     "empty query folder": (["{empty_folder}", "--ref", "{refs}"], "empty_folder", "folder has no images"),
     "no --ref": (["{good}"], "--ref", "no good reference images given"),
     "unknown preset": (["{good}", "--ref", "{refs}", "--preset", "nope"], "'nope'", "unknown preset"),
-    "unknown backbone": (["{good}", "--ref", "{refs}", "--preset", "{unknown_backbone}"], "'nope'", "unknown backbone"),
+    "unknown backbone": (
+        ["{good}", "--ref", "{refs}", "--preset", "{unknown_backbone}"],
+        "unknown_backbone.json:backbone:name",
+        "unknown 'nope'; known: clip,",
+    ),
     "sensitivity too high": (["{good}", "--ref", "{refs}", "--sensitivity", "9"], "--sensitivity", "from -5 to 5"),
     "sensitivity too low": (["{good}", "--ref", "{refs}", "--sensitivity", "-5.5"], "--sensitivity", "got -5.5"),
     "sensitivity nan": (["{good}", "--ref", "{refs}", "--sensitivity", "nan"], "--sensitivity", "got nan"),
