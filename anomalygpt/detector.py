@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import importlib
-import io
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -25,8 +24,9 @@ import torch
 from tqdm import tqdm
 
 from anomalygpt.backbones import VisionBackbone
-from anomalygpt.io import ImageSource, load_image, write_bytes_atomic
+from anomalygpt.io import ImageSource, load_image
 from anomalygpt.memory import top_mean
+from anomalygpt.state import load_cache, note_ignored_pickles, remove_orphaned_temps, save_state
 
 if TYPE_CHECKING:
     from anomalygpt.inspection import Inspector, References
@@ -35,6 +35,7 @@ THRESHOLD_Z = 3.0  # baselines flag an image above mean + 3 std of their held-ou
 VALIDATION_FRACTION = 0.1  # share of the normals a baseline holds out of training to set that threshold
 MIN_VALIDATION = 2  # a spread needs two scores
 LOAD_BATCH = 16
+LEGACY_SUFFIX = ".pt"  # older versions pickled checkpoints as <method>.pt: never loaded
 
 
 class Prediction(NamedTuple):
@@ -154,17 +155,19 @@ def predict_all(detector: Detector, sources: Sequence[ImageSource], desc: str) -
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    write_bytes_atomic(path, buffer.getvalue())
+    """A baseline's checkpoint as a state file (safetensors + JSON tree), written atomically."""
+    save_state(path, state)
 
 
 def load_checkpoint(path: Path, fingerprint: dict[str, Any]) -> dict[str, Any] | None:
-    """The checkpoint at path when it was written for fingerprint (same config and data); else None."""
-    if not path.is_file():
-        return None
-    state = torch.load(path, map_location="cpu", weights_only=False)  # a GPU run's checkpoint resumes on a CPU
-    return state if state.get("fingerprint") == fingerprint else None
+    """The checkpoint at path (tensors on the CPU) when it was written for fingerprint (same config and data);
+    else None. Temp files a killed fit left are removed; a file that is not a state file (an old pickle `.pt`
+    checkpoint, a planted one) is never unpickled: the fit starts afresh, with a note."""
+    legacy = path.with_suffix(LEGACY_SUFFIX).name
+    remove_orphaned_temps(path.parent, [path.name, legacy])
+    note_ignored_pickles(path.parent, [legacy], "this fit starts afresh")
+    state = load_cache(path)
+    return state if isinstance(state, dict) and state.get("fingerprint") == fingerprint else None
 
 
 def checkpoint_fingerprint(

@@ -52,7 +52,7 @@ def test_training_lowers_the_loss_and_widths_follow_the_features(fitted):
 def test_refit_with_the_same_workdir_resumes_and_another_seed_does_not(feature_cache, blob_data, tmp_path):
     first = build(feature_cache, seed=0, config=QUICK)
     assert not first.fit(blob_data["normals"], tmp_path).resumed
-    assert (tmp_path / "feature-ae.pt").is_file()
+    assert (tmp_path / "feature-ae.safetensors").is_file()
     again = build(feature_cache, seed=0, config=QUICK)
     report = again.fit(blob_data["normals"], tmp_path)
     assert report.resumed and report.threshold == first.threshold and again.losses == first.losses

@@ -86,7 +86,7 @@ def test_reweighting_matches_hand_computed_weight_and_stays_finite():
 
 def test_second_fit_with_the_same_workdir_resumes(fitted, feature_cache, blob_data):
     detector, report, workdir = fitted
-    assert (workdir / "patchcore.pt").is_file()
+    assert (workdir / "patchcore.safetensors").is_file()
     again = build(feature_cache, seed=0)
     resumed = again.fit(blob_data["normals"], workdir)
     assert resumed.resumed and resumed.threshold == report.threshold

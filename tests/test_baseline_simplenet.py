@@ -6,6 +6,7 @@ from conftest import BLOB_RADIUS, texture_crops, with_dark_blob
 from anomalygpt.baselines import simplenet
 from anomalygpt.baselines.simplenet import CHECKPOINT_NAME, SimpleNetConfig, SimpleNetDetector, build, truncated_l1
 from anomalygpt.detector import DetectorError, build_detector, validation_split
+from anomalygpt.state import load_state
 
 SMALL = SimpleNetConfig(steps=300, positions_per_step=1024, checkpoint_every=20)
 
@@ -92,7 +93,7 @@ def test_resume_gives_the_uninterrupted_fit(feature_cache, normals, tmp_path, mo
     with pytest.raises(KeyboardInterrupt):
         build(feature_cache, 0, config).fit(normals, tmp_path / "crash")
     monkeypatch.undo()
-    assert torch.load(tmp_path / "crash" / CHECKPOINT_NAME, weights_only=False)["step"] == 20
+    assert load_state(tmp_path / "crash" / CHECKPOINT_NAME)["step"] == 20
     resumed = build(feature_cache, 0, config)
     assert resumed.fit(normals, tmp_path / "crash").resumed
     np.testing.assert_array_equal(resumed.predict(queries).maps, expected.maps)

@@ -12,6 +12,7 @@ import anomalygpt.baselines.unet_ae as unet_ae
 from anomalygpt.baselines.losses import local_ssim, reconstruction_loss, ssim
 from anomalygpt.baselines.unet_ae import CHECKPOINT_NAME, UNetAE, UNetAEConfig, UNetAEDetector, build
 from anomalygpt.detector import DetectorError, FeatureCache, build_detector, gaussian_threshold, validation_split
+from anomalygpt.state import load_state
 
 SIZE = 64
 RADIUS = 6
@@ -176,7 +177,7 @@ def test_interrupted_fit_resumes_to_the_uninterrupted_weights(features, tmp_path
     for name, tensor in weights(uninterrupted).items():
         assert torch.equal(tensor, weights(resumed)[name]), name
     assert resumed.threshold == uninterrupted.threshold
-    assert torch.load(tmp_path / CHECKPOINT_NAME, weights_only=False)["epoch"] == TINY.epochs
+    assert load_state(tmp_path / CHECKPOINT_NAME)["epoch"] == TINY.epochs
 
 
 def test_other_seed_or_data_does_not_resume(features, tmp_path):

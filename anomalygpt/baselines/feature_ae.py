@@ -32,7 +32,7 @@ from anomalygpt.detector import (
 from anomalygpt.io import ImageSource
 from anomalygpt.memory import fuse_maps
 
-CHECKPOINT = "feature-ae.pt"
+CHECKPOINT = "feature-ae.safetensors"
 
 
 @dataclass(frozen=True)

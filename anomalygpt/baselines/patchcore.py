@@ -35,7 +35,7 @@ from anomalygpt.detector import (
 from anomalygpt.io import ImageSource
 from anomalygpt.memory import fuse_maps
 
-CHECKPOINT = "patchcore.pt"
+CHECKPOINT = "patchcore.safetensors"
 PROJECT_ROWS = 1 << 16  # patches projected at a time (40 MB of float32 at 152 channels)
 
 

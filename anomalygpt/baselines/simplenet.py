@@ -33,7 +33,7 @@ from anomalygpt.detector import (
 from anomalygpt.io import ImageSource
 from anomalygpt.memory import fuse_maps
 
-CHECKPOINT_NAME = "simplenet.pt"
+CHECKPOINT_NAME = "simplenet.safetensors"
 POSITIVE_MARGIN = 0.5  # the discriminator is pushed to score normal features at least this high
 NEGATIVE_MARGIN = -0.5  # and noisy features at most this low
 

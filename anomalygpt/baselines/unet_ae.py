@@ -40,7 +40,7 @@ from anomalygpt.detector import (
 from anomalygpt.io import ImageSource
 from anomalygpt.memory import fuse_maps
 
-CHECKPOINT_NAME = "unet-ae.pt"
+CHECKPOINT_NAME = "unet-ae.safetensors"
 MIN_IMAGE_SIZE = 16  # room for SSIM's 11 x 11 window
 PREDICT_BATCH = 16
 
