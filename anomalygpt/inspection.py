@@ -102,10 +102,17 @@ class Decision(NamedTuple):
 def decide(
     anomaly_map: np.ndarray, image: np.ndarray, score: float, calibration: Calibration, sensitivity: float = 0.0
 ) -> Decision:
-    """Verdict, margin, thresholds and regions; `sensitivity` > 0 lowers the thresholds by that many spreads."""
+    """Verdict, margin, thresholds and regions; `sensitivity` > 0 lowers the thresholds by that many spreads.
+
+    The pixel threshold moves by the same shift and stays at or below the image threshold (an anomalous image has
+    a region), but never below half its calibrated value: there good texture itself becomes regions, and below 0
+    (sensitivity 5 with a wide spread) the whole image was one region.
+    """
     shift = sensitivity * calibration.normal_spread
     threshold = calibration.image_threshold - shift
-    pixel_threshold = min(calibration.pixel_threshold - shift, threshold)
+    half = calibration.pixel_threshold / 2
+    floor = min(half, threshold) if threshold > 0 else half
+    pixel_threshold = max(min(calibration.pixel_threshold - shift, threshold), floor)
     is_anomalous = bool(score > threshold)
     margin = (score - threshold) / calibration.normal_spread
     regions = find_regions(anomaly_map, pixel_threshold, image) if is_anomalous else []

@@ -191,6 +191,33 @@ def test_detect_json_mode_and_sensitivity(
     )
 
 
+@pytest.mark.parametrize(
+    ("spread", "sensitivity", "expected"),
+    [
+        (0.05, 0.0, 0.40),  # calibrated
+        (0.05, -5.0, 0.65),  # raised by 5 spreads
+        (0.05, 2.0, 0.30),  # lowered by 2 spreads
+        (0.05, 5.0, 0.20),  # 0.40 - 0.25 = 0.15: held at half the calibrated value
+        (0.10, 5.0, 0.20),  # 0.40 - 0.50 < 0 (image threshold -0.04): still half, not the whole image
+        (0.09, 5.0, 0.01),  # image threshold 0.01 under half: the pixel threshold follows it (a region per alarm)
+    ],
+)
+def test_sensitivity_keeps_the_pixel_threshold_sensible(spread: float, sensitivity: float, expected: float) -> None:
+    from anomalygpt.calibration import Calibration
+    from anomalygpt.inspection import decide
+
+    calibration = Calibration(
+        image_threshold=0.46, pixel_threshold=0.40, normal_mean=0.31, normal_spread=spread, n_scores=4, method="t"
+    )
+    anomaly_map = np.full((64, 64), 0.1, np.float32)
+    anomaly_map[10:20, 30:40] = 0.9  # one 10 x 10 px defect on a background of 0.1
+    decision = decide(anomaly_map, np.zeros((64, 64, 3), np.uint8), 0.9, calibration, sensitivity)
+    assert decision.pixel_threshold == pytest.approx(expected)
+    assert decision.is_anomalous and sum(region.area_px for region in decision.regions) == (
+        100 if expected > 0.1 else 64 * 64
+    )
+
+
 def write_bad_inputs(folder: Path) -> dict[str, Path]:
     """One file or folder per kind of bad input."""
     folder.mkdir(parents=True, exist_ok=True)
