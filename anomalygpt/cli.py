@@ -14,6 +14,7 @@ import json
 import math
 import os
 import sys
+import tempfile
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,7 +24,15 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import numpy as np
 from tqdm import tqdm
 
-from anomalygpt.io import ImageError, list_images, load_image, write_json_atomic, write_npy_atomic
+from anomalygpt.io import (
+    ImageError,
+    list_images,
+    load_image,
+    lossy_encoding,
+    safe_text,
+    write_json_atomic,
+    write_npy_atomic,
+)
 
 if TYPE_CHECKING:
     from anomalygpt.config import Preset
@@ -34,6 +43,7 @@ SENSITIVITY_RANGE = (-5.0, 5.0)  # in normal spreads: beyond 5 the threshold lea
 MAX_REFERENCES = 16  # as inspection.MAX_REFERENCES, checked here before torch is imported
 SUMMARY_STEM = "summary"  # summary.json shares --out with the per-image files; no image may take its name
 TABLE_COLUMNS = ("file", "verdict", "score", "threshold", "margin", "regions", "locations")
+NUMBER_OPTIONS = ("--sensitivity",)  # their values may look like options to argparse: -1e9, -inf
 
 
 @dataclass(frozen=True)
@@ -65,6 +75,7 @@ class DetectOptions:
     out: Path | None
     as_json: bool
     sensitivity: float  # > 0 lowers the thresholds by that many normal spreads (more alarms)
+    overwrite: bool  # replace output files already in --out (never an input image)
 
 
 @dataclass
@@ -83,12 +94,12 @@ class CliParser(argparse.ArgumentParser):
     """ArgumentParser whose usage errors are one line, '<prog>: error: <message>', with exit code 2."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {one_line(message)}\n")
+        self.exit(2, f"{self.prog}: error: {safe_text(message)}\n")
 
 
 def one_line(text: str) -> str:
-    """Text squeezed onto one line."""
-    return " ".join(text.split())
+    """Text squeezed onto one line, safe for a terminal (what the chat front ends print errors with)."""
+    return safe_text(" ".join(text.split()))
 
 
 def build_parser() -> CliParser:
@@ -122,9 +133,14 @@ def add_detect_parser(verbs: Any) -> None:
     detect.add_argument("--class-name", default=None, help="product name, e.g. 'screw' (recorded in the results)")
     detect.add_argument(
         "--out",
-        type=Path,
+        type=out_folder,
         default=None,
         help="folder for <stem>.json, <stem>_overlay.png, <stem>_map.npy and summary.json",
+    )
+    detect.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace those files when --out already has them (an input image is never replaced)",
     )
     detect.add_argument(
         "--json", dest="as_json", action="store_true", help="print one JSON list of inspections instead of the table"
@@ -137,11 +153,41 @@ def add_detect_parser(verbs: Any) -> None:
     )
 
 
+def out_folder(text: str) -> Path:
+    """--out's value; an empty one would silently mean the current folder."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must be a folder path, got an empty string")
+    return Path(text)
+
+
+def attach_number_values(argv: list[str]) -> list[str]:
+    """'--sensitivity -1e9' -> '--sensitivity=-1e9': argparse reads '-5' as a value but '-1e9' as an option."""
+    joined: list[str] = []
+    for arg in argv:
+        previous = joined[-1] if joined else ""
+        if previous in NUMBER_OPTIONS and "--" not in joined and is_number(arg):
+            joined[-1] = f"{previous}={arg}"
+        else:
+            joined.append(arg)
+    return joined
+
+
+def is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the `anomalygpt` command line; returns the exit code."""
     parser = build_parser()
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments[:1] == ["detect"]:
+        arguments = attach_number_values(arguments)
     try:
-        args, extra = parser.parse_known_args(None if argv is None else list(argv))
+        args, extra = parser.parse_known_args(arguments)
     except SystemExit as stop:  # --help, or a usage error already printed
         return stop.code if isinstance(stop.code, int) else 0 if stop.code is None else 2
     if args.verb != "detect":
@@ -152,8 +198,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def fail(verb: str, problem: str | BaseException, code: int = 2) -> int:
-    """Print the one-line error and return its exit code."""
-    print(f"{PROG} {verb}: error: {one_line(str(problem))}", file=sys.stderr)
+    """Print the error and return its exit code; safe_text keeps it one line (a newline in a name shows as \\n)."""
+    print(f"{PROG} {verb}: error: {safe_text(problem)}", file=sys.stderr)
     return code
 
 
@@ -181,6 +227,7 @@ def detect_options(args: argparse.Namespace) -> DetectOptions:
         out=args.out,
         as_json=bool(args.as_json),
         sensitivity=float(args.sensitivity),
+        overwrite=bool(args.overwrite),
     )
 
 
@@ -194,6 +241,9 @@ def run_detect(options: DetectOptions) -> int:
         from anomalygpt.calibration import ONE_REFERENCE_CAVEAT  # torch is loaded by now
 
         print(f"{PROG} detect: note: {ONE_REFERENCE_CAVEAT}", file=sys.stderr)
+    lossy = lossy_note(job.queries, job.reference_paths)
+    if lossy:
+        print(f"{PROG} detect: note: {safe_text(lossy)}", file=sys.stderr)
     try:
         records = inspect_all(job, options)
     except (ImageError, OSError) as error:  # a file changed or a disk filled after the checks
@@ -208,6 +258,8 @@ def prepare_detect(options: DetectOptions) -> DetectJob:
     check_out_dir(options.out)
     reference_paths = reference_files(options.refs)
     queries = unique_paths(list_images(options.queries))
+    stems = output_stems(queries)
+    check_outputs(options.out, stems, [*reference_paths, *queries], options.overwrite)
     from anomalygpt.config import DEFAULT_PRESET, load_preset  # imports torch: after the instant checks
     from anomalygpt.inspection import build_inspector
 
@@ -226,7 +278,7 @@ def prepare_detect(options: DetectOptions) -> DetectJob:
     if not reference_images:
         inspector.zero_shot_prior()  # loaded now: a missing weight file fails before any output
     references = inspector.fit(reference_images, options.class_name) if reference_images else None
-    return DetectJob(preset, inspector, references, reference_paths, queries, output_stems(queries))
+    return DetectJob(preset, inspector, references, reference_paths, queries, stems)
 
 
 def check_sensitivity(value: float) -> None:
@@ -236,14 +288,63 @@ def check_sensitivity(value: float) -> None:
 
 
 def check_out_dir(out: Path | None) -> None:
-    """--out must be a folder, or creatable: its nearest existing ancestor is a writable folder."""
+    """--out must be a folder, or creatable: a folder is made and removed in its nearest existing ancestor.
+
+    A real write, not os.access: that says yes to root everywhere, and to /proc, read-only mounts and full disks.
+    """
     if out is None:
         return
     if out.exists() and not out.is_dir():
         raise UsageError(f"{out}: --out exists and is not a folder")
     existing = next(path for path in (out, *out.parents) if path.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise UsageError(f"{out}: cannot write the --out folder here ({existing} is not a writable folder)")
+    if not existing.is_dir():
+        raise UsageError(f"{out}: cannot create the --out folder ({existing} is not a folder)")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".anomalygpt-probe-", dir=existing))
+    except OSError as error:
+        raise UsageError(f"{out}: cannot write the --out folder here ({existing}: {error.strerror})") from error
+
+
+def check_outputs(out: Path | None, stems: Sequence[str], inputs: Sequence[Path], overwrite: bool) -> None:
+    """No output file may replace an input image, nor an existing file unless --overwrite; checked before inference."""
+    if out is None or not out.is_dir():
+        return
+    input_files = {identity for identity in map(file_identity, inputs) if identity is not None}
+    names = [name for stem in stems for name in output_files(stem).values()] + [f"{SUMMARY_STEM}.json"]
+    for target in (out / name for name in names):
+        identity = file_identity(target)
+        if identity is None and not target.is_symlink():
+            continue
+        if target.is_dir():
+            raise UsageError(f"{target}: a folder is where this output file goes; choose another --out")
+        if identity in input_files:
+            raise UsageError(f"{target}: is one of the input images and would be overwritten; choose another --out")
+        if not overwrite:
+            raise UsageError(f"{target}: already exists; pass --overwrite to replace it, or choose another --out")
+
+
+def file_identity(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of the file a path reaches (links followed; one file under two names is one); None if none."""
+    try:
+        status = path.stat()
+    except OSError:
+        return None
+    return status.st_dev, status.st_ino
+
+
+def lossy_note(queries: Sequence[Path], references: Sequence[Path]) -> str | None:
+    """A note when queries are stored lossily (JPEG, lossy WebP) but the references losslessly."""
+    if not references or any(lossy_encoding(path) for path in references):
+        return None
+    lossy = [(path, kind) for path in queries if (kind := lossy_encoding(path))]
+    if not lossy:
+        return None
+    path, kind = lossy[0]
+    return (
+        f"{len(lossy)} of {len(queries)} queries are stored lossily (first: {path}, {kind}) but the references "
+        "losslessly; compression artefacts can score as defects: inspect lossless files (PNG, TIFF, lossless WebP) "
+        "or references saved the same way"
+    )
 
 
 def reference_files(refs: Sequence[str]) -> list[Path]:
@@ -384,7 +485,7 @@ def verdict_table(records: Sequence[dict[str, Any]]) -> str:
 def table_row(record: dict[str, Any]) -> tuple[str, ...]:
     locations = ", ".join(region["location"] for region in record["regions"]) or "-"
     return (
-        str(record["source"]),
+        safe_text(record["source"]),
         record["verdict"],
         f"{record['score']:.4f}",
         f"{record['threshold']:.4f}",

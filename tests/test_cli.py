@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -274,6 +275,14 @@ BAD_INPUTS = {
         "invalid float value",
     ),
     "--out is a file": (["{good}", "--ref", "{refs}", "--out", "{out_file}"], "out_file", "not a folder"),
+    "--out under /proc": (
+        ["{good}", "--ref", "{refs}", "--out", "/proc/x/results"],
+        "/proc/x/results",
+        "cannot write the --out folder here (/proc:",
+    ),
+    "--out empty": (["{good}", "--ref", "{refs}", "--out", ""], "--out", "must be a folder path, got an empty string"),
+    "sensitivity -1e9": (["{good}", "--ref", "{refs}", "--sensitivity", "-1e9"], "--sensitivity", "got -1e+09"),
+    "sensitivity -inf": (["{good}", "--ref", "{refs}", "--sensitivity", "-inf"], "--sensitivity", "got -inf"),
     "unknown option": (["{good}", "--ref", "{refs}", "--bogus"], "--bogus", "unrecognized arguments"),
 }
 
@@ -402,3 +411,122 @@ def test_simulate_verb_is_wired_to_the_writer(tmp_path, capsys):
         == f"anomalygpt simulate: error: --normals {tmp_path / 'nope'}: no such folder"
     )
     assert not (tmp_path / "x").exists()
+
+
+# --- output safety, printable names, lossy queries --------------------------------------------------
+
+
+def tree_state(folder: Path) -> dict[str, bytes]:
+    """Every file under folder (relative name -> content)."""
+    return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+@pytest.fixture
+def query_folder(scene: Scene, tmp_path: Path) -> Path:
+    """q/ holding q.png (a good crop) and the user's own q_overlay.png, which detect's q.png overlay would hit."""
+    folder = tmp_path / "q"
+    save(folder / "q.png", crop(*GOOD_CROP))
+    save(folder / "q_overlay.png", crop(0, 100))
+    return folder
+
+
+def assert_refused(argv: list[str], where: str, problem: str, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and where in err and problem in err, err
+
+
+def test_out_never_replaces_an_input_image(
+    scene: Scene, query_folder: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    before = tree_state(query_folder)
+    for extra in ([], ["--overwrite"]):  # not even with --overwrite
+        argv = ["detect", str(query_folder), "--ref", str(scene.refs), "--preset", str(scene.preset)]
+        assert_refused(
+            [*argv, "--out", str(query_folder), *extra],
+            str(query_folder / "q_overlay.png"),
+            "is one of the input images and would be overwritten; choose another --out",
+            capsys,
+        )
+    hard_link = query_folder / "out" / "q.json"  # one file under two names is still an input
+    hard_link.parent.mkdir()
+    os.link(query_folder / "q.png", hard_link)
+    argv = ["detect", str(query_folder / "q.png"), "--ref", str(scene.refs), "--preset", str(scene.preset)]
+    assert_refused([*argv, "--out", str(hard_link.parent), "--overwrite"], str(hard_link), "input images", capsys)
+    assert tree_state(query_folder) == before | {"out/q.json": before["q.png"]}
+
+
+def test_out_replaces_an_existing_file_only_with_overwrite(
+    scene: Scene, query_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["detect", str(query_folder / "q.png"), "--ref", str(scene.refs), "--preset", str(scene.preset)]
+    before = tree_state(query_folder)
+    hint = "already exists; pass --overwrite to replace it, or choose another --out"
+    assert_refused([*argv, "--out", str(query_folder)], str(query_folder / "q_overlay.png"), hint, capsys)
+    out = tmp_path / "results"
+    out.mkdir()
+    (out / "summary.json").write_text("{}")  # a summary from another run is not silently replaced either
+    assert_refused([*argv, "--out", str(out)], str(out / "summary.json"), hint, capsys)
+    assert tree_state(query_folder) == before and tree_state(out) == {"summary.json": b"{}"}
+    assert main([*argv, "--out", str(query_folder), "--overwrite"]) == 0
+    after = tree_state(query_folder)
+    assert after["q.png"] == before["q.png"] and after["q_overlay.png"] != before["q_overlay.png"]
+    assert set(after) == set(before) | {"q.json", "q_map.npy", "summary.json"}
+
+
+def test_negative_sensitivity_in_exponent_form_is_a_value(scene: Scene, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.attach_number_values(["detect", "a", "--sensitivity", "-1e9", "--", "--sensitivity", "-1"]) == [
+        "detect",
+        "a",
+        "--sensitivity=-1e9",
+        "--",
+        "--sensitivity",
+        "-1",
+    ]
+    argv = ["detect", str(scene.good), "--ref", str(scene.refs), "--preset", str(scene.preset), "--json"]
+    assert main([*argv, "--sensitivity", "-1e0"]) == 0
+    record = json.loads(capsys.readouterr().out)[0]
+    calibration = record["calibration"]
+    assert record["threshold"] == pytest.approx(calibration["image_threshold"] + calibration["normal_spread"])
+
+
+def test_control_characters_in_file_names_reach_the_terminal_escaped(
+    scene: Scene, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = tmp_path / "names"
+    folder.mkdir()
+    broken = folder / "\x1b[2J\x1b[31mbroken\n.png"  # would clear the screen, then print in red
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    argv = ["--ref", str(scene.refs), "--preset", str(scene.preset)]
+    assert main(["detect", str(broken), *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "\x1b" not in err and "\\x1b[2J\\x1b[31mbroken\\n.png: not a readable image" in err
+    title = folder / os.fsdecode(b"\x1b]0;owned\x07q\xff.png")  # sets the terminal's title; not UTF-8
+    save(title, crop(*GOOD_CROP))
+    out = tmp_path / "results"
+    assert main(["detect", str(title), *argv, "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    row = captured.out.splitlines()[1]
+    assert row.startswith(f"{folder}/\\x1b]0;owned\\x07q\\udcff.png  normal ")
+    assert all(char.isprintable() for char in captured.out.replace("\n", "") + captured.err.replace("\n", ""))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["images"][0]["source"] == str(title)  # the JSON keeps the exact name
+
+
+def test_lossy_queries_against_lossless_references_get_a_note(
+    scene: Scene, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    jpeg, webp = tmp_path / "q.jpg", tmp_path / "q.webp"
+    Image.fromarray(crop(*GOOD_CROP)).save(jpeg, quality=90)
+    Image.fromarray(crop(*GOOD_CROP)).save(webp, lossless=True)
+    refs = sorted(scene.refs.iterdir())
+    assert cli.lossy_note([webp, scene.good], refs) is None
+    assert cli.lossy_note([jpeg], [jpeg]) is None  # references stored the same way: like for like
+    argv = ["detect", str(webp), str(jpeg), "--ref", str(scene.refs), "--preset", str(scene.preset), "--json"]
+    assert main(argv) == 0
+    notes = capsys.readouterr().err.splitlines()
+    assert notes == [
+        f"anomalygpt detect: note: 1 of 2 queries are stored lossily (first: {jpeg}, JPEG) but the references "
+        "losslessly; compression artefacts can score as defects: inspect lossless files (PNG, TIFF, lossless WebP) "
+        "or references saved the same way"
+    ]
