@@ -202,6 +202,7 @@ def _open_pil(stream: IO[bytes], label: str) -> Image.Image:
     """Image.open with PIL's failures turned into ImageError; reads only the header."""
     try:
         with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # PIL's notes on corrupt metadata: the error says enough
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             return Image.open(stream, formats=PIL_FORMATS)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -237,7 +238,8 @@ def _decode_pil(image: Image.Image, label: str, head: bytes = b"", stream: IO[by
     """
     try:
         _check_pixel_format(image, label)
-        with _no_partial_decodes():
+        with _no_partial_decodes(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # e.g. "Corrupt EXIF data", printed beside the one error line
             if stream is not None and isinstance(image, ImageFile.ImageFile) and _is_deep_rgb(image, head):
                 array = _decode_deep_rgb(stream, label)
             else:
