@@ -10,14 +10,18 @@ becomes a one-line message in the page (a warning toast and the status box), nev
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import inspect
 import logging
+import os
 import re
 import secrets
 import shutil
+import signal
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -44,6 +48,7 @@ from anomalygpt.io import IMAGE_SUFFIXES, load_image, write_json_atomic, write_p
 from anomalygpt.regions import format_pct
 from anomalygpt.visualize import ANOMALOUS_COLOR, NORMAL_COLOR, inspection_figure
 from chat.answerers import ANSWERER_CHOICES, Answerer, Turn, load_answerer
+from chat.uploads import UploadLog, discard, private_upload_folder
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +121,7 @@ class Session:
     preset: str = ""  # name of the preset that made the inspection, recorded in the JSON download
     folder: Path | None = None  # temp folder for this session's downloads
     exported: Export | None = None  # the download files of the current inspection
+    uploads: UploadLog = field(default_factory=UploadLog)  # this tab's recent uploads, held to chat.uploads' limits
 
     def close(self) -> None:
         """Delete the download files; gradio calls this when the tab's state expires."""
@@ -201,6 +207,9 @@ class WebApp:
 
     @guarded
     def load_query(self, session: Session, path: str | None) -> Screen:
+        refused = admitted(session, [] if path is None else [path])[1]
+        if refused:
+            raise UserError(refused[0])
         forget_inspection(session)
         session.query = None
         if path is not None:
@@ -210,8 +219,9 @@ class WebApp:
 
     @guarded
     def add_references(self, session: Session, paths: Sequence[str] | None) -> Screen:
-        problems, before = [], len(session.references)
-        for path in paths or []:
+        kept, problems = admitted(session, paths or [])
+        before = len(session.references)
+        for path in kept:
             try:
                 session.references.append(self.checked_reference(session, decode(path)))
             except UserError as error:
@@ -375,12 +385,22 @@ class WebApp:
 
 
 def decode(path: str) -> Picture:
-    """An uploaded file as a Picture; a bad file is a one-line UserError naming it."""
+    """An uploaded file as a Picture; a bad file is a one-line UserError naming it. The upload is deleted either
+    way: the Picture holds the pixels."""
     name = Path(path).name
     try:
         return Picture(name, load_image(path, name=name))
     except USER_ERRORS as error:
         raise UserError(one_line(str(error))) from error
+    finally:
+        discard(path)
+
+
+def admitted(session: Session, paths: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(the uploads within the tab's limits, one-line refusals of the others, whose files are deleted)."""
+    now = time.monotonic()
+    verdicts = [(path, session.uploads.admit(path, now)) for path in paths]
+    return [path for path, refusal in verdicts if refusal is None], [r for _, r in verdicts if r is not None]
 
 
 def forget_inspection(session: Session) -> None:
@@ -412,7 +432,8 @@ def export(session: Session) -> Export:
     if session.exported is not None and session.exported.inspection is inspection:
         return session.exported
     if session.folder is None:
-        session.folder = Path(tempfile.mkdtemp(prefix="anomalygpt-ui-"))
+        # Inside the server's private upload folder when it has one, so that it goes when the server stops.
+        session.folder = Path(tempfile.mkdtemp(prefix="anomalygpt-ui-", dir=os.environ.get("GRADIO_TEMP_DIR")))
     stem = re.sub(r"[^\w.-]", "_", Path(query.name).stem)[:80] or "query"
     record = inspection.to_dict() | {
         "sensitivity": session.sensitivity,
@@ -709,16 +730,32 @@ def main(argv: Sequence[str]) -> int:
         answerer = load_answerer(preset, args.answerer, inspector)
     except USER_ERRORS as error:  # ConfigError, AnswererError; WeightsError is an OSError
         return fail(str(error))
-    blocks = build_blocks(WebApp(inspector, answerer, preset.name))
-    try:
-        serve(blocks, args.host, args.port, block=False)
-    except OSError as error:  # the port is taken, or the address is not this machine's
-        reason = one_line(str(error)).split(". ")[0]  # gradio goes on about its own environment variables
-        return fail(f"--host/--port: cannot listen on {args.host}:{args.port} ({reason}); is the port taken?")
-    shown = f"[{args.host}]" if ":" in args.host else args.host
-    print(f"Serving on http://{shown}:{args.port} with {type(answerer).__name__} (Ctrl+C to stop)", flush=True)
-    blocks.block_thread()  # until Ctrl+C, which closes the server
+    with private_upload_folder():  # uploads and gradio's cache: swept every minute, removed when this returns
+        blocks = build_blocks(WebApp(inspector, answerer, preset.name))
+        try:
+            serve(blocks, args.host, args.port, block=False)
+        except OSError as error:  # the port is taken, or the address is not this machine's
+            reason = one_line(str(error)).split(". ")[0]  # gradio goes on about its own environment variables
+            return fail(f"--host/--port: cannot listen on {args.host}:{args.port} ({reason}); is the port taken?")
+        shown = f"[{args.host}]" if ":" in args.host else args.host
+        print(f"Serving on http://{shown}:{args.port} with {type(answerer).__name__} (Ctrl+C to stop)", flush=True)
+        with stop_on_sigterm():
+            blocks.block_thread()  # until Ctrl+C (or SIGTERM), which closes the server
     return 0
+
+
+@contextlib.contextmanager
+def stop_on_sigterm() -> Iterator[None]:
+    """SIGTERM stops the server as Ctrl+C does, so that its uploads are removed too."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def fail(problem: str) -> int:
