@@ -296,7 +296,7 @@ def check_out_dir(out: Path | None) -> None:
         return
     if out.exists() and not out.is_dir():
         raise UsageError(f"{out}: --out exists and is not a folder")
-    existing = next(path for path in (out, *out.parents) if path.exists())
+    existing = next(path for path in (out, *out.parents) if os.path.lexists(path))  # a dangling link counts
     if not existing.is_dir():
         raise UsageError(f"{out}: cannot create the --out folder ({existing} is not a folder)")
     try:
