@@ -8,6 +8,7 @@ import json
 import os
 import secrets
 import struct
+import sys
 import threading
 import warnings
 import zlib
@@ -238,7 +239,7 @@ def _decode_pil(image: Image.Image, label: str, head: bytes = b"", stream: IO[by
     """
     try:
         _check_pixel_format(image, label)
-        with _no_partial_decodes(), warnings.catch_warnings():
+        with _no_partial_decodes(), _stderr_silenced(image.format == "TIFF"), warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # e.g. "Corrupt EXIF data", printed beside the one error line
             if stream is not None and isinstance(image, ImageFile.ImageFile) and _is_deep_rgb(image, head):
                 array = _decode_deep_rgb(stream, label)
@@ -268,6 +269,33 @@ def _no_partial_decodes() -> Iterator[None]:
             yield
         finally:
             ImageFile.LOAD_TRUNCATED_IMAGES = True
+
+
+_STDERR_LOCK = threading.Lock()
+
+
+@contextmanager
+def _stderr_silenced(active: bool) -> Iterator[None]:
+    """File descriptor 2 pointed at /dev/null while active: libtiff (PIL's and OpenCV's) prints its complaints
+    about a corrupt file there, beside the one error line. The descriptor is process-wide, hence the lock."""
+    if not active:
+        yield
+        return
+    with _STDERR_LOCK:
+        sys.stderr.flush()
+        try:
+            saved = os.dup(2)
+        except OSError:  # no descriptor 2 (a windowed process): nothing to silence
+            yield
+            return
+        null = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(null, 2)
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            os.close(null)
 
 
 def _check_pixel_format(image: Image.Image, label: str) -> None:

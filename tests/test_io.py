@@ -352,6 +352,15 @@ def test_files_cut_anywhere_are_rejected(kind: str) -> None:
         assert caught == []  # PIL's UserWarnings (e.g. "Corrupt EXIF data") would print beside the one error line
 
 
+def test_libtiff_complaints_stay_off_stderr(capfd: pytest.CaptureFixture[str]) -> None:
+    # libtiff prints "ZIPDecode: Decoding error ..." on file descriptor 2 before PIL raises; the error is one line.
+    data = bytearray(encoded(Image.fromarray(smooth_rgb()[:, :, 0]), "TIFF", compression="tiff_adobe_deflate"))
+    data[len(data) // 3] ^= 0x04  # inside the deflated strip, which comes before the directory
+    assert "corrupt or truncated image" in error_text(bytes(data), name="flip.tif")
+    print("still here", file=sys.stderr)
+    assert capfd.readouterr().err == "still here\n"
+
+
 def test_pil_load_truncated_images_switch_is_not_honoured(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)  # as some libraries set it process-wide
     jpeg = encoded(Image.fromarray(smooth_rgb()), "JPEG")
