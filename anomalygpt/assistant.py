@@ -11,6 +11,8 @@ transformers and peft are imported inside the functions that need them, so parsi
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import itertools
 import json
 import os
 import secrets
@@ -26,9 +28,11 @@ import torch
 from torch import nn
 
 from anomalygpt.backbones import WeightsError
-from anomalygpt.guard import contradicts, expected_opening
+from anomalygpt.claims import SENTENCE_END, CheckReport, CheckTally, ClaimChecker, check_answer
+from anomalygpt.grounded import DefectType, Grounds, answer_text
+from anomalygpt.guard import Question, read_question
 from anomalygpt.io import ImageSource, load_image
-from anomalygpt.llm import attach_lora, chat_prompt_ids, load_llm
+from anomalygpt.llm import attach_lora, chat_prompt_ids, load_llm, quantize_llm
 from anomalygpt.prompt_learner import ImageProjection, PromptLearner, PromptLearnerConfig, normalised_map
 from anomalygpt.weights import check_keys, load_into, load_module, save_module
 
@@ -36,6 +40,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     from anomalygpt.config import Preset
+    from anomalygpt.evidence import EvidenceIndex, RegionEvidence
     from anomalygpt.inspection import Inspection, Inspector, References
 
 IMAGE_PLACEHOLDER = "<|anomalygpt_image|>"  # one token per visual embedding; added to the tokenizer as special
@@ -49,6 +54,10 @@ VISUAL_STEM = "visual"  # prompt learner + image projection: visual.safetensors 
 LORA_DIR = "lora"  # peft's adapter folder
 ADAPTER_FILE = "adapter_model.safetensors"
 STREAM_TIMEOUT_S = 600.0  # a generation thread silent this long has failed; the stream raises instead of hanging
+# Sentences the model may add after the grounded opening: on the shipped 135M model further ones only repeat or
+# drift (bench/RESULTS.md, "Verified chat"), and each costs about a second on a 2-core CPU.
+MAX_SENTENCES = 2
+CONTINUATION_TOKENS = 48  # at most this many new tokens after a grounded opening (about two short sentences)
 
 
 @dataclass(frozen=True)
@@ -58,8 +67,17 @@ class AssistantConfig:
     max_new_tokens: int = 128
     max_question_chars: int = 500  # longer questions are refused with a one-line message
     history_turns: int = 4  # earlier question/answer pairs kept in the prompt; older ones are dropped
-    guard: bool = True  # force the opening Yes/No of a defect question from the verdict
+    guard: bool = True  # prefill every answer with the grounded facts its question asks for (anomalygpt.guard)
+    check_claims: bool = True  # check every generated sentence against the inspection (anomalygpt.claims)
+    kv_cache: bool = True  # reuse the keys/values of the system prompt and earlier turns in the next turn
+    # Product-specific defect families that "what kind" answers name first (anomalygpt.grounded.DefectType)
+    defect_types: tuple[DefectType, ...] = ()
     seed: int = 0  # initialises untrained parts, without touching the global RNG
+
+    def __post_init__(self) -> None:
+        names = [kind.name.lower() for kind in self.defect_types]
+        if len(set(names)) != len(names):
+            raise ValueError(f"assistant.defect_types: names must be unique, got {', '.join(names)}")
 
 
 class QuestionError(ValueError):
@@ -73,6 +91,24 @@ class AssistantOutput(NamedTuple):
 class Example(NamedTuple):
     input_ids: list[int]
     labels: list[int]  # IGNORE_INDEX except on answer tokens (and each answer's end-of-turn token)
+
+
+class PrefixCache(NamedTuple):
+    """The keys/values of a conversation's positions, kept for the next turn, whose prompt starts the same way."""
+
+    key: bytes  # digest of the visual tokens the positions were computed with
+    ids: list[int]  # the token ids of the cached positions
+    cache: Any  # a transformers DynamicCache
+
+
+@dataclass
+class Generation:
+    """How one generation ended; read by the claim checker once the stream is done."""
+
+    tokens: int = 0  # new tokens generated
+    cut: bool = False  # stopped by the token or sentence limit, not by the end-of-turn token
+    cached: int = 0  # prompt positions whose keys/values came from the previous turn
+    new_ids: list[int] = field(default_factory=list)  # the generated token ids
 
 
 # ---------------------------------------------------------------- prompt layout
@@ -171,6 +207,8 @@ class Assistant(nn.Module):
         self.cfg: AssistantConfig = preset.assistant
         self.inspector = inspector
         self.placeholder_id = placeholder_id(tokenizer)
+        self.prefix_cache: PrefixCache | None = None  # the last turn's keys/values (cfg.kv_cache)
+        self.cache_lock = threading.Lock()
 
     @property
     def n_visual(self) -> int:
@@ -223,23 +261,32 @@ class Assistant(nn.Module):
         """Greedy answer as text pieces; `opening` (guard.expected_opening) is prefilled and streamed first.
 
         visual: (n, hidden)."""
+        if opening:
+            yield opening
+        yield from self.continuation(prompt_ids, visual, opening, Generation())
+
+    def continuation(
+        self, prompt_ids: Sequence[int], visual: torch.Tensor, opening: str | None, state: Generation
+    ) -> Iterator[str]:
+        """The model's text after the prefilled opening, as it is generated; `state` says how it ended."""
         from transformers import TextIteratorStreamer
 
         prefix = self.tokenizer.encode(opening, add_special_tokens=False) if opening else []
-        ids = torch.tensor([[*prompt_ids, *prefix]], device=self.device)  # (1, L)
+        ids = [*prompt_ids, *prefix]
         with torch.inference_mode():
-            embeds = self.input_embeddings(ids, visual[None].to(self.device))  # (1, L, hidden)
+            embeds = self.input_embeddings(torch.tensor([ids], device=self.device), visual[None].to(self.device))
+        key = visual_key(visual)
+        cache = self.take_cache(key, ids, state)
         streamer = TextIteratorStreamer(self.tokenizer, skip_special_tokens=True, timeout=STREAM_TIMEOUT_S)
         if prefix:
             streamer.put(torch.tensor(prefix))  # decoded together with the continuation, so spacing is right
         failure: list[BaseException] = []
-        thread = threading.Thread(target=self._generate, args=(embeds, streamer, failure), daemon=True)
+        limit = min(self.cfg.max_new_tokens, CONTINUATION_TOKENS) if prefix else self.cfg.max_new_tokens
+        args = (embeds, streamer, failure, cache, state, limit)
+        thread = threading.Thread(target=self._generate, args=args, daemon=True)
         thread.start()
-        # The opening is the first piece, whole, whatever the streamer's flush rule (transformers 5.24 prints letters
-        # at once, earlier versions waited for a space); the streamer's text repeats it, so only what follows is sent.
+        # The streamer's text repeats the opening (decoded with it so that spacing is right); only what follows goes.
         opened = str(self.tokenizer.decode(prefix, skip_special_tokens=True)) if prefix else ""
-        if opened:
-            yield opened
         text = ""
         for piece in streamer:
             text += piece
@@ -248,24 +295,153 @@ class Assistant(nn.Module):
         thread.join()
         if failure:
             raise failure[0]
+        if cache is not None:
+            self.put_cache(PrefixCache(key, ids + state.new_ids, cache))
 
-    def _generate(self, embeds: torch.Tensor, streamer: Any, failure: list[BaseException]) -> None:
+    def _generate(
+        self,
+        embeds: torch.Tensor,
+        streamer: Any,
+        failure: list[BaseException],
+        cache: Any,
+        state: Generation,
+        limit: int,
+    ) -> None:
         """generate() on the inputs embeddings, in the streaming thread; an error is handed back to the stream."""
+        from transformers import StoppingCriteriaList
+
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        stop = SentenceStop(self.tokenizer, MAX_SENTENCES)
         try:
             with torch.inference_mode():
-                self.llm.generate(  # type: ignore[operator]
+                output = self.llm.generate(  # type: ignore[operator]
                     inputs_embeds=embeds,
                     attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device),
-                    max_new_tokens=self.cfg.max_new_tokens,
+                    max_new_tokens=limit,
                     do_sample=False,
                     pad_token_id=pad,
                     suppress_tokens=[self.placeholder_id],
                     streamer=streamer,
+                    stopping_criteria=StoppingCriteriaList([stop]),
+                    cache=cache,
                 )
+            new = [int(token) for token in output[0, -min(output.shape[1], limit) :]]
+            state.tokens, state.cut = len(new), stop.fired or (self.tokenizer.eos_token_id not in new)
+            state.new_ids = new
         except BaseException as error:  # noqa: BLE001 - re-raised in the consumer's thread
             failure.append(error)
             streamer.end()
+
+    def take_cache(self, key: bytes, ids: Sequence[int], state: Generation) -> Any:
+        """A cache holding the longest prefix of `ids` the last turn computed (cropped), else an empty one; None
+        when caching is off. The slot is emptied, so two concurrent answers never share a cache."""
+        if not self.cfg.kv_cache:
+            return None
+        from transformers import DynamicCache
+
+        with self.cache_lock:
+            entry, self.prefix_cache = self.prefix_cache, None
+        if entry is None or entry.key != key:
+            return DynamicCache()
+        common = min(common_prefix(entry.ids, ids), len(ids) - 1)  # at least one position is computed anew
+        length = entry.cache.get_seq_length()
+        if common <= 0:
+            return DynamicCache()
+        if length > common:
+            entry.cache.crop(common - length)  # a negative count removes that many positions from the end
+        state.cached = min(common, length)
+        return entry.cache
+
+    def put_cache(self, entry: PrefixCache) -> None:
+        length = entry.cache.get_seq_length()
+        with self.cache_lock:
+            self.prefix_cache = PrefixCache(entry.key, list(entry.ids[:length]), entry.cache)
+
+    def answer(
+        self,
+        question: str,
+        history: Sequence[tuple[str, str]],
+        inspection: Inspection,
+        visual: torch.Tensor,
+        evidence: Sequence[RegionEvidence] | None = None,
+        guard: bool | None = None,
+        check: bool | None = None,
+    ) -> Answer:
+        """One answer: the grounded opening for the question (guard), the model's continuation, every sentence
+        checked against the inspection (check); None takes the preset's setting. Iterate it for the pieces."""
+        question = check_question(question, self.cfg.max_question_chars)
+        asked = read_question(question, self.cfg.defect_types)
+        grounds = Grounds(inspection, None if evidence is None else tuple(evidence), self.cfg.defect_types)
+        opening = answer_text(asked, grounds) if (self.cfg.guard if guard is None else guard) else None
+        prompt = self.prompt_ids(system_text(inspection), history, question)
+        checker = ClaimChecker(grounds, asked) if (self.cfg.check_claims if check is None else check) else None
+        return Answer(self, prompt, visual, opening, checker, asked)
+
+
+def visual_key(visual: torch.Tensor) -> bytes:
+    """A digest of the visual tokens: cached keys/values are valid only for the same image tokens."""
+    data = visual.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
+    return hashlib.blake2b(data, digest_size=16).digest()
+
+
+def common_prefix(first: Sequence[int], second: Sequence[int]) -> int:
+    """How many leading ids the two sequences share."""
+    count = 0
+    for a, b in zip(first, second, strict=False):
+        if a != b:
+            break
+        count += 1
+    return count
+
+
+class SentenceStop:
+    """A transformers stopping criterion: the model has added `limit` whole sentences after the opening."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, limit: int) -> None:
+        self.tokenizer = tokenizer
+        self.limit = limit
+        self.fired = False
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        """input_ids (B, n): the new tokens so far (generation from embeddings starts with none)."""
+        text = str(self.tokenizer.decode(input_ids[0], skip_special_tokens=True))
+        self.fired = len(SENTENCE_END.findall(text)) >= self.limit
+        return torch.full((input_ids.shape[0],), self.fired, dtype=torch.bool, device=input_ids.device)
+
+
+class Answer:
+    """One answer being streamed: iterate it for the text pieces; `report` and `text` are final once it ends."""
+
+    def __init__(
+        self,
+        assistant: Assistant,
+        prompt: list[int],
+        visual: torch.Tensor,
+        opening: str | None,
+        checker: ClaimChecker | None,
+        question: Question,
+    ) -> None:
+        self.assistant, self.prompt, self.visual = assistant, prompt, visual
+        self.opening, self.checker, self.question = opening, checker, question
+        self.generation = Generation()
+        self.text = ""
+
+    @property
+    def report(self) -> CheckReport | None:
+        return None if self.checker is None else self.checker.report
+
+    def __iter__(self) -> Iterator[str]:
+        pieces = self.assistant.continuation(self.prompt, self.visual, self.opening, self.generation)
+        if self.checker is not None:
+            self.checker.truncated = lambda: self.generation.cut
+            stream = self.checker.stream(pieces, self.opening or "")
+        else:
+            stream = itertools.chain([self.opening] if self.opening else [], pieces)
+        shown = []
+        for piece in stream:
+            shown.append(piece)
+            yield piece
+        self.text = "".join(shown).strip()
 
 
 # ---------------------------------------------------------------- the chat session
@@ -275,8 +451,9 @@ class Assistant(nn.Module):
 class Turn:
     question: str
     answer: str
-    guarded: bool  # the opening Yes/No was forced from the verdict
-    contradicts: bool  # the answer still states another verdict than the Inspection's (guard.contradicts)
+    guarded: bool  # the answer opened with the grounded facts its question asks for (guard.expected_opening)
+    contradicts: bool  # the answer as shown still states a fact the Inspection does not hold (claims.check_answer)
+    checks: CheckReport | None = None  # what the claim checker did; None with the checker off
 
 
 @dataclass
@@ -288,6 +465,8 @@ class ImageContext:
     embedding: torch.Tensor  # (1, D) global image embedding; kept when only the references change
     inspection: Inspection
     visual: torch.Tensor  # (n_visual, hidden) image token + prompt embeddings
+    patches: list[torch.Tensor] | None = None  # the backbone's raw patches of the image, per stage (1, C, h, w)
+    evidence: list[RegionEvidence] | None = None  # per region, its best good match; computed on first need
 
 
 class ChatSession:
@@ -299,6 +478,7 @@ class ChatSession:
         class_name: str | None = None,
         sensitivity: float = 0.0,
         guard: bool | None = None,  # None: the preset's; False lets a bench measure the unguarded model
+        check: bool | None = None,  # None: the preset's; False shows the model's sentences unchecked
     ) -> None:
         if assistant.inspector is None:
             raise ValueError("a ChatSession needs an assistant built with its Inspector")
@@ -307,10 +487,14 @@ class ChatSession:
         self.class_name = class_name
         self.sensitivity = sensitivity
         self.guard = assistant.cfg.guard if guard is None else guard
+        self.check = assistant.cfg.check_claims if check is None else check
         self.references: References | None = None
         self.reference_sources: list[str] = []
+        self.reference_pixels: dict[str, np.ndarray] = {}  # by the name References gives each reference
+        self.evidence_index: EvidenceIndex | None = None  # the references' features for evidence, built on need
         self.context: ImageContext | None = None
         self.history: list[Turn] = []
+        self.checks = CheckTally()  # the claim checker's work over this session
 
     @property
     def inspection(self) -> Inspection:
@@ -320,12 +504,17 @@ class ChatSession:
 
     def set_references(self, images: Sequence[ImageSource], sources: Sequence[str] | None = None) -> None:
         """Index new good references; a shown image is inspected again (a new inspection, history cleared)."""
+        from anomalygpt.inspection import reference_name
+
         self.references = self.inspector.fit(images, self.class_name)
         self.reference_sources = (
             list(sources) if sources is not None else [f"reference {i + 1}" for i in range(len(images))]
         )
+        self.reference_pixels = {reference_name(image, i): load_image(image) for i, image in enumerate(images)}
+        self.evidence_index = None
         if self.context is not None:
-            self.context = self._context(self.context.pixels, self.context.source, self.context.embedding)
+            encoded = (self.context.embedding, self.context.patches or [])
+            self.context = self._context(self.context.pixels, self.context.source, encoded)
             self.history = []
 
     def show(self, image: ImageSource, source: str | None = None) -> Inspection:
@@ -335,14 +524,34 @@ class ChatSession:
         self.history = []
         return self.context.inspection
 
-    def _context(self, pixels: np.ndarray, source: str | None, embedding: torch.Tensor | None) -> ImageContext:
+    def _context(
+        self, pixels: np.ndarray, source: str | None, encoded: tuple[torch.Tensor, list[torch.Tensor]] | None
+    ) -> ImageContext:
+        """A new inspection of the image; `encoded` (embedding, patches) is reused when only the references change."""
         inspection = self.inspector.inspect(pixels, self.references, self.class_name, source, self.sensitivity)
-        if embedding is None:
-            embedding = self.inspector.backbone.encode([pixels], embedding=True).embedding  # (1, D)
+        if encoded is None:
+            features = self.inspector.backbone.encode([pixels], embedding=True)
+            encoded = (features.embedding, list(features.patches))  # (1, D), per stage (1, C, h, w)
         assistant = self.assistant
         with torch.inference_mode():
-            visual = assistant.visual_tokens(embedding.to(assistant.device), assistant.map_input(inspection))[0]
-        return ImageContext(pixels, source, embedding, inspection, visual)
+            visual = assistant.visual_tokens(encoded[0].to(assistant.device), assistant.map_input(inspection))[0]
+        return ImageContext(pixels, source, encoded[0], inspection, visual, encoded[1])
+
+    def evidence(self) -> list[RegionEvidence] | None:
+        """Per region, the good reference and place that match it best (computed once per image; the references'
+        features once per reference set); None without references."""
+        from anomalygpt.evidence import EvidenceIndex, region_evidence
+
+        context, references = self.context, self.references
+        if context is None or references is None:
+            return None
+        if context.evidence is None:
+            if self.evidence_index is None:
+                images = [self.reference_pixels[name] for name in references.names]
+                self.evidence_index = EvidenceIndex.build(references, images)
+            patches = context.patches or list(self.inspector.backbone.encode([context.pixels]).patches)
+            context.evidence = region_evidence(context.pixels, context.inspection, self.evidence_index, patches)
+        return context.evidence
 
     def reset(self) -> None:
         """Forget the conversation; the image and its inspection stay."""
@@ -350,20 +559,23 @@ class ChatSession:
 
     def stream(self, question: str) -> Iterator[str]:
         """The answer as text pieces; the turn joins the history once the answer is complete."""
-        question = check_question(question, self.assistant.cfg.max_question_chars)
         context = self.context
         if context is None:
+            check_question(question, self.assistant.cfg.max_question_chars)
             raise QuestionError("no image yet: show an image first (/image PATH)")
-        opening = expected_opening(question, context.inspection) if self.guard else None
         history = [(turn.question, turn.answer) for turn in self.history]
-        prompt = self.assistant.prompt_ids(system_text(context.inspection), history, question)
-        pieces = []
-        for piece in self.assistant.stream(prompt, context.visual, opening):
-            pieces.append(piece)
-            yield piece
-        answer = "".join(pieces).strip()
-        conflict = contradicts(answer, context.inspection, question)
-        self.history.append(Turn(question, answer, opening is not None, conflict))
+        needs_evidence = read_question(question, self.assistant.cfg.defect_types).kind == "compare"
+        evidence = self.evidence() if needs_evidence or context.evidence is not None else None
+        answer = self.assistant.answer(question, history, context.inspection, context.visual, evidence, self.guard,
+                                       self.check)  # fmt: skip
+        yield from answer
+        grounds = Grounds(context.inspection, None if evidence is None else tuple(evidence))
+        conflict = bool(check_answer(answer.text, grounds, answer.question))
+        self.history.append(
+            Turn(answer.question.text, answer.text, answer.opening is not None, conflict, answer.report)
+        )
+        if answer.report is not None:
+            self.checks.add(answer.report)
 
     def ask(self, question: str) -> str:
         """The whole answer at once (greedy, so the same as the streamed one)."""
@@ -374,11 +586,13 @@ class ChatSession:
         for turn in self.history:
             messages.append({"role": "user", "content": turn.question})
             answer = {"content": turn.answer, "guarded": turn.guarded, "contradicts": turn.contradicts}
+            if turn.checks is not None:
+                answer["checks"] = turn.checks.to_dict()
             messages.append({"role": "assistant", **answer})
         return messages
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready record of the session: image, references, inspection and transcript."""
+        """JSON-ready record of the session: image, references, inspection, transcript and the checker's tally."""
         context = self.context
         return {
             "image": None if context is None else context.source,
@@ -386,7 +600,11 @@ class ChatSession:
             "class_name": self.class_name,
             "preset": self.assistant.preset.name,
             "inspection": None if context is None else context.inspection.to_dict(),
+            "evidence": None
+            if context is None or context.evidence is None
+            else [e.to_dict() for e in context.evidence],
             "transcript": self.transcript(),
+            "checks": self.checks.to_dict(),
         }
 
 
@@ -439,7 +657,10 @@ def build_assistant(preset: str | Preset = "default", inspector: Inspector | Non
     assistant = Assistant(llm, loaded.tokenizer, prompt_learner, projection, cfg, inspector)
     if cfg.assistant.weights:
         load_trained_parts(assistant, weights_folder(cfg.assistant.weights))
-    return assistant.to(cfg.device).eval()
+    assistant = assistant.to(cfg.device).eval()
+    if cfg.llm.quantize:
+        quantize_llm(assistant.llm, cfg.llm.quantize)
+    return assistant
 
 
 def weights_folder(name: str) -> Path:

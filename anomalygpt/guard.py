@@ -1,43 +1,141 @@
-"""Keep answers consistent with the detector: question intents, forced openings, and `contradicts`.
+"""Keep answers consistent with the detector: what a question asks, the answer's grounded opening, verdict claims.
 
-The detector decides, the LLM explains. Where a question asks for a fact the Inspection holds, the assistant's
-turn is prefilled with that fact and the model only continues it: the opening word ("Yes"/"No") of a yes/no
-question about whether there is a defect, the region count of a count question, every region's location of a
-where question, every region's size word and area of a size question, every region's shape and contrast of an
-appearance question, and the confidence word of a confidence question (in the wording of the training
-conversations). `contradicts` reads an answer's claims about the verdict, so a bench can count how often an
-unguarded model contradicts the Inspection it was given. Intent names are those of simulation/conversations.py.
+The detector decides, the LLM explains. `read_question` finds a question's kind (is there a defect, where, how
+many, which is the biggest, how large, how sure, why, what kind, compare with the references, describe, near a
+place, what next...), the region it singles out, the place and the defect type it names. The assistant's turn is
+prefilled with the grounded answer for that kind (`expected_opening`, built by anomalygpt.grounded: the
+Inspection's trust warnings first, then its facts) and the model only continues it; anomalygpt.claims then checks
+every sentence the model adds. `answer_claims` / `contradicts` read an answer's claims about the verdict.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from anomalygpt.regions import CONTRAST_PHRASES, appearance_details, format_pct, size_details, where_phrase
+from anomalygpt.grounded import GENERIC_DEFECT_TYPES, DefectType, Grounds, answer_text
 
 if TYPE_CHECKING:
+    from anomalygpt.evidence import RegionEvidence
     from anomalygpt.inspection import Inspection
 
-ANOMALY_INTENT = "anomaly"  # "is there a defect?": the only intent whose answer opens with a forced Yes/No
-OTHER_INTENT = "other"
-# First match wins, so the more specific intents come first ("Where exactly?" before "Where...").
-INTENT_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
-    (intent, re.compile(pattern, re.IGNORECASE))
-    for intent, pattern in (
-        ("near_edge", r"\b(edges?|borders?|boundary|boundaries)\b"),
+KINDS = (
+    "anomaly",  # is there a defect / is it OK (yes/no by the question's polarity)
+    "where",
+    "where_exactly",  # pixel boxes
+    "near",  # near the edge, or at a place the question names
+    "count",
+    "biggest",  # which region is the biggest / most severe
+    "size",
+    "confidence",
+    "why",
+    "kind",  # what kind of defect could it be
+    "compare",  # compare with the good references
+    "describe",
+    "next_check",
+    "score",
+    "other",
+)
+# First match wins, so the more specific kinds come first ("What should I check near the edge?" is advice,
+# "Why is the score high?" asks why, "How large is the biggest one?" asks a size).
+KIND_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
+    (kind, re.compile(pattern, re.IGNORECASE))
+    for kind, pattern in (
+        (
+            "next_check",
+            r"\b(next|recommend\w*|advi[cs]e|suggest\w*|what should i|what (do|can|must) i do|should i (do|check"
+            r"|inspect|reject|scrap|keep|pass|accept)|follow[- ]?up|action|what now|to do now|next steps?)\b",
+        ),
+        (
+            "why",
+            r"\bwhy\b|\bwhat makes (you|it)\b|\bhow do you know\b|\breasons?\b|\breasoning\b|\bexplain\b|\bjustify\b"
+            r"|\bbased on what\b|\bwhat led\b|\bon what basis\b|\bwhat evidence\b",
+        ),
+        (
+            "compare",
+            r"\bcompar\w*\b|\bdiffer\w*\b|\bversus\b|\bvs\b|\breferences?\b|\bgood (ones|images?|parts?|samples?|"
+            r"cells?|examples?)\b|\bnormal (ones|images?|parts?|samples?|cells?)\b",
+        ),
+        ("confidence", r"\b(confiden\w*|sure|certain\w*|trust\w*|reliab\w*|doubt\w*|accurate|accuracy)\b"),
+        ("score", r"\b(scores?|thresholds?|margin|sensitivity)\b"),
         ("where_exactly", r"\b(exact(ly)?|precise(ly)?|coordinates?|pixels?|bounding|box(es)?)\b"),
-        ("count", r"\bhow many\b|\bcount\b|\bnumber of\b"),
-        ("size", r"\bhow (large|big|much)\b|\bsize\b|\bwhat area\b|\bbig or small\b|\bcover(s|ed)?\b"),
-        ("confidence", r"\b(confiden\w*|sure|certain\w*|trust|reliable)\b"),
-        ("appearance", r"\blooks? like\b|\b(kind|type) of\b|\bdescribe\b"),
-        ("where", r"\bwhere\b|\bwhich part\b|\blocat\w*\b"),
-        ("next_check", r"\bnext\b|\brecommend\w*\b|\badvice\b|\bshould i\b"),
+        ("near", r"\b(edges?|borders?|boundary|boundaries|rim|periphery)\b"),
+        ("count", r"\bhow many\b|\bcount\w*\b|\bnumber of\b|\bmore than one\b|\bseveral\b|\bmultiple\b"),
+        (
+            "size",
+            r"\bhow (large|big|small|much|wide|long|extensive)\b|\bsizes?\b|\bwhat area\b|\bbig or small\b"
+            r"|\bcover(s|ed|age)?\b|\bextent\b|\bdimensions?\b|\bis (it|the \w+) (big|large|small|tiny|huge)\b",
+        ),
+        (
+            "kind",
+            r"\b(what|which) (kind|type|sort|category|class)\b|\b(kind|type|sort) of (defect|anomaly|fault|flaw|damage)"
+            r"|\bwhat (could|might|can|would) (it|this|that|they) be\b|\bwhat (is|are) (it|this|that|they)\b"
+            r"|\bclassif\w*|\bcategori[sz]\w*|\bidentify\b|\bwhat defect\b|\bwhat caused\b|\bcause\b",
+        ),
+        (
+            "describe",
+            r"\bdescri(be|ption)\b|\blooks? like\b|\bappearance\b|\bwhat do you see\b|\btell me (more )?about\b"
+            r"|\bdetails?\b|\bcharacteri[sz]e\b|\bshape\b|\bcontrast\b|\bdark(er)?\b|\bbright(er)?\b",
+        ),
+        ("where", r"\bwhere\b|\bwhich (part|area|side|spot)\b|\blocat\w*\b|\bposition\b|\bwhereabouts\b|\bpoint me\b"),
     )
 )
-YES_NO_START = re.compile(
-    r"^\W*(is|are|was|were|does|do|did|has|have|had|can|could|would|will|should|any)\b", re.IGNORECASE
+# Which region a question singles out; "the first one" is region 1, the biggest (regions come largest first).
+FOCUS_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
+    (focus, re.compile(pattern, re.IGNORECASE))
+    for focus, pattern in (
+        (
+            "severe",
+            r"\b(most (severe|serious|critical|important|anomalous|worrying|dangerous|suspicious)|severest|worst"
+            r"|strongest|highest score|worry about most)\b",
+        ),
+        ("biggest", r"\b(biggest|largest|main|dominant|primary|most prominent|major|first one|first region)\b"),
+        ("smallest", r"\b(smallest|tiniest|least)\b"),
+    )
 )
+REGION_NUMBER = re.compile(r"\b(?:region|area|spot|defect|anomaly|box|number|no\.?|#)\s*#?(\d+)\b", re.IGNORECASE)
+# Places a question may name, longest first; sides stand for their three grid cells (guard.place_locations).
+PLACE_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
+    (place, re.compile(pattern, re.IGNORECASE))
+    for place, pattern in (
+        ("edge", r"\b(edges?|borders?|boundary|boundaries|rim|periphery)\b"),
+        ("top left", r"\b(top|upper)[- ]left\b|\bleft[- ](top|upper)\b"),
+        ("top right", r"\b(top|upper)[- ]right\b|\bright[- ](top|upper)\b"),
+        ("bottom left", r"\b(bottom|lower)[- ]left\b|\bleft[- ](bottom|lower)\b"),
+        ("bottom right", r"\b(bottom|lower)[- ]right\b|\bright[- ](bottom|lower)\b"),
+        ("corner", r"\bcorners?\b"),
+        ("center", r"\b(center|centre|middle|central)\b"),
+        ("top", r"\b(top|upper)\b"),
+        ("bottom", r"\b(bottom|lower)\b"),
+        ("left", r"\bleft\b"),
+        ("right", r"\bright\b"),
+    )
+)
+NEAR_PLACE = re.compile(r"\b(near|close to|at|in|on|by|around|towards?)\b", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Question:
+    """What a question asks, read off its words."""
+
+    text: str
+    kind: str  # one of KINDS
+    focus: str | int | None = None  # "biggest", "smallest", "severe", a region number, or None: every region
+    place: str | None = None  # "edge", a LOCATION_WORDS entry, a side ("top"...), "corner"; for kind "near"
+    family: str | None = None  # a defect type the question names ("Is it a crack?")
+    polarity: str | None = None  # for a yes/no defect question: "defect" (Yes = defect) or "normal" (Yes = good)
+
+
+YES_NO_START = re.compile(
+    r"^\W*(is|are|was|were|does|do|did|has|have|had|can|could|would|will|should|any|anything)\b", re.IGNORECASE
+)
+IDENTITY = re.compile(r"\b(could|might|may) (it|this|that) be\b|\blooks? like\b|\bany\b", re.IGNORECASE)
+PLACE_CONTEXT = re.compile(
+    r"\b(near|close to|at|in|on|by|around|towards?|along|to)\s+(the\s+)?(very\s+)?(far\s+)?$", re.IGNORECASE
+)
+PLACE_NOUN = re.compile(r"^[- ]*(side|half|part|third|area|region|corner|edge|portion)\b", re.IGNORECASE)
 DEFECT_NOUN = r"(defects?|anomal(y|ies)|flaws?|damage|problems?|issues?|faults?|cracks?|scratch(es)?)"
 # Asking whether it is good: "Yes" then means normal. Matched first and blanked, so "defect-free" is not a defect.
 NORMAL_WORDS = re.compile(
@@ -57,11 +155,13 @@ DEFECT_ADJECTIVE = r"(defective|anomalous|abnormal|damaged|faulty)"
 NORMAL_CLAIMS = re.compile(
     rf"\b{SUBJECT}\s+(looks|appears|is|seems)\s+(to be\s+)?(normal|fine|ok|okay|good|defect-free|flawless|intact)\b"
     r"|\bno (anomal\w*|defects?|flaws?|damage)\b"
-    r"(?!\s+regions?\s+(at|near|on|along)\s+(the|an?|any)\s+(edges?|borders?))"  # "none at the edge": no verdict
+    r"(?!\s+regions?\s+(is\s+|are\s+)?(at|near|on|along|in)\s+(the|an?|any)\b)"  # "none at the edge": no verdict
     r"|\bnothing (looks|is|seems|appears) (defective|wrong|anomalous|abnormal|unusual)\b"
     r"|\b(0|zero) (separate )?anomalous regions?\b"
     r"|(?<![\d.])\b0% of the image\b"  # not the end of "1.0%"
-    r"|\bnot (defective|anomalous|abnormal|damaged)\b",
+    r"|\bnot (defective|anomalous|abnormal|damaged)\b"
+    r"|\bverdict (is|was) normal\b|\b(matches|fits) the (good )?references\b(?! (poorly|badly|less|only))"
+    r"|\b(fits?|match(es)?) (the image |it |the references |them )?(perfectly|exactly|closely)\b",
     re.IGNORECASE,
 )
 COUNT = r"([1-9]\d*|one|two|three|four|five|six|seven|eight|nine|ten)"
@@ -69,24 +169,64 @@ ANOMALOUS_CLAIMS = re.compile(
     rf"(?<!0% of the )\b{SUBJECT}\s+(is|looks|appears|seems)\s+(to be\s+)?{DEFECT_ADJECTIVE}\b"
     r"|\b(shows?|has|contains?|found|detected)\s+(an?\s+|some\s+)?(anomal(y|ies)|defects?|flaws?)\b"
     rf"|\b{COUNT} (separate )?(anomalous regions?|anomalies|defects)\b"
-    r"|\bregions? looks? abnormal\b",
+    r"|\bregions? looks? abnormal\b"
+    r"|\bverdict (is|was) anomalous\b|\b(regions?|it|image|part|cell) differs? from (the (good )?references|them)\b",
     re.IGNORECASE,
 )
 
 
-def question_intent(question: str) -> str:
-    """One of the simulated conversations' intents ("anomaly", "where", "count", ...) or "other"."""
-    for intent, pattern in INTENT_PATTERNS:
-        if pattern.search(question):
-            return intent
-    return ANOMALY_INTENT if presence_polarity(question) is not None else OTHER_INTENT
+def read_question(text: str, defect_types: Sequence[DefectType] = ()) -> Question:
+    """The kind of a question, the region it singles out, the place and the defect type it names."""
+    family = named_family(text, defect_types)
+    focus = question_focus(text)
+    place = question_place(text)
+    kind = next((kind for kind, pattern in KIND_PATTERNS if pattern.search(text)), None)
+    polarity = presence_polarity(text)
+    yes_no = YES_NO_START.search(text) is not None
+    if kind is None and family is not None and (yes_no or IDENTITY.search(text)):
+        kind = "kind"
+    elif kind is None and place is not None and yes_no:
+        kind = "near"
+    elif kind is None and focus is not None:
+        kind = "describe" if isinstance(focus, int) else "biggest"
+    elif kind is None and (polarity is not None or DEFECT_WORDS.search(NORMAL_WORDS.sub(" ", text))):
+        kind = "anomaly"
+    if kind == "near" and place is None:
+        place = "edge"
+    return Question(" ".join(text.split()), kind or "other", focus, place, family, polarity)
+
+
+def question_focus(text: str) -> str | int | None:
+    """'severe', 'biggest', 'smallest', a region number, or None."""
+    number = REGION_NUMBER.search(text)
+    if number is not None:
+        return int(number.group(1))
+    return next((focus for focus, pattern in FOCUS_PATTERNS if pattern.search(text)), None)
+
+
+def question_place(text: str) -> str | None:
+    """The place a question names after a preposition ('near the top', 'in the bottom left corner'), or None."""
+    for place, pattern in PLACE_PATTERNS:
+        for found in pattern.finditer(text):
+            before = text[max(0, found.start() - 24) : found.start()]
+            if place in ("edge", "corner") or PLACE_CONTEXT.search(before) or PLACE_NOUN.match(text[found.end() :]):
+                return place
+    return None
+
+
+def named_family(text: str, defect_types: Sequence[DefectType] = ()) -> str | None:
+    """The first defect type (the preset's, then the generic ones) whose name the text contains."""
+    for kind in (*defect_types, *GENERIC_DEFECT_TYPES):
+        if re.search(rf"\b{re.escape(kind.name)}(s|es)?\b", text, re.IGNORECASE):
+            return kind.name
+    return None
 
 
 def presence_polarity(question: str) -> str | None:
     """For a yes/no question on whether there is a defect: "defect" (Yes = defect) or "normal" (Yes = good)."""
     if not YES_NO_START.search(question) or DEFINITE_DEFECT.search(question):
         return None
-    if any(pattern.search(question) for _, pattern in INTENT_PATTERNS):
+    if any(pattern.search(question) for _, pattern in KIND_PATTERNS):
         return None
     asks_normal = NORMAL_WORDS.search(question) is not None
     asks_defect = DEFECT_WORDS.search(NORMAL_WORDS.sub(" ", question)) is not None
@@ -95,42 +235,16 @@ def presence_polarity(question: str) -> str | None:
     return "normal" if asks_normal else "defect"
 
 
-def expected_opening(question: str, inspection: Inspection) -> str | None:
-    """The opening the Inspection dictates: "Yes"/"No" for a defect yes/no question, the region count for a count
-    question, the regions' locations for a where question, their sizes and areas for a size question, their
-    shapes and contrasts for an appearance question, the confidence word for a confidence question; None for any
-    other question, and for the region questions on an image that is anomalous by its score with no region
-    outlined (no fact to state)."""
-    polarity = presence_polarity(question)
-    if polarity is not None:
-        return "Yes" if inspection.is_anomalous == (polarity == "defect") else "No"
-    intent, regions = question_intent(question), inspection.regions
-    if intent == "confidence":
-        return f"My confidence is {inspection.confidence} that the image is {inspection.verdict}"
-    if intent not in ("count", "where", "size", "appearance") or inspection.is_anomalous != bool(regions):
-        return None
-    n = len(regions)
-    if intent == "count":
-        return {0: "I count 0 anomalous regions", 1: "There is 1 anomalous region"}.get(
-            n, f"There are {n} anomalous regions"
-        )
-    if intent == "appearance":
-        if n == 0:
-            return "Nothing looks unusual; the image looks like a normal part"
-        if n == 1:
-            return f"A {regions[0].shape} region, {CONTRAST_PHRASES[regions[0].contrast]}"
-        return f"In {n} places: {appearance_details(regions)}"
-    if intent == "size":
-        if n == 0:
-            return "There is nothing to measure: no region is anomalous (0% of the image)"
-        if n == 1:
-            return f"It is {regions[0].size}: it covers {format_pct(regions[0].area_pct)} of the image"
-        total = format_pct(sum(region.area_pct for region in regions))
-        return f"Together they cover {total} of the image: {size_details(regions)}"
-    if n == 0:
-        return "Nowhere. I found no anomalous region"
-    where = where_phrase(regions)
-    return f"The anomaly is {where}" if n == 1 else f"There are {n} anomalous regions: {where}"
+def expected_opening(
+    question: str,
+    inspection: Inspection,
+    evidence: Sequence[RegionEvidence] | None = None,
+    defect_types: Sequence[DefectType] = (),
+) -> str:
+    """The grounded answer a question's reply opens with: the trust warnings, then what the Inspection holds
+    for its kind (anomalygpt.grounded); the model only continues it."""
+    grounds = Grounds(inspection, None if evidence is None else tuple(evidence), tuple(defect_types))
+    return answer_text(read_question(question, defect_types), grounds)
 
 
 def answer_claims(answer: str, question: str | None = None) -> set[bool]:

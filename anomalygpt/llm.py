@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 DEFAULT_LLM = "smollm2-135m-instruct"
 CACHE_ENV = "ANOMALYGPT_CACHE"  # replaces ~/.cache/anomalygpt as the root of every cache
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+QUANTIZATIONS = ("", "int8")  # "int8": dynamic int8 quantisation of the linear layers, for CPU inference only
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")  # "owner/name" or a legacy bare "name"
 
 
@@ -56,6 +57,11 @@ class LLMConfig:
     cache_dir: str = ""  # where a GGUF is converted to; "" = $ANOMALYGPT_CACHE or ~/.cache/anomalygpt, + llm/<name>
     dtype: str = "float32"  # one of DTYPES; the cache always holds float32
     lora: LoraConfig = field(default_factory=LoraConfig)
+    quantize: str = ""  # one of QUANTIZATIONS, applied after the trained parts are loaded (never for training)
+
+    def __post_init__(self) -> None:
+        if self.quantize not in QUANTIZATIONS:
+            raise ValueError(f"llm.quantize: unknown {self.quantize!r}; known: {', '.join(map(repr, QUANTIZATIONS))}")
 
 
 class LoadedLLM(NamedTuple):
@@ -262,6 +268,17 @@ def attach_lora(model: PreTrainedModel, cfg: LoraConfig) -> PeftModel:
     except ValueError as error:
         raise ValueError(f"cannot attach LoRA to {type(model).__name__}: {one_line(error)}") from error
     return wrapped
+
+
+def quantize_llm(model: nn.Module, method: str) -> nn.Module:
+    """Dynamic int8 quantisation of every linear layer (weights int8, activations quantised per batch), in place.
+
+    CPU inference only: the quantised layers have no gradients, so a model that is trained is never quantised."""
+    if method != "int8":
+        raise ValueError(f"unknown LLM quantisation {method!r}; known: {', '.join(map(repr, QUANTIZATIONS))}")
+    from torch.ao.quantization import quantize_dynamic
+
+    return quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8, inplace=True)
 
 
 def chat_prompt_ids(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Mapping[str, str]]) -> list[int]:

@@ -299,3 +299,26 @@ def appearance_details(regions: Sequence[Region]) -> str:
         f"region {r.index} {LOCATION_PHRASES[r.location]} is {r.shape} and {CONTRAST_PHRASES[r.contrast]}"
         for r in regions
     )
+
+
+# A box within 5% of the shorter side from a border is "near the edge": at 256 px that is 13 px, about where
+# fixtures, clamps and the image border itself can cause or hide a defect.
+EDGE_MARGIN_FRACTION = 0.05
+BORDERS = ("top", "bottom", "left", "right")
+
+
+def edge_margin_px(width: int, height: int) -> int:
+    """Largest gap (px) between a box and a border that still counts as near the edge."""
+    return max(1, round(EDGE_MARGIN_FRACTION * min(width, height)))
+
+
+def border_gaps(region: Region, width: int, height: int) -> dict[str, int]:
+    """Pixels between the region's box and each image border (0: touching), in BORDERS order."""
+    x0, y0, x1, y1 = region.box
+    return {"top": y0, "bottom": height - y1, "left": x0, "right": width - x1}
+
+
+def near_borders(region: Region, width: int, height: int) -> list[str]:
+    """Borders within edge_margin_px of the region's box, in BORDERS order."""
+    margin = edge_margin_px(width, height)
+    return [side for side, gap in border_gaps(region, width, height).items() if gap <= margin]

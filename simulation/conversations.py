@@ -33,10 +33,13 @@ from anomalygpt.regions import (
     LOCATION_PHRASES,
     Region,
     appearance_details,
+    border_gaps,
     default_min_area_px,
+    edge_margin_px,
     find_regions,
     format_pct,
     join_words,
+    near_borders,
     number_word,
     size_details,
     where_phrase,
@@ -61,9 +64,6 @@ FOLLOW_UPS = ("where_exactly", "near_edge")  # only asked once "where" has been 
 FOLLOW_UP_WEIGHT = 3.0
 TURNS_RANGE = (2, 5)  # inclusive
 CONFIDENCE_WORDS = ("low", "medium", "high")
-# A box within 5% of the shorter side from a border is "near the edge": at 256 px that is 13 px, about
-# where fixtures, clamps and the image border itself can cause or hide a defect.
-EDGE_MARGIN_FRACTION = 0.05
 MASK_THRESHOLD = 0.5
 
 FAMILY_LOOKS = {
@@ -478,23 +478,6 @@ def box_phrase(region: Region) -> str:
         f"region {region.index} {LOCATION_PHRASES[region.location]}: "
         f"x {x0}-{x1 - 1}, y {y0}-{y1 - 1}, centred near ({cx}, {cy})"
     )
-
-
-def edge_margin_px(width: int, height: int) -> int:
-    """Largest gap (px) between a box and a border that still counts as near the edge."""
-    return max(1, round(EDGE_MARGIN_FRACTION * min(width, height)))
-
-
-def border_gaps(region: Region, width: int, height: int) -> dict[str, int]:
-    """Pixels between the region's box and each image border (0: touching)."""
-    x0, y0, x1, y1 = region.box
-    return {"top": y0, "bottom": height - y1, "left": x0, "right": width - x1}
-
-
-def near_borders(region: Region, width: int, height: int) -> list[str]:
-    """Borders within edge_margin_px of the region's box, in top, bottom, left, right order."""
-    margin = edge_margin_px(width, height)
-    return [side for side, gap in border_gaps(region, width, height).items() if gap <= margin]
 
 
 def near_edge_answer(facts: Facts, rng: np.random.Generator) -> str:

@@ -14,22 +14,16 @@ from conftest import texture_crops, with_dark_blob
 
 from anomalygpt.assistant import AssistantConfig
 from anomalygpt.backbones import BackboneConfig
+from anomalygpt.claims import CheckReport
 from anomalygpt.config import Preset
+from anomalygpt.grounded import NO_REGION, DefectType
 from anomalygpt.inspection import Inspection
 from anomalygpt.llm import LLMConfig
-from anomalygpt.regions import find_regions
-from chat.answerers import (
-    NO_REGION_ANSWER,
-    AnswererError,
-    AssistantAnswerer,
-    GroundedAnswerer,
-    grounded_answer,
-    intent_of,
-    load_answerer,
-)
-from simulation.conversations import LOCATION_PHRASES, QUESTIONS
+from anomalygpt.regions import LOCATION_PHRASES, find_regions
+from chat.answerers import AnswererError, AssistantAnswerer, GroundedAnswerer, grounded_answer, load_answerer
 
 SIDE = 90
+SIDE_IMAGE = np.zeros((SIDE, SIDE, 3), np.uint8)
 
 
 def inspection_with(blobs: list[tuple[int, int]], margin: float = 2.0) -> Inspection:
@@ -54,78 +48,23 @@ def inspection_with(blobs: list[tuple[int, int]], margin: float = 2.0) -> Inspec
     )
 
 
-def test_guard_openings_state_the_inspections_facts() -> None:
-    from anomalygpt.guard import answer_claims, expected_opening
-    from anomalygpt.regions import CONTRAST_PHRASES
-    from eval.qa import sizes_right, stated_count, stated_locations, turn_scores
-
-    normal, one, three = (
-        inspection_with([], margin=-2.0),
-        inspection_with([(5, 5)]),
-        inspection_with([(5, 5), (75, 5), (40, 75)]),
-    )
-    assert [r.location for r in three.regions] == ["top left", "top right", "bottom"]
-    for question in QUESTIONS["count"]:
-        assert [stated_count(expected_opening(question, i) or "") for i in (normal, one, three)] == [0, 1, 3]
-    for question in QUESTIONS["where"]:
-        assert stated_locations(expected_opening(question, one) or "") == {"top left"}, question
-        assert stated_locations(expected_opening(question, three) or "") == {"top left", "top right", "bottom"}
-        assert answer_claims(expected_opening(question, normal) or "") == {False}
-    # Anomalous by its score with no region outlined: no count or place to state.
-    no_region = replace(one, regions=[])
-    assert expected_opening("How many defects are there?", no_region) is None
-    assert expected_opening("Where is it?", no_region) is None
-    for question in QUESTIONS["size"]:
-        for inspection in (one, three):
-            opening = expected_opening(question, inspection) or ""
-            assert sizes_right(opening, [r.area_pct for r in inspection.regions]), (question, opening)
-        assert answer_claims(expected_opening(question, normal) or "") == {False}
-    for question in QUESTIONS["appearance"]:
-        region = one.regions[0]
-        assert expected_opening(question, one) == f"A {region.shape} region, {CONTRAST_PHRASES[region.contrast]}"
-        opening = expected_opening(question, three) or ""
-        assert opening.startswith(f"In 3 places: region 1 in the top left is {three.regions[0].shape} and"), opening
-        assert stated_locations(opening) == {"top left", "top right", "bottom"}
-        assert answer_claims(expected_opening(question, normal) or "") <= {False}
-    assert expected_opening("How large is it?", no_region) is None
-    assert expected_opening("What does it look like?", no_region) is None
-    for question in QUESTIONS["confidence"]:
-        for inspection in (normal, one, replace(one, confidence="low")):
-            opening = expected_opening(question, inspection) or ""
-            assert turn_scores(
-                {"intent": "confidence", "question": question, "truth": {"confidence": inspection.confidence}}, opening
-            ) == {"confidence": True}
-            assert answer_claims(opening) == {inspection.is_anomalous}
-    assert expected_opening("Is it near the edge?", three) is None
-    assert expected_opening("Is there a defect?", normal) == "No"
-
-
-def test_every_training_question_gets_its_intent() -> None:
-    for intent, questions in QUESTIONS.items():
-        for question in questions:
-            assert intent_of(question) == intent, question
-    assert intent_of("What is the anomaly score?") == "score"
-    assert intent_of("Is this part OK?") == "normal"
-    assert intent_of("Tell me a joke") is None
-
-
 def test_answers_agree_with_an_anomalous_inspection() -> None:
     inspection = inspection_with([(5, 40), (70, 75)])  # left, bottom right
     assert [region.location for region in inspection.regions] == ["left", "bottom right"]
-    assert grounded_answer("Is there an anomaly?", inspection).startswith("Yes")
-    assert grounded_answer("Is the part OK?", inspection).startswith("No, it is anomalous: 2 regions")
+    assert grounded_answer("Is there an anomaly?", inspection).startswith("Yes: the image is anomalous")
+    assert grounded_answer("Is the part OK?", inspection).startswith("No: the image is anomalous; the detector found 2")
     where = grounded_answer("Where is the defect?", inspection)
     assert LOCATION_PHRASES["left"] in where and LOCATION_PHRASES["bottom right"] in where
-    assert "2" in grounded_answer("How many defects are there?", inspection)
+    assert grounded_answer("How many defects are there?", inspection).startswith("There are 2 anomalous regions")
     assert "0.7000" in grounded_answer("What is the score?", inspection)
-    assert "medium" in grounded_answer("How sure are you?", inspection)
+    assert grounded_answer("How sure are you?", inspection).startswith("My confidence is medium")
 
 
 def test_answers_agree_with_a_normal_inspection() -> None:
     inspection = inspection_with([], margin=-3.0)
-    assert grounded_answer("Is there an anomaly?", inspection).startswith("No")
-    assert grounded_answer("Is the part OK?", inspection).startswith("Yes, it looks normal")
-    assert "0" in grounded_answer("How many defects are there?", inspection)
+    assert grounded_answer("Is there an anomaly?", inspection).startswith("No: the image is normal")
+    assert grounded_answer("Is the part OK?", inspection).startswith("Yes: the image is normal")
+    assert grounded_answer("How many defects are there?", inspection).startswith("There are 0 anomalous regions")
     for question in ("Where is the defect?", "How big is it?", "Is it near the edge?"):
         answer = grounded_answer(question, inspection)
         assert not any(phrase in answer for phrase in LOCATION_PHRASES.values()), answer
@@ -133,20 +72,47 @@ def test_answers_agree_with_a_normal_inspection() -> None:
 
 def test_an_anomalous_score_without_an_outlined_region_is_still_yes() -> None:
     inspection = replace(inspection_with([(5, 40)]), regions=[])
-    assert grounded_answer("Do you see any defect?", inspection) == "Yes. " + NO_REGION_ANSWER
-    assert grounded_answer("Where is the defect?", inspection) == NO_REGION_ANSWER
+    assert grounded_answer("Do you see any defect?", inspection) == f"Yes: the image is anomalous: {NO_REGION}."
+    assert grounded_answer("Where is the defect?", inspection) == NO_REGION[0].upper() + NO_REGION[1:] + "."
 
 
-def test_an_unknown_question_gets_the_facts() -> None:
+def test_warnings_and_low_confidence_open_every_answer() -> None:
+    inspection = replace(inspection_with([(5, 40)], margin=0.4), confidence="low", warnings=["references unlike it"])
+    note = "Note: my confidence in this verdict is low, because the anomaly score is only 0.4 normal spreads above"
+    for question in ("Is there an anomaly?", "Where is it?", "What kind of defect is it?", "Tell me a joke"):
+        answer = grounded_answer(question, inspection)
+        assert answer.startswith(f"Warning: references unlike it. {note}"), answer
+
+
+def test_an_unknown_question_gets_the_verdict_and_what_can_be_asked() -> None:
     inspection = inspection_with([(5, 40)])
-    assert inspection.facts() in grounded_answer("Tell me a joke", inspection)
+    answer = grounded_answer("Tell me a joke", inspection)
+    assert answer.startswith("The image is anomalous; the detector found 1 anomalous region, on the left.")
+    assert "You can ask me where" in answer
 
 
-def test_the_stream_joins_into_the_answer() -> None:
+def test_the_stream_joins_into_the_answer_and_reports_no_repair() -> None:
     inspection = inspection_with([(5, 40)])
     question = "What does the anomaly look like?"
-    pieces = list(GroundedAnswerer().stream(question, [], inspection, np.zeros((SIDE, SIDE, 3), np.uint8)))
+    reports: list[CheckReport] = []
+    image = np.zeros((SIDE, SIDE, 3), np.uint8)
+    pieces = list(GroundedAnswerer().stream(question, [], inspection, image, on_report=reports.append))
     assert len(pieces) > 3 and "".join(pieces) == grounded_answer(question, inspection)
+    (report,) = reports
+    assert report.repairs == [] and report.opening_conflicts == [] and report.answer == "".join(pieces).strip()
+
+
+def test_product_defect_types_name_the_kind() -> None:
+    inspection = inspection_with([(5, 40)])
+    region = inspection.regions[0]
+    own = DefectType("blotch", "a soft grey patch", shapes=(region.shape,), contrasts=(region.contrast,))
+    other = DefectType(
+        "burn mark", "a dark burn", contrasts=("darker",) if region.contrast != "darker" else ("brighter",)
+    )
+    answer = "".join(
+        GroundedAnswerer([own, other]).stream("What kind of defect could it be?", [], inspection, SIDE_IMAGE)
+    )
+    assert "blotch (a soft grey patch)" in answer and "burn mark" not in answer
 
 
 class FakeAssistant:

@@ -26,7 +26,8 @@ from anomalygpt.assistant import (
 )
 from anomalygpt.backbones import BackboneConfig, WeightsError
 from anomalygpt.config import Preset
-from anomalygpt.guard import contradicts, expected_opening, presence_polarity, question_intent
+from anomalygpt.grounded import preamble, region_sentence
+from anomalygpt.guard import contradicts, expected_opening, presence_polarity, read_question
 from anomalygpt.inspection import Inspection, References
 from anomalygpt.llm import LLMConfig
 from anomalygpt.prompt_learner import PromptLearnerConfig
@@ -35,6 +36,18 @@ from simulation.conversations import QUESTIONS, conversation_for
 GOOD = texture_crops(1, size=64, seed=99)[0]
 BAD = with_dark_blob(texture_crops(1, size=64, seed=98)[0], center=(46, 46), radius=7)  # bottom right
 DEFECT_QUESTION = "Is there an anomaly in this image?"
+# The training conversations' intents and the question kinds they are read as.
+KINDS_OF_INTENT = {
+    "anomaly": ("anomaly",),
+    "where": ("where",),
+    "count": ("count",),
+    "size": ("size",),
+    "appearance": ("describe", "kind"),
+    "confidence": ("confidence",),
+    "where_exactly": ("where_exactly",),
+    "near_edge": ("near",),
+    "next_check": ("next_check",),
+}
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +78,10 @@ def verdicts(assistant: Assistant, references: References) -> dict[str, Inspecti
     return {name: assistant.inspector.inspect(image, references) for name, image in (("good", GOOD), ("bad", BAD))}
 
 
-def session_with(assistant: Assistant, references: References, guard: bool | None = None) -> ChatSession:
-    session = ChatSession(assistant, guard=guard)
+def session_with(
+    assistant: Assistant, references: References, guard: bool | None = None, check: bool | None = None
+) -> ChatSession:
+    session = ChatSession(assistant, guard=guard, check=check)
     session.references = references  # indexed once for the module; set_references has its own test
     return session
 
@@ -201,14 +216,14 @@ def script_answers(assistant: Assistant, sentence: str) -> torch.utils.hooks.Rem
 
 @pytest.mark.parametrize(
     ("image", "model_says", "verdict_says"),
-    [(BAD, "No, it looks normal.", "Yes"), (GOOD, "Yes, it is defective.", "No")],
+    [(BAD, " No, it looks normal.", "Yes"), (GOOD, " Yes, it is defective.", "No")],
 )
-def test_guard_forces_the_verdicts_yes_or_no(
+def test_the_verdict_opens_the_answer_and_a_contradicting_sentence_is_not_shown(
     assistant: Assistant, references: References, image: np.ndarray, model_says: str, verdict_says: str
 ) -> None:
     hook = script_answers(assistant, model_says)
     try:
-        unguarded = session_with(assistant, references, guard=False)
+        unguarded = session_with(assistant, references, guard=False, check=False)
         unguarded.show(image)
         wrong = unguarded.ask(DEFECT_QUESTION)
         guarded = session_with(assistant, references)
@@ -217,39 +232,77 @@ def test_guard_forces_the_verdicts_yes_or_no(
     finally:
         hook.remove()
     inspection = guarded.inspection
-    assert wrong == model_says and contradicts(wrong, inspection, DEFECT_QUESTION)
+    assert wrong == model_says.strip() and contradicts(wrong, inspection, DEFECT_QUESTION)
     assert unguarded.history[0].contradicts and not unguarded.history[0].guarded
-    # the opening is the verdict's; the scripted model's own words follow it, and still get flagged
-    assert right == verdict_says + model_says and guarded.history[0].guarded
-    assert guarded.history[0].contradicts
-    assert expected_opening("Is this part OK?", inspection) == ("No" if inspection.is_anomalous else "Yes")
+    assert unguarded.history[0].checks is None
+    # the grounded opening states the verdict; the model's own sentence contradicts it and is dropped (the
+    # sentence that would replace it, the verdict's, was already said)
+    opening = expected_opening(DEFECT_QUESTION, inspection)
+    assert opening.startswith(" ".join([*preamble(inspection), verdict_says + ":"])) and right == opening
+    turn = guarded.history[0]
+    assert turn.guarded and not turn.contradicts and turn.checks is not None
+    assert turn.checks.raw == opening + model_says
+    assert [(r.path, r.facts) for r in turn.checks.repairs] == [("dropped", ("verdict",))]
+    assert guarded.checks.to_dict() == {"answers": 1, "fired": 1, "paths": {"dropped": 1}, "facts": {"verdict": 1}}
+    reply = expected_opening("Is this part OK?", inspection).removeprefix(" ".join(preamble(inspection))).strip()
+    assert reply.startswith("No:" if inspection.is_anomalous else "Yes:")
 
 
-def test_fact_questions_are_prefilled_and_the_others_are_not(assistant: Assistant, references: References) -> None:
+def test_every_question_opens_with_its_grounded_answer(assistant: Assistant, references: References) -> None:
     session = session_with(assistant, references)
     inspection = session.show(BAD)
-    session.ask("Is it near the edge?")
-    where = session.ask("Where is the defect located?")
-    assert [turn.guarded for turn in session.history] == [False, True]
-    assert inspection.regions and where.startswith(expected_opening("Where is the defect located?", inspection) or "-")
+    questions = ("Is it near the edge?", "Where is the defect located?", "How sure are you?", "Tell me a joke")
+    answers = [session.ask(question) for question in questions]
+    assert [turn.guarded for turn in session.history] == [True] * len(questions)
+    assert inspection.regions
+    for question, answer in zip(questions, answers, strict=True):
+        assert answer.startswith(expected_opening(question, inspection)), (question, answer)
+        assert not session.history[questions.index(question)].contradicts
+
+
+def test_a_wrong_place_is_replaced_by_the_regions_grounded_sentence(
+    assistant: Assistant, references: References
+) -> None:
+    session = session_with(assistant, references)
+    inspection = session.show(BAD)
+    (region,) = inspection.regions
+    assert region.location == "bottom right"
+    hook = script_answers(assistant, " It is in the top left.")
+    try:
+        answer = session.ask(DEFECT_QUESTION)
+    finally:
+        hook.remove()
+    opening = expected_opening(DEFECT_QUESTION, inspection)
+    assert answer == f"{opening} {region_sentence(region)}"
+    (repair,) = session.history[0].checks.repairs  # type: ignore[union-attr]
+    assert (repair.sentence, repair.path, repair.facts) == ("It is in the top left.", "replaced", ("location",))
 
 
 def test_streamed_answer_equals_the_whole_answer(assistant: Assistant, references: References) -> None:
     one, two = session_with(assistant, references), session_with(assistant, references)
     one.show(BAD)
     two.show(BAD)
-    hook = script_answers(assistant, ", it is a darker spot at the bottom right.")
+    hook = script_answers(assistant, " Look at it closely.")
     try:
         pieces = list(two.stream(DEFECT_QUESTION))
         whole = one.ask(DEFECT_QUESTION)
     finally:
         hook.remove()
-    assert len(pieces) >= 4 and pieces[0] == "Yes"  # the forced opening arrives first, whole
-    assert whole == "".join(pieces).strip() == two.history[0].answer == "Yes, it is a darker spot at the bottom right."
+    opening = expected_opening(DEFECT_QUESTION, one.inspection)
+    assert len(pieces) >= 2 and pieces[0] == opening  # the grounded opening arrives first, whole
+    assert whole == "".join(pieces).strip() == two.history[0].answer == opening + " Look at it closely."
     record = one.to_dict()
     assert record["inspection"]["verdict"] == "anomalous"
     assert record["transcript"][0] == {"role": "user", "content": DEFECT_QUESTION}
-    assert record["transcript"][1] == {"role": "assistant", "content": whole, "guarded": True, "contradicts": False}
+    said = record["transcript"][1]
+    assert {key: said[key] for key in ("role", "content", "guarded", "contradicts")} == {
+        "role": "assistant",
+        "content": whole,
+        "guarded": True,
+        "contradicts": False,
+    }
+    assert said["checks"]["sentences"] == 1 and said["checks"]["paths"] == {}
+    assert record["checks"] == {"answers": 1, "fired": 0, "paths": {}, "facts": {}}
 
 
 def test_questions_are_checked(assistant: Assistant, references: References) -> None:
@@ -302,12 +355,12 @@ def test_simulated_answers_agree_with_their_own_verdict_and_intents_are_recognis
         conversation = conversation_for(image, mask, "spot" if seed % 2 else None, rng)
         same, other = (verdicts["bad"], verdicts["good"]) if seed % 2 else (verdicts["good"], verdicts["bad"])
         for turn in conversation["turns"]:
-            assert question_intent(turn["question"]) == turn["intent"], turn["question"]
+            assert read_question(turn["question"]).kind in KINDS_OF_INTENT[turn["intent"]], turn["question"]
             assert not contradicts(turn["answer"], same, turn["question"]), turn["answer"]
             if turn["intent"] == "anomaly":
                 assert contradicts(turn["answer"], other, turn["question"]), turn["answer"]
     for intent, questions in QUESTIONS.items():
-        assert [question_intent(q) for q in questions] == [intent] * len(questions)
+        assert all(read_question(q).kind in KINDS_OF_INTENT[intent] for q in questions), intent
 
 
 def test_presence_polarity_edge_cases() -> None:

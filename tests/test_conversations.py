@@ -15,10 +15,10 @@ import pytest
 import skimage.data
 from scipy import ndimage
 
+from anomalygpt.regions import EDGE_MARGIN_FRACTION
 from simulation.anomalies import load_params
 from simulation.conversations import (
     ANSWERS,
-    EDGE_MARGIN_FRACTION,
     INTENTS,
     LOCATION_PHRASES,
     QUESTIONS,
