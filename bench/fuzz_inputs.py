@@ -27,6 +27,7 @@ import io
 import json
 import os
 import platform
+import shutil
 import signal
 import subprocess
 import sys
@@ -632,8 +633,15 @@ def run(root: Path, fast: bool, verbose: bool = False) -> list[Judged]:
     if not fast:
         firsts = {case.group: case for case in reversed(cases)}
         for case in firsts.values():
+            remove_run_outputs(case)
             results.append(run_case(ws, replace(case, group="subprocess: first case of each class"), fast, True))
     return results
+
+
+def remove_run_outputs(case: Case) -> None:
+    """Before a case runs again: its own --out folder goes (never one holding its inputs, as with --overwrite)."""
+    if case.out is not None and case.out.is_dir() and not any(case.out in path.parents for path in case.inputs):
+        shutil.rmtree(case.out)
 
 
 BAD_OUTCOMES = ("messy error", "traceback", "hang")
