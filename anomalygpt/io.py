@@ -57,9 +57,10 @@ class ImageError(ValueError):
 def load_image(source: ImageSource, *, name: str | None = None) -> np.ndarray:
     """Decode any supported source to a C-contiguous (H, W, 3) uint8 RGB array, EXIF orientation applied.
 
-    A file is decoded completely or not at all: a truncated file, a PNG whose chunk CRCs or zlib checksum fail,
-    or any decoder error is an ImageError (PIL's LOAD_TRUNCATED_IMAGES is never honoured).
-    Value ranges: uint8 as is; bool and 1-bit 0/1 -> 0/255; unsigned 16-bit (PNG, TIFF, PGM, arrays) scaled by
+    A file is decoded completely or not at all: a truncated file, a PNG whose chunk CRCs or zlib checksum fail or
+    whose pixel data is shorter than its header says, or any decoder error is an ImageError (PIL's
+    LOAD_TRUNCATED_IMAGES is never honoured). Only PNG, JPEG, BMP, TIFF and WebP files are decoded.
+    Value ranges: uint8 as is; bool and 1-bit 0/1 -> 0/255; unsigned 16-bit (PNG, TIFF, arrays) scaled by
     255/65535 over the full 16-bit range; float read as [0, 1] when every value lies in [0, 1] and as [0, 255]
     when they lie in [0, 255] with a maximum above 2. Refused, with an ImageError: signed integers (int8/int16
     TIFFs, int arrays), 32-bit integers (uint32/int32 TIFFs, PIL mode "I" images), NaN or infinite floats,
