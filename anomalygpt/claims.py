@@ -42,6 +42,7 @@ from anomalygpt.grounded import (
     size_answer,
     where_answer,
     where_exactly_answer,
+    without_preamble,
 )
 from anomalygpt.guard import Question, answer_claims
 from anomalygpt.regions import NUMBER_WORDS, Region, border_gaps, near_borders
@@ -862,9 +863,8 @@ class ClaimChecker:
 
 def check_answer(text: str, grounds: Grounds, question: Question | None = None) -> list[Conflict]:
     """Every conflict in a finished answer, sentence by sentence (no repair); its opening trust warnings aside."""
-    warnings = " ".join(preamble(grounds.inspection))
-    text = text[len(warnings) :] if warnings and text.startswith(warnings) else text
     out, carried = [], None
+    text = without_preamble(text, grounds.inspection)
     for index, sentence in enumerate(split_sentences(text)):
         found, carried = sentence_conflicts(sentence, grounds, question, index == 0, carried)
         out += found

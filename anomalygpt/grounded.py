@@ -214,6 +214,12 @@ def preamble(inspection: Inspection) -> list[str]:
     return lines
 
 
+def without_preamble(text: str, inspection: Inspection) -> str:
+    """An answer without the trust warnings it opens with (they are the Inspection's words, not claims)."""
+    opening = " ".join(preamble(inspection))
+    return text[len(opening) :].lstrip() if opening and text.startswith(opening) else text
+
+
 def answer_sentences(question: Question, grounds: Grounds) -> list[str]:
     """The grounded answer to a question, sentence by sentence, the trust warnings first."""
     return preamble(grounds.inspection) + BUILDERS[question.kind](question, grounds)
@@ -565,6 +571,7 @@ def next_check_answer(question: Question, grounds: Grounds) -> list[str]:
         lines.append(sentence(f"look where the heat map is hottest: {NO_REGION}"))
     else:
         first = regions[0]
+        lines.append(f"The image is anomalous ({inspection.confidence} confidence), so it should not pass unchecked.")
         lines.append(
             sentence(
                 f"check {region_label(first)} first: it is the biggest, covering {format_pct(first.area_pct)} "

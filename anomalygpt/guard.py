@@ -72,7 +72,7 @@ KIND_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
             "kind",
             r"\b(what|which) (kind|type|sort|category|class)\b|\b(kind|type|sort) of (defect|anomaly|fault|flaw|damage)"
             r"|\bwhat (could|might|can|would) (it|this|that|they) be\b|\bwhat (is|are) (it|this|that|they)\b"
-            r"|\bclassif\w*|\bcategori[sz]\w*|\bidentify\b|\bwhat defect\b|\bwhat caused\b|\bcause\b",
+            r"|\bclassif\w*|\bcategori[sz]\w*|\bidentify\b|\bwhat defect\b|\bcaus(e|ed|es|ing)\b",
         ),
         (
             "describe",

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from anomalygpt.grounded import without_preamble
 from anomalygpt.guard import answer_claims, contradicts
 from anomalygpt.inspection import Inspection
 from anomalygpt.io import load_image
@@ -166,14 +167,16 @@ def replay(
     for turn in record["turns"]:
         question = turn["question"]
         answer = ask(question, history, inspection, image)
+        said = without_preamble(answer, inspection)  # the trust warnings are scored as no claim
         result = TurnResult(
-            record["id"], turn["intent"], question, answer, turn_scores(turn, answer),
-            contradicts(answer, inspection, question),
+            record["id"], turn["intent"], question, answer, turn_scores(turn, said),
+            contradicts(said, inspection, question),
         )  # fmt: skip
         if unguarded is not None and turn["intent"] in GUARDED_INTENTS:
             result.unguarded_answer = unguarded(question, history, inspection, image)
-            result.unguarded_contradicts = contradicts(result.unguarded_answer, inspection, question)
-            result.unguarded_scores = turn_scores(turn, result.unguarded_answer)
+            bare = without_preamble(result.unguarded_answer, inspection)
+            result.unguarded_contradicts = contradicts(bare, inspection, question)
+            result.unguarded_scores = turn_scores(turn, bare)
         history.append((question, answer))
         results.append(result)
     return results
