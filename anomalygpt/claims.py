@@ -77,8 +77,8 @@ LOCATION = re.compile(
     re.IGNORECASE,
 )
 REGION_REF = re.compile(
-    r"\bregions?\s+#?(?P<nums>\d+(?:(?:\s*,\s*(?:and\s+)?|\s+and\s+|\s+or\s+|\s+to\s+|\s*-\s*)\d+(?![\d.%]|\s*(?:%|px)))*)"
-    r"(?![\d.%])",
+    r"\bregions?\s+#?(?P<nums>\d+(?:(?:\s*,\s*(?:and\s+)?|\s+and\s+|\s+or\s+|\s+to\s+|\s*-\s*)\d+(?!\d|\.\d|%|\s*(?:%|px)))*)"
+    r"(?!\d|\.\d|%)",
     re.IGNORECASE,
 )
 REFERENCE_REF = re.compile(r"\breference\s+#?(\d+)\b(?:\s*\([^)]*\))?", re.IGNORECASE)
@@ -95,7 +95,7 @@ PAIR_GAP = re.compile(
 )
 PRONOUN_START = re.compile(r"^\W*(it|its|this one|that one|this region|that region|the region|there it)\b", re.I)
 NEGATION = re.compile(r"\b(no|not|nothing|none|neither|nor|never|without|nowhere)\b|n't\b", re.IGNORECASE)
-ANSWER_WORD = re.compile(r"^\W*(yes|no)\b\W*", re.IGNORECASE)
+ANSWER_WORD = re.compile(r"^\W*(yes|no)\s*[:,.!]\s*", re.IGNORECASE)  # "No: ..." answers; "No region ..." negates
 SIZE_WORDS = {"small": "small", "tiny": "small", "little": "small", "medium": "medium", "medium-sized": "medium"}
 SIZE_WORDS |= {"large": "large", "big": "large", "huge": "large", "extensive": "large"}
 SIZE = re.compile(r"\b(medium-sized|small|tiny|little|medium|large|big|huge|extensive)\b(?! enough)", re.I)
@@ -140,7 +140,7 @@ CONFIDENCE = re.compile(
 ADVERB_CONFIDENCE = {"very": "high", "highly": "high", "fairly": "medium", "quite": "medium", "somewhat": "medium"}
 ADVERB_CONFIDENCE |= {"not very": "low", "not": "low"}
 SCORE = re.compile(
-    r"(?<!peak )(?<!pixel )\b(?:anomaly |image )?score(?:\s+(?:of|is|was|=|:))?\s*,?\s*(\d+\.\d+)(?![\d.]|\s+normal)",
+    r"(?<!peak )(?<!pixel )\b(?:anomaly |image )?score(?:\s+(?:of|is|was|=|:))?\s*,?\s*(\d+\.\d+)(?!\d|\.\d|\s+normal)",
     re.I,
 )
 PEAK = re.compile(r"\bpeak (?:anomaly )?score(?:\s+(?:of|is|was|=|:))?\s*,?\s*(\d+\.\d+)", re.IGNORECASE)
@@ -380,10 +380,10 @@ def confidence_conflicts(text: str, inspection: Inspection) -> list[Conflict]:
 
 
 def written_close(written: str, truth: float, relative: float = 0.0) -> bool:
-    """True when a written number is the truth to its own last digit (or within `relative` of it)."""
+    """True when a written number is the truth rounded to its own last digit (or within `relative` of it)."""
     decimals = len(written.split(".")[1]) if "." in written else 0
-    value = abs(float(written))
-    return abs(value - abs(truth)) <= 10.0**-decimals + 1e-9 or abs(value - abs(truth)) <= relative * abs(truth)
+    error = abs(abs(float(written)) - abs(truth))
+    return error <= 0.5 * 10.0**-decimals + 1e-6 or error <= relative * abs(truth)
 
 
 def score_conflicts(text: str, inspection: Inspection) -> list[Conflict]:
@@ -583,7 +583,9 @@ def region_of(segment: Segment) -> int | None:
 def percent_conflicts(text: str, segment: Segment, chosen: Sequence[Region], inspection: Inspection) -> list[Conflict]:
     """Every area as written is a named region's, the named regions' sum, any region's or the total."""
     areas = [region.area_pct for region in chosen]
-    allowed = [*areas, sum(areas), sum(region.area_pct for region in inspection.regions)]
+    allowed = [*areas, sum(areas)]
+    if segment.regions is None:
+        allowed.append(sum(region.area_pct for region in inspection.regions))
     if not inspection.regions:
         allowed = [0.0]
     out = []

@@ -155,7 +155,7 @@ DEFECT_ADJECTIVE = r"(defective|anomalous|abnormal|damaged|faulty)"
 NORMAL_CLAIMS = re.compile(
     rf"\b{SUBJECT}\s+(looks|appears|is|seems)\s+(to be\s+)?(normal|fine|ok|okay|good|defect-free|flawless|intact)\b"
     r"|\bno (anomal\w*|defects?|flaws?|damage)\b"
-    r"(?!\s+regions?\s+(is\s+|are\s+)?(at|near|on|along|in)\s+(the|an?|any)\b)"  # "none at the edge": no verdict
+    r"(?!(\s+regions?)?\s+(is\s+|are\s+)?(at|near|on|along|in)\s+(the|an?|any)\b)"  # "none at the top": a place
     r"|\bnothing (looks|is|seems|appears) (defective|wrong|anomalous|abnormal|unusual)\b"
     r"|\b(0|zero) (separate )?anomalous regions?\b"
     r"|(?<![\d.])\b0% of the image\b"  # not the end of "1.0%"

@@ -60,7 +60,7 @@ NOT_CLAIMS = re.compile(
 SIMILAR_WORDS = re.compile(r"\babout as (bright|dark) as (its|their) surroundings\b", re.IGNORECASE)
 DARK_BRIGHT = re.compile(r"\b(darker|brighter|dark|bright)\b(?! than (that|the|a) (good|reference|match))", re.I)
 NEGATION = re.compile(r"\b(no|not|none|nothing|nowhere|neither|nor|without)\b|n't\b", re.IGNORECASE)
-REGION_MENTION = re.compile(r"\b[Rr]egions? (\d+(?:(?:, | and | or | to |-)\d+)*)(?![\d.%])")
+REGION_MENTION = re.compile(r"\b[Rr]egions? (\d+(?:(?:, | and | or | to |-)\d+)*)(?!\d|\.\d|%)")
 REFERENCE_MENTION = re.compile(r"\breference (\d+)\b")
 COUNTED = re.compile(
     rf"(?<![\w.#-])((?:other|remaining) )?(\d+|{'|'.join(NUMBER_WORDS)}) "

@@ -1,0 +1,125 @@
+"""The real-chat scorer on hand-made right and wrong answers, and its question bank against the question reader."""
+
+from __future__ import annotations
+
+import pytest
+from chat_cases import LOW, MANY, NORMAL, ONE, evidence_for
+
+from anomalygpt.grounded import Grounds, answer_text
+from anomalygpt.guard import read_question
+from anomalygpt.inspection import Inspection
+from eval.chat_scorer import BANK, KINDS, Case, score_answer
+
+CASE = Case(MANY, evidence_for(MANY))
+
+
+def test_the_bank_has_every_kind_in_three_phrasings_or_more_and_the_reader_agrees() -> None:
+    for kind in KINDS:
+        assert len([q for q in BANK if q.kind == kind]) >= 3, kind
+    for entry in BANK:
+        question = read_question(entry.text)
+        assert question.kind == entry.kind, entry.text
+        if entry.kind == "near":
+            assert question.place == entry.focus, entry.text
+        elif entry.focus is not None:
+            assert question.focus == entry.focus, entry.text
+        if entry.polarity is not None:
+            assert question.polarity == entry.polarity, entry.text
+
+
+@pytest.mark.parametrize("inspection", [NORMAL, ONE, MANY, LOW], ids=["normal", "one", "many", "low"])
+def test_grounded_answers_score_right_and_useful(inspection: Inspection) -> None:
+    case = Case(inspection, evidence_for(inspection))
+    for entry in BANK:
+        text = answer_text(read_question(entry.text), Grounds(inspection, case.evidence))
+        scored = score_answer(text, entry.kind, case, entry.polarity, entry.focus)
+        assert scored.contradictions == [] and scored.useful, (entry.text, text, scored)
+
+
+@pytest.mark.parametrize(
+    ("answer", "kind", "polarity", "error"),
+    [
+        ("No: the image is normal.", "anomaly", "defect", "verdict"),
+        ("Yes, it passes.", "anomaly", "normal", "verdict"),
+        ("There are 2 anomalous regions.", "count", None, "count"),
+        ("One at the bottom and two in the top left.", "where", None, "count at a place"),
+        ("Region 2 is in the bottom left.", "where", None, "place bottom left"),
+        ("Region 3 is compact.", "describe", None, "shape compact"),
+        ("Region 1 is about as bright as its surroundings.", "describe", None, "contrast similar"),
+        ("Region 2 is darker than its surroundings.", "describe", None, "contrast darker"),
+        ("Region 1 covers 3.0% of the image.", "size", None, "area 3.0%"),
+        ("Region 1 is large.", "size", None, "size large"),
+        ("Region 5 is small.", "describe", None, "region number 5"),
+        ("The most severe is region 3.", "biggest", None, "most severe"),
+        ("The biggest is region 2.", "biggest", None, "biggest"),
+        ("My confidence is high.", "confidence", None, "confidence high"),
+        ("The anomaly score is 0.9123.", "why", None, "score"),
+        ("It is 4.0 normal spreads above the threshold.", "why", None, "margin"),
+        ("Region 1 best matches reference 1.", "compare", None, "reference 1 for region 1"),
+        ("Region 1 is 30 grey levels darker than that good area.", "compare", None, "grey levels"),
+        ("Region 1 touches the left border.", "near", None, "touches"),
+        ("Nothing is in the top left.", "near", None, "place top left said absent"),
+        ("It could be x 1-5, y 1-5.", "where", None, "box"),
+    ],
+)
+def test_a_wrong_answer_is_a_contradiction(answer: str, kind: str, polarity: str | None, error: str) -> None:
+    scored = score_answer(answer, kind, CASE, polarity)
+    assert any(error in found for found in scored.contradictions), (answer, scored.contradictions)
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        "Yes: region 1 in the top left is darker than its surroundings and covers 1.8% of the image.",
+        "One in the top left, one in the top right and one at the bottom.",
+        "Region 3 at the bottom is elongated; region 2 touches the top border.",
+        "The most severe is region 2 in the top right: its peak score, 1.0000, is the highest of all regions.",
+        "Region 1 best matches reference 2, and is 14 grey levels darker than that good area.",
+        "The anomaly score 0.7000 is above the threshold 0.5000 by 2.0 normal spreads (medium confidence).",
+        "Nothing is in the center.",
+    ],
+)
+def test_a_right_answer_is_not_a_contradiction(answer: str) -> None:
+    assert score_answer(answer, "describe", CASE).contradictions == [], answer
+
+
+@pytest.mark.parametrize(
+    ("kind", "answer", "useful", "focus"),
+    [
+        ("count", "There are 3 anomalous regions.", True, None),
+        ("count", "There are several regions.", False, None),
+        ("where", "In the top left, in the top right and at the bottom.", True, None),
+        ("where", "In the top left and in the top right.", False, None),
+        ("biggest", "The biggest is region 1 in the top left.", True, "biggest"),
+        ("biggest", "Region 1 and region 2 are big.", False, "biggest"),
+        ("biggest", "The most severe is region 2.", True, "severe"),
+        ("size", "Region 1 is 1.8%, region 2 is 1.2% and region 3 is 1.1%.", True, None),
+        ("size", "Region 1 is 1.8%.", False, None),
+        ("size", "Region 1 is 1.8%.", True, "biggest"),
+        ("confidence", "My confidence is medium.", True, None),
+        ("confidence", "I am not sure.", False, None),
+        ("kind", "Region 3 could be a crack or a scratch.", True, None),
+        ("kind", "It could be contamination.", True, None),
+        ("kind", "It is a defect.", False, None),
+        ("compare", "Region 1 best matches reference 2 and is 14 grey levels darker.", True, None),
+        ("compare", "It differs from the references.", False, None),
+        ("describe", "Region 1 is compact, region 2 is compact and region 3 is elongated.", True, None),
+        ("describe", "Region 1 is compact.", False, None),
+        ("near", "Yes: region 2 touches the top border.", True, "edge"),
+        ("near", "No.", False, "edge"),
+        ("near", "No: nothing is in the center.", True, "center"),
+        ("why", "The anomaly score 0.7000 is above the threshold 0.5000 by 2.0 normal spreads; region 2.", True, None),
+        ("why", "Because it looks bad.", False, None),
+        ("next_check", "Check region 1 first.", True, None),
+        ("next_check", "Be careful.", False, None),
+    ],
+)
+def test_usefulness_rules(kind: str, answer: str, useful: bool, focus: str | None) -> None:
+    assert score_answer(answer, kind, CASE, focus=focus).useful is useful, answer
+
+
+def test_the_trust_warnings_are_not_scored() -> None:
+    text = answer_text(read_question("How many defects are there?"), Grounds(LOW))
+    assert text.startswith("Warning: the references do not fit this image.")
+    scored = score_answer(text, "count", Case(LOW))
+    assert scored.useful and scored.contradictions == []

@@ -1,0 +1,174 @@
+"""The claim checker on hand-made inspections: grounded answers pass, every kind of wrong fact is caught and
+repaired, and streaming holds back only the sentence being checked."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from chat_cases import LOW, MANY, NORMAL, ONE, evidence_for
+
+from anomalygpt.claims import CheckTally, ClaimChecker, check_answer
+from anomalygpt.grounded import Grounds, answer_text, region_sentence
+from anomalygpt.guard import Question, read_question
+from anomalygpt.inspection import Inspection
+from eval.chat_scorer import BANK
+
+GROUNDS = Grounds(MANY, evidence_for(MANY))
+
+
+def facts(text: str, grounds: Grounds = GROUNDS, question: Question | None = None) -> set[str]:
+    return {conflict.fact for conflict in check_answer(text, grounds, question)}
+
+
+@pytest.mark.parametrize("inspection", [NORMAL, ONE, MANY, LOW], ids=["normal", "one", "many", "low"])
+def test_every_grounded_answer_passes_the_checker(inspection: Inspection) -> None:
+    grounds = Grounds(inspection, evidence_for(inspection))
+    for entry in BANK:
+        question = read_question(entry.text)
+        text = answer_text(question, grounds)
+        assert check_answer(text, grounds, question) == [], (entry.text, text)
+        checker = ClaimChecker(grounds, question)
+        assert "".join(checker.stream([], text)) == text and checker.report.opening_conflicts == []
+
+
+@pytest.mark.parametrize(
+    ("sentence", "fact"),
+    [
+        ("There are 2 anomalous regions.", "count"),
+        ("I found two in the top left.", "count"),
+        ("Region 2 is in the bottom left.", "location"),
+        ("Region 3 is compact.", "shape"),
+        ("Region 1 is brighter than its surroundings.", "contrast"),
+        ("Region 2 is dark.", "contrast"),
+        ("Region 1 covers 5% of the image.", "area"),
+        ("Region 1 is large.", "size"),
+        ("Region 4 is small.", "region"),
+        ("The biggest is region 2.", "rank"),
+        ("The most severe is region 3.", "rank"),
+        ("Region 1 has the highest peak score.", "rank"),
+        ("My confidence is high.", "confidence"),
+        ("I am very sure about it.", "confidence"),
+        ("The anomaly score is 0.9000.", "score"),
+        ("It is 3.5 normal spreads above the threshold.", "score"),
+        ("The score is below the threshold.", "score"),
+        ("Region 1 could be a crack.", "family"),
+        ("No anomalous region is in the top left.", "location"),
+        ("Region 2 touches the bottom border.", "edge"),
+        ("Region 1 is near the edge.", "edge"),
+        ("The image looks normal.", "verdict"),
+        ("They fit the image perfectly.", "verdict"),
+        ("Region 1 best matches reference 1 at the top left.", "reference"),
+        ("Region 1 is 30 grey levels darker than that good area.", "reference"),
+        ("Region 1 is brighter than the good reference.", "reference"),
+        ("Region 3 is 0.4% of the image.", "area"),
+        ("In pixel coordinates: x 1-9, y 1-9.", "box"),
+    ],
+)
+def test_a_wrong_fact_is_caught(sentence: str, fact: str) -> None:
+    assert fact in facts(sentence), sentence
+
+
+@pytest.mark.parametrize(
+    "sentence",
+    [
+        "Region 3 at the bottom is elongated and about as bright as its surroundings.",
+        "There is one in the top left, one in the top right and one at the bottom.",
+        "It is not in the center.",
+        "Region 2 touches the top border.",
+        "Region 1 is darker than its surroundings and covers 1.8% of the image.",
+        "The biggest is region 1 in the top left.",
+        "Region 2 in the top right has the highest peak score.",
+        "Region 3 could be a scratch.",
+        "Region 1 best matches reference 2 in the top left, and is 14 grey levels darker than that good area.",
+        "Together they cover 4.1% of the image.",
+        "The image is anomalous, and my confidence is medium.",
+        "Check region 1 first, then the other 2 regions.",
+        "There is no defect at the center.",
+    ],
+)
+def test_a_right_sentence_passes(sentence: str) -> None:
+    assert facts(sentence) == set(), sentence
+
+
+def test_on_a_normal_image_any_region_fact_is_wrong() -> None:
+    grounds = Grounds(NORMAL)
+    for sentence in ("There is a small spot at the top.", "Region 1 is elongated.", "It covers 2% of the image."):
+        assert facts(sentence, grounds), sentence
+    assert facts("Nothing is at the top; the part looks fine.", grounds) == set()
+
+
+def test_a_pronoun_follows_the_region_named_before() -> None:
+    assert facts("Region 3 is at the bottom. It is elongated.") == set()
+    assert facts("Region 3 is at the bottom. It is compact.") == {"shape"}
+
+
+def pieces(text: str, size: int = 5) -> list[str]:
+    return [text[i : i + size] for i in range(0, len(text), size)]
+
+
+def test_streaming_holds_back_only_the_sentence_being_checked() -> None:
+    question = read_question("Where is it?")
+    opening = answer_text(question, GROUNDS)
+    consumed: list[str] = []
+
+    def generated() -> Iterator[str]:
+        for piece in pieces(" Region 3 is elongated. Region 2 is in the bottom left. Look there."):
+            consumed.append(piece)
+            yield piece
+
+    checker = ClaimChecker(GROUNDS, question)
+    stream = checker.stream(generated(), opening)
+    assert next(stream) == opening and consumed == []  # the opening comes before the model runs
+    assert next(stream) == " Region 3 is elongated." and "".join(consumed).endswith("Region 3 is elongated. R")
+    assert next(stream) == " " + region_sentence(MANY.regions[1])  # replaced once the sentence was complete
+    assert list(stream) == [" Look there."]
+    report = checker.report
+    assert [(r.path, r.facts) for r in report.repairs] == [("replaced", ("location",))]
+    assert report.raw.endswith("Region 2 is in the bottom left. Look there.") and report.sentences == 3
+    assert report.answer == f"{opening} Region 3 is elongated. {region_sentence(MANY.regions[1])} Look there."
+
+
+def test_each_repair_path() -> None:
+    question = read_question("Which one is the biggest?")
+    opening = answer_text(question, GROUNDS)
+    model = [
+        " Region 1 is in the top left.",  # right, but about the biggest only: kept
+        " Region 1 is in the top left.",  # the same again: repeat
+        " Region 3 is elongated.",  # another region than the question singles out: off_topic
+        " There are 5 regions.",  # wrong count: replaced by the count sentence
+        " There are 4 regions.",  # wrong again: its replacement was said already: dropped
+        " And then",  # cut off by the token limit: unfinished
+    ]
+    checker = ClaimChecker(GROUNDS, question)
+    checker.truncated = lambda: True
+    shown = "".join(checker.stream(iter(model), opening))
+    assert [r.path for r in checker.report.repairs] == ["repeat", "off_topic", "replaced", "dropped", "unfinished"]
+    assert shown.count("Region 1 is in the top left.") == 1 and "5 regions" not in shown and "And then" not in shown
+    assert check_answer(shown, GROUNDS, question) == []
+    tally = CheckTally()
+    tally.add(checker.report)
+    assert tally.to_dict() == {
+        "answers": 1,
+        "fired": 1,
+        "paths": {"repeat": 1, "off_topic": 1, "replaced": 1, "dropped": 1, "unfinished": 1},
+        "facts": {"count": 2},
+    }
+    assert tally.summary() == "claim checker: 1 of 1 answers corrected (count 2)"
+
+
+def test_the_issue_s_wrong_answers_are_all_caught() -> None:
+    """The answers issue 19 reported, against an inspection of their kind (several regions, high confidence)."""
+    wrong = {
+        "Is there any defect?": "Yes, this image shows anomalies: 3 at the bottom, and 3 at the top.",
+        "How sure are you?": "My confidence is low. There is only 1 anomalous region.",
+        "Compare it with the good references.": "They fit the image perfectly.",
+        "What kind of defect could it be?": "Region 1 is compact and about as bright as its surroundings.",
+        "How large is the biggest one?": "Region 2 in the top right is medium at 1.2%; region 3 is 1.1%.",
+    }
+    for question, answer in wrong.items():
+        asked = read_question(question)
+        checker = ClaimChecker(GROUNDS, asked)
+        shown = "".join(checker.stream([" " + answer], answer_text(asked, GROUNDS)))
+        assert checker.report.repairs, question
+        assert check_answer(shown, GROUNDS, asked) == [], (question, shown)
