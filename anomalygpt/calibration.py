@@ -26,6 +26,8 @@ class CalibrationConfig:
     # 0.2: false alarms 1.1%, 7.4%, 4.1% at k = 1, 2, 4 on stationary textures (bench/bench_calibration.py).
     spread_prior: float = 0.2
     pixel_quantile: float = 0.999  # pixel threshold: this quantile of the held-out normal map values
+    max_held_out: int = 32  # a larger pool is calibrated on a seeded sample of this many held-out references
+    seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -45,44 +47,65 @@ class Calibration:
         return asdict(self)
 
 
-def held_out_maps(memory: PatchMemory) -> tuple[list[np.ndarray], str]:
-    """Anomaly maps of the references scored against memory that excludes them.
+def held_out_maps(memory: PatchMemory, held_out: dict[int, list[torch.Tensor]]) -> tuple[list[np.ndarray], str]:
+    """Anomaly maps of references scored against a memory that excludes them, as a query would be scored.
 
-    k >= 2: each reference (every dihedral view of it) against the other references.
-    k = 1: each quadrant of the reference against a memory without that quadrant's patches (all views);
-    only the held-out quadrant of the map is kept, so every score is of patches the memory has not seen.
+    held_out: reference index -> per stage (V, C, h, w) embedded features of its views (the views in the memory).
+    k >= 2: each held-out reference against the other references (with retrieval: against its nearest others;
+    then only its identity view, as queries come). k = 1: each quadrant of the reference against a memory without
+    that quadrant's patches; only the held-out quadrant of the map is kept, so every score is of patches the
+    memory has not seen.
     """
     if memory.n_references >= 2:
-        return leave_one_reference_out(memory), (
-            f"leave-one-out: each of {memory.n_references} references scored against the others"
+        how = "its nearest others" if memory.retrieval else "the others"
+        return leave_one_reference_out(memory, held_out), (
+            f"leave-one-out: {len(held_out)} of {memory.n_references} references each scored against {how}"
         )
-    return leave_one_quadrant_out(memory), "k=1: each quadrant of the reference scored against the other three"
+    return leave_one_quadrant_out(
+        memory, held_out[0]
+    ), "k=1: each quadrant of the reference scored against the other three"
 
 
 @torch.inference_mode()
-def leave_one_reference_out(memory: PatchMemory) -> list[np.ndarray]:
+def leave_one_reference_out(memory: PatchMemory, held_out: dict[int, list[torch.Tensor]]) -> list[np.ndarray]:
     maps: list[np.ndarray] = []
-    for ref in range(memory.n_references):
-        exclude = [bank.reference == ref for bank in memory.banks]
-        maps.extend(memory.fuse(memory.stage_maps(memory.reference_feats[ref], exclude), memory.image_size))
+    everyone = torch.arange(memory.n_references)
+    for ref, views in held_out.items():
+        if memory.retrieval:
+            views = [feats[:1] for feats in views]
+            others = memory.nearest_references(memory.descriptors[ref : ref + 1], exclude=ref)[0]
+        else:
+            others = everyone[everyone != ref]
+        distances = memory.stage_distances(views, memory.bank_of(others))
+        maps.extend(memory.fuse(memory.with_prior(views, distances), memory.image_size))
     return maps
 
 
 @torch.inference_mode()
-def leave_one_quadrant_out(memory: PatchMemory) -> list[np.ndarray]:
+def leave_one_quadrant_out(memory: PatchMemory, views: list[torch.Tensor]) -> list[np.ndarray]:
     height, width = memory.image_size
-    identity = [feats[:1] for feats in memory.reference_feats[0]]
+    identity = [feats[:1] for feats in views]
     maps = []
     for quadrant in range(4):
-        exclude = [bank.quadrant == quadrant for bank in memory.banks]
-        full = memory.fuse(memory.stage_maps(identity, exclude), memory.image_size)[0]
+        banks = [
+            bank.features[bank.quadrant(feats.shape[-1]) != quadrant]
+            for bank, feats in zip(memory.banks, views, strict=True)
+        ]
+        full = memory.fuse(memory.with_prior(identity, memory.stage_distances(identity, banks)), memory.image_size)[0]
         row, col = divmod(quadrant, 2)
         maps.append(full[row * height // 2 : (row + 1) * height // 2, col * width // 2 : (col + 1) * width // 2])
     return maps
 
 
-def calibrate(memory: PatchMemory, cfg: CalibrationConfig) -> Calibration:
-    maps, method = held_out_maps(memory)
+def held_out_choice(n_references: int, cfg: CalibrationConfig) -> list[int]:
+    """The references scored held out: all of them, or a seeded sample of max_held_out from a larger pool."""
+    if n_references <= cfg.max_held_out:
+        return list(range(n_references))
+    return sorted(np.random.default_rng(cfg.seed).choice(n_references, cfg.max_held_out, replace=False).tolist())
+
+
+def calibrate(memory: PatchMemory, held_out: dict[int, list[torch.Tensor]], cfg: CalibrationConfig) -> Calibration:
+    maps, method = held_out_maps(memory, held_out)
     scores = np.array([top_mean(m, memory.cfg.top_fraction) for m in maps])
     mean = float(scores.mean())
     floor = cfg.spread_prior / math.sqrt(memory.n_references)

@@ -7,27 +7,35 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, overload
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from anomalygpt.backbones import VisionBackbone, WeightsError, build_backbone
-from anomalygpt.calibration import Calibration, calibrate, fixed_calibration
+from anomalygpt.calibration import ONE_REFERENCE_CAVEAT, Calibration, calibrate, fixed_calibration, held_out_choice
 from anomalygpt.config import DEFAULT_PRESET, Preset, load_preset, to_dict
 from anomalygpt.decoder import AnomalyDecoder, DecoderSpec, TextPrior
 from anomalygpt.io import ImageSource, load_image
-from anomalygpt.memory import PatchMemory, embed_patches, fuse_maps, top_mean
+from anomalygpt.memory import N_DIHEDRAL, PatchMemory, embed_patches, fuse_maps, global_descriptor, top_mean
+from anomalygpt.references import (
+    AugmentationDecision,
+    FitStatistics,
+    InspectionError,
+    check_references,
+    decide_augmentation,
+    fit_statistics,
+    fit_warning,
+    reference_fit,
+)
 from anomalygpt.regions import Region, find_regions, regions_summary
 from anomalygpt.text import build_text_encoder
 from anomalygpt.weights import load_into, load_module
 
-MAX_REFERENCES = 16
+MAX_REFERENCES = 10_000
+MAX_REFERENCES_IN_MEMORY = 64  # more references are decoded again when indexed instead of held as pixels
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"  # trained parts of the offline default
-
-
-class InspectionError(ValueError):
-    """The inspection cannot run on these inputs (no references, size mismatch...)."""
 
 
 def confidence_word(margin: float) -> str:
@@ -121,12 +129,43 @@ def decide(
 
 @dataclass
 class References:
-    """Good references indexed once (memory + thresholds); reused for every query of the same product."""
+    """Good references indexed once (memory, thresholds, fit statistics); reused for every query of the product."""
 
     memory: PatchMemory
     calibration: Calibration
     index_ms: float
-    names: list[str] = field(default_factory=list)  # one per reference: its path, or "reference N"
+    names: list[str]  # one per reference kept: its path, or "reference N"
+    augmentation: AugmentationDecision
+    fit_stats: FitStatistics
+    warnings: list[str] = field(default_factory=list)  # about the reference set; shown with every inspection
+    class_name: str | None = None
+
+    @property
+    def mode(self) -> str:
+        """ "pool" when each query is matched against its nearest references, else "few-shot"."""
+        return "pool" if self.memory.retrieval else "few-shot"
+
+
+class LazyImages(Sequence[np.ndarray]):
+    """Reference images decoded when asked for, so that thousands of them never sit in memory at once."""
+
+    def __init__(self, sources: Sequence[ImageSource], names: Sequence[str]) -> None:
+        self.sources = sources
+        self.names = names
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    @overload
+    def __getitem__(self, index: int) -> np.ndarray: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[np.ndarray]: ...
+
+    def __getitem__(self, index: int | slice) -> np.ndarray | Sequence[np.ndarray]:
+        if isinstance(index, slice):
+            return LazyImages(self.sources[index], self.names[index])
+        return load_image(self.sources[index], name=self.names[index])
 
 
 class Inspector:
@@ -142,22 +181,74 @@ class Inspector:
             self._prior = load_prior(self.preset)
         return self._prior
 
-    def fit(self, references: Sequence[ImageSource], class_name: str | None = None) -> References:
-        """Index good reference images: patch memory (with the decoder's prior when fused) and thresholds."""
+    def fit(
+        self, references: Sequence[ImageSource], class_name: str | None = None, progress: bool = False
+    ) -> References:
+        """Index good references (1 to MAX_REFERENCES): checks, augmentation decision, memory, thresholds."""
         if not references:
-            raise InspectionError("no good reference images given: few-shot inspection needs 1 to 16 (--ref)")
+            raise InspectionError(f"no good reference images given: few-shot inspection needs 1 to {MAX_REFERENCES}")
         if len(references) > MAX_REFERENCES:
-            raise InspectionError(f"{len(references)} references given; at most {MAX_REFERENCES} are supported")
+            raise InspectionError(f"{len(references)} references given; at most {MAX_REFERENCES:,} are supported")
         start = time.perf_counter()
-        images = [load_image(ref) for ref in references]
         names = [reference_name(ref, i) for i, ref in enumerate(references)]
-        check_same_size(images, names)
-        memory = PatchMemory.build(self.backbone, images, self.preset.memory)
+        images = reference_images(references, names)
+        kept = check_references(images, names)
+        images = LazyImages([images[i] for i in kept.keep], [names[i] for i in kept.keep])
+        memory, decision, held_out = self.index(images, progress)
+        self.attach_prior(memory, class_name)
+        calibration = calibrate(memory, held_out, self.preset.calibration)
+        warnings = kept.warnings + reference_set_warnings(memory.n_references)
+        elapsed = (time.perf_counter() - start) * 1000
+        fit_stats = fit_statistics(memory.descriptors)
+        return References(memory, calibration, elapsed, list(images.names), decision, fit_stats, warnings, class_name)
+
+    def attach_prior(self, memory: PatchMemory, class_name: str | None) -> None:
+        """Fuse the decoder's weighted prior into the memory's maps when the preset asks for it."""
         weight = self.preset.decoder.fusion_weight
         if weight > 0 and self.prior is not None:  # the decoder loads only when it is fused
             memory.prior = self.prior.weighted(class_name or self.preset.decoder.class_name or None, weight)
-        calibration = calibrate(memory, self.preset.calibration)
-        return References(memory, calibration, (time.perf_counter() - start) * 1000, names)
+
+    def load_profile(self, path: str | Path) -> References:
+        """The references a saved profile holds (no re-indexing); ProfileError for another preset or a bad file."""
+        from anomalygpt.profile import load_references
+
+        return load_references(path, self)
+
+    def save_profile(
+        self, references: References, path: str | Path, reference_files: Sequence[str | Path] | None = None
+    ) -> Path:
+        """Write references as a profile (one file, atomically), with the hashes of the files they came from."""
+        from anomalygpt.profile import save_profile
+
+        return save_profile(path, references, self.preset, reference_files)
+
+    def index(
+        self, images: Sequence[np.ndarray], progress: bool
+    ) -> tuple[PatchMemory, AugmentationDecision, dict[int, list[torch.Tensor]]]:
+        """The memory, the augmentation decision and the held-out references' views (for the thresholds)."""
+        cfg = self.preset.memory
+        rng = np.random.default_rng(cfg.seed)
+        decision, encoded = decide_augmentation(self.backbone, images, cfg, rng)
+        n_views = N_DIHEDRAL if decision.augment else 1
+        held = set(held_out_choice(len(images), self.preset.calibration))
+        held_out: dict[int, list[torch.Tensor]] = {}
+
+        def keep_held_out(index: int, views: list[torch.Tensor]) -> None:
+            if index in held:
+                held_out[index] = views
+
+        bar = tqdm(total=len(images), desc="index references", unit="image", disable=not progress or None)
+        memory = PatchMemory.build(
+            self.backbone,
+            images,
+            cfg,
+            decision.augment,
+            on_reference=keep_held_out,
+            encoded={i: [v[:n_views] for v in views] for i, views in encoded.items()},
+            on_progress=bar.update,
+        )
+        bar.close()
+        return memory, decision, held_out
 
     def inspect(
         self,
@@ -180,10 +271,19 @@ class Inspector:
             )
         start = time.perf_counter()
         with torch.inference_mode():
-            anomaly_map = refs.memory.anomaly_maps([pixels])[0]
+            feats = embed_patches(self.backbone.encode([pixels]).patches, refs.memory.cfg.neighbourhood)
+            anomaly_map = refs.memory.fuse(refs.memory.stage_maps(feats), pixels.shape[:2])[0]
+            descriptor = global_descriptor(feats[-1], refs.memory.cfg.descriptor_grid)[0]
+        fit = reference_fit(descriptor, refs.memory.descriptors, refs.fit_stats, refs.names)
         timings = {"inspect": (time.perf_counter() - start) * 1000, "index_references": refs.index_ms}
-        mode = Mode("few-shot", refs.memory.n_references, refs.calibration)
-        return self.inspection(pixels, anomaly_map, mode, class_name, source, sensitivity, timings)
+        mode = Mode(refs.mode, refs.memory.n_references, refs.calibration)
+        inspection = self.inspection(
+            pixels, anomaly_map, mode, class_name or refs.class_name, source, sensitivity, timings
+        )
+        warning = fit_warning(fit)
+        inspection.warnings = ([warning] if warning else []) + refs.warnings
+        inspection.reference_fit = fit
+        return inspection
 
     def zero_shot_prior(self) -> TextPrior:
         """The decoder, loaded now; InspectionError when the preset has none."""
@@ -268,15 +368,20 @@ class Mode(NamedTuple):
     calibration: Calibration
 
 
+def reference_images(references: Sequence[ImageSource], names: Sequence[str]) -> Sequence[np.ndarray]:
+    """The references as images: decoded now when few, else each time they are read (LazyImages)."""
+    if len(references) > MAX_REFERENCES_IN_MEMORY:
+        return LazyImages(references, names)
+    return [load_image(ref, name=name) for ref, name in zip(references, names, strict=True)]
+
+
+def reference_set_warnings(n_references: int) -> list[str]:
+    """Warnings every inspection against this reference set carries."""
+    return [ONE_REFERENCE_CAVEAT] if n_references == 1 else []
+
+
 def reference_name(ref: ImageSource, index: int) -> str:
     return str(ref) if isinstance(ref, (str, Path)) else f"reference {index + 1}"
-
-
-def check_same_size(images: Sequence[np.ndarray], names: Sequence[str]) -> None:
-    sizes = {image.shape[:2] for image in images}
-    if len(sizes) > 1:
-        listed = ", ".join(f"{name}: {img.shape[1]}x{img.shape[0]}" for name, img in zip(names, images, strict=True))
-        raise InspectionError(f"references differ in size ({listed}); use references of one size")
 
 
 def build_inspector(preset: str | Preset = DEFAULT_PRESET) -> Inspector:

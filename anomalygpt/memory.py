@@ -1,8 +1,14 @@
-"""PatchMemory: few-shot anomaly maps by nearest-neighbour matching against good reference patches."""
+"""PatchMemory: few-shot anomaly maps by nearest-neighbour matching against good reference patches.
+
+It holds from one to thousands of references. Each reference keeps a share of its patches (a greedy coreset, or
+a random subset), so that a query is never matched against more than `max_patches` patches per stage. With more
+references than `retrieve`, each query is matched only against the patches of its `retrieve` nearest references
+by a global descriptor, so a pool that mixes product variants behaves like the right few references.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -11,15 +17,23 @@ import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
 from anomalygpt.backbones import VisionBackbone
+from anomalygpt.coreset import greedy_coreset, random_projection
 
 N_DIHEDRAL = 8  # 4 rotations x optional horizontal flip
+THINNINGS = ("coreset", "random")
+CORESET_DIM = 128  # random projection the coreset distances are computed on
 
 
 @dataclass(frozen=True)
 class MemoryConfig:
-    augment: bool = True  # add the 8 rotations/flips of each reference; off for products with a fixed orientation
+    # The 8 rotations/flips of each reference: helps rotation-invariant products, hurts oriented ones.
+    # None: decided per product from the references (anomalygpt.references.decide_augmentation).
+    augment: bool | None = None
     neighbourhood: int = 3  # patch features averaged over an n x n window (local context, as in PatchCore)
-    max_patches: int = 40_000  # per stage; a larger memory is randomly subsampled (seeded)
+    max_patches: int = 16_000  # per stage: the most good patches one query is matched against
+    thinning: str = "coreset"  # how a reference's patches are cut to its share of max_patches: "coreset"/"random"
+    retrieve: int = 8  # more references than this: each query is matched against its n nearest only (0: all)
+    descriptor_grid: int = 4  # global descriptor: the last stage's features averaged over a g x g grid
     chunk_elements: int = 1 << 23  # bound on query x memory similarities held at once (32 MB of float32)
     sigma: float = 4.0  # Gaussian smoothing of the fused map, in image pixels
     top_fraction: float = 0.01  # image score = mean of the highest fraction of map pixels
@@ -48,6 +62,11 @@ def embed_patches(patches: Sequence[torch.Tensor], neighbourhood: int) -> list[t
     return out
 
 
+def global_descriptor(last_stage: torch.Tensor, grid: int) -> torch.Tensor:
+    """(B, C, h, w) embedded patch features -> (B, C * grid * grid) unit descriptors of the whole image's layout."""
+    return F.normalize(F.adaptive_avg_pool2d(last_stage.float(), grid).flatten(1), dim=1)
+
+
 def original_positions(size: int, index: int) -> torch.Tensor:
     """(2, size, size): for each cell of dihedral view `index`, the (row, col) of the cell it came from."""
     rows, cols = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
@@ -63,15 +82,69 @@ def nearest_distance(queries: torch.Tensor, bank: torch.Tensor, chunk_elements: 
 
 @dataclass
 class StageBank:
+    """One stage's good patches, grouped by reference (ascending), with where each came from."""
+
     features: torch.Tensor  # (N, C) normalised
-    reference: torch.Tensor  # (N,) index of the reference image each patch came from
-    quadrant: torch.Tensor  # (N,) 0..3, quadrant of the patch's original position (for k = 1 hold-out)
+    reference: torch.Tensor  # (N,) index of the reference image each patch came from, ascending
+    position: torch.Tensor  # (N,) row * side + col of the patch's cell in its reference (original orientation)
+
+    def quadrant(self, side: int) -> torch.Tensor:
+        """(N,) 0..3: the quadrant of each patch's original cell on a side x side grid (row-major)."""
+        rows, cols = self.position // side, self.position % side
+        return quadrant_of(torch.stack([rows, cols]), side)
 
 
 def quadrant_of(positions: torch.Tensor, size: int) -> torch.Tensor:
     """(2, ...) row/col positions on a size x size grid -> quadrant id 0..3 (row-major)."""
     half = size / 2
     return (positions[0] >= half).long() * 2 + (positions[1] >= half).long()
+
+
+def reference_share(cfg: MemoryConfig, n_references: int) -> int:
+    """Patches per stage each reference keeps: max_patches over the references one query is matched against."""
+    matched = min(n_references, cfg.retrieve) if cfg.retrieve > 0 else n_references
+    return max(1, cfg.max_patches // max(1, matched))
+
+
+def thin(features: torch.Tensor, keep: int, method: str, generator: torch.Generator) -> torch.Tensor:
+    """Sorted indices of `keep` rows of features (N, C): greedy k-center coreset or a random subset."""
+    n = features.shape[0]
+    if keep >= n:
+        return torch.arange(n)
+    if method == "random":
+        return torch.randperm(n, generator=generator)[:keep].sort().values
+    if method != "coreset":
+        raise ValueError(f"unknown thinning {method!r}; known: {', '.join(THINNINGS)}")
+    projected = features.float() @ random_projection(features.shape[1], CORESET_DIM, generator)
+    first = int(torch.randint(n, (1,), generator=generator))
+    return greedy_coreset(projected, keep, first).sort().values
+
+
+def reference_bank(views: torch.Tensor, index: int, keep: int, method: str, generator: torch.Generator) -> StageBank:
+    """One reference's bank rows at one stage from its dihedral views (V, C, h, w), thinned to `keep` rows."""
+    n_views, channels, side, _ = views.shape
+    rows = views.permute(0, 2, 3, 1).reshape(-1, channels)
+    origin = torch.cat([original_positions(side, v) for v in range(n_views)], dim=1)  # (2, V*side, side)
+    positions = (origin[0] * side + origin[1]).reshape(-1)
+    chosen = thin(rows, keep, method, generator)
+    # float16-exact values: a profile stores them as float16, and gives the same scores as the fitted memory
+    features = rows[chosen].half().float()
+    return StageBank(features, torch.full((len(chosen),), index, dtype=torch.long), positions[chosen])
+
+
+def concat_banks(parts: Sequence[StageBank]) -> StageBank:
+    return StageBank(
+        torch.cat([p.features for p in parts]),
+        torch.cat([p.reference for p in parts]),
+        torch.cat([p.position for p in parts]),
+    )
+
+
+@torch.inference_mode()
+def encode_views(backbone: VisionBackbone, image: np.ndarray, augment: bool, neighbourhood: int) -> list[torch.Tensor]:
+    """Per stage (V, C, h, w) embedded features of an image's dihedral views (V = 8, or 1 without augmentation)."""
+    views = augmented_views(backbone.preprocess([image]), augment)
+    return embed_patches(backbone(torch.cat(views).contiguous(), embedding=False).patches, neighbourhood)
 
 
 class PatchMemory:
@@ -81,65 +154,133 @@ class PatchMemory:
         self,
         backbone: VisionBackbone,
         banks: list[StageBank],
-        reference_feats: list[list[torch.Tensor]],
+        descriptors: torch.Tensor,
         image_size: tuple[int, int],
         cfg: MemoryConfig,
+        augment: bool,
     ) -> None:
         self.backbone = backbone
         self.banks = banks
-        self.reference_feats = reference_feats  # per reference, per stage (V, C, h, w): kept for calibration
+        self.descriptors = descriptors  # (R, D) one global descriptor per reference (identity view)
         self.image_size = image_size  # (H, W) of the references; queries must match
         self.cfg = cfg
+        self.augment = augment  # whether the banks hold every dihedral view (the decision, not the preset's wish)
+        n = descriptors.shape[0]
+        # Rows of reference r at a stage: offsets[stage][r] to offsets[stage][r + 1].
+        self.offsets = [
+            torch.cat([torch.zeros(1, dtype=torch.long), bank.reference.bincount(minlength=n).cumsum(0)])
+            for bank in banks
+        ]
         # Added to every stage's distance map: the fused decoder's weighted abnormality (None: memory alone).
         self.prior: Callable[[Sequence[torch.Tensor]], list[torch.Tensor]] | None = None
 
     @property
     def n_references(self) -> int:
-        return len(self.reference_feats)
+        return int(self.descriptors.shape[0])
+
+    @property
+    def retrieval(self) -> bool:
+        """Whether each query is matched against its nearest references only (a pool larger than `retrieve`)."""
+        return 0 < self.cfg.retrieve < self.n_references
 
     @classmethod
     @torch.inference_mode()
-    def build(cls, backbone: VisionBackbone, references: Sequence[np.ndarray], cfg: MemoryConfig) -> PatchMemory:
+    def build(
+        cls,
+        backbone: VisionBackbone,
+        references: Sequence[np.ndarray],
+        cfg: MemoryConfig,
+        augment: bool,
+        on_reference: Callable[[int, list[torch.Tensor]], None] | None = None,
+        encoded: Mapping[int, list[torch.Tensor]] | None = None,
+        on_progress: Callable[[], object] | None = None,
+    ) -> PatchMemory:
+        """Index references one at a time (bounded memory). on_reference sees each one's views (per stage
+        (V, C, h, w)); `encoded` holds views already computed for some references (index -> views)."""
         if not references:
             raise ValueError("PatchMemory needs at least one good reference image")
-        sizes = {image.shape[:2] for image in references}
-        if len(sizes) > 1:
-            raise ValueError(f"references differ in size: {sorted(sizes)}; use references of one size")
-        reference_feats = []
-        for image in references:
-            views = augmented_views(backbone.preprocess([image]), cfg.augment)
-            reference_feats.append(
-                embed_patches(backbone(torch.cat(views), embedding=False).patches, cfg.neighbourhood)
-            )
-        per_stage = [
-            [view_bank(feats[stage], ref) for ref, feats in enumerate(reference_feats)]
-            for stage in range(len(backbone.stage_dims))
-        ]
+        keep = reference_share(cfg, len(references))
         generator = torch.Generator().manual_seed(cfg.seed)
-        banks = [subsample(concat_banks(parts), cfg.max_patches, generator) for parts in per_stage]
-        return cls(backbone, banks, reference_feats, sizes.pop(), cfg)
+        per_stage: list[list[StageBank]] = [[] for _ in backbone.stage_dims]
+        descriptors = []
+        size: tuple[int, int] | None = None
+        for index in range(len(references)):
+            image = references[index]
+            if size is not None and image.shape[:2] != size:
+                raise ValueError(f"references differ in size: {size} and {image.shape[:2]}; use references of one size")
+            size = image.shape[:2]
+            views = (encoded or {}).get(index) or encode_views(backbone, image, augment, cfg.neighbourhood)
+            descriptors.append(global_descriptor(views[-1][:1], cfg.descriptor_grid)[0])
+            for parts, stage_views in zip(per_stage, views, strict=True):
+                parts.append(reference_bank(stage_views, index, keep, cfg.thinning, generator))
+            if on_reference is not None:
+                on_reference(index, views)
+            if on_progress is not None:
+                on_progress()
+        assert size is not None
+        banks = [concat_banks(parts) for parts in per_stage]
+        return cls(backbone, banks, torch.stack(descriptors), size, cfg, augment)
+
+    def nearest_references(self, descriptors: torch.Tensor, exclude: int | None = None) -> torch.Tensor:
+        """(B, n) indices of the n = min(retrieve, references) nearest references to each descriptor (B, D)."""
+        similarity = descriptors @ self.descriptors.T  # (B, R)
+        if exclude is not None:
+            similarity[:, exclude] = -torch.inf
+        available = self.n_references - (exclude is not None)
+        n = min(self.cfg.retrieve, available) if self.cfg.retrieve > 0 else available
+        return similarity.topk(n, dim=1).indices
+
+    def bank_of(self, references: Sequence[int] | torch.Tensor) -> list[torch.Tensor]:
+        """Per stage (N, C) features of the given references' patches."""
+        chosen = [int(r) for r in references]
+        return [
+            torch.cat([bank.features[offsets[r] : offsets[r + 1]] for r in chosen])
+            for bank, offsets in zip(self.banks, self.offsets, strict=True)
+        ]
 
     @torch.inference_mode()
-    def stage_distances(
-        self, feats: Sequence[torch.Tensor], exclude: Sequence[torch.Tensor] | None = None
-    ) -> list[torch.Tensor]:
-        """Per stage (B, h, w) distance maps; `exclude` is a per-stage list of bank masks to leave out."""
+    def nearest_rows(
+        self, queries: torch.Tensor, stage: int, references: Sequence[int] | torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For each query patch (Q, C): cosine distance to its best-matching good patch at `stage`, that patch's
+        reference index and its position (row * side + col in the reference), among `references` (default all)."""
+        bank = self.banks[stage]
+        if references is None:
+            rows = torch.arange(bank.features.shape[0])
+        else:
+            offsets = self.offsets[stage]
+            rows = torch.cat([torch.arange(int(offsets[r]), int(offsets[r + 1])) for r in references])
+        similarity, best = (queries @ bank.features[rows].T).max(dim=1)
+        chosen = rows[best]
+        return (1.0 - similarity).clamp_min(0.0), bank.reference[chosen], bank.position[chosen]
+
+    @torch.inference_mode()
+    def stage_distances(self, feats: Sequence[torch.Tensor], banks: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Per stage (B, h, w) distances of embedded features (B, C, h, w) to their nearest row of each bank."""
         maps = []
-        for stage, (stage_feats, bank) in enumerate(zip(feats, self.banks, strict=True)):
-            bank_feats = bank.features if exclude is None else bank.features[~exclude[stage]]
+        for stage_feats, bank in zip(feats, banks, strict=True):
             b, c, h, w = stage_feats.shape
             queries = stage_feats.permute(0, 2, 3, 1).reshape(-1, c)  # (B*h*w, C)
-            maps.append(nearest_distance(queries, bank_feats, self.cfg.chunk_elements).view(b, h, w))
+            maps.append(nearest_distance(queries, bank, self.cfg.chunk_elements).view(b, h, w))
         return maps
 
-    def stage_maps(
-        self, feats: Sequence[torch.Tensor], exclude: Sequence[torch.Tensor] | None = None
-    ) -> list[torch.Tensor]:
-        """Per stage (B, h, w) anomaly maps: nearest-patch distances, plus the prior when one is set."""
-        distances = self.stage_distances(feats, exclude)
+    def with_prior(self, feats: Sequence[torch.Tensor], distances: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Per stage anomaly maps: distances, plus the fused decoder's prior when one is set."""
         if self.prior is None:
             return distances
         return [d + p for d, p in zip(distances, self.prior(feats), strict=True)]
+
+    @torch.inference_mode()
+    def stage_maps(self, feats: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Per stage (B, h, w) anomaly maps of queries: against every reference, or each against its nearest."""
+        if not self.retrieval:
+            return self.with_prior(feats, self.stage_distances(feats, [bank.features for bank in self.banks]))
+        nearest = self.nearest_references(global_descriptor(feats[-1], self.cfg.descriptor_grid))
+        per_image = [
+            self.stage_distances([f[i : i + 1] for f in feats], self.bank_of(nearest[i])) for i in range(len(nearest))
+        ]
+        distances = [torch.cat([maps[stage] for maps in per_image]) for stage in range(len(feats))]
+        return self.with_prior(feats, distances)
 
     def fuse(self, stage_maps: Sequence[torch.Tensor], size: tuple[int, int]) -> np.ndarray:
         return fuse_maps(stage_maps, size, self.cfg.sigma)
@@ -168,26 +309,3 @@ def top_mean(values: np.ndarray, fraction: float) -> float:
     flat = values.ravel()
     count = max(1, int(round(flat.size * fraction)))
     return float(np.partition(flat, flat.size - count)[-count:].mean())
-
-
-def view_bank(feats: torch.Tensor, ref_index: int) -> StageBank:
-    """Bank rows for all dihedral views (V, C, h, w) of one reference."""
-    views, c, h, w = feats.shape
-    rows = feats.permute(0, 2, 3, 1).reshape(-1, c)
-    quadrants = torch.cat([quadrant_of(original_positions(h, v), h).reshape(-1) for v in range(views)])
-    return StageBank(rows, torch.full((rows.shape[0],), ref_index, dtype=torch.long), quadrants)
-
-
-def concat_banks(parts: Sequence[StageBank]) -> StageBank:
-    return StageBank(
-        torch.cat([p.features for p in parts]),
-        torch.cat([p.reference for p in parts]),
-        torch.cat([p.quadrant for p in parts]),
-    )
-
-
-def subsample(bank: StageBank, max_patches: int, generator: torch.Generator) -> StageBank:
-    if bank.features.shape[0] <= max_patches:
-        return bank
-    keep = torch.randperm(bank.features.shape[0], generator=generator)[:max_patches]
-    return StageBank(bank.features[keep], bank.reference[keep], bank.quadrant[keep])

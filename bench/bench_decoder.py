@@ -23,7 +23,6 @@ import torch
 from sklearn.metrics import roc_auc_score
 from tqdm import tqdm
 
-from anomalygpt.calibration import calibrate
 from anomalygpt.config import load_preset
 from anomalygpt.inspection import Inspector, build_inspector
 from anomalygpt.io import write_json_atomic
@@ -85,6 +84,8 @@ def elpv_cell_type(inspector: Inspector, cell: str, shots: list[int], seeds: lis
     pool = set(split.reference_pool)
     labels_all = np.array([0 if path in pool else 1 for path in cache.index])
     zero_threshold = inspector.zero_shot_calibration().image_threshold
+    fused_decoder = dataclasses.replace(preset.decoder, fusion_weight=weight)
+    fused = Inspector(inspector.backbone, dataclasses.replace(preset, decoder=fused_decoder), inspector.prior)
     result = {
         "zero_shot": {
             **image_metrics(labels_all, zero_scores),
@@ -105,8 +106,7 @@ def elpv_cell_type(inspector: Inspector, cell: str, shots: list[int], seeds: lis
                 maps = references.memory.maps_from_patches([s[batch].float() for s in cache.stages], cache.image_size)
                 memory_scores += [top_mean(m, top) for m in maps]
                 fused_scores += [top_mean(m + weight * zero[i], top) for m, i in zip(maps, batch, strict=True)]
-            references.memory.prior = inspector.prior.weighted(None, weight)  # thresholds of the fused map
-            fused_threshold = calibrate(references.memory, preset.calibration).image_threshold
+            fused_threshold = fused.fit(refs).calibration.image_threshold  # thresholds of the fused map
             memory_threshold = references.calibration.image_threshold
             result["settings"].append(
                 {

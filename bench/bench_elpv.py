@@ -95,7 +95,7 @@ def run_setting(inspector: Inspector, baseline: Inspector, split, cache, k: int,
     labels = np.array([s.label for s in test])
     scores = score_samples(references.memory, test, cache, len(inspector.backbone.stage_dims))
     flagged = scores > references.calibration.image_threshold
-    base_memory = PatchMemory.build(baseline.backbone, [load_image(p) for p in refs], BASELINE_MEMORY)
+    base_memory = PatchMemory.build(baseline.backbone, [load_image(p) for p in refs], BASELINE_MEMORY, augment=False)
     base_scores = score_samples(base_memory, test, cache, 1)
     held = score_samples(references.memory, list(split.held_out), cache, len(inspector.backbone.stage_dims))
     return {

@@ -2,41 +2,61 @@ import numpy as np
 import pytest
 from conftest import texture_crops
 
-from anomalygpt.calibration import CalibrationConfig, calibrate, held_out_maps
+from anomalygpt.calibration import CalibrationConfig, calibrate, held_out_choice, held_out_maps
 from anomalygpt.memory import MemoryConfig, PatchMemory, top_mean
+
+
+def build(backbone, images, cfg, augment=True):
+    """A memory and every reference's views, as Inspector.fit keeps them for calibration."""
+    views = {}
+    memory = PatchMemory.build(backbone, images, cfg, augment, on_reference=lambda i, v: views.__setitem__(i, v))
+    return memory, views
 
 
 @pytest.fixture(scope="module")
 def memories(small_backbone):
     cfg = MemoryConfig(max_patches=100_000)
-    return {k: PatchMemory.build(small_backbone, texture_crops(k, seed=3), cfg) for k in (1, 3)}
+    return {k: build(small_backbone, texture_crops(k, seed=3), cfg) for k in (1, 3)}
 
 
 def test_leave_one_out_scores_every_view_of_every_reference(memories):
-    maps, method = held_out_maps(memories[3])
+    maps, method = held_out_maps(*memories[3])
     assert len(maps) == 3 * 8 and maps[0].shape == (128, 128)
     assert "leave-one-out" in method
 
 
 def test_held_out_scores_are_higher_than_scores_against_the_full_memory(memories):
-    memory = memories[3]
-    held_out = [top_mean(m, memory.cfg.top_fraction) for m in held_out_maps(memory)[0][::8]]
+    memory, views = memories[3]
+    held_out = [top_mean(m, memory.cfg.top_fraction) for m in held_out_maps(memory, views)[0][::8]]
     seen = [memory.image_score(m) for m in memory.anomaly_maps(texture_crops(3, seed=3))]
     # A reference in the memory matches itself; held out, it must be matched by the others.
     assert min(held_out) > 5 * max(seen)
 
 
 def test_k1_holds_out_each_quadrant(memories):
-    maps, method = held_out_maps(memories[1])
+    maps, method = held_out_maps(*memories[1])
     assert [m.shape for m in maps] == [(64, 64)] * 4
     assert "quadrant" in method
+
+
+def test_a_pool_scores_held_out_references_like_queries_against_their_nearest_others(small_backbone):
+    images = texture_crops(6, seed=8)
+    memory, views = build(small_backbone, images, MemoryConfig(retrieve=2), augment=False)
+    chosen = held_out_choice(6, CalibrationConfig(max_held_out=4))
+    assert len(chosen) == 4 and chosen == sorted(set(chosen)) and held_out_choice(3, CalibrationConfig()) == [0, 1, 2]
+    maps, method = held_out_maps(memory, {i: views[i] for i in chosen})
+    assert len(maps) == 4 and "4 of 6 references" in method and "nearest others" in method
+    # Reference 0's map is its identity view against the bank of its two nearest other references.
+    nearest = memory.nearest_references(memory.descriptors[chosen[0] : chosen[0] + 1], exclude=chosen[0])[0]
+    expected = memory.fuse(memory.stage_distances(views[chosen[0]], memory.bank_of(nearest)), memory.image_size)
+    assert np.array_equal(maps[0], expected[0])
 
 
 @pytest.mark.parametrize("k", [1, 3])
 def test_threshold_is_mean_plus_z_spreads_of_held_out_scores(memories, k):
     cfg = CalibrationConfig(z=2.5, spread_prior=0.0, pixel_quantile=0.99)
-    cal = calibrate(memories[k], cfg)
-    scores = np.array([top_mean(m, 0.01) for m in held_out_maps(memories[k])[0]])
+    cal = calibrate(*memories[k], cfg)
+    scores = np.array([top_mean(m, 0.01) for m in held_out_maps(*memories[k])[0]])
     assert cal.n_scores == scores.size
     assert cal.normal_mean == pytest.approx(scores.mean(), rel=1e-6)
     assert cal.normal_spread == pytest.approx(scores.std(ddof=1), rel=1e-6)
@@ -47,7 +67,7 @@ def test_threshold_is_mean_plus_z_spreads_of_held_out_scores(memories, k):
 
 @pytest.mark.parametrize("k", [1, 3])
 def test_spread_floor_shrinks_with_the_number_of_references(memories, k):
-    cal = calibrate(memories[k], CalibrationConfig(z=3.0, spread_prior=10.0))
+    cal = calibrate(*memories[k], CalibrationConfig(z=3.0, spread_prior=10.0))
     floor = 10.0 / np.sqrt(k)
     assert cal.normal_spread == pytest.approx(floor * cal.normal_mean)
     assert cal.image_threshold == pytest.approx((1 + 3 * floor) * cal.normal_mean)

@@ -66,12 +66,15 @@ def test_inspection_serialises_to_json_without_the_map(inspector, references):
 def test_bad_inputs_get_clear_errors(inspector, references):
     with pytest.raises(InspectionError, match="no good reference images"):
         inspector.fit([])
-    with pytest.raises(InspectionError, match="at most 16"):
-        inspector.fit([np.zeros((32, 32, 3), np.uint8)] * 17)
+    with pytest.raises(InspectionError, match="at most 10,000"):
+        inspector.fit([np.zeros((32, 32, 3), np.uint8)] * 10_001)
     with pytest.raises(InspectionError, match="q.png: 96x64 px but the references are 128x128 px"):
         inspector.inspect(np.zeros((64, 96, 3), np.uint8), references, source="q.png")
+    crops = texture_crops(2)
     with pytest.raises(InspectionError, match="references differ in size"):
-        inspector.fit([np.zeros((64, 64, 3), np.uint8), np.zeros((64, 80, 3), np.uint8)])
+        inspector.fit([crops[0][:64, :64], crops[1][:64]])
+    with pytest.raises(InspectionError, match="reference 2: blank reference"):
+        inspector.fit([crops[0], np.zeros((128, 128, 3), np.uint8)])
 
 
 def test_confidence_words_follow_the_margin():

@@ -2,14 +2,18 @@ import numpy as np
 import pytest
 import torch
 from conftest import texture_crops, with_dark_blob
+from skimage import data
 
 from anomalygpt.memory import (
     MemoryConfig,
     PatchMemory,
     dihedral,
+    embed_patches,
+    global_descriptor,
     nearest_distance,
     original_positions,
     quadrant_of,
+    thin,
     top_mean,
 )
 
@@ -50,17 +54,55 @@ def test_top_mean_averages_the_highest_fraction():
     assert top_mean(values, 0.001) == pytest.approx(99.0)  # at least one value
 
 
+def grass_crops(n: int, size: int = 128, seed: int = 0) -> list[np.ndarray]:
+    """Good images of a second 'product': crops of skimage's grass texture."""
+    field = data.grass()
+    rng = np.random.default_rng(seed)
+    corners = rng.integers(0, field.shape[0] - size, size=(n, 2))
+    return [np.repeat(field[y : y + size, x : x + size, None], 3, axis=2) for y, x in corners]
+
+
 @pytest.fixture(scope="module")
 def memory(small_backbone):
-    return PatchMemory.build(small_backbone, texture_crops(3), MemoryConfig(max_patches=2000))
+    cfg = MemoryConfig(max_patches=2000, thinning="random")
+    return PatchMemory.build(small_backbone, texture_crops(3), cfg, augment=True)
 
 
-def test_memory_is_capped_and_tracks_each_patch_origin(memory):
-    # 3 references x 8 views x 16 x 16 stride-8 cells = 6144 > cap; stride-16: 3 x 8 x 64 = 1536 kept.
-    assert [bank.features.shape[0] for bank in memory.banks] == [2000, 1536]
-    assert set(memory.banks[1].reference.tolist()) == {0, 1, 2}
-    assert set(memory.banks[1].quadrant.tolist()) == {0, 1, 2, 3}
-    assert memory.n_references == 3 and memory.image_size == (128, 128)
+def test_each_reference_keeps_its_share_and_every_patch_knows_its_origin(memory):
+    # 3 references x 8 views x 16 x 16 stride-8 cells = 2048 per reference > 2000 // 3 = 666 kept each;
+    # stride-16: 8 x 64 = 512 per reference, all kept.
+    assert [bank.features.shape[0] for bank in memory.banks] == [3 * 666, 3 * 512]
+    assert memory.banks[1].reference.tolist() == sorted(memory.banks[1].reference.tolist())
+    assert memory.banks[1].reference.bincount().tolist() == [512, 512, 512]
+    # Every view of every cell of an 8 x 8 grid: each original position 8 times per reference.
+    assert memory.banks[1].position.bincount(minlength=64).tolist() == [3 * 8] * 64
+    assert set(memory.banks[1].quadrant(8).tolist()) == {0, 1, 2, 3}
+    assert memory.n_references == 3 and memory.image_size == (128, 128) and not memory.retrieval
+    assert memory.descriptors.shape == (3, 112 * 4 * 4)
+    assert torch.allclose(memory.descriptors.norm(dim=1), torch.ones(3))
+
+
+def test_bank_features_are_float16_exact(memory):
+    # A profile stores the banks as float16: the fitted memory must hold exactly those values.
+    for bank in memory.banks:
+        assert torch.equal(bank.features, bank.features.half().float())
+
+
+def test_coreset_thinning_covers_the_patches_better_than_a_random_subset():
+    gen = torch.Generator().manual_seed(0)
+    # Clustered points: a random subset misses the small clusters, the k-center coreset never does.
+    centres = torch.randn(20, 16, generator=gen) * 5
+    sizes = [500] + [10] * 19
+    points = torch.cat([c + 0.1 * torch.randn(n, 16, generator=gen) for c, n in zip(centres, sizes, strict=True)])
+    for method in ("coreset", "random"):
+        chosen = thin(points, 40, method, torch.Generator().manual_seed(1))
+        assert len(chosen) == 40 and chosen.tolist() == sorted(set(chosen.tolist()))
+    covering = {
+        method: torch.cdist(points, points[thin(points, 40, method, torch.Generator().manual_seed(1))]).amin(1).max()
+        for method in ("coreset", "random")
+    }
+    assert covering["coreset"] < 1.0 < covering["random"]
+    assert thin(points, 10_000, "coreset", gen).tolist() == list(range(len(points)))  # fewer rows than asked: all
 
 
 def test_a_reference_scores_near_zero_and_a_dark_blob_is_found_where_it_is(memory):
@@ -73,10 +115,45 @@ def test_a_reference_scores_near_zero_and_a_dark_blob_is_found_where_it_is(memor
     assert abs(peak_x - 96) <= 12 and abs(peak_y - 32) <= 12
 
 
+def test_nearest_rows_name_the_reference_and_place_a_patch_came_from(memory, small_backbone):
+    image = texture_crops(3)[2]
+    feats = embed_patches(small_backbone.encode([image]).patches, memory.cfg.neighbourhood)
+    queries = feats[1][0].permute(1, 2, 0).reshape(-1, feats[1].shape[1])  # (64, C) stride-16 cells, row-major
+    distance, reference, position = memory.nearest_rows(queries, stage=1)
+    assert distance.max() < 1e-3  # reference 2 is in the memory: every patch matches itself
+    assert set(reference.tolist()) == {2} and position.tolist() == list(range(64))
+    _, reference, _ = memory.nearest_rows(queries, stage=1, references=[0, 1])
+    assert set(reference.tolist()) <= {0, 1}
+
+
+@pytest.fixture(scope="module")
+def pool(small_backbone):
+    """Two products in one pool: 4 brick crops then 4 grass crops, retrieving the 2 nearest per query."""
+    cfg = MemoryConfig(max_patches=4000, retrieve=2, thinning="random")
+    return PatchMemory.build(small_backbone, texture_crops(4, seed=4) + grass_crops(4, seed=4), cfg, augment=False)
+
+
+def test_a_pool_matches_each_query_against_its_nearest_references_of_its_own_product(pool, small_backbone):
+    assert pool.retrieval and [bank.features.shape[0] for bank in pool.banks] == [8 * 256, 8 * 64]
+    brick, grass = texture_crops(1, seed=40)[0], grass_crops(1, seed=40)[0]
+    feats = embed_patches(small_backbone.encode([brick, grass]).patches, pool.cfg.neighbourhood)
+    nearest = pool.nearest_references(global_descriptor(feats[-1], pool.cfg.descriptor_grid))
+    assert set(nearest[0].tolist()) <= {0, 1, 2, 3} and set(nearest[1].tolist()) <= {4, 5, 6, 7}
+    # Retrieval scores each query exactly as a memory of its two retrieved references alone would.
+    maps = pool.stage_maps(feats)
+    alone = pool.stage_distances([f[1:] for f in feats], pool.bank_of(nearest[1]))
+    assert all(torch.equal(m[1:], a) for m, a in zip(maps, alone, strict=True))
+    assert pool.nearest_references(pool.descriptors[:1], exclude=0)[0].tolist() != [0, 0]
+    assert 0 not in pool.nearest_references(pool.descriptors[:1], exclude=0)[0].tolist()
+
+
 def test_references_must_share_one_size(small_backbone):
     with pytest.raises(ValueError, match="references differ in size"):
         PatchMemory.build(
-            small_backbone, [np.zeros((64, 64, 3), np.uint8), np.zeros((64, 80, 3), np.uint8)], MemoryConfig()
+            small_backbone,
+            [np.zeros((64, 64, 3), np.uint8), np.zeros((64, 80, 3), np.uint8)],
+            MemoryConfig(),
+            augment=False,
         )
     with pytest.raises(ValueError, match="at least one good reference"):
-        PatchMemory.build(small_backbone, [], MemoryConfig())
+        PatchMemory.build(small_backbone, [], MemoryConfig(), augment=False)

@@ -1,0 +1,241 @@
+"""Good references before they are trusted: degenerate sets, the augmentation decision, the reference-fit check.
+
+- Blank (near-constant) references are refused; the same picture under several names counts once, with a warning,
+  so a duplicated set behaves like one reference, never like a perfect one.
+- Rotation/flip augmentation is decided per product from the references alone: each reference is held out with
+  simple simulated defects drawn on it (dark and bright lines and spots), and the memory with augmentation is kept
+  only when it separates those defects from the held-out good reference better than the memory without it.
+- Every query's global descriptor is compared with the references': its distance to the nearest reference, in
+  units of the references' own nearest-neighbour distances, tells when a query looks unlike every reference.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import cv2
+import numpy as np
+import torch
+
+from anomalygpt.backbones import VisionBackbone
+from anomalygpt.memory import (
+    MemoryConfig,
+    encode_views,
+    fuse_maps,
+    global_descriptor,
+    nearest_distance,
+    top_mean,
+)
+
+BLANK_STD = 2.0  # grey levels: a reference whose pixels vary less than this shows no product
+THUMB_SIDE = 32  # duplicate check on grey thumbnails of this side
+# Root-mean-square difference of 32 px grey thumbnails (0-255) below which two references are the same picture;
+# re-encodings of one picture stay below it and distinct ELPV cells far above it (bench/bench_reference_checks.py).
+DUPLICATE_RMS = 1.0
+AUGMENT_SUBSET = 8  # references the augmentation decision holds out, at most
+# Augmentation is kept only when its separation is at least this much better (it costs 8x the indexing time).
+AUGMENT_GAIN = 1.02
+FIT_LIMIT = 3.0  # a query farther from its nearest reference than this many spreads does not fit
+FIT_SPREAD_PRIOR = 0.25  # floor of the fit spread, relative to the references' mean distance, over sqrt(k)
+
+
+class InspectionError(ValueError):
+    """The inspection cannot run on these inputs (no references, size mismatch, blank references...)."""
+
+
+@dataclass
+class ReferenceSet:
+    """The references kept after the checks, and what was said about them."""
+
+    keep: list[int]  # indices into the given references
+    warnings: list[str]
+
+
+def grey_thumbnail(image: np.ndarray) -> np.ndarray:
+    """(THUMB_SIDE, THUMB_SIDE) float32 grey thumbnail of an (H, W, 3) uint8 image."""
+    grey = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
+    return cv2.resize(grey, (THUMB_SIDE, THUMB_SIDE), interpolation=cv2.INTER_AREA).astype(np.float32)
+
+
+def check_references(images: Sequence[np.ndarray], names: Sequence[str]) -> ReferenceSet:
+    """One pass over the references: one size, none blank; one of each group of the same picture kept."""
+    thumbs: list[torch.Tensor] = []
+    size: tuple[int, int] | None = None
+    for image, name in zip(images, names, strict=True):
+        if size is not None and image.shape[:2] != size:
+            raise InspectionError(
+                f"references differ in size ({names[0]}: {size[1]}x{size[0]}, {name}: "
+                f"{image.shape[1]}x{image.shape[0]}); use references of one size"
+            )
+        size = image.shape[:2]
+        if float(image.std()) < BLANK_STD:
+            raise InspectionError(
+                f"{name}: blank reference (its pixels vary by {float(image.std()):.1f} grey levels); "
+                "references must be good images of the product"
+            )
+        thumbs.append(torch.from_numpy(grey_thumbnail(image).ravel()))
+    return unique_references(torch.stack(thumbs), names)
+
+
+def unique_references(thumbs: torch.Tensor, names: Sequence[str], block: int = 1024) -> ReferenceSet:
+    """The first of each group of the same picture (thumbnails (R, T) closer than DUPLICATE_RMS), and a warning each."""
+    first_copy = torch.full((len(thumbs),), -1, dtype=torch.long)  # earliest earlier reference it copies, or -1
+    for start in range(0, len(thumbs), block):
+        rms = torch.cdist(thumbs[start : start + block], thumbs[: start + block]) / math.sqrt(thumbs.shape[1])
+        rows = torch.arange(start, start + rms.shape[0])
+        same = (rms < DUPLICATE_RMS) & (torch.arange(rms.shape[1])[None] < rows[:, None])  # earlier ones only
+        found = same.any(dim=1)
+        first_copy[rows[found]] = same[found].float().argmax(dim=1)
+    groups: dict[int, list[int]] = {}
+    for index, original in enumerate(first_copy.tolist()):
+        if original >= 0:
+            root = original if first_copy[original] < 0 else int(first_copy[original])
+            groups.setdefault(root, []).append(index)
+    warnings = [
+        f"{len(copies) + 1} references are the same picture ({', '.join(names[i] for i in [root, *copies])}): "
+        "counted once"
+        for root, copies in groups.items()
+    ]
+    return ReferenceSet([i for i in range(len(thumbs)) if first_copy[i] < 0], warnings)
+
+
+def simulated_defects(image: np.ndarray, rng: np.random.Generator) -> list[np.ndarray]:
+    """Four copies of the image with one simple defect each: a dark line, a bright line, a dark and a bright spot."""
+    height, width = image.shape[:2]
+    side = min(height, width)
+    out = []
+    for shape, darker in (("line", True), ("line", False), ("spot", True), ("spot", False)):
+        mask = np.zeros((height, width), np.uint8)
+        cy, cx = rng.uniform(0.25, 0.75) * height, rng.uniform(0.25, 0.75) * width
+        if shape == "line":
+            angle = rng.uniform(0, np.pi)
+            half = 0.2 * side
+            dy, dx = half * np.sin(angle), half * np.cos(angle)
+            start, end = (int(cx - dx), int(cy - dy)), (int(cx + dx), int(cy + dy))
+            cv2.line(mask, start, end, 1, thickness=max(2, side // 60))
+        else:
+            cv2.circle(mask, (int(cx), int(cy)), max(3, side // 16), 1, thickness=-1)
+        grey = image.astype(np.float32)
+        target = grey * 0.4 if darker else grey + 0.6 * (255 - grey)
+        out.append(np.where(mask[..., None] > 0, target, grey).clip(0, 255).astype(np.uint8))
+    return out
+
+
+@dataclass(frozen=True)
+class AugmentationDecision:
+    augment: bool
+    reason: str  # in words, for the profile and the inspection
+    separation_on: float | None = None  # held-out defect / good score ratio with the 8 views
+    separation_off: float | None = None  # the same without them
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+@torch.inference_mode()
+def decide_augmentation(
+    backbone: VisionBackbone, images: Sequence[np.ndarray], cfg: MemoryConfig, rng: np.random.Generator
+) -> tuple[AugmentationDecision, dict[int, list[torch.Tensor]]]:
+    """The decision, and the full views of the references it encoded (index -> per stage (8, C, h, w))."""
+    if cfg.augment is not None:
+        return AugmentationDecision(cfg.augment, "set by the preset"), {}
+    if len(images) < 2:
+        return AugmentationDecision(True, "one reference: kept on (nothing to hold out)"), {}
+    subset = sorted(rng.choice(len(images), min(AUGMENT_SUBSET, len(images)), replace=False).tolist())
+    views = {i: encode_views(backbone, images[i], True, cfg.neighbourhood) for i in subset}
+    ratios: dict[bool, list[float]] = {True: [], False: []}
+    for held in subset:
+        queries = [
+            encode_views(backbone, image, False, cfg.neighbourhood) for image in simulated_defects(images[held], rng)
+        ]
+        for augment in (True, False):
+            bank = [
+                torch.cat([rows_of(views[i][s], augment) for i in subset if i != held]) for s in range(len(views[held]))
+            ]
+            good = held_out_score(views[held], bank, images[held].shape[:2], cfg)
+            ratios[augment] += [held_out_score(q, bank, images[held].shape[:2], cfg) / max(good, 1e-9) for q in queries]
+    on, off = float(np.median(ratios[True])), float(np.median(ratios[False]))
+    augment = on >= AUGMENT_GAIN * off
+    reason = (
+        f"decided from {len(subset)} references with simulated defects: defect/good score ratio "
+        f"{on:.2f} with rotations/flips, {off:.2f} without"
+    )
+    return AugmentationDecision(augment, reason, on, off), views
+
+
+def rows_of(views: torch.Tensor, augment: bool) -> torch.Tensor:
+    """(N, C) bank rows of one stage's views (V, C, h, w): every view, or the identity only."""
+    chosen = views if augment else views[:1]
+    return chosen.permute(0, 2, 3, 1).reshape(-1, chosen.shape[1])
+
+
+def held_out_score(
+    views: list[torch.Tensor], bank: list[torch.Tensor], size: tuple[int, int], cfg: MemoryConfig
+) -> float:
+    """Image score of an image's identity view (per stage (V, C, h, w)) against per-stage bank rows."""
+    stage_maps = []
+    for feats, rows in zip(views, bank, strict=True):
+        _, c, h, w = feats.shape
+        queries = feats[:1].permute(0, 2, 3, 1).reshape(-1, c)
+        stage_maps.append(nearest_distance(queries, rows, cfg.chunk_elements).view(1, h, w))
+    return top_mean(fuse_maps(stage_maps, size, cfg.sigma)[0], cfg.top_fraction)
+
+
+@dataclass(frozen=True)
+class FitStatistics:
+    """How far good references lie from their nearest other reference (global descriptors, cosine distance)."""
+
+    mean: float
+    spread: float  # std with a floor: the unit of a query's fit
+    n: int  # references the statistics come from (0: one reference, nothing to compare)
+
+    def to_dict(self) -> dict[str, float | int]:
+        return asdict(self)
+
+
+def fit_statistics(descriptors: torch.Tensor) -> FitStatistics:
+    """Nearest-other-reference distances of (R, D) unit descriptors, with a floor on their spread."""
+    n = descriptors.shape[0]
+    if n < 2:
+        return FitStatistics(0.0, 0.0, 0)
+    distance = 1.0 - descriptors @ descriptors.T
+    distance.fill_diagonal_(math.inf)
+    nearest = distance.amin(dim=1).clamp_min(0.0).double()
+    mean = float(nearest.mean())
+    std = float(nearest.std()) if n > 2 else 0.0
+    spread = max(std, FIT_SPREAD_PRIOR * mean / math.sqrt(n), 1e-6)
+    return FitStatistics(mean, spread, n)
+
+
+def reference_fit(
+    descriptor: torch.Tensor, references: torch.Tensor, stats: FitStatistics, names: Sequence[str], shown: int = 3
+) -> dict[str, object]:
+    """How well one query descriptor (D,) matches the references (R, D): distance, units, fits, nearest names."""
+    distance = (1.0 - references @ descriptor).clamp_min(0.0)  # (R,)
+    order = distance.argsort()[:shown].tolist()
+    nearest = float(distance[order[0]])
+    units = None if stats.n == 0 else (nearest - stats.mean) / stats.spread
+    return {
+        "distance": round(nearest, 5),
+        "units": None if units is None else round(units, 2),
+        "fits": None if units is None else bool(units <= FIT_LIMIT),
+        "nearest": [names[i] for i in order],
+    }
+
+
+def fit_warning(fit: dict[str, object]) -> str | None:
+    """The one-line warning for a query that does not fit its references, else None."""
+    if fit["fits"] is not False:
+        return None
+    return (
+        f"the image does not look like the good references (its nearest reference is {fit['units']:+.1f} spreads "
+        f"farther than the references are from each other): another product, design or lighting? "
+        "The verdict compares it with references that do not fit"
+    )
+
+
+def descriptor_of(feats: Sequence[torch.Tensor], cfg: MemoryConfig) -> torch.Tensor:
+    """(B, D) global descriptors from embedded per-stage features (the last stage)."""
+    return global_descriptor(feats[-1], cfg.descriptor_grid)
