@@ -95,6 +95,8 @@ FOCUS_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
         ("smallest", r"\b(smallest|tiniest|least)\b"),
     )
 )
+ORDINAL = re.compile(r"\b(second|third|fourth|fifth)\s+(one|region|defect|anomaly|area|spot)\b", re.IGNORECASE)
+ORDINALS = ("second", "third", "fourth", "fifth")  # "first" is the biggest: a focus word
 REGION_NUMBER = re.compile(r"\b(?:region|area|spot|defect|anomaly|box|number|no\.?|#)\s*#?(\d+)\b", re.IGNORECASE)
 # Places a question may name, longest first; sides stand for their three grid cells (guard.place_locations).
 PLACE_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
@@ -201,6 +203,9 @@ def question_focus(text: str) -> str | int | None:
     number = REGION_NUMBER.search(text)
     if number is not None:
         return int(number.group(1))
+    ordinal = ORDINAL.search(text)
+    if ordinal is not None:
+        return ORDINALS.index(ordinal.group(1).lower()) + 2
     return next((focus for focus, pattern in FOCUS_PATTERNS if pattern.search(text)), None)
 
 

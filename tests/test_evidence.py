@@ -1,0 +1,65 @@
+"""Evidence against the good references, on the real 64 px backbone: the matched reference and place, the shade."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from conftest import texture_crops, with_dark_blob
+
+from anomalygpt.backbones import BackboneConfig
+from anomalygpt.config import Preset
+from anomalygpt.evidence import EvidenceIndex, crop, luma, region_evidence, region_masks, searched
+from anomalygpt.inspection import build_inspector
+from anomalygpt.memory import MemoryConfig
+
+
+@pytest.fixture(scope="module")
+def case() -> dict[str, object]:
+    inspector = build_inspector(
+        Preset(name="t", backbone=BackboneConfig(image_size=64), memory=MemoryConfig(augment=False))
+    )
+    references = texture_crops(3, size=64, seed=11)
+    query = with_dark_blob(references[1], center=(44, 20), radius=9)  # reference 2 with a dark spot, top right
+    fitted = inspector.fit(references)
+    inspection = inspector.inspect(query, fitted)
+    index = EvidenceIndex.build(fitted, references)
+    patches = list(inspector.backbone.encode([query]).patches)
+    evidence = region_evidence(query, inspection, index, patches)
+    return {"inspection": inspection, "evidence": evidence, "query": query, "references": references}
+
+
+def test_the_region_matches_the_reference_it_was_cut_from_at_its_own_place(case: dict[str, object]) -> None:
+    inspection, evidence = case["inspection"], case["evidence"]
+    assert inspection.is_anomalous and inspection.regions  # type: ignore[attr-defined]
+    region = inspection.regions[0]  # type: ignore[attr-defined]
+    found = evidence[0]  # type: ignore[index]
+    assert found.region == region.index == 1 and found.reference == 1 and found.reference_name == "reference 2"
+    assert found.box == region.box and found.location == region.location and found.similarity > 0.5
+    # the matched place is the spot's own place in reference 2: the difference is the spot's, pixel for pixel
+    x0, y0, x1, y1 = region.box
+    mask = region_masks(inspection)[1]  # type: ignore[arg-type]
+    assert int(mask.sum()) == region.area_px
+    query, good = luma(case["query"])[y0:y1, x0:x1], luma(case["references"][1])[y0:y1, x0:x1]  # type: ignore[index]
+    assert found.difference == pytest.approx(float((query - good)[mask].mean()))
+    assert found.difference < -10 and found.query_mean < found.reference_mean  # the spot is darker than the brick
+    assert json.loads(json.dumps(found.to_dict()))["box"] == list(found.box)
+
+
+def test_crops_and_the_searched_references() -> None:
+    image = np.arange(100, dtype=np.uint8).reshape(10, 10)
+    assert crop(image, (2, 3, 5, 6)).shape == (3, 3) and crop(image, (0, 0, 2, 2), pad=3).shape == (5, 5)
+    assert searched(4) == [0, 1, 2, 3]
+    many = searched(1000)
+    assert len(many) == 16 and many[0] == 0 and many[-1] == 999
+
+
+def test_the_images_must_match_the_references(case: dict[str, object]) -> None:
+    inspector = build_inspector(
+        Preset(name="t", backbone=BackboneConfig(image_size=64), memory=MemoryConfig(augment=False))
+    )
+    references = texture_crops(2, size=64, seed=11)
+    fitted = inspector.fit(references)
+    with pytest.raises(ValueError, match="1 images for 2 references"):
+        EvidenceIndex.build(fitted, references[:1])

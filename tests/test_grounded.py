@@ -1,0 +1,113 @@
+"""Grounded answers: defect types (validation, preset parsing, which fit), focus, warnings first."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from chat_cases import LOW, MANY, NORMAL
+
+from anomalygpt.assistant import AssistantConfig
+from anomalygpt.config import load_preset
+from anomalygpt.grounded import (
+    CONTRASTS,
+    GENERIC_DEFECT_TYPES,
+    SHAPES,
+    SIZES,
+    DefectType,
+    Grounds,
+    answer_text,
+    fitting_types,
+    most_severe,
+    preamble,
+)
+from anomalygpt.guard import read_question
+
+
+def test_every_descriptor_combination_fits_a_generic_family() -> None:
+    region = MANY.regions[0]
+    for shape, contrast, size in itertools.product(SHAPES, CONTRASTS, SIZES):
+        probe = replace(region, shape=shape, contrast=contrast, size=size)
+        assert fitting_types(probe, MANY.image_size), (shape, contrast, size)
+    line = replace(region, shape="elongated", contrast="darker")
+    assert [kind.name for kind in fitting_types(line, MANY.image_size)][:2] == ["crack", "scratch"]
+    blob = replace(region, shape="compact", contrast="darker", size="large")
+    assert "dead area" in [kind.name for kind in fitting_types(blob, MANY.image_size)]
+
+
+def test_product_types_come_first_and_generic_ones_only_when_none_fits() -> None:
+    region = MANY.regions[0]  # compact, darker, medium, top left (5 px from the borders: near the edge)
+    assert region.shape == "compact" and region.contrast == "darker"
+    own = (
+        DefectType("dark area", "an inactive part", ("compact",), ("darker",)),
+        DefectType("hot spot", "", (), ("brighter",)),
+    )
+    assert [kind.name for kind in fitting_types(region, MANY.image_size, own)] == ["dark area"]
+    alien = (DefectType("hot spot", "", (), ("brighter",)),)
+    assert fitting_types(region, MANY.image_size, alien) == fitting_types(region, MANY.image_size)
+    answer = answer_text(read_question("What kind of defect could it be?"), Grounds(MANY, defect_types=own))
+    assert answer.startswith("Region 1 in the top left (medium, compact, darker than its surroundings")
+    assert "dark area (an inactive part)" in answer and "hot spot" not in answer
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"name": ""}, "must be non-empty"),
+        ({"name": "crack; or not"}, "without"),
+        ({"name": "x", "shapes": ["round"]}, "unknown shapes \\['round'\\]"),
+        ({"name": "x", "contrasts": ["dim"]}, "unknown contrasts"),
+        ({"name": "x", "sizes": ["huge"]}, "unknown sizes"),
+        ({"name": "x", "positions": ["corner"]}, "unknown positions"),
+    ],
+)
+def test_defect_types_are_validated(fields: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        DefectType(**{key: tuple(v) if isinstance(v, list) else v for key, v in fields.items()})  # type: ignore[arg-type]
+
+
+def test_a_preset_names_defect_types(tmp_path: Path) -> None:
+    kinds = [
+        {"name": "crack", "description": "a dark line", "shapes": ["elongated"], "contrasts": ["darker"]},
+        {"name": "dark area", "contrasts": ["darker"], "sizes": ["medium", "large"]},
+    ]
+    path = tmp_path / "solar.json"
+    path.write_text(json.dumps({"name": "solar", "assistant": {"defect_types": kinds}}))
+    preset = load_preset(str(path))
+    assert preset.assistant.defect_types == (
+        DefectType("crack", "a dark line", ("elongated",), ("darker",)),
+        DefectType("dark area", "", (), ("darker",), ("medium", "large")),
+    )
+    path.write_text(json.dumps({"name": "solar", "assistant": {"defect_types": [{"name": "x", "shapes": ["oval"]}]}}))
+    with pytest.raises(ValueError, match="unknown shapes"):
+        load_preset(str(path))
+    with pytest.raises(ValueError, match="names must be unique"):
+        AssistantConfig(defect_types=(DefectType("crack"), DefectType("Crack")))
+
+
+def test_a_focused_question_is_about_one_region() -> None:
+    grounds = Grounds(MANY)
+    severe = most_severe(MANY.regions)
+    assert severe.index == 2  # the highest peak, not the biggest
+    assert answer_text(read_question("Which is the most severe?"), grounds).startswith(
+        "The most severe is region 2 in the top right: its peak score, 1.0000, is the highest of all regions"
+    )
+    assert answer_text(read_question("How large is the biggest one?"), grounds) == (
+        "The biggest anomalous region (region 1) in the top left is medium: it covers 1.8% of the image."
+    )
+    assert "numbered as regions 1 to 3" in answer_text(read_question("Where is region 7?"), grounds)
+
+
+def test_warnings_and_low_confidence_come_first_in_every_kind() -> None:
+    opening = " ".join(preamble(LOW))
+    assert opening.startswith("Warning: the references do not fit this image. Note: my confidence in this verdict")
+    for text in ("Is there a defect?", "Where is it?", "What should I do next?", "Compare it with the references."):
+        assert answer_text(read_question(text), Grounds(LOW)).startswith(opening + " "), text
+    assert preamble(NORMAL) == [] and preamble(MANY) == []
+
+
+def test_generic_types_are_valid() -> None:
+    assert len({kind.name for kind in GENERIC_DEFECT_TYPES}) == len(GENERIC_DEFECT_TYPES)
