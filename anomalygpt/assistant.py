@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     from anomalygpt.config import Preset
-    from anomalygpt.evidence import EvidenceIndex, RegionEvidence
+    from anomalygpt.evidence import EvidenceSource, RegionEvidence
     from anomalygpt.inspection import Inspection, Inspector, References
 
 IMAGE_PLACEHOLDER = "<|anomalygpt_image|>"  # one token per visual embedding; added to the tokenizer as special
@@ -490,8 +490,7 @@ class ChatSession:
         self.check = assistant.cfg.check_claims if check is None else check
         self.references: References | None = None
         self.reference_sources: list[str] = []
-        self.reference_pixels: dict[str, np.ndarray] = {}  # by the name References gives each reference
-        self.evidence_index: EvidenceIndex | None = None  # the references' features for evidence, built on need
+        self.evidence_source: EvidenceSource | None = None  # the references' pixels and features for evidence
         self.context: ImageContext | None = None
         self.history: list[Turn] = []
         self.checks = CheckTally()  # the claim checker's work over this session
@@ -504,14 +503,17 @@ class ChatSession:
 
     def set_references(self, images: Sequence[ImageSource], sources: Sequence[str] | None = None) -> None:
         """Index new good references; a shown image is inspected again (a new inspection, history cleared)."""
+        from anomalygpt.evidence import EvidenceSource
         from anomalygpt.inspection import reference_name
 
         self.references = self.inspector.fit(images, self.class_name)
         self.reference_sources = (
             list(sources) if sources is not None else [f"reference {i + 1}" for i in range(len(images))]
         )
-        self.reference_pixels = {reference_name(image, i): load_image(image) for i, image in enumerate(images)}
-        self.evidence_index = None
+        names = [reference_name(image, i) for i, image in enumerate(images)]
+        pixels = {name: load_image(image) for name, image in zip(names, images, strict=True)}
+        labels = dict(zip(names, self.reference_sources, strict=True))
+        self.evidence_source = EvidenceSource(self.references, pixels, labels)
         if self.context is not None:
             encoded = (self.context.embedding, self.context.patches or [])
             self.context = self._context(self.context.pixels, self.context.source, encoded)
@@ -540,17 +542,11 @@ class ChatSession:
     def evidence(self) -> list[RegionEvidence] | None:
         """Per region, the good reference and place that match it best (computed once per image; the references'
         features once per reference set); None without references."""
-        from anomalygpt.evidence import EvidenceIndex, region_evidence
-
-        context, references = self.context, self.references
-        if context is None or references is None:
+        context = self.context
+        if context is None or self.evidence_source is None:
             return None
         if context.evidence is None:
-            if self.evidence_index is None:
-                images = [self.reference_pixels[name] for name in references.names]
-                self.evidence_index = EvidenceIndex.build(references, images)
-            patches = context.patches or list(self.inspector.backbone.encode([context.pixels]).patches)
-            context.evidence = region_evidence(context.pixels, context.inspection, self.evidence_index, patches)
+            context.evidence = self.evidence_source.evidence(context.pixels, context.inspection, context.patches)
         return context.evidence
 
     def reset(self) -> None:
@@ -599,6 +595,7 @@ class ChatSession:
             "references": self.reference_sources,
             "class_name": self.class_name,
             "preset": self.assistant.preset.name,
+            "answerer": "llm",
             "inspection": None if context is None else context.inspection.to_dict(),
             "evidence": None
             if context is None or context.evidence is None

@@ -13,7 +13,7 @@ large pool it looks at MAX_REFERENCES of them, evenly spaced.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -69,17 +69,50 @@ class EvidenceIndex:
     neighbourhood: int  # the memory's patch neighbourhood, so queries are embedded alike
 
     @classmethod
-    def build(cls, references: References, reference_images: Sequence[np.ndarray]) -> EvidenceIndex:
-        """reference_images: one per `references.names`, in that order (the pixels the good crops come from)."""
+    def build(
+        cls, references: References, reference_images: Sequence[np.ndarray], labels: Sequence[str] | None = None
+    ) -> EvidenceIndex:
+        """reference_images: one per `references.names`, in that order (the pixels the good crops come from);
+        labels: how answers name them (default: the names), shown as file names."""
         if len(reference_images) != len(references.names):
             raise ValueError(f"evidence: {len(reference_images)} images for {len(references.names)} references")
         memory = references.memory
         chosen = searched(len(reference_images))
         images = [reference_images[i] for i in chosen]
         features = query_features(memory.backbone.encode(images).patches, memory.cfg.neighbourhood)
-        names = tuple(Path(references.names[i]).name for i in chosen)
+        labels = list(labels) if labels is not None else list(references.names)
+        names = tuple(Path(labels[i]).name for i in chosen)
         greys = tuple(luma(image) for image in images)
         return cls(features, greys, tuple(chosen), names, memory.cfg.neighbourhood)
+
+
+class EvidenceSource:
+    """Evidence for any query against one reference set; the references' index is built on first need."""
+
+    def __init__(
+        self,
+        references: References,
+        images_by_name: Mapping[str, np.ndarray],
+        labels_by_name: Mapping[str, str] | None = None,
+    ) -> None:
+        self.references = references
+        self.images_by_name = images_by_name  # the reference pixels, by the name References gives each
+        self.labels_by_name = labels_by_name or {}  # how answers name a reference (its file), by the same names
+        self.index: EvidenceIndex | None = None
+
+    def evidence(
+        self, pixels: np.ndarray, inspection: Inspection, patches: Sequence[torch.Tensor] | None = None
+    ) -> list[RegionEvidence]:
+        """Per region, its best good match; `patches` (the query's raw backbone patches) saves an encoding."""
+        if not inspection.regions:
+            return []
+        if self.index is None:
+            names = self.references.names
+            labels = [self.labels_by_name.get(name, name) for name in names]
+            self.index = EvidenceIndex.build(self.references, [self.images_by_name[name] for name in names], labels)
+        if patches is None:
+            patches = list(self.references.memory.backbone.encode([pixels]).patches)
+        return region_evidence(pixels, inspection, self.index, patches)
 
 
 def query_features(patches: Sequence[torch.Tensor], neighbourhood: int) -> torch.Tensor:

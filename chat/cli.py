@@ -1,18 +1,29 @@
 """`anomalygpt chat IMAGE [--ref GOOD...]`: inspect an image, then talk about it in the terminal.
 
 With --ask (repeatable) each question is answered in turn and the command exits; without, it is a REPL.
-Exit codes: 0 done, 2 bad input (the image, a reference, the preset, or a refused --ask question).
+--answerer llm (default) answers with the preset's LLM assistant, grounded with templates and no language model;
+--json prints nothing but one JSON document at the end: inspection, evidence, transcript and the claim checker's
+tally. Exit codes: 0 done, 2 bad input (the image, a reference, the preset, or a refused --ask question).
 """
 
 from __future__ import annotations
 
+import io
+import json
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from anomalygpt.cli import MAX_REFERENCES, CliParser, UsageError, check_sensitivity, one_line
 from anomalygpt.io import list_images, load_image
+from chat.answerers import CHAT_ANSWERERS
 from chat.terminal import PROG, Terminal, interactive_lines
+
+if TYPE_CHECKING:
+    from anomalygpt.assistant import ChatSession
+    from anomalygpt.config import Preset
+    from chat.session import AnswererSession
 
 
 @dataclass(frozen=True)
@@ -23,6 +34,8 @@ class ChatOptions:
     class_name: str | None
     questions: list[str]  # --ask, in order; empty: the REPL
     sensitivity: float
+    answerer: str = "llm"  # one of chat.answerers.CHAT_ANSWERERS
+    as_json: bool = False  # print one JSON document at the end instead of the conversation
 
 
 def build_parser() -> CliParser:
@@ -45,6 +58,15 @@ def build_parser() -> CliParser:
         "--ask", action="append", default=[], metavar="QUESTION", help="ask, print the answer and exit (repeatable)"
     )
     parser.add_argument("--sensitivity", type=float, default=0.0, help="-5 to 5 normal spreads; > 0: more alarms")
+    parser.add_argument(
+        "--answerer",
+        choices=CHAT_ANSWERERS,
+        default="llm",
+        help="llm: the preset's LLM assistant (grounded opening, checked sentences); grounded: templates, no LLM",
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="print only the transcript and inspection as one JSON document at the end"
+    )
     return parser
 
 
@@ -53,18 +75,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(None if argv is None else list(argv))
     except SystemExit as stop:
         return stop.code if isinstance(stop.code, int) else 0 if stop.code is None else 2
-    options = ChatOptions(args.image, list(args.ref), args.preset, args.class_name, list(args.ask), args.sensitivity)
+    options = ChatOptions(
+        args.image,
+        list(args.ref),
+        args.preset,
+        args.class_name,
+        list(args.ask),
+        args.sensitivity,
+        args.answerer,
+        args.json,
+    )
     try:
         terminal = open_terminal(options)
     except (ValueError, OSError) as error:  # ImageError, InspectionError, ConfigError, WeightsError...
         print(f"{PROG}: error: {one_line(str(error))}", file=sys.stderr)
         return 2
+    if options.as_json:
+        terminal.out = io.StringIO()  # the conversation is in the JSON document
     terminal.show_facts()
     if options.questions:
         answered = [terminal.ask(question) for question in options.questions]
-        return 0 if all(answered) else 2
-    print("Ask about the image; /help lists the commands.", file=sys.stdout, flush=True)
-    return terminal.run(interactive_lines())
+        code = 0 if all(answered) else 2
+    else:
+        if not options.as_json:
+            print("Ask about the image; /help lists the commands.", file=sys.stdout, flush=True)
+        code = terminal.run(interactive_lines())
+    if options.as_json:
+        print(json.dumps(terminal.session.to_dict(), indent=1, allow_nan=False), flush=True)
+    return code
 
 
 def open_terminal(options: ChatOptions) -> Terminal:
@@ -75,18 +113,31 @@ def open_terminal(options: ChatOptions) -> Terminal:
     if len(references) > MAX_REFERENCES:
         raise UsageError(f"--ref: {len(references)} images given; at most {MAX_REFERENCES} are supported")
     reference_images = [load_image(path) for path in references]
-    from anomalygpt.assistant import ChatSession, build_assistant  # torch and transformers: after the checks
-    from anomalygpt.config import load_preset
+    from anomalygpt.config import load_preset  # torch and transformers: after the checks
 
     preset = load_preset(options.preset)
+    session = chat_session(preset, options)
+    if reference_images:
+        session.set_references(reference_images, [str(path) for path in references])
+    session.show(image, source=options.image)
+    return Terminal(session)
+
+
+def chat_session(preset: Preset, options: ChatOptions) -> ChatSession | AnswererSession:
+    """The LLM assistant's session, or the grounded answerer's (no language model is loaded)."""
+    from anomalygpt.assistant import ChatSession, build_assistant
+
+    if options.answerer == "grounded":
+        from anomalygpt.inspection import build_inspector
+        from chat.answerers import GroundedAnswerer
+        from chat.session import AnswererSession
+
+        answerer = GroundedAnswerer(preset.assistant.defect_types)
+        return AnswererSession(build_inspector(preset), answerer, options.class_name, options.sensitivity)
     if not preset.assistant.weights:
         print(
             f"{PROG}: note: preset {preset.name!r} names no trained assistant weights; answers come from untrained "
             "parts (the verdict is still the detector's)",
             file=sys.stderr,
         )
-    session = ChatSession(build_assistant(preset), options.class_name, options.sensitivity)
-    if reference_images:
-        session.set_references(reference_images, [str(path) for path in references])
-    session.show(image, source=options.image)
-    return Terminal(session)
+    return ChatSession(build_assistant(preset), options.class_name, options.sensitivity)

@@ -11,6 +11,7 @@ from typing import TextIO
 from anomalygpt.assistant import ChatSession
 from anomalygpt.cli import MAX_REFERENCES, one_line
 from anomalygpt.io import list_images, load_image, write_json_atomic
+from chat.session import AnswererSession
 
 PROG = "anomalygpt chat"
 HELP = """Ask anything about the image, or:
@@ -27,7 +28,9 @@ INPUT_ERRORS = (ValueError, OSError)
 class Terminal:
     """Reads questions and commands, prints streamed answers; errors never end the session."""
 
-    def __init__(self, session: ChatSession, out: TextIO | None = None, err: TextIO | None = None) -> None:
+    def __init__(
+        self, session: ChatSession | AnswererSession, out: TextIO | None = None, err: TextIO | None = None
+    ) -> None:
         self.session = session
         self.out = out if out is not None else sys.stdout
         self.err = err if err is not None else sys.stderr

@@ -45,11 +45,39 @@ def test_ask_prints_the_facts_and_each_answer(files: dict[str, Path], capsys: py
     assert code == 2  # one question was refused; the others were answered
     assert "Verdict for brick: ANOMALOUS" in out and "bottom right" in out
     answers = [line for line in out.splitlines() if line.startswith("A: ")]
-    assert len(answers) == 2 and answers[0].startswith("A: Yes")  # the guard: the detector said anomalous
+    assert len(answers) == 2 and "Yes: the image is anomalous" in answers[0]  # the detector said anomalous
     assert out.count("Q: ") == 2 and "Q: Where is it?" in out
     lines = err.strip().splitlines()
     assert lines[-1] == "anomalygpt chat: error: empty question: type a question about the image"
     assert "note: preset 'tiny' names no trained assistant weights" in err
+
+
+def test_grounded_answers_as_json(files: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    questions = ["Where is it?", "Compare it with the good references.", "What kind of defect could it be?"]
+    argv = [str(files["bad"]), "--ref", *refs(files), "--preset", str(files["preset"]), "--answerer", "grounded"]
+    assert main([*argv, "--json", *(part for q in questions for part in ("--ask", q))]) == 0
+    out, err = capsys.readouterr()
+    record = json.loads(out)  # nothing but the one document on stdout
+    assert "note: preset" not in err  # no language model was loaded
+    assert record["answerer"] == "grounded" and record["image"] == str(files["bad"])
+    inspection = record["inspection"]
+    assert inspection["verdict"] == "anomalous" and [m["content"] for m in record["transcript"][::2]] == questions
+    (found,) = record["evidence"]  # one region, matched against one of the references
+    assert found["region"] == 1 and found["reference_name"] in [Path(r).name for r in refs(files)]
+    compare = record["transcript"][3]["content"]
+    assert f"matches reference {found['reference'] + 1} ({found['reference_name']})" in compare
+    assert "bottom right" in record["transcript"][1]["content"]
+    assert record["checks"] == {"answers": 3, "fired": 0, "paths": {}, "facts": {}}
+
+
+def test_llm_answers_as_json(files: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    argv = [str(files["bad"]), "--ref", *refs(files), "--preset", str(files["preset"]), "--json"]
+    assert main([*argv, "--ask", "How many defects are there?"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["answerer"] == "llm" and len(record["transcript"]) == 2
+    said = record["transcript"][1]
+    assert "There is 1 anomalous region" in said["content"] and said["guarded"] and not said["contradicts"]
+    assert set(said["checks"]) == {"sentences", "paths", "facts", "repairs", "raw"}
 
 
 def test_bad_start_inputs_are_one_line(files: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
@@ -100,7 +128,7 @@ def test_repl_commands_and_save(session: ChatSession, files: dict[str, Path], tm
     assert err == ""
     assert out.count("Verdict for the product: ANOMALOUS") == 1 and out.count("NORMAL (no defect found)") == 1
     answers = [line for line in out.splitlines() if line.startswith("A: ")]
-    assert len(answers) == 3 and answers[0].startswith("A: Yes") and answers[2].startswith("A: No")
+    assert len(answers) == 3 and "Yes: the image is anomalous" in answers[0] and "No: the image is normal" in answers[2]
     assert f"saved {saved}" in out and "conversation cleared" in out and "/ref PATH..." in out
     assert "Never read" not in out
     record = json.loads(saved.read_text())
@@ -146,7 +174,7 @@ def test_repl_bad_input_is_one_line_and_the_session_goes_on(
     for line, message in zip(errors, expected, strict=True):
         assert message in line, line
     assert session.inspection.source == str(files["bad"])  # the failed /image commands changed nothing
-    assert out.splitlines()[-1].startswith("A: Yes")
+    assert out.splitlines()[-1].startswith("A: ") and "Yes: the image is anomalous" in out.splitlines()[-1]
 
 
 def test_new_references_re_inspect_the_image(session: ChatSession, files: dict[str, Path]) -> None:
