@@ -2,25 +2,34 @@
 
 Indexes 4 good cells as references, inspects a few good and defective cells of the same type with thresholds
 from the references alone, writes an overlay, a JSON record and a map per cell plus a summary, and prints the
-verdict table beside the dataset's own labels, then a scripted two-turn chat about a flagged cell: the LLM
-assistant when the preset ships trained assistant weights (the first run converts the offline LLM once), the
-grounded template answers otherwise. ELPV images are read from the installed package, never copied.
+verdict table beside the dataset's own labels, then a scripted chat about a flagged cell: the LLM assistant when
+the preset ships trained assistant weights (the first run converts the offline LLM once), the grounded template
+answers otherwise; the chat (questions, answers, the claim checker's reports, the evidence) is saved as chat.json
+in --out. Only odd-numbered cells are used (ELPV's development half). ELPV images are read from the installed
+package, never copied.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
+import numpy as np
+
+from anomalygpt.claims import CheckReport
 from anomalygpt.cli import verdict_table, write_outputs
-from anomalygpt.inspection import build_inspector
+from anomalygpt.evidence import EvidenceSource, RegionEvidence
+from anomalygpt.inspection import Inspection, build_inspector, reference_name
 from anomalygpt.io import load_image, write_json_atomic
-from chat.answerers import ANSWERER_CHOICES, AnswererError, GroundedAnswerer, load_answerer
-from eval.datasets import draw_shots, load_split
+from chat.answerers import ANSWERER_CHOICES, Answerer, AnswererError, GroundedAnswerer, load_answerer
+from eval.datasets import CategorySplit, draw_shots, load_split
 
-DEMO_QUESTIONS = ("Is there any defect in this cell?", "Where is it, and how large?")
+DEMO_QUESTIONS = ("Is there any defect in this cell?", "Where is it, and how large?", "Compare it with the good cells.")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,7 +55,7 @@ def main(argv: list[str]) -> int:
         return 2
     start = time.perf_counter()
     inspector = build_inspector(args.preset)
-    refs, test = draw_shots(load_split("elpv", None, args.cell_type), k=4, seed=args.seed)
+    refs, test = draw_shots(development_half(load_split("elpv", None, args.cell_type)), k=4, seed=args.seed)
     queries = [s for s in test if s.label == 0][: args.per_class] + [s for s in test if s.label == 1][: args.per_class]
     print(f"Indexing 4 good {args.cell_type} cells as references ...", flush=True)
     references = inspector.fit(refs)
@@ -70,25 +79,60 @@ def main(argv: list[str]) -> int:
     print(f"Verdicts agree with the labels on {agree} of {len(records)} cells.")
     first = next((n for n, inspection in enumerate(inspections) if inspection.is_anomalous), None)
     if first is not None:
-        flagged, image, turns = inspections[first], images[first], []
-        print(f"\nWhat the assistant is told about {flagged.source}:\n{flagged.facts()}")
         try:
             answerer = load_answerer(inspector.preset, args.answerer, inspector)
         except AnswererError as error:
             print(f"anomalygpt demo: error: {error}", file=sys.stderr)
             return 1
-        who = "template answers" if isinstance(answerer, GroundedAnswerer) else "LLM assistant"
-        print(f"\nA scripted chat about {flagged.source} ({who}, grounded in the inspection):")
-        for question in DEMO_QUESTIONS:
-            print(f"  operator: {question}\n  assistant: ", end="", flush=True)
-            pieces = []
-            for piece in answerer.stream(question, turns, flagged, image):
-                print(piece, end="", flush=True)
-                pieces.append(piece)
-            print()
-            turns.append((question, "".join(pieces).strip()))
+        flagged, image = inspections[first], images[first]
+        pixels = {reference_name(ref, i): load_image(ref) for i, ref in enumerate(refs)}
+        evidence = EvidenceSource(references, pixels)
+        chat = scripted_chat(answerer, flagged, image, evidence.evidence(image, flagged))
+        write_json_atomic(args.out / "chat.json", chat)
     write_json_atomic(args.out / "summary.json", {"references": [str(p) for p in refs], "records": records})
-    print(f"\nOverlays, maps and JSON records: {args.out}/  ({time.perf_counter() - start:.0f} s)")
+    print(f"\nOverlays, maps, JSON records and the chat: {args.out}/  ({time.perf_counter() - start:.0f} s)")
     print("Next: .venv/bin/anomalygpt detect QUERY... --ref GOOD... --out DIR   (see README.md)")
     print("Web app: .venv/bin/anomalygpt ui   then open http://127.0.0.1:7860 in a browser")
     return 0
+
+
+def development_half(split: CategorySplit) -> CategorySplit:
+    """The split with odd-numbered ELPV cells only: the even ones are kept for the test figures."""
+
+    def odd(path: Path) -> bool:
+        digits = re.findall(r"\d+", path.stem)
+        return bool(digits) and int(digits[-1]) % 2 == 1
+
+    return replace(
+        split,
+        reference_pool=tuple(p for p in split.reference_pool if odd(p)),
+        test=tuple(s for s in split.test if odd(s.path)),
+        held_out=tuple(s for s in split.held_out if odd(s.path)),
+    )
+
+
+def scripted_chat(
+    answerer: Answerer, flagged: Inspection, image: np.ndarray, evidence: list[RegionEvidence]
+) -> dict[str, Any]:
+    """Ask DEMO_QUESTIONS about the flagged cell, printing the streamed answers; the chat as a JSON record."""
+    who = "template answers" if isinstance(answerer, GroundedAnswerer) else "LLM assistant"
+    print(f"\nWhat the assistant is told about {flagged.source}:\n{flagged.facts()}")
+    print(f"\nA scripted chat about {flagged.source} ({who}, grounded in the inspection):")
+    turns: list[tuple[str, str]] = []
+    reports: list[CheckReport] = []
+    for question in DEMO_QUESTIONS:
+        print(f"  operator: {question}\n  assistant: ", end="", flush=True)
+        pieces = []
+        for piece in answerer.stream(question, turns, flagged, image, evidence=evidence, on_report=reports.append):
+            print(piece, end="", flush=True)
+            pieces.append(piece)
+        print()
+        turns.append((question, "".join(pieces).strip()))
+    return {
+        "image": flagged.source,
+        "answerer": who,
+        "inspection": flagged.to_dict(),
+        "evidence": [item.to_dict() for item in evidence],
+        "transcript": [{"question": q, "answer": a} for q, a in turns],
+        "checks": [report.to_dict() for report in reports],
+    }

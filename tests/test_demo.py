@@ -10,7 +10,7 @@ class ScriptedAnswerer:
     def __init__(self):
         self.calls = []
 
-    def stream(self, question, history, inspection, image):
+    def stream(self, question, history, inspection, image, evidence=None, on_report=None):
         self.calls.append((question, list(history), inspection, image.shape))
         yield f"Answer {len(self.calls)} "
         yield f"about {inspection.source}."
@@ -41,13 +41,24 @@ def test_demo_inspects_real_elpv_cells_and_writes_overlays(tmp_path, capsys, mon
     first_answer = f"Answer 1 about {flagged['source']}."
     assert answerer.calls[0][1] == [] and answerer.calls[1][1] == [(demo.DEMO_QUESTIONS[0], first_answer)]
     assert f"  assistant: {first_answer}\n" in printed and "(LLM assistant, grounded in the inspection)" in printed
+    # Only the development half: odd-numbered cells, references and queries alike.
+    numbers = [int(name.rsplit("/", 1)[-1][4:8]) for name in [*summary["references"], *(r["source"] for r in records)]]
+    assert all(number % 2 == 1 for number in numbers)
+    chat = json.loads((out / "chat.json").read_text())
+    assert chat["image"] == flagged["source"] and [t["question"] for t in chat["transcript"]] == list(
+        demo.DEMO_QUESTIONS
+    )
+    assert chat["transcript"][1]["answer"] == f"Answer 2 about {flagged['source']}."
 
 
 def test_demo_grounded_chat_answers_from_the_inspection(tmp_path, capsys):
     assert main(["--per-class", "1", "--answerer", "grounded", "--out", str(tmp_path / "demo")]) == 0
     printed = capsys.readouterr().out
     assert "(template answers, grounded in the inspection)" in printed
-    assert "  assistant: Yes" in printed  # the flagged cell's verdict, first question
+    assert "Yes: the image is anomalous" in printed  # the flagged cell's verdict, first question
+    chat = json.loads((tmp_path / "demo" / "chat.json").read_text())
+    assert "reference" in chat["transcript"][2]["answer"] and chat["evidence"]  # compared with a good cell
+    assert all(check["paths"] == {} for check in chat["checks"])  # grounded answers need no repair
 
 
 def test_demo_rejects_out_of_range_options(tmp_path, capsys):
