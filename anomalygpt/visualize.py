@@ -37,6 +37,8 @@ FONT = cv2.FONT_HERSHEY_SIMPLEX
 # box labels and the banner stay legible on 64-256 px crops without blurring the pixels.
 MIN_FIGURE_WIDTH = 512
 REFERENCE_SIDE = 640  # px of the shorter side at which text is drawn at font scale 1.0
+EVIDENCE_SIDE = 192  # px: each crop of an evidence pair is fitted into a square of this side
+EVIDENCE_GAP = 8  # px of background between the defect crop and the good crop
 
 
 @dataclass(frozen=True)
@@ -83,8 +85,9 @@ def overlay(
     blended = (1.0 - alpha) * image.astype(np.float64) + alpha * heat
     canvas = np.ascontiguousarray(np.rint(blended).astype(np.uint8))
     pen = pen_for(*image.shape[:2])
+    taken: list[Rect] = []  # labels drawn so far: a later label never covers an earlier one
     for region in regions:
-        draw_region(canvas, region, pen)
+        draw_region(canvas, region, pen, taken)
     return canvas
 
 
@@ -98,19 +101,23 @@ def _check_pair(image: np.ndarray, anomaly_map: np.ndarray) -> None:
         )
 
 
-def draw_region(canvas: np.ndarray, region: Region, pen: Pen) -> None:
-    """Draw the region's box and an '<index> <location>' label on canvas in place."""
+Rect = tuple[int, int, int, int]  # left, top, right, bottom in pixels, right/bottom exclusive
+
+
+def draw_region(canvas: np.ndarray, region: Region, pen: Pen, taken: list[Rect] | None = None) -> None:
+    """Draw the region's box and an '<index> <location>' label on canvas in place; the label avoids `taken`
+    (the labels drawn before it) and is added to it."""
     x0, y0, x1, y1 = region.box
     # Region boxes are exclusive at x1/y1; cv2 draws inclusive corners.
     cv2.rectangle(canvas, (x0, y0), (x1 - 1, y1 - 1), BOX_COLOR, pen.thickness, cv2.LINE_8)
     text = f"{region.index} {region.location}"
     (text_w, text_h), baseline = cv2.getTextSize(text, FONT, pen.font_scale, pen.text_thickness)
     pad = max(1, pen.thickness)
-    label_h, label_w = text_h + baseline + 2 * pad, text_w + 2 * pad
-    # Just above the box when it fits, else just inside its top edge; shifted left to stay in the picture.
-    top = y0 - label_h if y0 >= label_h else max(0, min(y0, canvas.shape[0] - label_h))
-    left = max(0, min(x0, canvas.shape[1] - label_w))
-    cv2.rectangle(canvas, (left, top), (left + label_w - 1, top + label_h - 1), LABEL_BACKGROUND, cv2.FILLED)
+    size = (text_w + 2 * pad, text_h + baseline + 2 * pad)  # (width, height)
+    left, top, right, bottom = label_place(region.box, size, canvas.shape[:2], taken or [])
+    if taken is not None:
+        taken.append((left, top, right, bottom))
+    cv2.rectangle(canvas, (left, top), (right - 1, bottom - 1), LABEL_BACKGROUND, cv2.FILLED)
     cv2.putText(
         canvas,
         text,
@@ -121,6 +128,28 @@ def draw_region(canvas: np.ndarray, region: Region, pen: Pen) -> None:
         pen.text_thickness,
         cv2.LINE_AA,
     )
+
+
+def label_place(box: Rect, size: tuple[int, int], shape: tuple[int, int], taken: Sequence[Rect]) -> Rect:
+    """Where a label of `size` (w, h) goes for a region box: just above the box when it fits, else just inside
+    its top edge, below it, inside its bottom edge; the first of those that overlaps no label in `taken`, else
+    the free row nearest the first choice; always inside the picture (shifted left at the right border)."""
+    x0, y0, _, y1 = box
+    width, height = size
+    rows, cols = shape
+    left = max(0, min(x0, cols - width))
+    tops = [y0 - height if y0 >= height else y0, y1, y1 - height]
+    tops = [min(max(0, top), rows - height) for top in tops]
+    nearest = sorted(range(max(1, rows - height + 1)), key=lambda row: abs(row - tops[0]))
+    for top in [*tops, *nearest]:
+        rect = (left, top, left + width, top + height)
+        if not any(overlaps(rect, other) for other in taken):
+            return rect
+    return (left, tops[0], left + width, tops[0] + height)  # no free row at all: the picture is full of labels
+
+
+def overlaps(a: Rect, b: Rect) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
 
 
 def banner_lines(is_anomalous: bool, score: float, threshold: float, margin: float, n_regions: int) -> list[str]:
@@ -211,3 +240,42 @@ def inspection_figure(image: np.ndarray, inspection: Inspection, cmap: str = "je
 def save_overlay(path: str | Path, image: np.ndarray, inspection: Inspection, cmap: str = "jet") -> Path:
     """Atomically write the inspection figure (banner + overlay) as a PNG."""
     return write_png_atomic(path, inspection_figure(image, inspection, cmap))
+
+
+def evidence_pair(
+    query: np.ndarray,
+    reference: np.ndarray,
+    region_box: Rect,
+    match_box: Rect,
+    side: int = EVIDENCE_SIDE,
+) -> np.ndarray:
+    """(side, 2 * side + EVIDENCE_GAP, 3) uint8: the defect crop beside the good crop of its best-matching
+    reference (anomalygpt.evidence), each with its box drawn and the same context around it, at one scale."""
+    x0, y0, x1, y1 = region_box
+    pad = max(8, (x1 - x0 + y1 - y0) // 4)
+    crops = [boxed_crop(query, region_box, pad), boxed_crop(reference, match_box, pad)]
+    scale = side / max(max(crop.shape[:2]) for crop in crops)  # one scale: sizes compare across the pair
+    halves = [letterboxed(crop, scale, side) for crop in crops]
+    gap = np.full((side, EVIDENCE_GAP, 3), 255, dtype=np.uint8)
+    return np.concatenate([halves[0], gap, halves[1]], axis=1)
+
+
+def boxed_crop(image: np.ndarray, box: Rect, pad: int) -> np.ndarray:
+    """The box with `pad` pixels of context (where the image allows), as RGB, the box outlined."""
+    rgb = image if image.ndim == 3 else np.repeat(image[..., None], 3, axis=2)
+    x0, y0, x1, y1 = box
+    top, left = max(0, y0 - pad), max(0, x0 - pad)
+    crop = np.ascontiguousarray(rgb[top : min(rgb.shape[0], y1 + pad), left : min(rgb.shape[1], x1 + pad)])
+    cv2.rectangle(crop, (x0 - left, y0 - top), (x1 - left - 1, y1 - top - 1), BOX_COLOR, 1, cv2.LINE_8)
+    return crop
+
+
+def letterboxed(image: np.ndarray, scale: float, side: int) -> np.ndarray:
+    """The image scaled by `scale` (nearest neighbour up, area down), centred on a black side x side square."""
+    height, width = (max(1, min(side, round(extent * scale))) for extent in image.shape[:2])
+    method = cv2.INTER_NEAREST if scale >= 1 else cv2.INTER_AREA
+    resized = cv2.resize(image, (width, height), interpolation=method)
+    canvas = np.zeros((side, side, 3), dtype=np.uint8)
+    top, left = (side - height) // 2, (side - width) // 2
+    canvas[top : top + height, left : left + width] = resized
+    return canvas

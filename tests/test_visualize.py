@@ -14,10 +14,13 @@ from anomalygpt.regions import Region, find_regions
 from anomalygpt.visualize import (
     ANOMALOUS_COLOR,
     BOX_COLOR,
+    EVIDENCE_GAP,
     FONT,
     NORMAL_COLOR,
     banner_lines,
+    draw_region,
     enlarged,
+    evidence_pair,
     heat_colors,
     inspection_figure,
     inspection_scale,
@@ -187,3 +190,44 @@ def test_save_overlay_without_a_map_writes_nothing(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="no anomaly map"):
         save_overlay(tmp_path / "a.png", np.zeros((32, 32, 3), np.uint8), inspection)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_labels_never_overlap_each_other_and_stay_in_the_picture() -> None:
+    height, width = 200, 300
+    scores = np.zeros((height, width), dtype=np.float32)
+    for x in range(10, 290, 25):  # a row of small blobs whose labels would all sit on one line
+        scores[40:60, x : x + 15] = 1.0
+    scores[2:10, 5:295] = 1.0  # and a wide one at the very top: its label cannot go above it
+    regions = find_regions(scores, 0.5)
+    assert len(regions) == 13
+    canvas = np.zeros((height, width, 3), dtype=np.uint8)
+    taken: list[tuple[int, int, int, int]] = []
+    pen = pen_for(height, width)
+    for region in regions:
+        draw_region(canvas, region, pen, taken)
+    assert len(taken) == 13
+    for i, (left, top, right, bottom) in enumerate(taken):
+        assert 0 <= left < right <= width and 0 <= top < bottom <= height
+        for other in taken[i + 1 :]:
+            assert not (left < other[2] and other[0] < right and top < other[3] and other[1] < bottom)
+
+
+def test_the_banner_is_never_drawn_over() -> None:
+    inspection = make_inspection(64, 64, (0, 0, 40, 12), True)  # a region touching the top border
+    figure = inspection_figure(np.zeros((64, 64, 3), np.uint8), inspection)
+    picture_width = figure.shape[1]
+    banner = verdict_banner(
+        picture_width, is_anomalous=True, score=0.9, threshold=0.5, margin=4.0, n_regions=len(inspection.regions)
+    )
+    assert np.array_equal(figure[: banner.shape[0]], banner)  # labels are drawn inside the picture only
+
+
+def test_evidence_pair_puts_the_defect_beside_its_good_match_at_one_scale() -> None:
+    query = np.full((100, 100, 3), 120, np.uint8)
+    query[40:50, 40:60] = 20  # a dark defect, 20 x 10 px
+    reference = np.full((100, 100, 3), 120, np.uint8)
+    pair = evidence_pair(query, reference, (40, 40, 60, 50), (40, 40, 60, 50), side=96)
+    assert pair.shape == (96, 2 * 96 + EVIDENCE_GAP, 3)
+    left, right = pair[:, :96], pair[:, 96 + EVIDENCE_GAP :]
+    assert (left == 20).all(axis=2).sum() > 0 and not (right == 20).all(axis=2).any()  # the defect is on the left
+    assert (left == 255).all(axis=2).sum() == (right == 255).all(axis=2).sum() > 0  # the same box on both sides
