@@ -370,10 +370,10 @@ def option_cases(ws: Workspace, slow: bool) -> list[Case]:
         cases.append(Case("options", f"--sensitivity {value!r}", argv, "error", folder, "--sensitivity", None, [q]))
     folder = ws.folder()
     q = write(folder / "q.png", png)
-    many = [str(write(folder / "refs" / f"r{i:02d}.png", png)) for i in range(17)]
+    many = too_many_references(ws, png)
     extra = {
         "unknown option": ([str(q), "--bogus", *ws.base([])], "--bogus"),
-        "17 references": ([str(q), "--ref", *many, "--preset", str(ws.preset)], "--ref"),
+        "one reference too many": ([str(q), "--ref", str(many), "--preset", str(ws.preset)], "--ref"),
         "no references, no decoder": ([str(q), "--preset", str(ws.preset)], "--ref"),
         "--ref without a value": ([str(q), "--preset", str(ws.preset), "--ref"], "--ref"),
     }
@@ -382,6 +382,16 @@ def option_cases(ws: Workspace, slow: bool) -> list[Case]:
     if slow:
         cases += [sensitivity_case(ws, value) for value in ("-5", "-1e0", "5", "2.5e-1")]
     return cases
+
+
+def too_many_references(ws: Workspace, png: bytes) -> Path:
+    """A folder of cli.MAX_REFERENCES + 1 names of one good image (hard links: no copies, and not one file to
+    unique_paths, which resolves names); outside every case folder, so no case hashes them."""
+    folder = ws.root / "too_many_refs"
+    first = write(folder / "r00000.png", png)
+    for index in range(1, cli.MAX_REFERENCES + 1):
+        os.link(first, folder / f"r{index:05d}.png")
+    return folder
 
 
 def sensitivity_case(ws: Workspace, value: str) -> Case:
