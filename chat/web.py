@@ -33,8 +33,10 @@ import numpy as np
 import pandas as pd
 
 from anomalygpt.calibration import ONE_REFERENCE_CAVEAT, Calibration
+from anomalygpt.claims import CheckTally
 from anomalygpt.cli import SENSITIVITY_RANGE
 from anomalygpt.config import DEFAULT_PRESET, load_preset
+from anomalygpt.evidence import EvidenceSource, RegionEvidence
 from anomalygpt.inspection import (
     MAX_REFERENCES,
     Inspection,
@@ -43,10 +45,11 @@ from anomalygpt.inspection import (
     build_inspector,
     confidence_word,
     decide,
+    reference_name,
 )
 from anomalygpt.io import IMAGE_SUFFIXES, load_image, write_json_atomic, write_png_atomic
 from anomalygpt.regions import format_pct
-from anomalygpt.visualize import ANOMALOUS_COLOR, NORMAL_COLOR, inspection_figure
+from anomalygpt.visualize import ANOMALOUS_COLOR, NORMAL_COLOR, evidence_pair, inspection_figure
 from chat.answerers import ANSWERER_CHOICES, Answerer, Turn, load_answerer
 from chat.uploads import UploadLog, discard, private_upload_folder
 
@@ -64,7 +67,8 @@ THUMBNAIL_SIDE = 160  # px, longer side of a reference in the gallery
 SENSITIVITY_STEP = 0.1
 CACHE_CLEANUP = (3600, 3600)  # gradio deletes its uploaded and served files older than 1 h, checking hourly
 TABLE_HEADERS = ["#", "location", "size", "descriptors", "peak score"]
-RESULTS = ("overlay", "table", "badge", "json_file", "png_file")  # the Screen fields render_results fills
+RESULTS = ("overlay", "table", "badge", "json_file", "png_file", "evidence")  # the Screen fields render_results fills
+STALE_MARK = "[stale: answered for an earlier verdict] "  # before answers the sensitivity slider made outdated
 USER_ERRORS = (ValueError, OSError)  # ImageError, InspectionError, ConfigError; WeightsError is an OSError
 MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]<>#|~])")
 CSS = f"""
@@ -121,6 +125,10 @@ class Session:
     preset: str = ""  # name of the preset that made the inspection, recorded in the JSON download
     folder: Path | None = None  # temp folder for this session's downloads
     exported: Export | None = None  # the download files of the current inspection
+    stale_turns: int = 0  # history[:stale_turns] was answered for an inspection the sensitivity has changed since
+    checks: CheckTally = field(default_factory=CheckTally)  # what the claim checker did in this tab's chat
+    evidence_source: EvidenceSource | None = None  # the fitted references' pixels and features, for evidence
+    evidence: tuple[Inspection, list[RegionEvidence]] | None = None  # the evidence of that inspection
     uploads: UploadLog = field(default_factory=UploadLog)  # this tab's recent uploads, held to chat.uploads' limits
 
     def close(self) -> None:
@@ -143,6 +151,7 @@ class Screen(NamedTuple):
     badge: Any
     json_file: Any
     png_file: Any
+    evidence: Any
     chat: Any
     gallery: Any
     question: Any
@@ -158,12 +167,12 @@ def screen(
     question: Any = None,
 ) -> Screen:
     """The outputs to send: status (None: unchanged) and the parts flagged, everything else skipped."""
-    shown = render_results(session) if results else (gr.skip(),) * 5
+    shown = render_results(session) if results else (gr.skip(),) * len(RESULTS)
     return Screen(
         session,
         gr.skip() if status is None else status,
         *shown,
-        chat_messages(session.history) if chat else gr.skip(),
+        chat_messages(session.history, session.stale_turns) if chat else gr.skip(),
         gallery_items(session.references) if gallery else gr.skip(),
         gr.skip() if question is None else question,
     )
@@ -278,12 +287,16 @@ class WebApp:
         session.sensitivity = float(sensitivity)
         if session.inspection is None or session.query is None:
             return screen(session)
-        before = session.inspection.verdict
-        session.inspection = redecided(session.inspection, session.query.pixels, session.sensitivity)
+        before = session.inspection
+        session.inspection = redecided(before, session.query.pixels, session.sensitivity)
         status = inspection_status(session)
-        if session.inspection.verdict != before:
-            status += f" The verdict changed from {before}; answers from here on use the new one."
-        return screen(session, status, results=True)
+        changed = (session.inspection.verdict, session.inspection.regions) != (before.verdict, before.regions)
+        if session.inspection.verdict != before.verdict:
+            status += f" The verdict changed from {before.verdict}; answers from here on use the new one."
+        if changed and len(session.history) > session.stale_turns:
+            session.stale_turns = len(session.history)
+            status += " The answers above are marked stale."
+        return screen(session, status, results=True, chat=changed)
 
     def ask(self, session: Session, question: str, product: str, sensitivity: float) -> Iterator[Screen]:
         """Take a question (inspecting first when the inputs changed) and stream its answer into the chat.
@@ -315,8 +328,11 @@ class WebApp:
         question, inspection, query = turns[index][0], session.inspection, session.query
         assert inspection is not None and query is not None  # take_question made them
         text = ""
+        history = turns[session.stale_turns : index]  # answers for an earlier verdict are no ground to build on
         try:
-            for piece in self.answerer.stream(question, turns[:index], inspection, query.pixels):
+            evidence = session_evidence(session)
+            pieces = self.answerer.stream(question, history, inspection, query.pixels, evidence, session.checks.add)
+            for piece in pieces:
                 if session.history is not turns:  # Clear chat, new inputs or Reset: nobody reads this answer
                     return
                 text += piece
@@ -327,6 +343,8 @@ class WebApp:
             gr.Warning(message)
             turns[index] = (question, f"{text} [no answer: {message}]".strip())
             yield screen(session, chat=True)
+            return
+        yield screen(session, f"{inspection_status(session)} {escape_markdown(session.checks.summary())}.", chat=True)
 
     @guarded
     def show_results(self, session: Session) -> Screen:
@@ -336,7 +354,7 @@ class WebApp:
 
     @guarded
     def clear_chat(self, session: Session) -> Screen:
-        session.history = []
+        session.history, session.stale_turns = [], 0
         return screen(session, "Chat cleared.", chat=True)
 
     @guarded
@@ -357,11 +375,13 @@ class WebApp:
         if session.references and session.fitted_key != references_key:
             session.fitted = self.inspector.fit([picture.pixels for picture in session.references], name)
             session.fitted_key = references_key
+            session.evidence_source = evidence_source(session.fitted, session.references)
         references = session.fitted if session.references else None
         session.inspection = self.inspector.inspect(
             query.pixels, references, class_name=name, source=query.name, sensitivity=float(sensitivity)
         )
         session.inspected_key, session.sensitivity, session.history = key, float(sensitivity), []
+        session.stale_turns, session.evidence = 0, None
         session.preset = self.preset_name
         return True
 
@@ -406,6 +426,25 @@ def admitted(session: Session, paths: Sequence[str]) -> tuple[list[str], list[st
 def forget_inspection(session: Session) -> None:
     """The inputs changed: the inspection and the chat about it no longer apply."""
     session.inspection, session.inspected_key, session.history = None, None, []
+    session.stale_turns, session.evidence = 0, None
+
+
+def evidence_source(fitted: References, pictures: Sequence[Picture]) -> EvidenceSource:
+    """The references' pixels by the names the Inspector gave them, answers naming them by their file names."""
+    names = [reference_name(picture.pixels, i) for i, picture in enumerate(pictures)]
+    pixels = {name: picture.pixels for name, picture in zip(names, pictures, strict=True)}
+    return EvidenceSource(fitted, pixels, {name: picture.name for name, picture in zip(names, pictures, strict=True)})
+
+
+def session_evidence(session: Session) -> list[RegionEvidence] | None:
+    """Per region of the current inspection, its best good match (computed once per inspection); None without
+    references."""
+    inspection, query = session.inspection, session.query
+    if inspection is None or query is None or session.evidence_source is None or not session.references:
+        return None
+    if session.evidence is None or session.evidence[0] is not inspection:
+        session.evidence = (inspection, session.evidence_source.evidence(query.pixels, inspection))
+    return session.evidence[1]
 
 
 def redecided(inspection: Inspection, pixels: np.ndarray, sensitivity: float) -> Inspection:
@@ -453,7 +492,7 @@ def render_results(session: Session) -> tuple[Any, ...]:
     if inspection is None:
         preview = None if query is None else shrunk(query.pixels)
         waiting = gr.DownloadButton(value=None, interactive=False)
-        return preview, region_table(None), badge_html(None), waiting, waiting
+        return preview, region_table(None), badge_html(None), waiting, waiting, []
     files = export(session)
     return (
         shrunk(files.figure),
@@ -461,7 +500,28 @@ def render_results(session: Session) -> tuple[Any, ...]:
         badge_html(inspection),
         gr.DownloadButton(value=str(files.json_path), interactive=True),
         gr.DownloadButton(value=str(files.png_path), interactive=True),
+        evidence_items(session),
     )
+
+
+def evidence_items(session: Session) -> list[tuple[np.ndarray, str]]:
+    """Per region: the defect crop beside the good crop of its best-matching reference, with a caption."""
+    found, inspection, query = session_evidence(session) or [], session.inspection, session.query
+    if inspection is None or query is None or session.evidence_source is None:
+        return []
+    images = session.evidence_source.images_by_name
+    names = session.evidence_source.references.names
+    items = []
+    for item in found:
+        region = inspection.regions[item.region - 1]
+        shade = "darker" if item.difference < 0 else "brighter"
+        caption = (
+            f"region {region.index} ({region.location}) | reference {item.reference + 1}: {item.reference_name} "
+            f"({item.location}); {abs(item.difference):.0f} grey levels {shade}"
+        )
+        pair = evidence_pair(query.pixels, images[names[item.reference]], region.box, item.box)
+        items.append((pair, caption))
+    return items
 
 
 def shrunk(image: np.ndarray, side: int = DISPLAY_MAX_SIDE) -> np.ndarray:
@@ -524,11 +584,15 @@ def next_step(session: Session) -> str:
     return " Next: press Inspect or ask a question."
 
 
-def chat_messages(history: Sequence[Turn]) -> list[dict[str, str]]:
+def chat_messages(history: Sequence[Turn], stale: int = 0) -> list[dict[str, str]]:
+    """The chat as messages; the first `stale` answers are marked as given for an earlier verdict."""
     return [
         message
-        for question, answer in history
-        for message in ({"role": "user", "content": question}, {"role": "assistant", "content": answer})
+        for index, (question, answer) in enumerate(history)
+        for message in (
+            {"role": "user", "content": question},
+            {"role": "assistant", "content": (STALE_MARK if index < stale else "") + answer},
+        )
     ]
 
 
@@ -605,7 +669,25 @@ def build_blocks(app: WebApp) -> gr.Blocks:
                     buttons=["download", "fullscreen"],  # no "share": it uploads to a hosting service
                     elem_id="overlay",
                 )
-                table = gr.Dataframe(region_table(None), label="Regions", interactive=False, elem_id="regions")
+                table = gr.Dataframe(
+                    region_table(None),
+                    label="Regions",
+                    interactive=False,
+                    wrap=True,  # long descriptor text wraps instead of being cut at the column edge
+                    max_height=2000,  # every region shows; the page scrolls, not a small box inside it
+                    column_widths=["8%", "20%", "22%", "32%", "18%"],
+                    elem_id="regions",
+                )
+                evidence = gr.Gallery(
+                    label="Evidence: each region (left) beside its best-matching good reference (right)",
+                    columns=1,
+                    height="auto",
+                    object_fit="contain",  # the whole pair, never cropped to the tile
+                    allow_preview=True,
+                    interactive=False,
+                    format="png",
+                    elem_id="evidence",
+                )
                 with gr.Row():
                     json_file = gr.DownloadButton(
                         "Download inspection (JSON)", interactive=False, elem_id="download-json"
@@ -619,6 +701,7 @@ def build_blocks(app: WebApp) -> gr.Blocks:
             "badge": badge,
             "json_file": json_file,
             "png_file": png_file,
+            "evidence": evidence,
             "chat": chatbot,
             "gallery": gallery,
             "question": question,
@@ -635,7 +718,7 @@ def build_blocks(app: WebApp) -> gr.Blocks:
         on(remove.click, app.remove_reference, [session], (*shown, "gallery"))
         on(clear_references.click, app.clear_references, [session], (*shown, "gallery"))
         on(inspect_button.click, app.inspect, [session, product, sensitivity], shown)
-        on(sensitivity.change, app.set_sensitivity, [session, sensitivity], shown[:-1], trigger_mode="always_last")
+        on(sensitivity.change, app.set_sensitivity, [session, sensitivity], shown, trigger_mode="always_last")
         asked = on(
             functools.partial(gr.on, [question.submit, ask.click]),
             app.ask,

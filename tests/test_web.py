@@ -20,11 +20,22 @@ import skimage.data
 from PIL import Image
 
 from anomalygpt.config import load_preset
-from anomalygpt.inspection import Inspection, Inspector, build_inspector
+from anomalygpt.inspection import MAX_REFERENCES, Inspection, Inspector, build_inspector
 from anomalygpt.io import load_image
 from anomalygpt.visualize import inspection_figure
 from chat.answerers import GroundedAnswerer, grounded_answer
-from chat.web import MAX_UPLOAD_MB, Screen, Session, WebApp, badge_html, build_blocks, build_parser, main, serve
+from chat.web import (
+    MAX_UPLOAD_MB,
+    STALE_MARK,
+    Screen,
+    Session,
+    WebApp,
+    badge_html,
+    build_blocks,
+    build_parser,
+    main,
+    serve,
+)
 
 SIDE = 64
 REFERENCE_CROPS = ((0, 0), (0, 256))  # (row, col) of skimage's grass texture, as in test_cli
@@ -154,9 +165,9 @@ def test_mismatched_sizes_are_messages_naming_the_files(app: WebApp, scene: Scen
 def test_missing_inputs_are_messages(app: WebApp, scene: Scene, counting: CountingInspector) -> None:
     assert_message(app.inspect(Session(), "", 0.0), "upload a query image first")
     no_references = app.load_query(Session(), str(scene.bad)).session
-    assert_message(app.inspect(no_references, "", 0.0), "add 1 to 16 good reference images")
+    assert_message(app.inspect(no_references, "", 0.0), f"add 1 to {MAX_REFERENCES} good reference images")
     (screen,) = chat(app, no_references, "Is it defective?")
-    assert_message(screen, "add 1 to 16 good reference images")
+    assert_message(screen, f"add 1 to {MAX_REFERENCES} good reference images")
     assert screen.chat == gr.skip() and no_references.history == []
     assert_message(chat(app, loaded(app, scene), "   ")[-1], "type a question first")
     assert counting.fits == counting.inspections == 0
@@ -204,6 +215,52 @@ def test_chat_inspects_once_and_answers_from_the_inspection(
     assert session.inspection is not None and session.inspection.to_dict() | {"timings_ms": {}} == (
         expected.to_dict() | {"timings_ms": {}}
     )
+
+
+class RecordingAnswerer(GroundedAnswerer):
+    """The grounded answerer, recording the history and evidence each question was answered with."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[list[tuple[str, str]], Any]] = []
+
+    def stream(self, question, history, inspection, image, evidence=None, on_report=None):  # type: ignore[no-untyped-def]
+        self.seen.append((list(history), evidence))
+        yield from super().stream(question, history, inspection, image, evidence, on_report)
+
+
+def test_answers_before_a_verdict_change_are_marked_stale_and_not_built_on(
+    counting: CountingInspector, scene: Scene, inspector: Inspector
+) -> None:
+    answerer = RecordingAnswerer()
+    app = WebApp(counting, answerer, "t")  # type: ignore[arg-type]
+    session = loaded(app, scene)
+    chat(app, session, FIRST_QUESTION)
+    *_, last = chat(app, session, SECOND_QUESTION)
+    assert "claim checker: no contradiction in 2 answers" in last.status.replace("\\", "")
+    expected = expected_inspection(inspector, scene)
+    sensitivity = round(float(np.clip(-expected.margin + (-1.0 if expected.is_anomalous else 1.0), -5, 5)), 1)
+    moved = app.set_sensitivity(session, sensitivity)
+    assert session.inspection is not None and session.inspection.verdict != expected.verdict
+    assert "marked stale" in moved.status and session.stale_turns == 2
+    answers = [message["content"] for message in moved.chat if message["role"] == "assistant"]
+    assert all(answer.startswith(STALE_MARK) for answer in answers)
+    *_, after = chat(app, session, FIRST_QUESTION)
+    answers = [message["content"] for message in after.chat if message["role"] == "assistant"]
+    assert [answer.startswith(STALE_MARK) for answer in answers] == [True, True, False]
+    assert answerer.seen[-1][0] == []  # the stale answers are not the new answer's history
+    assert answers[-1] == grounded_answer(FIRST_QUESTION, session.inspection, answerer.seen[-1][1])
+
+
+def test_each_region_is_shown_beside_its_best_good_match(app: WebApp, scene: Scene) -> None:
+    session = loaded(app, scene)
+    screen = app.inspect(session, "", 0.0)
+    assert session.inspection is not None and session.inspection.regions
+    assert len(screen.evidence) == len(session.inspection.regions)
+    image, caption = screen.evidence[0]
+    assert image.shape == (192, 2 * 192 + 8, 3)
+    assert caption.startswith(f"region 1 ({session.inspection.regions[0].location}) | reference ")
+    assert any(f": {path.name} (" in caption for path in scene.refs)
 
 
 def test_one_reference_gets_a_note_in_the_status(app: WebApp, scene: Scene) -> None:
@@ -380,6 +437,12 @@ def test_the_page_inspects_chats_and_tunes_sensitivity(
             assert overlay == list(figure.shape[:2])
             ask(page, SECOND_QUESTION, grounded_answer(SECOND_QUESTION, expected))
             page.wait_for_selector("#overlay img", state="visible")
+            regions = len(expected.regions)
+            assert page.eval_on_selector_all("#evidence img", "els => els.length") == regions
+            # The region table is not cut off: every row is in view and no cell's text is clipped.
+            assert page.eval_on_selector_all("#regions tbody tr", "rows => rows.length") == regions
+            clipped = "cells => cells.filter(c => c.scrollWidth > c.clientWidth + 1).length"
+            assert page.eval_on_selector_all("#regions tbody td", clipped) == 0
             SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(SCREENSHOT), full_page=True)
 
@@ -392,6 +455,7 @@ def test_the_page_inspects_chats_and_tunes_sensitivity(
             page.press("#sensitivity input[type=number]", "Enter")
             wait_until(lambda: shows(page, moved), f"the verdict at sensitivity {sensitivity}")
             assert moved.verdict != expected.verdict and "verdict changed" in page.inner_text("#status")
+            wait_until(lambda: bot_messages(page)[0].startswith(STALE_MARK.strip()), "the earlier answers marked stale")
             ask(page, FIRST_QUESTION, grounded_answer(FIRST_QUESTION, moved))
             assert bot_messages(page)[-1].startswith("Yes" if moved.is_anomalous else "No")
             assert (counting.fits, counting.inspections) == (1, 1)  # nothing was encoded again
