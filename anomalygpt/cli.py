@@ -40,9 +40,9 @@ if TYPE_CHECKING:
 
 PROG = "anomalygpt"
 SENSITIVITY_RANGE = (-5.0, 5.0)  # in normal spreads: beyond 5 the threshold leaves the range references justify
-MAX_REFERENCES = 16  # as inspection.MAX_REFERENCES, checked here before torch is imported
+MAX_REFERENCES = 10_000  # as inspection.MAX_REFERENCES, checked here before torch is imported
 SUMMARY_STEM = "summary"  # summary.json shares --out with the per-image files; no image may take its name
-TABLE_COLUMNS = ("file", "verdict", "score", "threshold", "margin", "regions", "locations")
+TABLE_COLUMNS = ("file", "verdict", "score", "threshold", "margin", "regions", "locations", "fit")
 NUMBER_OPTIONS = ("--sensitivity",)  # their values may look like options to argparse: -1e9, -inf
 
 
@@ -70,12 +70,22 @@ class UsageError(ValueError):
 class DetectOptions:
     queries: list[str]  # files and folders, as typed
     refs: list[str]
-    preset: str | None  # None: the default preset
+    profile: Path | None  # a fitted product profile, instead of refs
+    preset: str | None  # None: the default preset (the profile's own with --profile)
     class_name: str | None
     out: Path | None
     as_json: bool
     sensitivity: float  # > 0 lowers the thresholds by that many normal spreads (more alarms)
     overwrite: bool  # replace output files already in --out (never an input image)
+
+
+@dataclass(frozen=True)
+class FitOptions:
+    goods: list[str]  # files and folders, as typed
+    out: Path  # the profile file
+    preset: str | None
+    class_name: str | None
+    overwrite: bool
 
 
 @dataclass
@@ -88,6 +98,7 @@ class DetectJob:
     reference_paths: list[Path]
     queries: list[Path]
     stems: list[str]  # unique output name per query
+    profile: Path | None = None
 
 
 class CliParser(argparse.ArgumentParser):
@@ -106,6 +117,7 @@ def build_parser() -> CliParser:
     parser = CliParser(prog=PROG, description="Few-shot industrial inspection with a grounded assistant.")
     verbs = parser.add_subparsers(dest="verb", metavar="COMMAND", required=True)
     add_detect_parser(verbs)
+    add_fit_parser(verbs)
     for verb, command in LAZY_COMMANDS.items():
         # No -h here: every argument, --help included, goes to the command's own parser.
         verbs.add_parser(verb, help=command.help, description=command.help, add_help=False)
@@ -127,9 +139,18 @@ def add_detect_parser(verbs: Any) -> None:
         nargs="+",
         default=[],
         metavar="GOOD",
-        help="good images (files or folders) of the same product, 1 to 16; none: zero-shot (needs a trained decoder)",
+        help="good images (files or folders) of the same product, 1 to 10,000; none (and no --profile): zero-shot "
+        "(needs a trained decoder)",
     )
-    detect.add_argument("--preset", default=None, help="preset name or JSON path (default: 'default')")
+    detect.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        help="a product profile written by 'anomalygpt fit' (instead of --ref: nothing is indexed again)",
+    )
+    detect.add_argument(
+        "--preset", default=None, help="preset name or JSON path (default: 'default', or the profile's own)"
+    )
     detect.add_argument("--class-name", default=None, help="product name, e.g. 'screw' (recorded in the results)")
     detect.add_argument(
         "--out",
@@ -151,6 +172,21 @@ def add_detect_parser(verbs: Any) -> None:
         default=0.0,
         help="-5 to 5 normal spreads; > 0 lowers the thresholds (more alarms), < 0 raises them",
     )
+
+
+def add_fit_parser(verbs: Any) -> None:
+    fit = verbs.add_parser(
+        "fit",
+        help="index good images once into a product profile",
+        description="Index GOOD images of one product (1 to 10,000, one size) into a profile that detect, chat, ui "
+        "and the Python API load without indexing again: the memory, the automatic threshold, the augmentation "
+        "decision and the statistics of the reference-fit check.",
+    )
+    fit.add_argument("goods", nargs="+", metavar="GOOD", help="good image files or folders")
+    fit.add_argument("--out", type=Path, required=True, help="the profile file to write, e.g. solar-cell.profile")
+    fit.add_argument("--preset", default=None, help="preset name or JSON path (default: 'default')")
+    fit.add_argument("--class-name", default=None, help="product name, e.g. 'solar cell' (kept in the profile)")
+    fit.add_argument("--overwrite", action="store_true", help="replace --out when it exists")
 
 
 def out_folder(text: str) -> Path:
@@ -190,10 +226,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         args, extra = parser.parse_known_args(arguments)
     except SystemExit as stop:  # --help, or a usage error already printed
         return stop.code if isinstance(stop.code, int) else 0 if stop.code is None else 2
-    if args.verb != "detect":
+    if args.verb not in ("detect", "fit"):
         return run_lazy(args.verb, extra)
     if extra:
-        return fail("detect", f"unrecognized arguments: {' '.join(extra)}")
+        return fail(args.verb, f"unrecognized arguments: {' '.join(extra)}")
+    if args.verb == "fit":
+        return run_fit(FitOptions(list(args.goods), args.out, args.preset, args.class_name, bool(args.overwrite)))
     return run_detect(detect_options(args))
 
 
@@ -222,6 +260,7 @@ def detect_options(args: argparse.Namespace) -> DetectOptions:
     return DetectOptions(
         queries=list(args.queries),
         refs=list(args.ref),
+        profile=args.profile,
         preset=args.preset,
         class_name=args.class_name,
         out=args.out,
@@ -237,10 +276,8 @@ def run_detect(options: DetectOptions) -> int:
         job = prepare_detect(options)
     except (ValueError, OSError) as error:  # Image-, Inspection-, Config-, UsageError; WeightsError is an OSError
         return fail("detect", error)
-    if len(job.reference_paths) == 1:
-        from anomalygpt.calibration import ONE_REFERENCE_CAVEAT  # torch is loaded by now
-
-        print(f"{PROG} detect: note: {ONE_REFERENCE_CAVEAT}", file=sys.stderr)
+    for warning in job.references.warnings if job.references else []:  # about the references: once, up front
+        print(f"{PROG} detect: warning: {safe_text(warning)}", file=sys.stderr)
     lossy = lossy_note(job.queries, job.reference_paths)
     if lossy:
         print(f"{PROG} detect: note: {safe_text(lossy)}", file=sys.stderr)
@@ -256,10 +293,16 @@ def prepare_detect(options: DetectOptions) -> DetectJob:
     """Validate options, paths, preset and every image (cheapest first), then build the inspector and fit."""
     check_sensitivity(options.sensitivity)
     check_out_dir(options.out)
+    if options.profile is not None and options.refs:
+        raise UsageError("--profile and --ref: give the references one way, a profile or image files")
+    if options.profile is not None and not options.profile.is_file():
+        raise UsageError(f"{options.profile}: --profile file not found")
     reference_paths = reference_files(options.refs)
     queries = unique_paths(list_images(options.queries))
     stems = output_stems(queries)
     check_outputs(options.out, stems, [*reference_paths, *queries], options.overwrite)
+    if options.profile is not None:
+        return prepare_profile_detect(options, options.profile, queries, stems)
     from anomalygpt.config import DEFAULT_PRESET, load_preset  # imports torch: after the instant checks
     from anomalygpt.inspection import build_inspector
 
@@ -267,7 +310,7 @@ def prepare_detect(options: DetectOptions) -> DetectJob:
     if not reference_paths and not preset.decoder.weights:
         raise UsageError(
             f"--ref: no good reference images given, and preset {preset.name!r} has no trained decoder for "
-            f"zero-shot inspection; give 1 to {MAX_REFERENCES} good images of the same product (--ref FILE_OR_FOLDER)"
+            f"zero-shot inspection; give good images of the same product (--ref FILE_OR_FOLDER) or --profile"
         )
     reference_images = [load_image(path) for path in reference_paths]
     query_sizes = [load_image(path).shape[:2] for path in queries]  # decoded only to check them, then dropped
@@ -277,8 +320,21 @@ def prepare_detect(options: DetectOptions) -> DetectJob:
     inspector = build_inspector(preset)
     if not reference_images:
         inspector.zero_shot_prior()  # loaded now: a missing weight file fails before any output
-    references = inspector.fit(reference_images, options.class_name) if reference_images else None
+    names = [str(path) for path in reference_paths]
+    references = inspector.fit(reference_images, options.class_name, names=names) if reference_images else None
     return DetectJob(preset, inspector, references, reference_paths, queries, stems)
+
+
+def prepare_profile_detect(options: DetectOptions, profile: Path, queries: list[Path], stems: list[str]) -> DetectJob:
+    """detect --profile: the profile's inspector and references, queries checked against its image size."""
+    from anomalygpt.config import load_preset
+    from anomalygpt.profile import open_profile
+
+    preset = load_preset(options.preset) if options.preset else None
+    inspector, references = open_profile(profile, preset)
+    query_sizes = [load_image(path).shape[:2] for path in queries]
+    check_query_sizes(queries, query_sizes, references.memory.image_size)
+    return DetectJob(inspector.preset, inspector, references, [], queries, stems, profile)
 
 
 def check_sensitivity(value: float) -> None:
@@ -460,7 +516,9 @@ def summary(job: DetectJob, options: DetectOptions, records: Sequence[dict[str, 
         "preset": job.preset.name,
         "class_name": options.class_name,
         "sensitivity": options.sensitivity,
-        "references": [str(path) for path in job.reference_paths],
+        "profile": None if job.profile is None else str(job.profile),
+        "references": list(job.references.names) if job.references else [],
+        "reference_warnings": list(job.references.warnings) if job.references else [],
         "n_images": len(records),
         "n_anomalous": sum(record["is_anomalous"] for record in records),
         "images": images,
@@ -492,4 +550,54 @@ def table_row(record: dict[str, Any]) -> tuple[str, ...]:
         f"{record['margin']:+.1f}",
         str(len(record["regions"])),
         locations,
+        fit_cell(record.get("reference_fit")),
     )
+
+
+def fit_cell(fit: dict[str, Any] | None) -> str:
+    """The table's reference-fit cell: 'yes', 'NO' (the query looks unlike every reference), or '-' (not compared)."""
+    if fit is None or fit.get("fits") is None:
+        return "-"
+    return "yes" if fit["fits"] else "NO"
+
+
+def run_fit(options: FitOptions) -> int:
+    """`anomalygpt fit`: index good images into a product profile, written atomically."""
+    try:
+        goods = unique_paths(list_images(options.goods))
+        if len(goods) > MAX_REFERENCES:
+            raise UsageError(f"GOOD: {len(goods)} images given; at most {MAX_REFERENCES:,} are supported")
+        if options.out.exists() and not options.overwrite:
+            raise UsageError(f"{options.out}: already exists; pass --overwrite to replace it")
+        if options.out.is_dir():
+            raise UsageError(f"{options.out}: is a folder; --out is the profile file to write")
+        check_out_dir(options.out.parent)
+        from anomalygpt.config import DEFAULT_PRESET, load_preset  # imports torch: after the instant checks
+        from anomalygpt.inspection import build_inspector
+
+        inspector = build_inspector(load_preset(options.preset or DEFAULT_PRESET))
+        references = inspector.fit(goods, options.class_name, progress=True)
+    except (ValueError, OSError) as error:
+        return fail("fit", error)
+    try:
+        inspector.save_profile(references, options.out, goods)
+    except OSError as error:
+        return fail("fit", error, code=1)
+    for warning in references.warnings:
+        print(f"{PROG} fit: warning: {safe_text(warning)}", file=sys.stderr)
+    print(fit_summary(options.out, references, len(goods)))
+    return 0
+
+
+def fit_summary(path: Path, references: References, n_given: int) -> str:
+    calibration = references.calibration
+    mode = "pool: each query against its nearest references" if references.memory.retrieval else "few-shot"
+    lines = [
+        f"profile: {safe_text(path)}",
+        f"references: {references.memory.n_references} of {n_given} given ({mode})",
+        f"image size: {references.memory.image_size[1]}x{references.memory.image_size[0]} px",
+        f"augmentation: {'on' if references.augmentation.augment else 'off'} ({references.augmentation.reason})",
+        f"threshold: {calibration.image_threshold:.4f} ({calibration.method})",
+        f"indexed in {references.index_ms / 1000:.1f} s",
+    ]
+    return "\n".join(lines)

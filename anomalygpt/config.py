@@ -25,7 +25,7 @@ from anomalygpt.backbones import BACKBONES, BackboneConfig
 from anomalygpt.calibration import CalibrationConfig
 from anomalygpt.decoder import DecoderConfig
 from anomalygpt.llm import DTYPES, LLMConfig, LoraConfig
-from anomalygpt.memory import MemoryConfig
+from anomalygpt.memory import THINNINGS, MemoryConfig
 from anomalygpt.prompt_learner import PromptLearnerConfig
 from anomalygpt.text import TEXT_ENCODERS, TextConfig
 
@@ -251,6 +251,7 @@ FIELD_RULES: dict[type, dict[str, Rule]] = {
     MemoryConfig: {
         "neighbourhood": Range(1, 15, odd=True),  # a window centred on its patch
         "max_patches": Range(1, 10_000_000),
+        "thinning": OneOf(THINNINGS),
         "retrieve": Range(0, 100_000),  # 0: every reference
         "descriptor_grid": Range(1, 32),
         "chunk_elements": Range(1 << 16, 1 << 34),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Sequence
@@ -15,7 +16,7 @@ from tqdm import tqdm
 
 from anomalygpt.backbones import VisionBackbone, WeightsError, build_backbone
 from anomalygpt.calibration import ONE_REFERENCE_CAVEAT, Calibration, calibrate, fixed_calibration, held_out_choice
-from anomalygpt.config import DEFAULT_PRESET, Preset, load_preset, to_dict
+from anomalygpt.config import DEFAULT_PRESET, Preset, load_preset, resolve_device, to_dict
 from anomalygpt.decoder import AnomalyDecoder, DecoderSpec, TextPrior
 from anomalygpt.io import ImageSource, load_image
 from anomalygpt.memory import N_DIHEDRAL, PatchMemory, embed_patches, fuse_maps, global_descriptor, top_mean
@@ -182,15 +183,23 @@ class Inspector:
         return self._prior
 
     def fit(
-        self, references: Sequence[ImageSource], class_name: str | None = None, progress: bool = False
+        self,
+        references: Sequence[ImageSource],
+        class_name: str | None = None,
+        progress: bool = False,
+        names: Sequence[str] | None = None,
     ) -> References:
-        """Index good references (1 to MAX_REFERENCES): checks, augmentation decision, memory, thresholds."""
+        """Index good references (1 to MAX_REFERENCES): checks, augmentation decision, memory, thresholds.
+        `names` name them in warnings and results (default: their paths, or "reference N")."""
         if not references:
             raise InspectionError(f"no good reference images given: few-shot inspection needs 1 to {MAX_REFERENCES}")
         if len(references) > MAX_REFERENCES:
             raise InspectionError(f"{len(references)} references given; at most {MAX_REFERENCES:,} are supported")
         start = time.perf_counter()
-        names = [reference_name(ref, i) for i, ref in enumerate(references)]
+        if names is None:
+            names = [reference_name(ref, i) for i, ref in enumerate(references)]
+        elif len(names) != len(references):
+            raise InspectionError(f"{len(names)} names given for {len(references)} references")
         images = reference_images(references, names)
         kept = check_references(images, names)
         images = LazyImages([images[i] for i in kept.keep], [names[i] for i in kept.keep])
@@ -387,6 +396,7 @@ def reference_name(ref: ImageSource, index: int) -> str:
 def build_inspector(preset: str | Preset = DEFAULT_PRESET) -> Inspector:
     """The one factory: a preset name, JSON path or Preset -> Inspector with its frozen backbone (and decoder)."""
     cfg = preset if isinstance(preset, Preset) else load_preset(preset)
+    cfg = dataclasses.replace(cfg, device=resolve_device(cfg.device))  # "auto" in a preset built in code
     backbone = build_backbone(cfg.backbone).to(cfg.device)
     # The decoder (and its text encoder, seconds to load) is loaded now only when every few-shot map uses it.
     prior = load_prior(cfg) if cfg.decoder.weights and cfg.decoder.fusion_weight > 0 else None

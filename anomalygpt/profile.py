@@ -150,9 +150,24 @@ def check_preset(header: dict[str, Any], preset: Preset, path: str | Path) -> No
 
 def load_references(path: str | Path, inspector: Inspector) -> References:
     """The References a profile holds, for this inspector (whose preset must agree with the profile's)."""
-    from anomalygpt.inspection import References
+    header, tensors = read_profile(path)
+    return references_from(header, tensors, inspector, path)
+
+
+def open_profile(path: str | Path, preset: Preset | None = None) -> tuple[Inspector, References]:
+    """An Inspector built with the profile's own preset (or `preset`, which must agree) and the profile's references."""
+    from anomalygpt.inspection import build_inspector
 
     header, tensors = read_profile(path)
+    inspector = build_inspector(preset or profile_preset(header, path))
+    return inspector, references_from(header, tensors, inspector, path)
+
+
+def references_from(
+    header: dict[str, Any], tensors: dict[str, torch.Tensor], inspector: Inspector, path: str | Path
+) -> References:
+    from anomalygpt.inspection import References
+
     check_preset(header, inspector.preset, path)
     try:
         memory = profile_memory(header, tensors, inspector)

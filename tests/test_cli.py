@@ -128,7 +128,7 @@ def test_detect_flags_the_blob_and_passes_the_good_crop(table_run: tuple[int, st
     assert bad["regions"][0]["contrast"] == "darker"
 
 
-def test_one_reference_gets_a_note_on_stderr_and_still_inspects(
+def test_one_reference_gets_a_warning_on_stderr_and_still_inspects(
     scene: Scene, table_run: tuple[int, str, str, Path]
 ) -> None:
     from anomalygpt.calibration import ONE_REFERENCE_CAVEAT
@@ -136,7 +136,7 @@ def test_one_reference_gets_a_note_on_stderr_and_still_inspects(
     code, stdout, stderr = run(
         ["detect", str(scene.good), "--ref", str(scene.refs / "ref0.png"), "--preset", str(scene.preset), "--json"]
     )
-    assert code == 0 and stderr.strip() == f"anomalygpt detect: note: {ONE_REFERENCE_CAVEAT}"
+    assert code == 0 and stderr.strip() == f"anomalygpt detect: warning: {ONE_REFERENCE_CAVEAT}"
     record = json.loads(stdout)[0]  # stdout stays pure JSON
     assert record["n_references"] == 1 and record["calibration"]["method"].startswith("k=1")
     assert ONE_REFERENCE_CAVEAT not in table_run[2]  # two references: no note
@@ -145,10 +145,10 @@ def test_one_reference_gets_a_note_on_stderr_and_still_inspects(
 def test_detect_prints_a_verdict_table(table_run: tuple[int, str, str, Path], scene: Scene) -> None:
     _, stdout, _, out = table_run
     lines = stdout.splitlines()
-    assert lines[0].split() == ["file", "verdict", "score", "threshold", "margin", "regions", "locations"]
+    assert lines[0].split() == ["file", "verdict", "score", "threshold", "margin", "regions", "locations", "fit"]
     rows = {line.split()[0]: line.split() for line in lines[1:]}
     assert set(rows) == {str(scene.good), str(scene.bad)}
-    assert rows[str(scene.good)][1] == "normal" and rows[str(scene.good)][5:] == ["0", "-"]
+    assert rows[str(scene.good)][1] == "normal" and rows[str(scene.good)][5:] == ["0", "-", "yes"]
     bad = json.loads((out / "bad_x.json").read_text())
     expected = [f"{bad['score']:.4f}", f"{bad['threshold']:.4f}", f"{bad['margin']:+.1f}", str(len(bad["regions"]))]
     assert rows[str(scene.bad)][1:6] == ["anomalous", *expected]
@@ -169,6 +169,7 @@ def test_detect_writes_every_output_under_distinct_names(table_run: tuple[int, s
     summary = json.loads((out / "summary.json").read_text())
     assert summary["n_images"] == 2 and summary["n_anomalous"] == 1 and summary["preset"] == "t"
     assert summary["references"] == [str(scene.refs / "ref0.png"), str(scene.refs / "ref1.png")]
+    assert summary["profile"] is None and summary["reference_warnings"] == []
     assert [image["files"]["overlay"] for image in summary["images"]] == ["good_x_overlay.png", "bad_x_overlay.png"]
 
 
@@ -230,8 +231,9 @@ def write_bad_inputs(folder: Path) -> dict[str, Path]:
     files = {"corrupt": png.getvalue()[: len(png.getvalue()) // 2], "empty": b"", "text": b"just some text\n"}
     for name, data in files.items():
         (folder / f"{name}.png").write_bytes(data)
-    for index in range(17):
-        save(folder / "many" / f"{index:02d}.png", crop(0, 0))
+    save(folder / "many" / "00000.png", crop(0, 0))
+    for index in range(1, 10_001):  # hard links: one image under 10,001 names
+        os.link(folder / "many" / "00000.png", folder / "many" / f"{index:05d}.png")
     save(folder / "tiny.png", np.zeros((1, 1), np.uint8))
     save(folder / "narrow.png", crop(0, 0)[:, :96])
     names = (
@@ -253,7 +255,7 @@ BAD_INPUTS = {
     "corrupt file": (["{corrupt}", "--ref", "{refs}"], "corrupt.png", "corrupt or truncated"),
     "empty file": (["{empty}", "--ref", "{refs}"], "empty.png", "empty file (0 bytes)"),
     "text renamed png": (["{text}", "--ref", "{refs}"], "text.png", "not a readable image"),
-    "17 references": (["{good}", "--ref", "{many}"], "--ref", "17 reference images given; at most 16"),
+    "10,001 references": (["{good}", "--ref", "{many}"], "--ref", "10001 reference images given; at most 10000"),
     "1x1 image": (["{good}", "--ref", "{tiny}"], "tiny.png", "too small: 1x1 px"),
     "query size": (["{good}", "{narrow}", "--ref", "{refs}"], "narrow.png", "96x128 px but the references are"),
     "reference size": (["{good}", "--ref", "{refs}", "{narrow}"], "narrow.png", "all references must have one"),
@@ -383,13 +385,14 @@ def test_verdict_table_aligns_columns() -> None:
             "threshold": 0.5,
             "margin": 12.34,
             "regions": [region, {"location": "center"}],
+            "reference_fit": {"fits": False, "units": 7.2},
         },
         {"source": "long/b.png", "verdict": "normal", "score": 0.1, "threshold": 0.5, "margin": -4.0, "regions": []},
     ]
     assert verdict_table(records).splitlines() == [
-        "file        verdict     score  threshold  margin  regions  locations",
-        "a.png       anomalous  0.6123     0.5000   +12.3        2  top left, center",
-        "long/b.png  normal     0.1000     0.5000    -4.0        0  -",
+        "file        verdict     score  threshold  margin  regions  locations         fit",
+        "a.png       anomalous  0.6123     0.5000   +12.3        2  top left, center  NO",
+        "long/b.png  normal     0.1000     0.5000    -4.0        0  -                 -",
     ]
 
 
