@@ -634,10 +634,14 @@ def add_placeholder(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel) 
     return placeholder_id(tokenizer)
 
 
-def build_assistant(preset: str | Preset = "default", inspector: Inspector | None = None) -> Assistant:
+def build_assistant(
+    preset: str | Preset = "default", inspector: Inspector | None = None, inference: bool = False
+) -> Assistant:
     """The one factory: LLM + LoRA + prompt learner + projection (trained parts loaded when the preset names them).
 
-    The Inspector is built from the preset unless given (its backbone sets the projection's input width).
+    The Inspector is built from the preset unless given (its backbone sets the projection's input width). With
+    `inference`, the LoRA update is merged into the frozen weights (one matrix product per layer instead of three)
+    and the LLM is quantised as the preset says: for chat only, never for training.
     """
     from anomalygpt.config import Preset, load_preset
     from anomalygpt.inspection import build_inspector
@@ -655,8 +659,10 @@ def build_assistant(preset: str | Preset = "default", inspector: Inspector | Non
     if cfg.assistant.weights:
         load_trained_parts(assistant, weights_folder(cfg.assistant.weights))
     assistant = assistant.to(cfg.device).eval()
-    if cfg.llm.quantize:
-        quantize_llm(assistant.llm, cfg.llm.quantize)
+    if inference:
+        assistant.llm.merge_adapter()  # type: ignore[operator]
+        if cfg.llm.quantize:
+            quantize_llm(assistant.llm, cfg.llm.quantize)
     return assistant
 
 

@@ -276,9 +276,12 @@ def quantize_llm(model: nn.Module, method: str) -> nn.Module:
     CPU inference only: the quantised layers have no gradients, so a model that is trained is never quantised."""
     if method != "int8":
         raise ValueError(f"unknown LLM quantisation {method!r}; known: {', '.join(map(repr, QUANTIZATIONS))}")
-    from torch.ao.quantization import quantize_dynamic
+    with warnings.catch_warnings():  # torch marks its eager quantisation deprecated; it is what runs on this CPU
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", "torch.quantize_per_tensor", UserWarning)
+        from torch.ao.quantization import quantize_dynamic
 
-    return quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8, inplace=True)
+        return quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8, inplace=True)
 
 
 def chat_prompt_ids(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Mapping[str, str]]) -> list[int]:

@@ -170,7 +170,7 @@ def load_answerer(preset: Preset, choice: str = "auto", inspector: Inspector | N
     try:
         from anomalygpt.assistant import build_assistant
 
-        return AssistantAnswerer(build_assistant(preset, inspector))
+        return AssistantAnswerer(build_assistant(preset, inspector, inference=True))
     except (ImportError, ValueError, OSError) as error:  # a missing package, weights or LLM file
         if choice == "assistant":
             raise AnswererError(f"the LLM assistant is not available: {error}") from error

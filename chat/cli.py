@@ -140,4 +140,4 @@ def chat_session(preset: Preset, options: ChatOptions) -> ChatSession | Answerer
             "parts (the verdict is still the detector's)",
             file=sys.stderr,
         )
-    return ChatSession(build_assistant(preset), options.class_name, options.sensitivity)
+    return ChatSession(build_assistant(preset, inference=True), options.class_name, options.sensitivity)

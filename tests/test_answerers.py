@@ -129,7 +129,9 @@ def test_auto_takes_the_assistant_only_with_trained_weights(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     built: list[Any] = []
-    fake_assistant_module(monkeypatch, lambda preset, inspector: built.append(inspector) or FakeAssistant())
+    fake_assistant_module(
+        monkeypatch, lambda preset, inspector, inference: built.append((inspector, inference)) or FakeAssistant()
+    )
     untrained = Preset(name="t")
     assert isinstance(load_answerer(untrained, "auto"), GroundedAnswerer) and built == []
     assert "preset 't' names no trained assistant weights" in capsys.readouterr().err
@@ -137,7 +139,7 @@ def test_auto_takes_the_assistant_only_with_trained_weights(
     inspector = object()
     answerer = load_answerer(trained, "auto", inspector)  # type: ignore[arg-type]
     assert isinstance(answerer, AssistantAnswerer) and isinstance(answerer.assistant, FakeAssistant)
-    assert built == [inspector]  # the app's Inspector is shared, not built twice
+    assert built == [(inspector, True)]  # the app's Inspector is shared, not built twice; merged for chat
     assert isinstance(load_answerer(untrained, "assistant"), AssistantAnswerer)
     assert isinstance(load_answerer(trained, "grounded"), GroundedAnswerer)
 
@@ -145,7 +147,7 @@ def test_auto_takes_the_assistant_only_with_trained_weights(
 def test_an_assistant_that_cannot_load_falls_back_or_fails(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    def missing(preset: Preset, inspector: Any) -> None:
+    def missing(preset: Preset, inspector: Any, inference: bool) -> None:
         raise OSError("no LLM file at /nowhere")
 
     fake_assistant_module(monkeypatch, missing)

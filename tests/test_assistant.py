@@ -399,3 +399,65 @@ def test_trained_parts_round_trip_strictly(preset: Preset, assistant: Assistant,
     (folder / "lora" / "adapter_model.safetensors").unlink()
     with pytest.raises(WeightsError, match="LoRA adapter file not found"):
         build_assistant(trained, assistant.inspector)
+
+
+def test_the_key_value_cache_is_reused_across_turns_and_changes_no_answer(
+    preset: Preset, assistant: Assistant, references: References
+) -> None:
+    assert assistant.inspector is not None
+    uncached = build_assistant(
+        dataclasses.replace(preset, assistant=dataclasses.replace(preset.assistant, kv_cache=False)),
+        assistant.inspector,
+    )
+    inspection = assistant.inspector.inspect(BAD, references)
+    questions = ("Where is it?", "Why do you think so?", "What should I do next?")
+    runs = {}
+    for name, model in (("cached", assistant), ("uncached", uncached)):
+        session = session_with(model, references)
+        session.show(BAD)
+        assert session.context is not None
+        history: list[tuple[str, str]] = []
+        reused = []
+        for question in questions:
+            answer = model.answer(question, history, inspection, session.context.visual)
+            text = "".join(answer).strip()
+            history.append((question, text))
+            reused.append(answer.generation.cached)
+        runs[name] = (history, reused)
+    assert runs["cached"][0] == runs["uncached"][0]  # greedy answers are the same with and without the cache
+    assert runs["uncached"][1] == [0, 0, 0]
+    first, *follow_ups = runs["cached"][1]
+    assert all(count > 100 for count in follow_ups)  # the system prompt, the facts and earlier turns are reused
+
+
+def test_inference_merges_lora_and_can_quantise(preset: Preset, assistant: Assistant, tmp_path: Path) -> None:
+    source = build_assistant(preset, assistant.inspector)
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, parameter in source.llm.named_parameters():
+            if "lora_" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.05)
+    folder = save_assistant(source, tmp_path / "parts")
+    trained = dataclasses.replace(preset, assistant=dataclasses.replace(preset.assistant, weights=str(folder)))
+    plain, merged = build_assistant(trained, assistant.inspector), build_assistant(trained, assistant.inspector, True)
+    ids = torch.tensor([plain.prompt_ids("facts", [], "Where is it?")])
+    visual = torch.randn(1, plain.n_visual, 32, generator=generator)
+    with torch.inference_mode():
+        logits = [model.llm(inputs_embeds=model.input_embeddings(ids, visual)).logits for model in (plain, merged)]
+    assert torch.allclose(logits[0], logits[1], atol=1e-4)
+    assert not torch.equal(logits[0], build_logits(preset, assistant, ids, visual))  # the LoRA update matters
+    quantised = dataclasses.replace(trained, llm=dataclasses.replace(trained.llm, quantize="int8"))
+    small = build_assistant(quantised, assistant.inspector, inference=True)
+    kinds = {type(module).__name__ for module in small.llm.modules()}
+    assert "Linear" in kinds and any("quantized" in type(m).__module__ for m in small.llm.modules())
+    session = ChatSession(small)
+    session.references = assistant.inspector.fit(texture_crops(2, size=64, seed=11))
+    session.show(BAD)
+    assert session.ask("How many defects are there?").count("anomalous region") >= 1
+
+
+def build_logits(preset: Preset, assistant: Assistant, ids: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
+    """Logits of the untrained assistant (LoRA update zero) on the same input."""
+    untrained = build_assistant(preset, assistant.inspector)
+    with torch.inference_mode():
+        return untrained.llm(inputs_embeds=untrained.input_embeddings(ids, visual)).logits
