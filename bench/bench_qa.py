@@ -2,7 +2,8 @@
 
 1. Normals that no training saw (simulation.normals.VALIDATION_PICTURES crops) -> `anomalygpt simulate` folder.
 2. eval.qa replays every conversation with the grounded template answerer (a check of the scorer: it should be
-   perfect) and the first --llm-conversations with the preset's LLM assistant, guarded and unguarded.
+   perfect) and the first --llm-conversations with the preset's LLM assistant, guarded (grounded opening and
+   claim checker) and unguarded (the model alone: no opening, no checker).
 3. ELPV: --elpv test cells per cell type, 4 references each (seeded draw); "Is there a defect?" answered by
    the assistant (guarded and unguarded) beside the detector's own verdict, all against the real labels.
 
@@ -46,7 +47,8 @@ def elpv_agreement(assistant: Any, n_per_type: int, seed: int) -> dict[str, Any]
     """Per cell type: detector verdict accuracy and the guarded / unguarded answers' agreement with the labels."""
     from eval.datasets import draw_shots, load_split
 
-    guarded, bare = asker(AssistantAnswerer(assistant, guard=True)), asker(AssistantAnswerer(assistant, guard=False))
+    guarded = asker(AssistantAnswerer(assistant, guard=True))
+    bare = asker(AssistantAnswerer(assistant, guard=False, check=False))
     out: dict[str, Any] = {}
     for cell_type in ("mono", "poly"):
         references, test = draw_shots(load_split("elpv", None, cell_type), 4, seed)
@@ -90,7 +92,8 @@ def main() -> int:
         results["assistant_weights"] = assistant.preset.assistant.weights or None  # None: untrained parts
         results["assistant_load_seconds"] = time.perf_counter() - start
         if args.llm_conversations > 0:
-            guarded, bare = AssistantAnswerer(assistant, guard=True), AssistantAnswerer(assistant, guard=False)
+            guarded = AssistantAnswerer(assistant, guard=True)
+            bare = AssistantAnswerer(assistant, guard=False, check=False)  # the model alone: no opening, no checker
             report = evaluate(data, records[: args.llm_conversations], asker(guarded), asker(bare), z, args.seed)
             results["assistant"] = report.summary()
             results["assistant_examples"] = [vars(turn) for turn in report.turns[:12]]
