@@ -821,11 +821,11 @@ class ClaimChecker:
         key = normalised(text)
         if key in self.said:
             return self.dropped(text, "repeat")
+        if self.off_topic(text):  # about regions the question did not ask for: dropped, right or wrong
+            return self.dropped(text, "off_topic")
         conflicts, carried = sentence_conflicts(text, self.grounds, self.question, not shown, self.carried)
         if conflicts:
             return self.repaired(text, conflicts, lead)
-        if self.off_topic(text):
-            return self.dropped(text, "off_topic")
         if not finished and self.truncated() and not text.rstrip().endswith((".", "!", "?")):
             return self.dropped(text, "unfinished")
         self.carried = carried
@@ -835,7 +835,7 @@ class ClaimChecker:
     def repaired(self, text: str, conflicts: Sequence[Conflict], lead: str) -> str:
         facts = tuple(dict.fromkeys(conflict.fact for conflict in conflicts))
         new = replacement(conflicts[0], self.grounds, self.question)
-        if self.already_said(new):
+        if self.already_said(new) or self.off_topic(new):
             self.report.repairs.append(Repair(text.strip(), "dropped", facts))
             return ""
         self.report.repairs.append(Repair(text.strip(), "replaced", facts, new))

@@ -155,15 +155,15 @@ def fact_errors(text: str, case: Case, polarity: str | None) -> list[str]:
     for index, sentence in enumerate(sentences):
         errors += verdict_errors(sentence, case, polarity if index == 0 else None)
         errors += number_errors(sentence, case)
-        for clause in re.split(r"[;:]", strip_reference_names(sentence)):
+        for clause in re.split(r"[;:]", strip_reference_names(sentence, case.defect_types)):
             errors += clause_errors(clause, case)
     return errors
 
 
-def strip_reference_names(sentence: str) -> str:
+def strip_reference_names(sentence: str, defect_types: Sequence[DefectType] = ()) -> str:
     """'reference 2 (cell0101.png)' -> 'reference 2'; defect type descriptions in brackets removed."""
     out = re.sub(r"(reference \d+) \([^)]*\)", r"\1", sentence)
-    for kind in GENERIC_DEFECT_TYPES:
+    for kind in (*defect_types, *GENERIC_DEFECT_TYPES):
         out = out.replace(f"({kind.description})", "")
     return out
 
