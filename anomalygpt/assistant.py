@@ -3,8 +3,11 @@
 Input layout, the same in training and in chat (LLaVA-style):
     system:    SYSTEM_PROMPT + Inspection.facts()
     user:      IMAGE_PLACEHOLDER x (1 + prompt tokens) + "\\n" + first question
-    assistant: answer ... later turns ... assistant cue (+ the guard's forced "Yes"/"No")
+    assistant: answer ... later turns ... assistant cue (+ the grounded opening, anomalygpt.guard)
 The placeholder positions are filled with [image token][prompt tokens] by masked_scatter, after a count check.
+In chat, each answer is prefilled with the grounded answer to its question (trust warnings first), the model
+continues it (at most MAX_SENTENCES sentences), and every sentence it adds is checked against the Inspection
+before it is shown (anomalygpt.claims). The keys/values of the prompt so far are kept for the next turn.
 transformers and peft are imported inside the functions that need them, so parsing a preset stays cheap.
 """
 
