@@ -227,11 +227,11 @@ class Stopwatch:
 
 
 class FewShotDetector:
-    """The Inspector's few-shot engine as a Detector: the normals are its references (1-16), thresholds its own."""
+    """The Inspector as a Detector: the normals are its references, thresholds its own. As "inspector" it gets k
+    drawn references; as "pool" every training normal (each query then matched against its nearest ones)."""
 
-    name = "inspector"
-
-    def __init__(self, inspector: Inspector, features: FeatureCache) -> None:
+    def __init__(self, inspector: Inspector, features: FeatureCache, name: str = "inspector") -> None:
+        self.name = name
         self.inspector = inspector
         self.config = inspector.preset
         self.features = features
@@ -262,15 +262,16 @@ BASELINES = {
     "unet-ae": ("anomalygpt.baselines.unet_ae", "build"),
     "feature-ae": ("anomalygpt.baselines.feature_ae", "build"),
 }
-METHODS = ("inspector", *BASELINES)
+INSPECTOR_METHODS = ("inspector", "pool")  # the Inspector with k drawn references, or with every training normal
+METHODS = (*INSPECTOR_METHODS, *BASELINES)
 
 
 def build_detector(name: str, features: FeatureCache, seed: int = 0, inspector: Inspector | None = None) -> Detector:
-    """A detector by name with its default config; `inspector` is needed for "inspector"."""
-    if name == "inspector":
+    """A detector by name with its default config; `inspector` is needed for "inspector" and "pool"."""
+    if name in INSPECTOR_METHODS:
         if inspector is None:
-            raise DetectorError("the inspector detector needs an Inspector")
-        return FewShotDetector(inspector, features)
+            raise DetectorError(f"the {name} detector needs an Inspector")
+        return FewShotDetector(inspector, features, name)
     if name not in BASELINES:
         raise DetectorError(f"unknown method {name!r}; known: {', '.join(METHODS)}")
     module, function = BASELINES[name]

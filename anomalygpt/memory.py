@@ -67,6 +67,12 @@ def global_descriptor(last_stage: torch.Tensor, grid: int) -> torch.Tensor:
     return F.normalize(F.adaptive_avg_pool2d(last_stage.float(), grid).flatten(1), dim=1)
 
 
+def appearance(last_stage: torch.Tensor) -> torch.Tensor:
+    """(B, C, h, w) embedded patch features -> (B, C) unit mean feature: what the image looks like overall,
+    for the reference-fit check (a local defect moves it little)."""
+    return F.normalize(last_stage.float().mean(dim=(2, 3)), dim=1)
+
+
 def original_positions(size: int, index: int) -> torch.Tensor:
     """(2, size, size): for each cell of dihedral view `index`, the (row, col) of the cell it came from."""
     rows, cols = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
@@ -155,13 +161,15 @@ class PatchMemory:
         backbone: VisionBackbone,
         banks: list[StageBank],
         descriptors: torch.Tensor,
+        appearances: torch.Tensor,
         image_size: tuple[int, int],
         cfg: MemoryConfig,
         augment: bool,
     ) -> None:
         self.backbone = backbone
         self.banks = banks
-        self.descriptors = descriptors  # (R, D) one global descriptor per reference (identity view)
+        self.descriptors = descriptors  # (R, D) one layout descriptor per reference (identity view), for retrieval
+        self.appearances = appearances  # (R, C) one appearance per reference, for the reference-fit check
         self.image_size = image_size  # (H, W) of the references; queries must match
         self.cfg = cfg
         self.augment = augment  # whether the banks hold every dihedral view (the decision, not the preset's wish)
@@ -202,7 +210,7 @@ class PatchMemory:
         keep = reference_share(cfg, len(references))
         generator = torch.Generator().manual_seed(cfg.seed)
         per_stage: list[list[StageBank]] = [[] for _ in backbone.stage_dims]
-        descriptors = []
+        descriptors, appearances = [], []
         size: tuple[int, int] | None = None
         for index in range(len(references)):
             image = references[index]
@@ -211,6 +219,7 @@ class PatchMemory:
             size = image.shape[:2]
             views = (encoded or {}).get(index) or encode_views(backbone, image, augment, cfg.neighbourhood)
             descriptors.append(global_descriptor(views[-1][:1], cfg.descriptor_grid)[0])
+            appearances.append(appearance(views[-1][:1])[0])
             for parts, stage_views in zip(per_stage, views, strict=True):
                 parts.append(reference_bank(stage_views, index, keep, cfg.thinning, generator))
             if on_reference is not None:
@@ -219,7 +228,7 @@ class PatchMemory:
                 on_progress()
         assert size is not None
         banks = [concat_banks(parts) for parts in per_stage]
-        return cls(backbone, banks, torch.stack(descriptors), size, cfg, augment)
+        return cls(backbone, banks, torch.stack(descriptors), torch.stack(appearances), size, cfg, augment)
 
     def nearest_references(self, descriptors: torch.Tensor, exclude: int | None = None) -> torch.Tensor:
         """(B, n) indices of the n = min(retrieve, references) nearest references to each descriptor (B, D)."""

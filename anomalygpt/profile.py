@@ -58,7 +58,10 @@ def tensors_checksum(tensors: dict[str, torch.Tensor]) -> str:
 
 def memory_tensors(memory: PatchMemory) -> dict[str, torch.Tensor]:
     """The memory as flat named tensors: bank features as float16 (the memory holds float16-exact values)."""
-    tensors = {"descriptors": memory.descriptors.float().contiguous()}
+    tensors = {
+        "descriptors": memory.descriptors.float().contiguous(),
+        "appearances": memory.appearances.float().contiguous(),
+    }
     for stage, bank in enumerate(memory.banks):
         tensors[f"stage{stage}.features"] = bank.features.half().contiguous()
         tensors[f"stage{stage}.reference"] = bank.reference.int().contiguous()
@@ -205,6 +208,7 @@ def profile_memory(header: dict[str, Any], tensors: dict[str, torch.Tensor], ins
         inspector.backbone,
         banks,
         tensors["descriptors"].to(device),
+        tensors["appearances"].to(device),
         (int(height), int(width)),
         inspector.preset.memory,
         bool(header["augment"]),

@@ -385,7 +385,7 @@ def test_verdict_table_aligns_columns() -> None:
             "threshold": 0.5,
             "margin": 12.34,
             "regions": [region, {"location": "center"}],
-            "reference_fit": {"fits": False, "units": 7.2},
+            "reference_fit": {"fits": False, "ratio": 7.2},
         },
         {"source": "long/b.png", "verdict": "normal", "score": 0.1, "threshold": 0.5, "margin": -4.0, "regions": []},
     ]

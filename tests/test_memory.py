@@ -78,8 +78,9 @@ def test_each_reference_keeps_its_share_and_every_patch_knows_its_origin(memory)
     assert memory.banks[1].position.bincount(minlength=64).tolist() == [3 * 8] * 64
     assert set(memory.banks[1].quadrant(8).tolist()) == {0, 1, 2, 3}
     assert memory.n_references == 3 and memory.image_size == (128, 128) and not memory.retrieval
-    assert memory.descriptors.shape == (3, 112 * 4 * 4)
+    assert memory.descriptors.shape == (3, 112 * 4 * 4) and memory.appearances.shape == (3, 112)
     assert torch.allclose(memory.descriptors.norm(dim=1), torch.ones(3))
+    assert torch.allclose(memory.appearances.norm(dim=1), torch.ones(3))
 
 
 def test_bank_features_are_float16_exact(memory):

@@ -88,22 +88,23 @@ def test_augmentation_is_decided_from_the_references_or_set_by_the_preset(small_
     assert decided.augment == (decided.separation_on >= 1.02 * decided.separation_off)
 
 
-def test_fit_statistics_are_nearest_other_reference_distances():
-    # Unit descriptors at angles 0, 10, 30 degrees: nearest-other cosine distances 1 - cos 10, 1 - cos 10, 1 - cos 20.
+def test_fit_statistics_are_the_mean_nearest_other_reference_distance():
+    # Unit descriptors at 0, 10 and 30 degrees: nearest-other cosine distances 1 - cos 10, 1 - cos 10, 1 - cos 20.
     angles = torch.tensor([0.0, 10.0, 30.0]) * math.pi / 180
-    descriptors = torch.stack([angles.cos(), angles.sin()], dim=1)
-    stats = fit_statistics(descriptors)
-    nearest = np.array([1 - math.cos(math.radians(a)) for a in (10, 10, 20)])
-    assert stats.n == 3 and stats.mean == pytest.approx(nearest.mean(), rel=1e-5)
-    assert stats.spread == pytest.approx(nearest.std(ddof=1), rel=1e-5)
-    assert fit_statistics(descriptors[:1]) == FitStatistics(0.0, 0.0, 0)
-    query = torch.tensor([0.0, 1.0])  # 90 degrees: 1 - cos 60 from the nearest (30 degrees)
-    fit = reference_fit(query, descriptors, stats, ["a", "b", "c"])
+    appearances = torch.stack([angles.cos(), angles.sin()], dim=1)
+    stats = fit_statistics(appearances)
+    typical = np.mean([1 - math.cos(math.radians(a)) for a in (10, 10, 20)])
+    assert stats.n == 3 and stats.typical == pytest.approx(typical, rel=1e-5)
+    assert fit_statistics(appearances[:1]) == FitStatistics(0.0, 0)
+    query = torch.tensor([0.0, 1.0])  # 90 degrees: 1 - cos 60 = 0.5 from the nearest reference (30 degrees)
+    fit = reference_fit(query, appearances, stats, ["a", "b", "c"])
     assert fit["distance"] == pytest.approx(0.5, abs=1e-4) and fit["nearest"] == ["c", "b", "a"]
-    assert fit["units"] == pytest.approx((0.5 - stats.mean) / stats.spread, abs=0.01)
-    assert fit["fits"] is (fit["units"] <= FIT_LIMIT) and fit_warning(fit) is not None
-    close = reference_fit(descriptors[1], descriptors, stats, ["a", "b", "c"])
-    assert close["fits"] is True and fit_warning(close) is None
+    assert fit["ratio"] == pytest.approx(0.5 / typical, abs=0.01) and fit["ratio"] > FIT_LIMIT
+    assert fit["fits"] is False and "times farther" in fit_warning(fit)
+    close = reference_fit(appearances[1], appearances, stats, ["a", "b", "c"])
+    assert close["ratio"] == 0 and close["fits"] is True and fit_warning(close) is None
+    alone = reference_fit(query, appearances[:1], fit_statistics(appearances[:1]), ["a"])
+    assert alone["ratio"] is None and alone["fits"] is None and fit_warning(alone) is None
 
 
 def test_a_query_of_another_product_is_warned_and_one_of_the_same_is_not(inspector):
@@ -111,6 +112,6 @@ def test_a_query_of_another_product_is_warned_and_one_of_the_same_is_not(inspect
     same = inspector.inspect(texture_crops(1, seed=77)[0], references)
     other = inspector.inspect(grass_crops(1)[0], references)
     assert same.reference_fit["fits"] is True and same.warnings == []
-    assert other.reference_fit["fits"] is False and other.reference_fit["units"] > FIT_LIMIT
+    assert other.reference_fit["fits"] is False and other.reference_fit["ratio"] > FIT_LIMIT
     assert other.warnings[0].startswith("the image does not look like the good references")
     assert other.facts().startswith("Warning: the image does not look like")
