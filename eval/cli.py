@@ -33,6 +33,7 @@ class EvalOptions:
     held_out: bool  # also score the samples a dataset reports apart (ELPV's uncertain p = 1/3 cells)
     method: str = "inspector"  # comma-separated methods, as typed; "all" = every method
     test_fraction: float = 0.3  # with baselines: good images held out for testing where the pool is test data
+    half: str = "all"  # ELPV only: "dev" (odd-numbered cells) or "test" (even-numbered)
 
 
 @dataclass
@@ -72,9 +73,17 @@ def build_parser() -> CliParser:
     parser.add_argument(
         "--method",
         default="inspector",
-        help="comma-separated methods: inspector (few-shot, rows per --shots), patchcore, simplenet, unet-ae, "
-        "feature-ae, or all. With any baseline every method trains on the same split: all good images not held "
-        "out for testing (default: inspector)",
+        help="comma-separated methods: inspector (few-shot, rows per --shots), pool (the Inspector with every "
+        "training image as a reference, each query matched against its nearest ones), patchcore, simplenet, "
+        "unet-ae, feature-ae, or all. With pool or any baseline every method trains on the same split: all good "
+        "images not held out for testing (default: inspector)",
+    )
+    parser.add_argument(
+        "--half",
+        choices=("all", "dev", "test"),
+        default="all",
+        help="ELPV only: dev = odd-numbered cells (make every choice there), test = even-numbered cells (report "
+        "figures there), all (default)",
     )
     parser.add_argument(
         "--test-fraction",
@@ -188,18 +197,21 @@ def options_from(args: argparse.Namespace) -> EvalOptions:
         held_out=bool(args.held_out),
         method=args.method,
         test_fraction=args.test_fraction,
+        half=args.half,
     )
 
 
 def prepare(options: EvalOptions) -> EvalJob:
     """Validate every option (cheapest first), load the preset and every split, check the cache."""
-    from eval.datasets import DATASETS, load_split
+    from eval.datasets import DATASETS, elpv_half, load_split
 
     if options.dataset not in DATASETS:
         raise UsageError(f"--dataset: unknown dataset {options.dataset!r}; known: {', '.join(DATASETS)}")
     shots = parse_ints("--shots", options.shots, minimum=1, maximum=MAX_SHOTS)
     seeds = parse_ints("--seeds", options.seeds, minimum=0)
     root = checked_root(options.dataset, options.root)
+    if options.half != "all" and options.dataset != "elpv":
+        raise UsageError(f"--half {options.half}: only ELPV has development and test halves")
     if not 0.0 < options.test_fraction < 1.0:
         raise UsageError(f"--test-fraction: {options.test_fraction} must be between 0 and 1")
     check_out_dir(options.out)
@@ -217,6 +229,8 @@ def prepare(options: EvalOptions) -> EvalJob:
         shots, seeds = (0,), (0,)  # no references to draw: one setting per category
     names = chosen_categories(options.dataset, root, options.categories)
     splits = {name: load_split(options.dataset, root, name) for name in names}
+    if options.dataset == "elpv":
+        splits = {name: elpv_half(split, options.half) for name, split in splits.items()}
     for split in splits.values():
         if full_shot:
             check_full_shot_split(split, methods, shots, seeds, options.test_fraction)
@@ -233,6 +247,7 @@ def prepare(options: EvalOptions) -> EvalJob:
         options.held_out,
         methods,
         options.test_fraction,
+        options.half,
     )
     check_cache_config(options.out, fingerprint(config))
     args = {
@@ -247,6 +262,7 @@ def prepare(options: EvalOptions) -> EvalJob:
         "held_out": options.held_out,
         "methods": list(methods),
         "test_fraction": options.test_fraction,
+        "half": options.half,
     }
     return EvalJob(config, splits, args)
 

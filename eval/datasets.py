@@ -239,6 +239,37 @@ def _elpv_split(root: Path | None, category: str) -> CategorySplit:
     return CategorySplit(category, pool, test, pool_is_test=True, held_out=held_out)
 
 
+ELPV_HALVES = ("all", "dev", "test")  # dev: odd-numbered cells (every choice is made there); test: even-numbered
+
+
+def elpv_cell_number(path: Path) -> int:
+    """1 for images/cell0001.png."""
+    digits = path.stem.removeprefix("cell")
+    if not digits.isdigit():
+        raise DatasetError(f"elpv: {path} is not named cellNNNN")
+    return int(digits)
+
+
+def elpv_half(split: CategorySplit, half: str) -> CategorySplit:
+    """The split restricted to ELPV's development half (odd cell numbers), its test half (even) or all of it."""
+    if half not in ELPV_HALVES:
+        raise DatasetError(f"elpv: unknown half {half!r}; known: {', '.join(ELPV_HALVES)}")
+    if half == "all":
+        return split
+    parity = 1 if half == "dev" else 0
+
+    def keep(path: Path) -> bool:
+        return elpv_cell_number(path) % 2 == parity
+
+    return CategorySplit(
+        split.category,
+        tuple(p for p in split.reference_pool if keep(p)),
+        tuple(s for s in split.test if keep(s.path)),
+        split.pool_is_test,
+        tuple(s for s in split.held_out if keep(s.path)),
+    )
+
+
 def _folder_categories(root: Path | None) -> list[str]:
     """The one category of a plain folder: its name."""
     return [_existing_root(root, "folder").resolve().name]

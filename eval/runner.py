@@ -56,6 +56,7 @@ class EvalConfig:
     held_out: bool = False  # also score the split's held-out samples (ELPV's uncertain p = 1/3 cells)
     methods: tuple[str, ...] = (INSPECTOR,)  # any baseline: every method trains on the same full-shot split
     test_fraction: float = 0.3  # with baselines: share of the good images held out for testing (ELPV, folders)
+    half: str = "all"  # ELPV: "dev" (odd-numbered cells), "test" (even-numbered) or "all"
 
     @property
     def full_shot(self) -> bool:
@@ -133,6 +134,8 @@ def fingerprint(config: EvalConfig) -> dict[str, Any]:
     preset.pop("name")  # a renamed copy of the same preset gives the same numbers
     root = None if config.dataset == "elpv" or config.root is None else str(Path(config.root).resolve())
     base = {"protocol": EVAL_PROTOCOL, "dataset": config.dataset, "root": root, "preset": preset}
+    if config.half != "all":
+        base["half"] = config.half
     return {**base, "full_shot_test_fraction": config.test_fraction} if config.full_shot else base
 
 
