@@ -754,6 +754,12 @@ def rank_sentence(conflict: Conflict, grounds: Grounds, question: Question | Non
     return biggest_answer(Question("", "biggest", "severe" if severe else "biggest"), grounds)[0]
 
 
+def loops(text: str) -> bool:
+    """True when a sentence says one clause twice ('no region fits; no region fits'): the model is looping."""
+    clauses = [normalised(part) for part in re.split(r"[;:,]", text) if len(part.split()) >= 3]
+    return len(set(clauses)) < len(clauses)
+
+
 def normalised(text: str) -> str:
     return " ".join(WORDS.findall(text.lower())).strip(" .")
 
@@ -819,7 +825,7 @@ class ClaimChecker:
         self.report.sentences += 1
         lead = text[: len(text) - len(text.lstrip())] or (" " if shown and not shown[-1].isspace() else "")
         key = normalised(text)
-        if key in self.said:
+        if key in self.said or loops(text):
             return self.dropped(text, "repeat")
         if self.off_topic(text):  # about regions the question did not ask for: dropped, right or wrong
             return self.dropped(text, "off_topic")

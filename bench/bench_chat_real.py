@@ -32,8 +32,10 @@ from typing import Any
 
 import numpy as np
 
+from anomalygpt.claims import ClaimChecker
 from anomalygpt.evidence import RegionEvidence
-from anomalygpt.grounded import DefectType
+from anomalygpt.grounded import DefectType, Grounds, answer_text
+from anomalygpt.guard import read_question
 from anomalygpt.inspection import Inspection
 from anomalygpt.io import write_json_atomic
 from anomalygpt.regions import Region
@@ -49,6 +51,7 @@ SOLAR_CELL_TYPES = (
     DefectType("edge defect", "a chipped or dark cell edge", contrasts=("darker", "brighter"), positions=("edge",)),
 )
 CELL_TYPES = ("mono", "poly")
+WHEN = ("before checker", "after checker", "after final checker")
 
 
 def cell_number(path: Path) -> int:
@@ -148,11 +151,14 @@ def score(records: list[dict[str, Any]]) -> dict[str, Any]:
             kind = answer["kind"]
             shown = score_answer(answer["answer"], kind, case, answer["polarity"], answer["focus"])
             raw = score_answer(answer["raw"], kind, case, answer["polarity"], answer["focus"])
+            final = score_answer(rechecked(answer, case), kind, case, answer["polarity"], answer["focus"])
             row = rows[kind]
             row["answers"] += 1
             row["contradicting before checker"] += bool(raw.contradictions)
             row["contradicting after checker"] += bool(shown.contradictions)
+            row["contradicting after final checker"] += bool(final.contradictions)
             row["useful"] += shown.useful
+            row["useful with final checker"] += final.useful
             row["model added text"] += answer["raw"].strip() != answer["answer"].strip() or bool(answer["paths"])
             row.update({f"path {path}": count for path, count in answer["paths"].items()})
             if shown.contradictions or not shown.useful:
@@ -162,21 +168,31 @@ def score(records: list[dict[str, Any]]) -> dict[str, Any]:
     return {"per_kind": {kind: dict(rows[kind]) for kind in KINDS}, "total": dict(total), "failures": failures}
 
 
+def rechecked(answer: dict[str, Any], case: Case) -> str:
+    """The answer as the current claim checker shows it, re-applied to what the model generated in the run (the
+    grounded opening is rebuilt; a cut-off last sentence was cut when the run dropped one as unfinished)."""
+    question = read_question(answer["text"], SOLAR_CELL_TYPES)
+    grounds = Grounds(case.inspection, case.evidence, SOLAR_CELL_TYPES)
+    opening = answer_text(question, grounds)
+    raw = answer["raw"]
+    generated = raw[len(opening) :] if raw.startswith(opening) else raw
+    checker = ClaimChecker(grounds, question)
+    checker.truncated = lambda: "unfinished" in answer["paths"]
+    return "".join(checker.stream([generated], opening if raw.startswith(opening) else "")).strip()
+
+
 def summary_table(scored: dict[str, Any]) -> str:
     paths = ("replaced", "dropped", "off_topic", "repeat", "unfinished")
-    head = "| kind | answers | contradicting before checker | after | " + " | ".join(paths) + " | useful |"
+    head = "| kind | answers | contradicting before checker | after | after (final checker) | "
+    head += " | ".join(paths) + " | useful | useful (final checker) |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for kind, row in [*scored["per_kind"].items(), ("all", scored["total"])]:
         n = row.get("answers", 0)
         if not n:
             continue
-        cells = [
-            str(n),
-            str(row.get("contradicting before checker", 0)),
-            str(row.get("contradicting after checker", 0)),
-        ]
+        cells = [str(n)] + [str(row.get(f"contradicting {when}", 0)) for when in WHEN]
         cells += [str(row.get(f"path {path}", 0)) for path in paths]
-        cells.append(f"{row.get('useful', 0) / n:.1%}")
+        cells += [f"{row.get('useful', 0) / n:.1%}", f"{row.get('useful with final checker', 0) / n:.1%}"]
         lines.append(f"| {kind} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

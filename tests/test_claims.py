@@ -135,6 +135,7 @@ def test_each_repair_path() -> None:
     model = [
         " Region 1 is in the top left.",  # right, but about the biggest only: kept
         " Region 1 is in the top left.",  # the same again: repeat
+        " No region fits the label; no region fits the label.",  # a clause said twice: the model loops: repeat
         " Region 3 is elongated.",  # another region than the question singles out: off_topic
         " Region 2 is in the bottom left.",  # wrong, and about another region: off_topic, never its repair
         " There are 5 regions.",  # wrong count: replaced by the count sentence
@@ -144,7 +145,7 @@ def test_each_repair_path() -> None:
     checker = ClaimChecker(GROUNDS, question)
     checker.truncated = lambda: True
     shown = "".join(checker.stream(iter(model), opening))
-    paths = ["repeat", "off_topic", "off_topic", "replaced", "dropped", "unfinished"]
+    paths = ["repeat", "repeat", "off_topic", "off_topic", "replaced", "dropped", "unfinished"]
     assert [r.path for r in checker.report.repairs] == paths
     assert shown.count("Region 1 is in the top left.") == 1 and "5 regions" not in shown and "And then" not in shown
     assert check_answer(shown, GROUNDS, question) == []
@@ -153,7 +154,7 @@ def test_each_repair_path() -> None:
     assert tally.to_dict() == {
         "answers": 1,
         "fired": 1,
-        "paths": {"repeat": 1, "off_topic": 2, "replaced": 1, "dropped": 1, "unfinished": 1},
+        "paths": {"repeat": 2, "off_topic": 2, "replaced": 1, "dropped": 1, "unfinished": 1},
         "facts": {"count": 2},
     }
     assert tally.summary() == "claim checker: 1 of 1 answers corrected (count 2)"
