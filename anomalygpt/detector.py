@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from anomalygpt.backbones import VisionBackbone
 from anomalygpt.io import ImageSource, load_image
-from anomalygpt.memory import top_mean
+from anomalygpt.memory import memory_inputs, top_mean
 from anomalygpt.state import load_cache, note_ignored_pickles, remove_orphaned_temps, save_state
 
 if TYPE_CHECKING:
@@ -250,7 +250,7 @@ class FewShotDetector:
         if self.references is None:
             raise DetectorError("inspector: predict before fit")
         memory = self.references.memory
-        maps = memory.maps_from_patches(self.features.patches(images), images[0].shape[:2])
+        maps = memory.maps_from_patches(self.features.patches(memory_inputs(images, memory.cfg)), images[0].shape[:2])
         return Prediction(np.array([memory.image_score(m) for m in maps]), maps)
 
 

@@ -19,7 +19,15 @@ from anomalygpt.calibration import ONE_REFERENCE_CAVEAT, Calibration, calibrate,
 from anomalygpt.config import DEFAULT_PRESET, Preset, load_preset, resolve_device, to_dict
 from anomalygpt.decoder import AnomalyDecoder, DecoderSpec, TextPrior
 from anomalygpt.io import ImageSource, load_image
-from anomalygpt.memory import N_DIHEDRAL, PatchMemory, appearance, embed_patches, fuse_maps, top_mean
+from anomalygpt.memory import (
+    N_DIHEDRAL,
+    PatchMemory,
+    appearance,
+    embed_patches,
+    fuse_maps,
+    memory_inputs,
+    top_mean,
+)
 from anomalygpt.references import (
     AugmentationDecision,
     FitStatistics,
@@ -28,6 +36,7 @@ from anomalygpt.references import (
     decide_augmentation,
     fit_statistics,
     fit_warning,
+    grey_thumbnail,
     reference_fit,
 )
 from anomalygpt.regions import Region, find_regions, regions_summary
@@ -208,7 +217,7 @@ class Inspector:
         calibration = calibrate(memory, held_out, self.preset.calibration)
         warnings = kept.warnings + reference_set_warnings(memory.n_references)
         elapsed = (time.perf_counter() - start) * 1000
-        fit_stats = fit_statistics(memory.appearances)
+        fit_stats = fit_statistics(memory.appearances, kept.brightness)
         return References(memory, calibration, elapsed, list(images.names), decision, fit_stats, warnings, class_name)
 
     def attach_prior(self, memory: PatchMemory, class_name: str | None) -> None:
@@ -280,9 +289,11 @@ class Inspector:
             )
         start = time.perf_counter()
         with torch.inference_mode():
-            feats = embed_patches(self.backbone.encode([pixels]).patches, refs.memory.cfg.neighbourhood)
+            patches = self.backbone.encode(memory_inputs([pixels], refs.memory.cfg)).patches
+            feats = embed_patches(patches, refs.memory.cfg.neighbourhood)
             anomaly_map = refs.memory.fuse(refs.memory.stage_maps(feats), pixels.shape[:2])[0]
-        fit = reference_fit(appearance(feats[-1])[0], refs.memory.appearances, refs.fit_stats, refs.names)
+        brightness = float(grey_thumbnail(pixels).mean())
+        fit = reference_fit(appearance(feats[-1])[0], brightness, refs.memory.appearances, refs.fit_stats, refs.names)
         timings = {"inspect": (time.perf_counter() - start) * 1000, "index_references": refs.index_ms}
         mode = Mode(refs.mode, refs.memory.n_references, refs.calibration)
         inspection = self.inspection(

@@ -29,6 +29,10 @@ class MemoryConfig:
     # The 8 rotations/flips of each reference: helps rotation-invariant products, hurts oriented ones.
     # None: decided per product from the references (anomalygpt.references.decide_augmentation).
     augment: bool | None = None
+    # Each image's grey levels shifted and scaled to one mean and spread before the backbone (references and
+    # queries alike), so brightness and contrast differences between good parts do not count as anomalies; the
+    # reference-fit check still sees brightness. ELPV dev half: 4-shot I-AUROC +0.028 mono, +0.009 poly.
+    standardize: bool = False
     neighbourhood: int = 3  # patch features averaged over an n x n window (local context, as in PatchCore)
     max_patches: int = 16_000  # per stage: the most good patches one query is matched against
     thinning: str = "coreset"  # how a reference's patches are cut to its share of max_patches: "coreset"/"random"
@@ -146,11 +150,27 @@ def concat_banks(parts: Sequence[StageBank]) -> StageBank:
     )
 
 
+STANDARD_GREY = (128.0, 50.0)  # mean and spread of a standardised image's grey levels
+
+
+def standardized(image: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8 with its grey levels (all channels together) moved to STANDARD_GREY's mean and spread."""
+    pixels = image.astype(np.float32)
+    mean, spread = STANDARD_GREY
+    scaled = (pixels - pixels.mean()) * (spread / max(float(pixels.std()), 1e-3)) + mean
+    return np.rint(scaled).clip(0, 255).astype(np.uint8)
+
+
+def memory_inputs(images: Sequence[np.ndarray], cfg: MemoryConfig) -> list[np.ndarray]:
+    """The images as the memory sees them: standardised when the config asks for it."""
+    return [standardized(image) for image in images] if cfg.standardize else list(images)
+
+
 @torch.inference_mode()
-def encode_views(backbone: VisionBackbone, image: np.ndarray, augment: bool, neighbourhood: int) -> list[torch.Tensor]:
+def encode_views(backbone: VisionBackbone, image: np.ndarray, augment: bool, cfg: MemoryConfig) -> list[torch.Tensor]:
     """Per stage (V, C, h, w) embedded features of an image's dihedral views (V = 8, or 1 without augmentation)."""
-    views = augmented_views(backbone.preprocess([image]), augment)
-    return embed_patches(backbone(torch.cat(views).contiguous(), embedding=False).patches, neighbourhood)
+    views = augmented_views(backbone.preprocess(memory_inputs([image], cfg)), augment)
+    return embed_patches(backbone(torch.cat(views).contiguous(), embedding=False).patches, cfg.neighbourhood)
 
 
 class PatchMemory:
@@ -217,7 +237,7 @@ class PatchMemory:
             if size is not None and image.shape[:2] != size:
                 raise ValueError(f"references differ in size: {size} and {image.shape[:2]}; use references of one size")
             size = image.shape[:2]
-            views = (encoded or {}).get(index) or encode_views(backbone, image, augment, cfg.neighbourhood)
+            views = (encoded or {}).get(index) or encode_views(backbone, image, augment, cfg)
             descriptors.append(global_descriptor(views[-1][:1], cfg.descriptor_grid)[0])
             appearances.append(appearance(views[-1][:1])[0])
             for parts, stage_views in zip(per_stage, views, strict=True):
@@ -300,7 +320,9 @@ class PatchMemory:
 
     def anomaly_maps(self, images: Sequence[np.ndarray]) -> np.ndarray:
         """(B, H, W) anomaly maps for same-size uint8 images."""
-        return self.maps_from_patches(self.backbone.encode(images).patches, images[0].shape[:2])
+        return self.maps_from_patches(
+            self.backbone.encode(memory_inputs(images, self.cfg)).patches, images[0].shape[:2]
+        )
 
     def image_score(self, anomaly_map: np.ndarray) -> float:
         return top_mean(anomaly_map, self.cfg.top_fraction)

@@ -144,8 +144,11 @@ def main() -> int:
     args = parser.parse_args()
     start = time.time()
     preset = load_preset(args.preset)
+    # The decoder reads raw images and fusion adds its map to the memory's, both from one raw encoding per image.
     preset = dataclasses.replace(
-        preset, decoder=dataclasses.replace(preset.decoder, weights=args.weights, fusion_weight=0.0)
+        preset,
+        decoder=dataclasses.replace(preset.decoder, weights=args.weights, fusion_weight=0.0),
+        memory=dataclasses.replace(preset.memory, standardize=False),
     )
     inspector = build_inspector(preset)
     seeds = [int(s) for s in args.seeds.split(",")]

@@ -25,7 +25,7 @@ from anomalygpt.calibration import Calibration
 from anomalygpt.config import Preset, to_dict
 from anomalygpt.inspection import Inspector, decide
 from anomalygpt.io import load_image, write_json_atomic
-from anomalygpt.memory import top_mean
+from anomalygpt.memory import memory_inputs, top_mean
 from anomalygpt.regions import Region
 from eval.datasets import CategorySplit, Sample, draw_shots, load_mask
 from eval.metrics import PixelMetrics, image_metrics, verdict_metrics
@@ -214,8 +214,9 @@ def checked_size(image: np.ndarray, path: Path, size: tuple[int, int] | None) ->
 
 
 @torch.inference_mode()
-def encode_category(inspector: Inspector, paths: Sequence[Path], desc: str) -> PatchCache:
-    """Decode and encode every image once; patches kept as float16 to halve the memory."""
+def encode_category(inspector: Inspector, paths: Sequence[Path], desc: str, few_shot: bool = True) -> PatchCache:
+    """Decode and encode every image once, as the few-shot memory sees them (or raw, for the zero-shot decoder);
+    patches kept as float16 to halve the memory."""
     stages: list[torch.Tensor] = []
     size: tuple[int, int] | None = None
     start = time.perf_counter()
@@ -224,7 +225,8 @@ def encode_category(inspector: Inspector, paths: Sequence[Path], desc: str) -> P
         images = [load_image(path) for path in batch]
         for image, path in zip(images, batch, strict=True):
             size = checked_size(image, path, size)
-        patches = inspector.backbone.encode(images, batch_size=ENCODE_BATCH).patches  # per stage (B, C, h, w)
+        shown = memory_inputs(images, inspector.preset.memory) if few_shot else images
+        patches = inspector.backbone.encode(shown, batch_size=ENCODE_BATCH).patches  # per stage (B, C, h, w)
         if not stages:
             stages = [torch.empty((len(paths), *p.shape[1:]), dtype=torch.float16) for p in patches]
         for stage, part in zip(stages, patches, strict=True):
@@ -415,9 +417,9 @@ def run_category(
     }
     pending = [s for s in settings if found[s] is None]
     bar.set_description(split.category)
-    cache = (
-        encode_category(inspector, image_paths(split, config.held_out), f"encode {split.category}") if pending else None
-    )
+    paths = image_paths(split, config.held_out)
+    few_shot = config.shots != (0,)  # --zero-shot: the decoder reads raw images
+    cache = encode_category(inspector, paths, f"encode {split.category}", few_shot) if pending else None
     for k, seed in settings:
         result = found[(k, seed)]
         if result is None:
@@ -501,7 +503,8 @@ def example_panels(inspector: Inspector, split: CategorySplit, result: SettingRe
     fitted = fit_setting(inspector, [Path(path) for path in result.references])
     calibration = fitted.calibration
     images = [load_image(result.paths[index]) for _, index in picks]  # each (H, W, 3) uint8
-    patches = [p.half().float() for p in inspector.backbone.encode(images, batch_size=ENCODE_BATCH).patches]
+    shown = memory_inputs(images, inspector.preset.memory) if result.k > 0 else images
+    patches = [p.half().float() for p in inspector.backbone.encode(shown, batch_size=ENCODE_BATCH).patches]
     maps = fitted.scorer.maps_from_patches(patches, images[0].shape[:2])  # (P, H, W)
     samples = {str(sample.path): sample for sample in split.test}
     panels = []

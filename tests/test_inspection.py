@@ -22,7 +22,8 @@ def references(inspector):
 def test_default_preset_is_the_offline_efficientnet():
     preset = load_preset("default")
     assert preset.backbone.name == "efficientnet-lite0" and preset.backbone.stages == (4, 10)
-    assert preset.memory.augment is True
+    # Augmentation decided from the references; images standardised; pools retrieve 8 nearest (ELPV dev half).
+    assert preset.memory.augment is None and preset.memory.standardize is True and preset.memory.retrieve == 8
 
 
 def test_unknown_preset_and_options_are_named(tmp_path):

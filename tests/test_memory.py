@@ -10,9 +10,11 @@ from anomalygpt.memory import (
     dihedral,
     embed_patches,
     global_descriptor,
+    memory_inputs,
     nearest_distance,
     original_positions,
     quadrant_of,
+    standardized,
     thin,
     top_mean,
 )
@@ -87,6 +89,15 @@ def test_bank_features_are_float16_exact(memory):
     # A profile stores the banks as float16: the fitted memory must hold exactly those values.
     for bank in memory.banks:
         assert torch.equal(bank.features, bank.features.half().float())
+
+
+def test_standardised_images_keep_their_pattern_and_lose_brightness_and_contrast():
+    image = texture_crops(1)[0]
+    dimmer = (image.astype(np.float32) * 0.7 + 30).round().astype(np.uint8)  # another exposure of the same part
+    a, b = standardized(image), standardized(dimmer)
+    assert abs(a.mean() - 128) < 2 and abs(a.std() - 50) < 3  # up to the clipping of the brightest mortar
+    assert np.abs(a.astype(int) - b.astype(int)).mean() < 1.0 < np.abs(image.astype(int) - dimmer.astype(int)).mean()
+    assert memory_inputs([image], MemoryConfig(standardize=False))[0] is image
 
 
 def test_coreset_thinning_covers_the_patches_better_than_a_random_subset():

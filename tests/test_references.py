@@ -11,6 +11,8 @@ from anomalygpt.config import load_preset
 from anomalygpt.inspection import InspectionError, Inspector
 from anomalygpt.memory import MemoryConfig
 from anomalygpt.references import (
+    AUGMENT_GAIN,
+    BRIGHTNESS_LIMIT,
     FIT_LIMIT,
     FitStatistics,
     check_references,
@@ -85,25 +87,29 @@ def test_augmentation_is_decided_from_the_references_or_set_by_the_preset(small_
     decided, views = decide_augmentation(small_backbone, texture_crops(4, seed=5), MemoryConfig(), rng)
     assert sorted(views) == [0, 1, 2, 3] and all(v.shape[0] == 8 for v in views[0])
     assert decided.separation_on > 1 and decided.separation_off > 1  # simulated defects score above good
-    assert decided.augment == (decided.separation_on >= 1.02 * decided.separation_off)
+    assert decided.augment == (decided.separation_on >= AUGMENT_GAIN * decided.separation_off)
 
 
-def test_fit_statistics_are_the_mean_nearest_other_reference_distance():
+def test_fit_statistics_are_the_mean_nearest_other_reference_distance_and_the_brightness():
     # Unit descriptors at 0, 10 and 30 degrees: nearest-other cosine distances 1 - cos 10, 1 - cos 10, 1 - cos 20.
     angles = torch.tensor([0.0, 10.0, 30.0]) * math.pi / 180
     appearances = torch.stack([angles.cos(), angles.sin()], dim=1)
-    stats = fit_statistics(appearances)
+    stats = fit_statistics(appearances, [100.0, 110.0, 120.0])
     typical = np.mean([1 - math.cos(math.radians(a)) for a in (10, 10, 20)])
     assert stats.n == 3 and stats.typical == pytest.approx(typical, rel=1e-5)
-    assert fit_statistics(appearances[:1]) == FitStatistics(0.0, 0)
+    assert stats.brightness == pytest.approx(110.0) and stats.brightness_spread == pytest.approx(10.0)
+    assert fit_statistics(appearances[:1], [100.0]) == FitStatistics(0.0, 0)
+    names = ["a", "b", "c"]
     query = torch.tensor([0.0, 1.0])  # 90 degrees: 1 - cos 60 = 0.5 from the nearest reference (30 degrees)
-    fit = reference_fit(query, appearances, stats, ["a", "b", "c"])
+    fit = reference_fit(query, 110.0, appearances, stats, names)
     assert fit["distance"] == pytest.approx(0.5, abs=1e-4) and fit["nearest"] == ["c", "b", "a"]
     assert fit["ratio"] == pytest.approx(0.5 / typical, abs=0.01) and fit["ratio"] > FIT_LIMIT
     assert fit["fits"] is False and "times farther" in fit_warning(fit)
-    close = reference_fit(appearances[1], appearances, stats, ["a", "b", "c"])
-    assert close["ratio"] == 0 and close["fits"] is True and fit_warning(close) is None
-    alone = reference_fit(query, appearances[:1], fit_statistics(appearances[:1]), ["a"])
+    close = reference_fit(appearances[1], 115.0, appearances, stats, names)
+    assert close["ratio"] == 0 and close["brightness"] == 0.5 and close["fits"] is True and fit_warning(close) is None
+    dark = reference_fit(appearances[1], 110.0 - 10.0 * (BRIGHTNESS_LIMIT + 0.5), appearances, stats, names)
+    assert dark["fits"] is False and "4.5 spreads darker" in fit_warning(dark)
+    alone = reference_fit(query, 110.0, appearances[:1], fit_statistics(appearances[:1], [110.0]), ["a"])
     assert alone["ratio"] is None and alone["fits"] is None and fit_warning(alone) is None
 
 
@@ -115,3 +121,7 @@ def test_a_query_of_another_product_is_warned_and_one_of_the_same_is_not(inspect
     assert other.reference_fit["fits"] is False and other.reference_fit["ratio"] > FIT_LIMIT
     assert other.warnings[0].startswith("the image does not look like the good references")
     assert other.facts().startswith("Warning: the image does not look like")
+    # Standardised images hide brightness from the patches; the fit check still sees a much darker exposure.
+    dark = (texture_crops(1, seed=77)[0] * 0.45).astype(np.uint8)
+    darker = inspector.inspect(dark, references)
+    assert darker.reference_fit["brightness"] < -BRIGHTNESS_LIMIT and "spreads darker" in darker.warnings[0]

@@ -1,0 +1,254 @@
+"""Issue 17's figures on ELPV: k-shot draws, pools against full-shot PatchCore, the pool memory, the reference-fit
+warning, and speed. Figures on the test half (even-numbered cells) unless --half says otherwise; every choice
+behind the defaults was made on the dev half (odd-numbered cells).
+
+Parts (each resumable: the eval runs cache finished settings under --out):
+- kshot:  `anomalygpt eval --shots 4`, seeds 0-4: random draws of 4 good cells of the type.
+- pool:   `anomalygpt eval --method pool,patchcore`, seeds 0-4: references = a seeded 70 % of the good cells of the
+          type, test = the other 30 % and the defective cells; PatchCore trains on the same 70 % in the same run.
+- memory: the pool's memory on seed 0: retrieval of the nearest 8 (default) against every reference at the
+          same cap, thinned by greedy coreset or at random.
+- fit:    the reference-fit warning: a type's references (4 drawn, or the pool) against good cells of the same
+          type, defective cells of that type, and every cell of the other type.
+- speed:  ms per inspection (decode included) with 4 references and with a 1,000-image pool, fit and profile
+          load times, on this machine.
+
+    OMP_NUM_THREADS=2 .venv/bin/python bench/bench_pools.py --parts kshot,pool,memory,fit,speed --out runs/bench_pools
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from anomalygpt.config import load_preset, to_dict
+from anomalygpt.inspection import build_inspector
+from anomalygpt.io import load_image, write_json_atomic
+from anomalygpt.memory import appearance, embed_patches, memory_inputs
+from anomalygpt.references import fit_statistics, grey_thumbnail, reference_fit
+from eval.datasets import ELPV_TYPES, elpv_half, full_shot_split, load_split
+
+SEEDS = (0, 1, 2, 3, 4)
+PROG = [str(Path(sys.executable).parent / "anomalygpt")]  # the installed command
+
+
+def evaluate(args: list[str], out: Path) -> None:
+    """`anomalygpt eval` in a subprocess (its own cache makes a re-run resume)."""
+    subprocess.run([*PROG, "eval", "--dataset", "elpv", *args, "--out", str(out)], check=True)
+
+
+def cached(out: Path, name: str) -> dict[str, dict[int, dict]]:
+    """{cell type: {seed: metrics}} of one method's cached settings."""
+    found: dict[str, dict[int, dict]] = {}
+    for cell in ELPV_TYPES:
+        for path in sorted((out / "cache" / cell).glob(f"{name}_seed*.json")):
+            result = json.loads(path.read_text())["result"]
+            found.setdefault(cell, {})[int(result["seed"])] = result["metrics"]
+    return found
+
+
+def summary(per_type: dict[str, dict[int, dict]], keys: tuple[str, ...]) -> dict:
+    """Mean and std over seeds per type, and of the per-seed means of both types."""
+    rows = {}
+    for cell, seeds in per_type.items():
+        rows[cell] = {
+            k: (float(np.mean([m[k] for m in seeds.values()])), float(np.std([m[k] for m in seeds.values()])))
+            for k in keys
+        }
+    common = sorted(set.intersection(*(set(s) for s in per_type.values())))
+    both = {k: [np.mean([per_type[c][s][k] for c in per_type]) for s in common] for k in keys}
+    rows["both"] = {k: (float(np.mean(v)), float(np.std(v))) for k, v in both.items()}
+    return rows
+
+
+def table(title: str, rows: dict, keys: tuple[str, ...]) -> str:
+    lines = [f"\n{title}\n", "| cells | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    for cell, values in rows.items():
+        lines.append(f"| {cell} | " + " | ".join(f"{values[k][0]:.3f} ± {values[k][1]:.3f}" for k in keys) + " |")
+    return "\n".join(lines)
+
+
+KEYS = ("auroc", "false_alarm_rate", "recall", "ms_per_image")
+
+
+def part_kshot(out: Path, half: str) -> dict:
+    evaluate(["--half", half, "--shots", "4", "--seeds", ",".join(map(str, SEEDS))], out / "kshot")
+    rows = summary(cached(out / "kshot", "k4"), KEYS)
+    print(table(f"4-shot random draws, ELPV {half} half, seeds 0-4", rows, KEYS), flush=True)
+    return rows
+
+
+def part_pool(out: Path, half: str) -> dict:
+    seeds = ",".join(map(str, SEEDS))
+    evaluate(["--half", half, "--method", "pool,patchcore", "--seeds", seeds], out / "pool")
+    rows = {name: summary(cached(out / "pool", name), KEYS) for name in ("pool", "patchcore")}
+    for name, values in rows.items():
+        print(table(f"{name}, ELPV {half} half, seeds 0-4 (same splits)", values, KEYS), flush=True)
+    return rows
+
+
+def part_memory(out: Path, half: str) -> dict:
+    """Seed 0: the default pool memory against every reference at the same cap, coreset or random."""
+    base = load_preset("default")
+    variants = {
+        "retrieve 8 nearest (default)": {},
+        "every reference, coreset": {"retrieve": 0, "thinning": "coreset"},
+        "every reference, random": {"retrieve": 0, "thinning": "random"},
+    }
+    rows = {}
+    for label, change in variants.items():
+        name = "default" if not change else f"{change['retrieve']}-{change['thinning']}"
+        preset = dataclasses.replace(base, name=name, memory=dataclasses.replace(base.memory, **change))
+        path = out / "memory" / f"{name}.json"
+        write_json_atomic(path, json.loads(json.dumps(to_dict(preset))))
+        folder = out / "memory" / name
+        evaluate(["--half", half, "--method", "pool", "--seeds", "0", "--preset", str(path)], folder)
+        rows[label] = summary(cached(folder, "pool"), KEYS)
+        print(table(f"pool memory: {label}, seed 0", rows[label], KEYS), flush=True)
+    return rows
+
+
+@torch.inference_mode()
+def looks(inspector, paths: list[Path]) -> tuple[torch.Tensor, list[float]]:
+    """Appearance descriptors (N, C) and mean grey levels of images, as Inspector.inspect computes them."""
+    cfg = inspector.preset.memory
+    found, brightness = [], []
+    for first in range(0, len(paths), 16):
+        images = [load_image(p) for p in paths[first : first + 16]]
+        patches = inspector.backbone.encode(memory_inputs(images, cfg)).patches
+        found.append(appearance(embed_patches(patches, cfg.neighbourhood)[-1]))
+        brightness += [float(grey_thumbnail(image).mean()) for image in images]
+    return torch.cat(found), brightness
+
+
+def warn_rate(stats, refs, queries, names) -> float:
+    looks_q, light_q = queries
+    fits = [reference_fit(a, b, refs, stats, names)["fits"] for a, b in zip(looks_q, light_q, strict=True)]
+    return float(np.mean([f is False for f in fits]))
+
+
+def part_fit(out: Path, half: str) -> dict:
+    inspector = build_inspector("default")
+    splits = {cell: elpv_half(load_split("elpv", None, cell), half) for cell in ELPV_TYPES}
+    data = {}
+    for cell, split in splits.items():
+        good, bad = sorted(split.reference_pool), [s.path for s in split.test]
+        data[cell] = {"good": good, "looks": looks(inspector, good), "bad": looks(inspector, bad)}
+    rows = {}
+    for cell, other in (("mono", "poly"), ("poly", "mono")):
+        everyone_else = (
+            torch.cat([data[other]["looks"][0], data[other]["bad"][0]]),
+            data[other]["looks"][1] + data[other]["bad"][1],
+        )
+        for setting in ("4 references", "pool"):
+            rates = {"same type, good": [], "same type, defective": [], "other type": []}
+            for seed in SEEDS:
+                good = data[cell]["good"]
+                if setting == "pool":
+                    train, test = full_shot_split(splits[cell], seed, 0.3)
+                    index = {p: i for i, p in enumerate(good)}
+                    refs = [index[p] for p in train]
+                    held = [index[s.path] for s in test if s.label == 0]
+                else:
+                    order = np.random.default_rng(seed).permutation(len(good))
+                    refs, held = order[:4].tolist(), order[4:].tolist()
+                a, b = data[cell]["looks"]
+                stats = fit_statistics(a[refs], [b[i] for i in refs])
+                names = [str(good[i]) for i in refs]
+                rates["same type, good"].append(warn_rate(stats, a[refs], (a[held], [b[i] for i in held]), names))
+                rates["same type, defective"].append(warn_rate(stats, a[refs], data[cell]["bad"], names))
+                rates["other type"].append(warn_rate(stats, a[refs], everyone_else, names))
+            rows[f"{cell} references, {setting}"] = {k: float(np.mean(v)) for k, v in rates.items()}
+    print(f"\nreference-fit warning rate, ELPV {half} half, seeds 0-4\n")
+    print("| references | same type, good | same type, defective | other type |\n|---|---|---|---|")
+    for label, r in rows.items():
+        print(f"| {label} | {r['same type, good']:.3f} | {r['same type, defective']:.3f} | {r['other type']:.3f} |")
+    return rows
+
+
+def timed_inspections(inspector, references, queries: list[Path]) -> dict:
+    inspector.inspect(queries[0], references)  # warm-up
+    times = []
+    for path in queries[1:]:
+        start = time.perf_counter()
+        inspector.inspect(path, references)
+        times.append((time.perf_counter() - start) * 1000)
+    return {
+        "ms_mean": float(np.mean(times)),
+        "ms_median": float(np.median(times)),
+        "ms_p95": float(np.quantile(times, 0.95)),
+    }
+
+
+def part_speed(out: Path, n_pool: int) -> dict:
+    """4 references and an n_pool-image pool (good cells of both types and halves: speed only, no figure of
+    quality), 60 queries each (defective cells), decode included."""
+    inspector = build_inspector("default")
+    splits = {cell: load_split("elpv", None, cell) for cell in ELPV_TYPES}
+    goods = sorted(p for s in splits.values() for p in s.reference_pool)
+    queries = [s.path for s in splits["mono"].test[:61]]
+    rng = np.random.default_rng(0)
+    result = {}
+    for label, n in (("4 references", 4), (f"{n_pool}-image pool", n_pool)):
+        refs = [goods[i] for i in sorted(rng.choice(len(goods), n, replace=False))]
+        start = time.perf_counter()
+        references = inspector.fit(refs, progress=True)
+        fit_s = time.perf_counter() - start
+        profile = inspector.save_profile(references, out / f"speed_{n}.profile")
+        start = time.perf_counter()
+        inspector.load_profile(profile)
+        load_s = time.perf_counter() - start
+        row = {
+            "fit_s": fit_s,
+            "profile_load_s": load_s,
+            "profile_mb": profile.stat().st_size / 2**20,
+            **timed_inspections(inspector, references, queries),
+            "mode": references.mode,
+        }
+        result[label] = row
+        print(
+            f"{label}: fit {fit_s:.1f} s, profile {row['profile_mb']:.1f} MB loads in {load_s:.2f} s, "
+            f"{row['ms_mean']:.0f} ms/image (median {row['ms_median']:.0f}, p95 {row['ms_p95']:.0f}), "
+            f"mode {row['mode']}",
+            flush=True,
+        )
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--parts", default="kshot,pool,memory,fit,speed")
+    parser.add_argument("--half", default="test", choices=("dev", "test", "all"))
+    parser.add_argument("--pool-size", type=int, default=1000, help="references of the speed part's pool")
+    parser.add_argument("--out", type=Path, default=Path("runs/bench_pools"))
+    args = parser.parse_args()
+    parts = {
+        "kshot": lambda: part_kshot(args.out, args.half),
+        "pool": lambda: part_pool(args.out, args.half),
+        "memory": lambda: part_memory(args.out, args.half),
+        "fit": lambda: part_fit(args.out, args.half),
+        "speed": lambda: part_speed(args.out, args.pool_size),
+    }
+    report_path = args.out / f"bench_pools_{args.half}.json"
+    report = json.loads(report_path.read_text()) if report_path.is_file() else {}
+    for name in args.parts.split(","):
+        start = time.perf_counter()
+        report[name] = {
+            "result": parts[name](),
+            "seconds": time.perf_counter() - start,
+            "threads": torch.get_num_threads(),
+        }
+        write_json_atomic(report_path, report)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
