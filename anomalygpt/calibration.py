@@ -88,7 +88,7 @@ def leave_one_quadrant_out(memory: PatchMemory, views: list[torch.Tensor]) -> li
     maps = []
     for quadrant in range(4):
         banks = [
-            bank.features[bank.quadrant(feats.shape[-1]) != quadrant]
+            bank.features[bank.quadrant(feats.shape[-1]) != quadrant].float()
             for bank, feats in zip(memory.banks, views, strict=True)
         ]
         full = memory.fuse(memory.with_prior(identity, memory.stage_distances(identity, banks)), memory.image_size)[0]

@@ -94,7 +94,7 @@ def nearest_distance(queries: torch.Tensor, bank: torch.Tensor, chunk_elements: 
 class StageBank:
     """One stage's good patches, grouped by reference (ascending), with where each came from."""
 
-    features: torch.Tensor  # (N, C) normalised
+    features: torch.Tensor  # (N, C) normalised, float16 (what a profile stores; searched as float32 slices)
     reference: torch.Tensor  # (N,) index of the reference image each patch came from, ascending
     position: torch.Tensor  # (N,) row * side + col of the patch's cell in its reference (original orientation)
 
@@ -137,9 +137,8 @@ def reference_bank(views: torch.Tensor, index: int, keep: int, method: str, gene
     origin = torch.cat([original_positions(side, v) for v in range(n_views)], dim=1)  # (2, V*side, side)
     positions = (origin[0] * side + origin[1]).reshape(-1)
     chosen = thin(rows, keep, method, generator)
-    # float16-exact values: a profile stores them as float16, and gives the same scores as the fitted memory
-    features = rows[chosen].half().float()
-    return StageBank(features, torch.full((len(chosen),), index, dtype=torch.long), positions[chosen])
+    # float16: half the memory, and a profile stores exactly what the fitted memory holds
+    return StageBank(rows[chosen].half(), torch.full((len(chosen),), index, dtype=torch.long), positions[chosen])
 
 
 def concat_banks(parts: Sequence[StageBank]) -> StageBank:
@@ -260,10 +259,10 @@ class PatchMemory:
         return similarity.topk(n, dim=1).indices
 
     def bank_of(self, references: Sequence[int] | torch.Tensor) -> list[torch.Tensor]:
-        """Per stage (N, C) features of the given references' patches."""
+        """Per stage (N, C) float32 features of the given references' patches."""
         chosen = [int(r) for r in references]
         return [
-            torch.cat([bank.features[offsets[r] : offsets[r + 1]] for r in chosen])
+            torch.cat([bank.features[offsets[r] : offsets[r + 1]] for r in chosen]).float()
             for bank, offsets in zip(self.banks, self.offsets, strict=True)
         ]
 
@@ -279,7 +278,7 @@ class PatchMemory:
         else:
             offsets = self.offsets[stage]
             rows = torch.cat([torch.arange(int(offsets[r]), int(offsets[r + 1])) for r in references])
-        similarity, best = (queries @ bank.features[rows].T).max(dim=1)
+        similarity, best = (queries @ bank.features[rows].float().T).max(dim=1)
         chosen = rows[best]
         return (1.0 - similarity).clamp_min(0.0), bank.reference[chosen], bank.position[chosen]
 
@@ -303,7 +302,7 @@ class PatchMemory:
     def stage_maps(self, feats: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Per stage (B, h, w) anomaly maps of queries: against every reference, or each against its nearest."""
         if not self.retrieval:
-            return self.with_prior(feats, self.stage_distances(feats, [bank.features for bank in self.banks]))
+            return self.with_prior(feats, self.stage_distances(feats, [b.features.float() for b in self.banks]))
         nearest = self.nearest_references(global_descriptor(feats[-1], self.cfg.descriptor_grid))
         per_image = [
             self.stage_distances([f[i : i + 1] for f in feats], self.bank_of(nearest[i])) for i in range(len(nearest))

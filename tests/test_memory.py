@@ -85,10 +85,10 @@ def test_each_reference_keeps_its_share_and_every_patch_knows_its_origin(memory)
     assert torch.allclose(memory.appearances.norm(dim=1), torch.ones(3))
 
 
-def test_bank_features_are_float16_exact(memory):
-    # A profile stores the banks as float16: the fitted memory must hold exactly those values.
+def test_bank_features_are_float16(memory):
+    # Half the memory; a profile stores exactly what the fitted memory holds.
     for bank in memory.banks:
-        assert torch.equal(bank.features, bank.features.half().float())
+        assert bank.features.dtype == torch.float16
 
 
 def test_standardised_images_keep_their_pattern_and_lose_brightness_and_contrast():
