@@ -89,6 +89,7 @@ SUPERLATIVE = re.compile(
     r"|(?:first|second|third|last)(?=\s+(?:anomalous\s+)?(?:one|region|defect|anomaly|area)\b))\b",
     re.IGNORECASE,
 )
+DRIVES = re.compile(r"\bdrives? (?:the )?(?:image |anomaly )?score\b", re.IGNORECASE)
 PAIR_GAP = re.compile(
     r"^(?:\s*(?:one|region|defect|anomaly|area|anomalous|is|was|would be|being|here|of them|:|,|\(|=|-))*\s*$",
     re.IGNORECASE,
@@ -266,7 +267,7 @@ def sentence_conflicts(
     clean = blank(CONFIDENCE, clean)
     for clause in clean.split(";"):
         segments = clause_segments(clause, grounds, carried)
-        conflicts += rank_conflicts(clause, grounds)
+        conflicts += rank_conflicts(clause, grounds) + driver_conflicts(clause, grounds)
         for segment in segments:
             conflicts += segment_conflicts(segment, grounds)
         bound = [segment.regions for segment in segments if segment.regions is not None]
@@ -492,6 +493,20 @@ def rank_conflicts(clause: str, grounds: Grounds) -> list[Conflict]:
             out.append(Conflict("rank", sup.group(0), None, "no anomalous region"))
         elif named is not None and region_numbers(named) != (rank,):
             out.append(Conflict("rank", f"{named.group(0)} / {sup.group(0)}", rank, f"region {rank}"))
+    return out
+
+
+def driver_conflicts(clause: str, grounds: Grounds) -> list[Conflict]:
+    """'region 2 drives the score' when another region has the highest peak score."""
+    regions, out = grounds.regions, []
+    refs = list(REGION_REF.finditer(clause))
+    for found in DRIVES.finditer(clause):
+        before = [ref for ref in refs if ref.end() <= found.start()]
+        severe = most_severe(regions).index if regions else None
+        if severe is None:
+            out.append(Conflict("rank", found.group(0), None, "no anomalous region"))
+        elif before and region_numbers(before[-1]) != (severe,):
+            out.append(Conflict("rank", f"{before[-1].group(0)} {found.group(0)}", severe, f"region {severe}"))
     return out
 
 
