@@ -484,7 +484,9 @@ def inspect_all(job: DetectJob, options: DetectOptions) -> list[dict[str, Any]]:
             image, job.references, class_name=options.class_name, source=str(path), sensitivity=options.sensitivity
         )
         if options.out is not None:
-            write_outputs(options.out, stem, image, inspection)
+            from anomalygpt.inspection import working_image  # imported already by the inspector
+
+            write_outputs(options.out, stem, working_image(image), inspection)  # the map's size
         records.append(inspection.to_dict())
     if options.out is not None:
         write_json_atomic(options.out / f"{SUMMARY_STEM}.json", summary(job, options, records))

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple, overload
 
+import cv2
 import numpy as np
 import torch
 from tqdm import tqdm
@@ -44,6 +45,7 @@ from anomalygpt.text import build_text_encoder
 from anomalygpt.weights import load_into, load_module
 
 MAX_REFERENCES = 10_000
+MAX_WORKING_SIDE = 2048  # px: larger images are inspected downscaled (time and memory stay bounded)
 MAX_REFERENCES_IN_MEMORY = 64  # more references are decoded again when indexed instead of held as pixels
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"  # trained parts of the offline default
 
@@ -69,7 +71,7 @@ class Inspection:
     regions: list[Region]
     mode: str  # "few-shot" (references) or "zero-shot"
     n_references: int
-    image_size: tuple[int, int]  # (H, W)
+    image_size: tuple[int, int]  # (H, W) the image was inspected at: the map, boxes and areas are in these pixels
     calibration: dict[str, Any]
     class_name: str | None = None
     source: str | None = None
@@ -80,6 +82,7 @@ class Inspection:
     # How well the query matches the references: {"distance", "units" (distance in units of the references'
     # own spread), "fits" (bool), "nearest" (names of the nearest references)}; None in zero-shot mode.
     reference_fit: dict[str, Any] | None = None
+    source_size: tuple[int, int] | None = None  # (H, W) of the file when it was inspected downscaled, else None
     anomaly_map: np.ndarray | None = field(default=None, repr=False)  # (H, W) float32; saved apart, not in JSON
 
     @property
@@ -91,6 +94,7 @@ class Inspection:
         data["verdict"] = self.verdict
         data["regions"] = [region.to_dict() for region in self.regions]
         data["image_size"] = list(self.image_size)
+        data["source_size"] = None if self.source_size is None else list(self.source_size)
         return data
 
     def to_json(self) -> str:
@@ -175,7 +179,7 @@ class LazyImages(Sequence[np.ndarray]):
     def __getitem__(self, index: int | slice) -> np.ndarray | Sequence[np.ndarray]:
         if isinstance(index, slice):
             return LazyImages(self.sources[index], self.names[index])
-        return load_image(self.sources[index], name=self.names[index])
+        return working_image(load_image(self.sources[index], name=self.names[index]))
 
 
 class Inspector:
@@ -276,11 +280,24 @@ class Inspector:
         source: str | None = None,
         sensitivity: float = 0.0,
     ) -> Inspection:
-        """Inspect one image: few-shot against references, zero-shot with none; `sensitivity` lowers thresholds."""
-        pixels = load_image(image)
+        """Inspect one image: few-shot against references, zero-shot with none; `sensitivity` lowers thresholds.
+        An image with a side over MAX_WORKING_SIDE is inspected downscaled (the result's image_size; source_size
+        is the file's)."""
+        original = load_image(image)
+        pixels = working_image(original)
         if not references:
-            return self.inspect_zero_shot(pixels, class_name, source, sensitivity)
-        refs = references if isinstance(references, References) else self.fit(references, class_name)
+            inspection = self.inspect_zero_shot(pixels, class_name, source, sensitivity)
+        else:
+            refs = references if isinstance(references, References) else self.fit(references, class_name)
+            inspection = self.inspect_few_shot(pixels, refs, class_name, source, sensitivity)
+        if pixels.shape[:2] != original.shape[:2]:
+            inspection.source_size = (int(original.shape[0]), int(original.shape[1]))
+        return inspection
+
+    def inspect_few_shot(
+        self, pixels: np.ndarray, refs: References, class_name: str | None, source: str | None, sensitivity: float
+    ) -> Inspection:
+        """The memory's map of an image already at its working size, with the reference-fit check."""
         if pixels.shape[:2] != refs.memory.image_size:
             h, w = refs.memory.image_size
             raise InspectionError(
@@ -387,11 +404,23 @@ class Mode(NamedTuple):
     calibration: Calibration
 
 
+def working_image(pixels: np.ndarray) -> np.ndarray:
+    """The image downscaled (area interpolation) so that its longer side is at most MAX_WORKING_SIDE, else as is:
+    the backbone sees 320 px anyway, and maps, regions and overlays at the file's size grow without bound
+    (a 6000 x 6000 query took 14.9 GB before)."""
+    height, width = pixels.shape[:2]
+    scale = MAX_WORKING_SIDE / max(height, width)
+    if scale >= 1.0:
+        return pixels
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return cv2.resize(pixels, size, interpolation=cv2.INTER_AREA)
+
+
 def reference_images(references: Sequence[ImageSource], names: Sequence[str]) -> Sequence[np.ndarray]:
     """The references as images: decoded now when few, else each time they are read (LazyImages)."""
     if len(references) > MAX_REFERENCES_IN_MEMORY:
         return LazyImages(references, names)
-    return [load_image(ref, name=name) for ref, name in zip(references, names, strict=True)]
+    return [working_image(load_image(ref, name=name)) for ref, name in zip(references, names, strict=True)]
 
 
 def reference_set_warnings(n_references: int) -> list[str]:
