@@ -517,10 +517,23 @@ class ChatSession:
         pixels = {name: load_image(image) for name, image in zip(names, images, strict=True)}
         labels = dict(zip(names, self.reference_sources, strict=True))
         self.evidence_source = EvidenceSource(self.references, pixels, labels)
+        self.inspect_again()
+
+    def inspect_again(self) -> None:
+        """After the references changed: a shown image is inspected again (its encoding kept), history cleared."""
         if self.context is not None:
             encoded = (self.context.embedding, self.context.patches or [])
             self.context = self._context(self.context.pixels, self.context.source, encoded)
             self.history = []
+
+    def use_profile(self, path: str | Path) -> None:
+        """Use the references of a saved profile (no indexing); evidence when their files are still there."""
+        from anomalygpt.evidence import profile_evidence
+
+        self.references = self.inspector.load_profile(path)
+        self.reference_sources = list(self.references.names)
+        self.evidence_source = profile_evidence(self.references)
+        self.inspect_again()
 
     def show(self, image: ImageSource, source: str | None = None) -> Inspection:
         """Inspect a new image and encode it once; the conversation starts over."""

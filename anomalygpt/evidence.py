@@ -13,7 +13,7 @@ large pool it looks at MAX_REFERENCES of them, evenly spaced.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+from anomalygpt.io import load_image
 from anomalygpt.memory import embed_patches
 from anomalygpt.regions import EIGHT_CONNECTED, LUMA_WEIGHTS, Region, location_word
 
@@ -113,6 +114,33 @@ class EvidenceSource:
         if patches is None:
             patches = list(self.references.memory.backbone.encode([pixels]).patches)
         return region_evidence(pixels, inspection, self.index, patches)
+
+
+class FileImages(Mapping[str, np.ndarray]):
+    """Reference pixels read from their files when first asked for (a profile keeps names, not pixels)."""
+
+    def __init__(self, paths: Sequence[str]) -> None:
+        self.paths = list(paths)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        from anomalygpt.inspection import working_image  # the size the references were indexed at
+
+        if name not in self.paths:
+            raise KeyError(name)
+        return working_image(load_image(name))
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.paths)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+def profile_evidence(references: References) -> EvidenceSource | None:
+    """Evidence for references loaded from a profile, when every file they were fitted from is still there."""
+    if not all(Path(name).is_file() for name in references.names):
+        return None
+    return EvidenceSource(references, FileImages(references.names))
 
 
 def query_features(patches: Sequence[torch.Tensor], neighbourhood: int) -> torch.Tensor:

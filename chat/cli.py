@@ -13,6 +13,7 @@ import json
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from anomalygpt.cli import MAX_REFERENCES, CliParser, UsageError, check_sensitivity, one_line
@@ -30,12 +31,13 @@ if TYPE_CHECKING:
 class ChatOptions:
     image: str
     refs: list[str]
-    preset: str
+    preset: str | None  # None: the default preset, or the profile's own
     class_name: str | None
     questions: list[str]  # --ask, in order; empty: the REPL
     sensitivity: float
     answerer: str = "llm"  # one of chat.answerers.CHAT_ANSWERERS
     as_json: bool = False  # print one JSON document at the end instead of the conversation
+    profile: Path | None = None  # a fitted product profile, instead of refs
 
 
 def build_parser() -> CliParser:
@@ -52,7 +54,12 @@ def build_parser() -> CliParser:
         metavar="GOOD",
         help=f"good images (files or folders) of the same product, 1 to {MAX_REFERENCES}; none: zero-shot",
     )
-    parser.add_argument("--preset", default="default", help="preset name or JSON path (default: 'default')")
+    parser.add_argument(
+        "--profile", type=Path, default=None, help="a product profile from 'anomalygpt fit' (instead of --ref)"
+    )
+    parser.add_argument(
+        "--preset", default=None, help="preset name or JSON path (default: 'default', or the profile's own)"
+    )
     parser.add_argument("--class-name", default=None, help="product name, e.g. 'screw'")
     parser.add_argument(
         "--ask", action="append", default=[], metavar="QUESTION", help="ask, print the answer and exit (repeatable)"
@@ -84,6 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.sensitivity,
         args.answerer,
         args.json,
+        args.profile,
     )
     try:
         terminal = open_terminal(options)
@@ -109,18 +117,32 @@ def open_terminal(options: ChatOptions) -> Terminal:
     """Check the inputs (cheapest first), build inspector and assistant, inspect the image."""
     check_sensitivity(options.sensitivity)
     image = load_image(options.image)
+    if options.profile is not None and options.refs:
+        raise UsageError("--profile and --ref: give the references one way, a profile or image files")
+    if options.profile is not None and not options.profile.is_file():
+        raise UsageError(f"{options.profile}: --profile file not found")
     references = list_images(options.refs) if options.refs else []
     if len(references) > MAX_REFERENCES:
         raise UsageError(f"--ref: {len(references)} images given; at most {MAX_REFERENCES} are supported")
     reference_images = [load_image(path) for path in references]
-    from anomalygpt.config import load_preset  # torch and transformers: after the checks
-
-    preset = load_preset(options.preset)
+    preset = chosen_preset(options)  # torch and transformers: after the checks
     session = chat_session(preset, options)
+    if options.profile is not None:
+        session.use_profile(options.profile)
     if reference_images:
         session.set_references(reference_images, [str(path) for path in references])
     session.show(image, source=options.image)
     return Terminal(session)
+
+
+def chosen_preset(options: ChatOptions) -> Preset:
+    """--preset, else the preset the profile was fitted with, else the default."""
+    from anomalygpt.config import DEFAULT_PRESET, load_preset
+    from anomalygpt.profile import profile_preset, read_profile
+
+    if options.preset is not None or options.profile is None:
+        return load_preset(options.preset or DEFAULT_PRESET)
+    return profile_preset(read_profile(options.profile)[0], options.profile)
 
 
 def chat_session(preset: Preset, options: ChatOptions) -> ChatSession | AnswererSession:

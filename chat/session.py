@@ -7,6 +7,7 @@ claim checker's tally) and offers the same methods, so the terminal drives eithe
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -61,6 +62,16 @@ class AnswererSession:
         pixels = {name: load_image(image) for name, image in zip(names, images, strict=True)}
         labels = dict(zip(names, self.reference_sources, strict=True))
         self.evidence_source = EvidenceSource(self.references, pixels, labels)
+        if self.pixels is not None:
+            self.show(self.pixels, self.source)
+
+    def use_profile(self, path: str | Path) -> None:
+        """Use the references of a saved profile (no indexing); evidence when their files are still there."""
+        from anomalygpt.evidence import profile_evidence
+
+        self.references = self.inspector.load_profile(path)
+        self.reference_sources = list(self.references.names)
+        self.evidence_source = profile_evidence(self.references)
         if self.pixels is not None:
             self.show(self.pixels, self.source)
 

@@ -36,7 +36,7 @@ from anomalygpt.calibration import ONE_REFERENCE_CAVEAT, Calibration
 from anomalygpt.claims import CheckTally
 from anomalygpt.cli import SENSITIVITY_RANGE
 from anomalygpt.config import DEFAULT_PRESET, load_preset
-from anomalygpt.evidence import EvidenceSource, RegionEvidence
+from anomalygpt.evidence import EvidenceSource, RegionEvidence, profile_evidence
 from anomalygpt.inspection import (
     MAX_REFERENCES,
     Inspection,
@@ -209,10 +209,14 @@ def guarded(handler: Callable[..., Screen]) -> Callable[..., Screen]:
 class WebApp:
     """The page's event handlers; each takes the tab's Session first and returns (or yields) a Screen."""
 
-    def __init__(self, inspector: Inspector, answerer: Answerer, preset_name: str) -> None:
+    def __init__(
+        self, inspector: Inspector, answerer: Answerer, preset_name: str, profile: References | None = None
+    ) -> None:
         self.inspector = inspector
         self.answerer = answerer
         self.preset_name = preset_name
+        self.profile = profile  # `ui --profile`: the references of a tab that uploaded none
+        self.profile_evidence = profile_evidence(profile) if profile is not None else None
 
     @guarded
     def load_query(self, session: Session, path: str | None) -> Screen:
@@ -376,7 +380,9 @@ class WebApp:
             session.fitted = self.inspector.fit([picture.pixels for picture in session.references], name)
             session.fitted_key = references_key
             session.evidence_source = evidence_source(session.fitted, session.references)
-        references = session.fitted if session.references else None
+        references = session.fitted if session.references else self.profile
+        if not session.references:
+            session.evidence_source = self.profile_evidence
         session.inspection = self.inspector.inspect(
             query.pixels, references, class_name=name, source=query.name, sensitivity=float(sensitivity)
         )
@@ -390,6 +396,11 @@ class WebApp:
         query = session.query
         if query is None:
             raise UserError("upload a query image first")
+        if not session.references and self.profile is not None:
+            if query.pixels.shape[:2] != self.profile.memory.image_size:
+                h, w = self.profile.memory.image_size
+                raise UserError(f"{query.name}: {query.size_text} but the profile's references are {w}x{h} px")
+            return query
         if not session.references and self.inspector.prior is None:
             raise UserError(
                 f"add 1 to {MAX_REFERENCES} good reference images of the same product; this preset has no "
@@ -440,7 +451,7 @@ def session_evidence(session: Session) -> list[RegionEvidence] | None:
     """Per region of the current inspection, its best good match (computed once per inspection); None without
     references."""
     inspection, query = session.inspection, session.query
-    if inspection is None or query is None or session.evidence_source is None or not session.references:
+    if inspection is None or query is None or session.evidence_source is None:
         return None
     if session.evidence is None or session.evidence[0] is not inspection:
         session.evidence = (inspection, session.evidence_source.evidence(query.pixels, inspection))
@@ -793,6 +804,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="who answers: the LLM assistant, grounded templates, or auto (the assistant when the preset names "
         "trained assistant weights and it loads)",
     )
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        help="a product profile from 'anomalygpt fit': the references of every tab that uploads none",
+    )
     return parser
 
 
@@ -810,11 +827,12 @@ def main(argv: Sequence[str]) -> int:
         preset = load_preset(args.preset)
         print(f"Loading preset {preset.name!r} ...", flush=True)
         inspector = build_inspector(preset)
+        profile = inspector.load_profile(args.profile) if args.profile is not None else None
         answerer = load_answerer(preset, args.answerer, inspector)
     except USER_ERRORS as error:  # ConfigError, AnswererError; WeightsError is an OSError
         return fail(str(error))
     with private_upload_folder():  # uploads and gradio's cache: swept every minute, removed when this returns
-        blocks = build_blocks(WebApp(inspector, answerer, preset.name))
+        blocks = build_blocks(WebApp(inspector, answerer, preset.name, profile))
         try:
             serve(blocks, args.host, args.port, block=False)
         except OSError as error:  # the port is taken, or the address is not this machine's

@@ -21,7 +21,12 @@ from chat.terminal import Terminal
 def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("chat")
     llm = save_chat_llm(folder / "llm")
-    preset = {"backbone": {"image_size": 64}, "llm": {"model": str(llm)}, "assistant": {"max_new_tokens": 8}}
+    preset = {
+        "backbone": {"image_size": 64},
+        "memory": {"augment": True},  # a brick texture: its rotations and flips are good patches too
+        "llm": {"model": str(llm)},
+        "assistant": {"max_new_tokens": 8},
+    }
     (folder / "tiny.json").write_text(json.dumps(preset))
     images = {
         "bad": with_dark_blob(texture_crops(1, size=64, seed=98)[0], center=(46, 46), radius=7),
@@ -68,6 +73,26 @@ def test_grounded_answers_as_json(files: dict[str, Path], capsys: pytest.Capture
     assert f"matches reference {found['reference'] + 1} ({found['reference_name']})" in compare
     assert "bottom right" in record["transcript"][1]["content"]
     assert record["checks"] == {"answers": 3, "fired": 0, "paths": {}, "facts": {}}
+
+
+def test_a_profile_gives_the_same_inspection_and_evidence_as_its_references(
+    files: dict[str, Path], capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    from anomalygpt.cli import main as anomalygpt
+
+    profile = tmp_path / "tiny.profile"
+    assert anomalygpt(["fit", *refs(files), "--out", str(profile), "--preset", str(files["preset"])]) == 0
+    capsys.readouterr()
+    ask = ["--answerer", "grounded", "--json", "--ask", "Compare it with the good references."]
+    assert main([str(files["bad"]), "--ref", *refs(files), "--preset", str(files["preset"]), *ask]) == 0
+    direct = json.loads(capsys.readouterr().out)
+    assert main([str(files["bad"]), "--profile", str(profile), *ask]) == 0  # the profile's own preset
+    saved = json.loads(capsys.readouterr().out)
+    assert saved["inspection"]["score"] == direct["inspection"]["score"]
+    assert saved["inspection"]["regions"] == direct["inspection"]["regions"]
+    assert saved["evidence"] == direct["evidence"] and saved["transcript"] == direct["transcript"]
+    assert main([str(files["bad"]), "--profile", str(profile), "--ref", *refs(files), *ask]) == 2
+    assert "--profile and --ref" in capsys.readouterr().err
 
 
 def test_llm_answers_as_json(files: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
