@@ -43,7 +43,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     from anomalygpt.config import Preset
-    from anomalygpt.evidence import EvidenceSource, RegionEvidence
+    from anomalygpt.evidence import ChatReferences, EvidenceSource, RegionEvidence
     from anomalygpt.inspection import Inspection, Inspector, References
 
 IMAGE_PLACEHOLDER = "<|anomalygpt_image|>"  # one token per visual embedding; added to the tokenizer as special
@@ -506,34 +506,27 @@ class ChatSession:
 
     def set_references(self, images: Sequence[ImageSource], sources: Sequence[str] | None = None) -> None:
         """Index new good references; a shown image is inspected again (a new inspection, history cleared)."""
-        from anomalygpt.evidence import EvidenceSource
-        from anomalygpt.inspection import reference_name
+        from anomalygpt.evidence import fitted_references
 
-        self.references = self.inspector.fit(images, self.class_name)
-        self.reference_sources = (
-            list(sources) if sources is not None else [f"reference {i + 1}" for i in range(len(images))]
+        self.use(fitted_references(self.inspector, images, self.class_name, sources))
+
+    def use_profile(self, path: str | Path) -> None:
+        """Use the references of a saved profile (no indexing); evidence when their files are still there."""
+        from anomalygpt.evidence import profile_references
+
+        self.use(profile_references(self.inspector, path))
+
+    def use(self, chosen: ChatReferences) -> None:
+        """New references: a shown image is inspected again (its encoding kept), the history cleared."""
+        self.references, self.reference_sources, self.evidence_source = (
+            chosen.references,
+            chosen.sources,
+            chosen.evidence,
         )
-        names = [reference_name(image, i) for i, image in enumerate(images)]
-        pixels = {name: load_image(image) for name, image in zip(names, images, strict=True)}
-        labels = dict(zip(names, self.reference_sources, strict=True))
-        self.evidence_source = EvidenceSource(self.references, pixels, labels)
-        self.inspect_again()
-
-    def inspect_again(self) -> None:
-        """After the references changed: a shown image is inspected again (its encoding kept), history cleared."""
         if self.context is not None:
             encoded = (self.context.embedding, self.context.patches or [])
             self.context = self._context(self.context.pixels, self.context.source, encoded)
             self.history = []
-
-    def use_profile(self, path: str | Path) -> None:
-        """Use the references of a saved profile (no indexing); evidence when their files are still there."""
-        from anomalygpt.evidence import profile_evidence
-
-        self.references = self.inspector.load_profile(path)
-        self.reference_sources = list(self.references.names)
-        self.evidence_source = profile_evidence(self.references)
-        self.inspect_again()
 
     def show(self, image: ImageSource, source: str | None = None) -> Inspection:
         """Inspect a new image and encode it once; the conversation starts over."""

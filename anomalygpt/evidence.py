@@ -23,12 +23,12 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from anomalygpt.io import load_image
+from anomalygpt.io import ImageSource, load_image
 from anomalygpt.memory import embed_patches
 from anomalygpt.regions import EIGHT_CONNECTED, LUMA_WEIGHTS, Region, location_word
 
 if TYPE_CHECKING:
-    from anomalygpt.inspection import Inspection, References
+    from anomalygpt.inspection import Inspection, Inspector, References
 
 STAGE = 0  # the finest stage (stride 8 on EfficientNet-Lite0): places to within a few pixels
 MAX_REFERENCES = 16  # references searched for a match (evenly spaced over a larger pool): one backbone pass each
@@ -141,6 +141,36 @@ def profile_evidence(references: References) -> EvidenceSource | None:
     if not all(Path(name).is_file() for name in references.names):
         return None
     return EvidenceSource(references, FileImages(references.names))
+
+
+@dataclass
+class ChatReferences:
+    """What a chat session keeps of its good references: the indexed set, how answers name each one, and the
+    source of evidence against them (None when their pixels are not at hand)."""
+
+    references: References
+    sources: list[str]
+    evidence: EvidenceSource | None
+
+
+def fitted_references(
+    inspector: Inspector, images: Sequence[ImageSource], class_name: str | None, sources: Sequence[str] | None = None
+) -> ChatReferences:
+    """Index good reference images for a chat; answers name them by `sources` (default "reference N")."""
+    from anomalygpt.inspection import reference_name
+
+    references = inspector.fit(images, class_name)
+    labels = list(sources) if sources is not None else [f"reference {i + 1}" for i in range(len(images))]
+    names = [reference_name(image, i) for i, image in enumerate(images)]
+    pixels = {name: load_image(image) for name, image in zip(names, images, strict=True)}
+    evidence = EvidenceSource(references, pixels, dict(zip(names, labels, strict=True)))
+    return ChatReferences(references, labels, evidence)
+
+
+def profile_references(inspector: Inspector, path: str | Path) -> ChatReferences:
+    """A saved profile's references for a chat (no indexing); evidence when their files are still there."""
+    references = inspector.load_profile(path)
+    return ChatReferences(references, list(references.names), profile_evidence(references))
 
 
 def query_features(patches: Sequence[torch.Tensor], neighbourhood: int) -> torch.Tensor:

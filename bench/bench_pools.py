@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from bench_elpv import inspection_times
 
 from anomalygpt.config import load_preset, to_dict
 from anomalygpt.inspection import build_inspector
@@ -174,20 +175,6 @@ def part_fit(out: Path, half: str) -> dict:
     return rows
 
 
-def timed_inspections(inspector, references, queries: list[Path]) -> dict:
-    inspector.inspect(queries[0], references)  # warm-up
-    times = []
-    for path in queries[1:]:
-        start = time.perf_counter()
-        inspector.inspect(path, references)
-        times.append((time.perf_counter() - start) * 1000)
-    return {
-        "ms_mean": float(np.mean(times)),
-        "ms_median": float(np.median(times)),
-        "ms_p95": float(np.quantile(times, 0.95)),
-    }
-
-
 def part_speed(out: Path, n_pool: int) -> dict:
     """4 references and an n_pool-image pool (good cells of both types and halves: speed only, no figure of
     quality), 60 queries each (defective cells), decode included."""
@@ -210,13 +197,14 @@ def part_speed(out: Path, n_pool: int) -> dict:
             "fit_s": fit_s,
             "profile_load_s": load_s,
             "profile_mb": profile.stat().st_size / 2**20,
-            **timed_inspections(inspector, references, queries),
+            **inspection_times(inspector, references, queries),
             "mode": references.mode,
         }
         result[label] = row
         print(
             f"{label}: fit {fit_s:.1f} s, profile {row['profile_mb']:.1f} MB loads in {load_s:.2f} s, "
-            f"{row['ms_mean']:.0f} ms/image (median {row['ms_median']:.0f}, p95 {row['ms_p95']:.0f}), "
+            f"{row['ms_per_image_mean']:.0f} ms/image (median {row['ms_per_image_median']:.0f}, "
+            f"p95 {row['ms_per_image_p95']:.0f}), "
             f"mode {row['mode']}",
             flush=True,
         )

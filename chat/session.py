@@ -14,8 +14,14 @@ import numpy as np
 
 from anomalygpt.assistant import QuestionError, Turn
 from anomalygpt.claims import CheckReport, CheckTally
-from anomalygpt.evidence import EvidenceSource, RegionEvidence
-from anomalygpt.inspection import Inspection, Inspector, References, reference_name
+from anomalygpt.evidence import (
+    ChatReferences,
+    EvidenceSource,
+    RegionEvidence,
+    fitted_references,
+    profile_references,
+)
+from anomalygpt.inspection import Inspection, Inspector, References
 from anomalygpt.io import ImageSource, load_image
 from chat.answerers import Answerer
 
@@ -54,24 +60,19 @@ class AnswererSession:
 
     def set_references(self, images: Sequence[ImageSource], sources: Sequence[str] | None = None) -> None:
         """Index new good references; a shown image is inspected again (a new inspection, history cleared)."""
-        self.references = self.inspector.fit(images, self.class_name)
-        self.reference_sources = (
-            list(sources) if sources is not None else [f"reference {i + 1}" for i in range(len(images))]
-        )
-        names = [reference_name(image, i) for i, image in enumerate(images)]
-        pixels = {name: load_image(image) for name, image in zip(names, images, strict=True)}
-        labels = dict(zip(names, self.reference_sources, strict=True))
-        self.evidence_source = EvidenceSource(self.references, pixels, labels)
-        if self.pixels is not None:
-            self.show(self.pixels, self.source)
+        self.use(fitted_references(self.inspector, images, self.class_name, sources))
 
     def use_profile(self, path: str | Path) -> None:
         """Use the references of a saved profile (no indexing); evidence when their files are still there."""
-        from anomalygpt.evidence import profile_evidence
+        self.use(profile_references(self.inspector, path))
 
-        self.references = self.inspector.load_profile(path)
-        self.reference_sources = list(self.references.names)
-        self.evidence_source = profile_evidence(self.references)
+    def use(self, chosen: ChatReferences) -> None:
+        """New references: a shown image is inspected again, the history cleared."""
+        self.references, self.reference_sources, self.evidence_source = (
+            chosen.references,
+            chosen.sources,
+            chosen.evidence,
+        )
         if self.pixels is not None:
             self.show(self.pixels, self.source)
 
