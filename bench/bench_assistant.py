@@ -43,7 +43,7 @@ QUESTIONS = (
     "What should I inspect more closely?",
 )
 VARIANTS = {  # name -> (llm dtype, llm quantize, kv cache)
-    "float32, no kv cache": ("float32", "", False),
+    "float32 without kv cache": ("float32", "", False),
     "float32 (shipped)": ("float32", "", True),
     "int8 dynamic": ("float32", "int8", True),
     "bfloat16": ("bfloat16", "", True),
@@ -146,27 +146,29 @@ def follow_up_prompt(assistant: Any, fitted: Any, query: Path) -> tuple[tuple[li
     return (answered[: min(common, len(prompt) - 1)], prompt), session.context.visual
 
 
-def run_variant(name: str, args: argparse.Namespace, references: list[Path], query: Path) -> dict[str, Any]:
-    dtype, quantize, kv_cache = VARIANTS[name]
-    watch = time.perf_counter()
-    assistant = build(args.preset, dtype, quantize, kv_cache)
-    startup_s = time.perf_counter() - watch
-    fitted = assistant.inspector.fit(references)
-    rounds = [chat_round(assistant, query, fitted) for _ in range(args.rounds)]
-    prompt, visual = follow_up_prompt(assistant, fitted, query)
-    decodes = {
-        cached: [(decode30(assistant, prompt, visual, cached), os.getloadavg()[0]) for _ in range(args.rounds)]
-        for cached in (False, True)
-    }
-    return {
-        "startup_s": startup_s,
-        "rounds": rounds,
-        "decode30_no_cache_s": [s for s, _ in decodes[False]],
-        "decode30_cached_s": [s for s, _ in decodes[True]],
-        "decode30_load_average": [load for _, load in decodes[False] + decodes[True]],
-        "prompt_tokens": len(prompt[1]),
-        "cached_prefix_tokens": len(prompt[0]),
-    }
+def run_variants(names: list[str], args: argparse.Namespace, references: list[Path], query: Path) -> dict[str, Any]:
+    """Every variant built once, then timed in interleaved rounds (variant after variant within a round), so a
+    change of load on the shared CPU falls on all of them alike."""
+    built: dict[str, Any] = {}
+    results: dict[str, dict[str, Any]] = {}
+    for name in names:
+        watch = time.perf_counter()
+        assistant = build(args.preset, *VARIANTS[name])
+        fitted = assistant.inspector.fit(references)
+        prompt, visual = follow_up_prompt(assistant, fitted, query)
+        built[name] = (assistant, fitted, prompt, visual)
+        results[name] = {"startup_s": time.perf_counter() - watch, "rounds": [], "prompt_tokens": len(prompt[1]),
+                         "cached_prefix_tokens": len(prompt[0])}  # fmt: skip
+        results[name] |= {"decode30_no_cache_s": [], "decode30_cached_s": [], "decode30_load_average": []}
+    for _ in range(args.rounds):
+        for name in names:
+            assistant, fitted, prompt, visual = built[name]
+            results[name]["rounds"].append(chat_round(assistant, query, fitted))
+            for cached in (False, True):
+                results[name]["decode30_load_average"].append(os.getloadavg()[0])
+                key = "decode30_cached_s" if cached else "decode30_no_cache_s"
+                results[name][key].append(decode30(assistant, prompt, visual, cached))
+    return results
 
 
 def summary(result: dict[str, Any], baseline: dict[str, Any] | None) -> dict[str, Any]:
@@ -205,9 +207,8 @@ def main() -> int:
     if unknown:
         parser.error(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
     references, query = odd_cells("mono", args.seed)
-    results: dict[str, Any] = {}
+    results = run_variants(names, args, references, query)
     for name in names:
-        results[name] = run_variant(name, args, references, query)
         baseline = results.get("float32 (shipped)") if name != "float32 (shipped)" else None
         results[name]["summary"] = summary(results[name], baseline)
         print(name, json.dumps(results[name]["summary"], indent=1), flush=True)

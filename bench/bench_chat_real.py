@@ -216,21 +216,25 @@ def read_records(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def build_assistant_for(preset_name: str) -> Any:
-    """The preset's assistant with the solar-cell defect types."""
+def build_assistant_for(preset_name: str, quantize: str) -> Any:
+    """The preset's assistant with the solar-cell defect types, built for chat as the front ends build it."""
     from anomalygpt.assistant import build_assistant
     from anomalygpt.config import load_preset
 
     preset = load_preset(preset_name)
-    preset = dataclasses.replace(preset, assistant=dataclasses.replace(preset.assistant, defect_types=SOLAR_CELL_TYPES))
-    return build_assistant(preset)
+    preset = dataclasses.replace(
+        preset,
+        assistant=dataclasses.replace(preset.assistant, defect_types=SOLAR_CELL_TYPES),
+        llm=dataclasses.replace(preset.llm, quantize=quantize),
+    )
+    return build_assistant(preset, inference=True)
 
 
 def run(cells: list[dict[str, Any]], args: argparse.Namespace, log: Path, records: list[dict[str, Any]]) -> None:
     """Chat about every cell, one session per cell type (its references indexed once); each chat logged at once."""
     from anomalygpt.assistant import ChatSession
 
-    assistant = build_assistant_for(args.preset)
+    assistant = build_assistant_for(args.preset, args.quantize)
     sessions: dict[str, ChatSession] = {}
     start = time.perf_counter()
     with log.open("a") as sink:
@@ -255,6 +259,7 @@ def main() -> int:
     parser.add_argument("--preset", default="default")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--report-only", action="store_true", help="score the chats already in --out")
+    parser.add_argument("--quantize", choices=("", "int8"), default="", help="the LLM's quantisation (llm.quantize)")
     parser.add_argument(
         "--mode",
         choices=("guarded", "bare"),
