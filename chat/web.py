@@ -32,7 +32,7 @@ import gradio as gr
 import numpy as np
 import pandas as pd
 
-from anomalygpt.calibration import ONE_REFERENCE_CAVEAT, Calibration
+from anomalygpt.calibration import Calibration
 from anomalygpt.claims import CheckTally
 from anomalygpt.cli import SENSITIVITY_RANGE
 from anomalygpt.config import DEFAULT_PRESET, load_preset
@@ -570,21 +570,26 @@ def badge_html(inspection: Inspection | None) -> str:
         f'<div class="badge {verdict}" data-verdict="{verdict}"><span class="verdict-word">{verdict}</span>'
         f'<span class="verdict-numbers">score {inspection.score:.4f} {relation} threshold '
         f"{inspection.threshold:.4f} &middot; margin {inspection.margin:+.1f} &middot; "
-        f"confidence {inspection.confidence}</span></div>"
+        f"confidence {inspection.confidence}{unfit_mark(inspection)}</span></div>"
     )
+
+
+def unfit_mark(inspection: Inspection) -> str:
+    """A mark in the badge when the query does not look like the references (the status says why)."""
+    fit = inspection.reference_fit
+    return " &middot; <b>references do not fit</b>" if fit is not None and fit.get("fits") is False else ""
 
 
 def inspection_status(session: Session) -> str:
     inspection = session.inspection
     assert inspection is not None
     noun = "region" if len(inspection.regions) == 1 else "regions"
-    status = (
+    # Why the inspection may not be trusted comes first: references unlike the query, one reference, duplicates.
+    warnings = "".join(f"**Warning:** {escape_markdown(warning)}. " for warning in inspection.warnings)
+    return warnings + (
         f"Verdict **{inspection.verdict}** at sensitivity {session.sensitivity:+.1f} "
         f"({len(inspection.regions)} {noun}); ask about it in the chat."
     )
-    if inspection.mode == "few-shot" and inspection.n_references == 1:
-        status += f" Note: {ONE_REFERENCE_CAVEAT}."
-    return status
 
 
 def next_step(session: Session) -> str:

@@ -273,6 +273,17 @@ def test_one_reference_gets_a_note_in_the_status(app: WebApp, scene: Scene) -> N
     assert ONE_REFERENCE_CAVEAT not in app.inspect(loaded(app, scene), "", 0.0).status
 
 
+def test_a_query_unlike_the_references_is_warned_before_the_verdict(app: WebApp, scene: Scene, tmp_path: Path) -> None:
+    brick = np.ascontiguousarray(skimage.data.brick()[:SIDE, :SIDE])  # another product of the same size
+    session = app.load_query(Session(), str(save(tmp_path / "brick.png", brick))).session
+    session = app.add_references(session, [str(path) for path in scene.refs]).session
+    status = app.inspect(session, "", 0.0).status
+    assert session.inspection is not None and session.inspection.reference_fit["fits"] is False
+    assert status.startswith("**Warning:** the image does not look like the good references")
+    assert "references do not fit" in badge_html(session.inspection)
+    assert "Warning" not in app.inspect(loaded(app, scene), "", 0.0).status  # a grass query fits
+
+
 def test_sensitivity_redecides_without_encoding(
     app: WebApp, scene: Scene, inspector: Inspector, counting: CountingInspector
 ) -> None:
