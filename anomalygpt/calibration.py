@@ -38,6 +38,7 @@ class Calibration:
     normal_spread: float  # their spread (std with a floor): the unit of the margin
     n_scores: int
     method: str  # how the held-out scores were formed, in words
+    raw_spread: float = 0.0  # the held-out scores' own std, before the floor (0 with one score)
 
     def margin(self, score: float) -> float:
         """Distance of a score from the threshold in units of the normal spread (> 0: anomalous)."""
@@ -109,12 +110,13 @@ def calibrate(memory: PatchMemory, held_out: dict[int, list[torch.Tensor]], cfg:
     scores = np.array([top_mean(m, memory.cfg.top_fraction) for m in maps])
     mean = float(scores.mean())
     floor = cfg.spread_prior / math.sqrt(memory.n_references)
-    spread = max(float(scores.std(ddof=1)) if scores.size > 1 else 0.0, floor * mean, 1e-6)
+    raw = float(scores.std(ddof=1)) if scores.size > 1 else 0.0
+    spread = max(raw, floor * mean, 1e-6)
     image_threshold = mean + cfg.z * spread
     pixels = np.concatenate([m.ravel() for m in maps])
     # Regions of an anomalous image must exist: the pixel threshold never exceeds the image threshold.
     pixel_threshold = min(float(np.quantile(pixels, cfg.pixel_quantile)), image_threshold)
-    return Calibration(image_threshold, pixel_threshold, mean, spread, int(scores.size), method)
+    return Calibration(image_threshold, pixel_threshold, mean, spread, int(scores.size), method, raw)
 
 
 def fixed_calibration(

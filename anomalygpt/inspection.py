@@ -16,7 +16,13 @@ import torch
 from tqdm import tqdm
 
 from anomalygpt.backbones import VisionBackbone, WeightsError, build_backbone
-from anomalygpt.calibration import ONE_REFERENCE_CAVEAT, Calibration, calibrate, fixed_calibration, held_out_choice
+from anomalygpt.calibration import (
+    ONE_REFERENCE_CAVEAT,
+    Calibration,
+    calibrate,
+    fixed_calibration,
+    held_out_choice,
+)
 from anomalygpt.config import DEFAULT_PRESET, Preset, load_preset, resolve_device, to_dict
 from anomalygpt.decoder import AnomalyDecoder, DecoderSpec, TextPrior
 from anomalygpt.io import ImageSource, load_image
