@@ -285,13 +285,20 @@ def percent_errors(clause: str, case: Case) -> list[str]:
     regions = case.regions
     named = [r for r in regions if r.index in mentioned_regions(clause)]
     pool = named if len(named) == 1 else regions
-    allowed = [format_pct(r.area_pct) for r in pool] + [format_pct(sum(r.area_pct for r in regions))]
+    allowed = [r.area_pct for r in pool] + [sum(r.area_pct for r in regions)]
     errors = []
     for found in PERCENT.finditer(clause):
-        said = f"{found.group(1)}%"
-        if regions and said not in allowed or not regions and float(found.group(1)) != 0:
-            errors.append(f"area {said}")
+        said = found.group(1)
+        if regions and not any(rounds_to(said, area) for area in allowed) or not regions and float(said) != 0:
+            errors.append(f"area {said}%")
     return errors
+
+
+def rounds_to(written: str, value: float) -> bool:
+    """True when `value` rounded to the written number's decimals is the written number ('3' for 2.91, not 0 for
+    any region: a region covers more than nothing)."""
+    decimals = len(written.split(".")[1]) if "." in written else 0
+    return float(written) > 0 and round(value, decimals) == float(written)
 
 
 def evidence_errors(clause: str, case: Case) -> list[str]:

@@ -48,6 +48,7 @@ def test_grounded_answers_score_right_and_useful(inspection: Inspection) -> None
         ("Region 1 is about as bright as its surroundings.", "describe", None, "contrast similar"),
         ("Region 2 is darker than its surroundings.", "describe", None, "contrast darker"),
         ("Region 1 covers 3.0% of the image.", "size", None, "area 3.0%"),
+        ("Region 1 covers 0% of the image.", "size", None, "area 0%"),
         ("Region 1 is large.", "size", None, "size large"),
         ("Region 5 is small.", "describe", None, "region number 5"),
         ("The most severe is region 3.", "biggest", None, "most severe"),
@@ -77,6 +78,7 @@ def test_a_wrong_answer_is_a_contradiction(answer: str, kind: str, polarity: str
         "Region 1 best matches reference 2, and is 14 grey levels darker than that good area.",
         "The anomaly score 0.7000 is above the threshold 0.5000 by 2.0 normal spreads (medium confidence).",
         "Nothing is in the center.",
+        "Region 1 covers about 2% of the image.",  # 1.78% rounded to the written precision
     ],
 )
 def test_a_right_answer_is_not_a_contradiction(answer: str) -> None:
