@@ -19,6 +19,7 @@ from anomalygpt.config import Preset
 from anomalygpt.grounded import NO_REGION, DefectType
 from anomalygpt.inspection import Inspection
 from anomalygpt.llm import LLMConfig
+from anomalygpt.memory import MemoryConfig
 from anomalygpt.regions import LOCATION_PHRASES, find_regions
 from chat.answerers import AnswererError, AssistantAnswerer, GroundedAnswerer, grounded_answer, load_answerer
 
@@ -169,6 +170,7 @@ def test_the_assistant_answerer_streams_guarded_answers_without_re_encoding(tmp_
     preset = Preset(
         name="tiny",
         backbone=BackboneConfig(image_size=64),
+        memory=MemoryConfig(augment=True),  # brick crops: their rotations and flips are good patches too
         llm=LLMConfig(model=str(save_chat_llm(tmp_path / "llm"))),
         assistant=AssistantConfig(max_new_tokens=6),
     )

@@ -30,6 +30,7 @@ from anomalygpt.grounded import preamble, region_sentence
 from anomalygpt.guard import contradicts, expected_opening, presence_polarity, read_question
 from anomalygpt.inspection import Inspection, References
 from anomalygpt.llm import LLMConfig
+from anomalygpt.memory import MemoryConfig
 from anomalygpt.prompt_learner import PromptLearnerConfig
 from simulation.conversations import QUESTIONS, conversation_for
 
@@ -56,6 +57,7 @@ def preset(tmp_path_factory: pytest.TempPathFactory) -> Preset:
     return Preset(
         name="tiny",
         backbone=BackboneConfig(image_size=64),
+        memory=MemoryConfig(augment=True),  # brick crops: their rotations and flips are good patches too
         llm=LLMConfig(model=str(folder)),
         assistant=AssistantConfig(max_new_tokens=32),
     )
