@@ -265,6 +265,6 @@ def fit_warning(fit: dict[str, object]) -> str | None:
     else:
         found = f"it is {abs(light):.1f} spreads {'brighter' if light > 0 else 'darker'} than they are"
     return (
-        f"the image does not look like the good references ({found}): another product, design or lighting? "
-        "The verdict compares it with references that do not fit"
+        f"the image does not look like the good references ({found}): another product, design or lighting, or "
+        "a defect over much of it? The verdict compares it with references that do not fit"
     )
