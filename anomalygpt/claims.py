@@ -596,17 +596,25 @@ def region_of(segment: Segment) -> int | None:
 
 
 def percent_conflicts(text: str, segment: Segment, chosen: Sequence[Region], inspection: Inspection) -> list[Conflict]:
-    """Every area as written is a named region's, the named regions' sum, any region's or the total."""
+    """Every area as written is a named region's, the named regions' sum, any region's or the total; with
+    'each'/'every' it is every named region's."""
     areas = [region.area_pct for region in chosen]
+    each = re.search(r"\b(each|every)\b", text, re.IGNORECASE) is not None
     allowed = [*areas, sum(areas)]
     if segment.regions is None:
         allowed.append(sum(region.area_pct for region in inspection.regions))
-    if not inspection.regions:
-        allowed = [0.0]
     out = []
     for found in PERCENT.finditer(text):
-        zero = float(found.group(1)) == 0 and bool(inspection.regions)  # "0%" says there is nothing
-        if zero or not any(written_close(found.group(1), area, relative=0.05) for area in allowed):
+        written = found.group(1)
+        if not inspection.regions:
+            right = float(written) == 0
+        elif float(written) == 0:  # "0%" says there is nothing
+            right = False
+        elif each:
+            right = bool(areas) and all(written_close(written, area) for area in areas)
+        else:
+            right = any(written_close(written, area) for area in allowed)
+        if not right:
             out.append(Conflict("area", found.group(0), region_of(segment), truth_of("area", chosen)))
     return out
 

@@ -75,7 +75,7 @@ GREY_LEVELS = re.compile(r"(\d+) gr[ae]y levels? (darker|brighter)")
 BOX = re.compile(r"x (\d+)-(\d+), y (\d+)-(\d+)")
 PIXELS = re.compile(r"(\d+) px\b")
 CONFIDENCE_WORD = re.compile(
-    r"\b(low|medium|high) confidence\b|\bconfidence (?:is |in this verdict is )?(low|medium|high)"
+    r"\b(low|medium|high) confidence\b|\bconfidence(?: is|:| in this verdict is)? (low|medium|high)", re.IGNORECASE
 )
 NORMAL_SAYING = re.compile(
     r"\b(image|part|cell|it) (is|looks|appears|seems) (normal|fine|good|ok|defect-free)\b|\bverdict is normal\b"
@@ -84,7 +84,7 @@ NORMAL_SAYING = re.compile(
     re.IGNORECASE,
 )
 ANOMALOUS_SAYING = re.compile(
-    r"\b(image|part|cell|it) (is|looks|appears|seems) (anomalous|defective|abnormal|damaged|faulty)\b"
+    r"(?<!0% of the )\b(image|part|cell|it) (is|looks|appears|seems) (anomalous|defective|abnormal|damaged|faulty)\b"
     r"|\bverdict is anomalous\b|\b(found|shows?|has|detected) ([1-9]\d*|an?|one) (anomalous region|anomal|defect)"
     r"|\bdiffers? from (them|the good references)\b",
     re.IGNORECASE,
@@ -155,6 +155,8 @@ def fact_errors(text: str, case: Case, polarity: str | None) -> list[str]:
     for index, sentence in enumerate(sentences):
         errors += verdict_errors(sentence, case, polarity if index == 0 else None)
         errors += number_errors(sentence, case)
+        errors += confidence_errors(sentence, case)
+        sentence = CONFIDENCE_WORD.sub(lambda m: " " * len(m.group(0)), sentence)  # read: not a size word
         for clause in re.split(r"[;:]", strip_reference_names(sentence, case.defect_types)):
             errors += clause_errors(clause, case)
     return errors
@@ -218,7 +220,6 @@ def clause_errors(clause: str, case: Case) -> list[str]:
     errors: list[str] = []
     answer_word = re.fullmatch(r"\W*(yes|no)\W*", clause, re.IGNORECASE) or re.match(r"\W*no\s*,", clause, re.I)
     negative = NEGATION.search(clause[answer_word.end() if answer_word else 0 :]) is not None
-    errors += confidence_errors(clause, case)
     clause = NOT_CLAIMS.sub(lambda m: " " * len(m.group(0)), clause)
     for word, value, position in stated_words(clause):
         owners = owners_at(clause, position, case)
@@ -273,10 +274,10 @@ def word_errors(word: str, value: str, owners: list[Region] | None, negative: bo
     return [f"{word} {value} ({', '.join(str(r.index) for r in regions) or 'no region'})"]
 
 
-def confidence_errors(clause: str, case: Case) -> list[str]:
+def confidence_errors(sentence: str, case: Case) -> list[str]:
     return [
         f"confidence {word}"
-        for found in CONFIDENCE_WORD.finditer(clause)
+        for found in CONFIDENCE_WORD.finditer(sentence)
         if (word := (found.group(1) or found.group(2)).lower()) != case.inspection.confidence
     ]
 

@@ -79,6 +79,7 @@ def test_a_wrong_answer_is_a_contradiction(answer: str, kind: str, polarity: str
         "The anomaly score 0.7000 is above the threshold 0.5000 by 2.0 normal spreads (medium confidence).",
         "Nothing is in the center.",
         "Region 1 covers about 2% of the image.",  # 1.78% rounded to the written precision
+        "Confidence: medium.",
     ],
 )
 def test_a_right_answer_is_not_a_contradiction(answer: str) -> None:

@@ -63,6 +63,8 @@ def test_every_grounded_answer_passes_the_checker(inspection: Inspection) -> Non
         ("Region 1 is 30 grey levels darker than that good area.", "reference"),
         ("Region 1 is brighter than the good reference.", "reference"),
         ("Region 3 is 0.4% of the image.", "area"),
+        ("Region 1 covers 1.9% of the image.", "area"),  # 1.78% does not round to 1.9%
+        ("I see 1.8% in each of the 3 regions.", "area"),
         ("In pixel coordinates: x 1-9, y 1-9.", "box"),
     ],
 )
