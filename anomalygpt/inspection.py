@@ -221,14 +221,14 @@ class Inspector:
             raise InspectionError(f"{len(names)} names given for {len(references)} references")
         images = reference_images(references, names)
         kept = check_references(images, names)
-        images = LazyImages([images[i] for i in kept.keep], [names[i] for i in kept.keep])
-        memory, decision, held_out = self.index(images, progress)
+        kept_names = [names[i] for i in kept.keep]
+        memory, decision, held_out = self.index(subset(images, kept.keep), progress)
         self.attach_prior(memory, class_name)
         calibration = calibrate(memory, held_out, self.preset.calibration)
         warnings = kept.warnings + reference_set_warnings(memory.n_references)
         elapsed = (time.perf_counter() - start) * 1000
         fit_stats = fit_statistics(memory.appearances, kept.brightness)
-        return References(memory, calibration, elapsed, list(images.names), decision, fit_stats, warnings, class_name)
+        return References(memory, calibration, elapsed, kept_names, decision, fit_stats, warnings, class_name)
 
     def attach_prior(self, memory: PatchMemory, class_name: str | None) -> None:
         """Fuse the decoder's weighted prior into the memory's maps when the preset asks for it."""
@@ -427,6 +427,13 @@ def reference_images(references: Sequence[ImageSource], names: Sequence[str]) ->
     if len(references) > MAX_REFERENCES_IN_MEMORY:
         return LazyImages(references, names)
     return [working_image(load_image(ref, name=name)) for ref, name in zip(references, names, strict=True)]
+
+
+def subset(images: Sequence[np.ndarray], keep: Sequence[int]) -> Sequence[np.ndarray]:
+    """The images at `keep`, still decoded lazily when they were."""
+    if isinstance(images, LazyImages):
+        return LazyImages([images.sources[i] for i in keep], [images.names[i] for i in keep])
+    return [images[i] for i in keep]
 
 
 def reference_set_warnings(n_references: int) -> list[str]:

@@ -92,3 +92,21 @@ def test_confidence_words_follow_the_margin():
 def test_factory_accepts_a_preset_object():
     inspector = build_inspector(Preset(name="t", backbone=dataclasses.replace(Preset("t").backbone, image_size=64)))
     assert inspector.backbone.image_size == 64
+
+
+def test_many_references_are_decoded_when_read_and_give_the_same_result(inspector, tmp_path, monkeypatch):
+    import anomalygpt.inspection as inspection_module
+    from PIL import Image
+
+    crops = texture_crops(4, seed=31)
+    paths = []
+    for i, crop in enumerate([*crops, crops[1]]):  # the last is the same picture as the second
+        paths.append(tmp_path / f"good{i}.png")
+        Image.fromarray(crop).save(paths[-1])
+    in_memory = inspector.fit(paths)
+    monkeypatch.setattr(inspection_module, "MAX_REFERENCES_IN_MEMORY", 2)
+    assert isinstance(inspection_module.reference_images(paths, [str(p) for p in paths]), inspection_module.LazyImages)
+    lazy = inspector.fit(paths)
+    assert lazy.names == in_memory.names == [str(p) for p in paths[:4]]
+    assert lazy.calibration == in_memory.calibration and lazy.warnings == in_memory.warnings
+    assert lazy.warnings[0].startswith("2 references are the same picture")
