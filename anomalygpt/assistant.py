@@ -32,6 +32,7 @@ from torch import nn
 
 from anomalygpt.backbones import WeightsError
 from anomalygpt.claims import SENTENCE_END, CheckReport, CheckTally, ClaimChecker, check_answer
+from anomalygpt.evidence import ChoosesReferences
 from anomalygpt.grounded import DefectType, Grounds, answer_text
 from anomalygpt.guard import Question, read_question
 from anomalygpt.io import ImageSource, load_image
@@ -472,7 +473,7 @@ class ImageContext:
     evidence: list[RegionEvidence] | None = None  # per region, its best good match; computed on first need
 
 
-class ChatSession:
+class ChatSession(ChoosesReferences):
     """Multi-turn chat about one inspected image; follow-ups reuse the cached inspection and embeddings."""
 
     def __init__(
@@ -503,18 +504,6 @@ class ChatSession:
         if self.context is None:
             raise ValueError("no image yet: show an image first (/image PATH)")
         return self.context.inspection
-
-    def set_references(self, images: Sequence[ImageSource], sources: Sequence[str] | None = None) -> None:
-        """Index new good references; a shown image is inspected again (a new inspection, history cleared)."""
-        from anomalygpt.evidence import fitted_references
-
-        self.use(fitted_references(self.inspector, images, self.class_name, sources))
-
-    def use_profile(self, path: str | Path) -> None:
-        """Use the references of a saved profile (no indexing); evidence when their files are still there."""
-        from anomalygpt.evidence import profile_references
-
-        self.use(profile_references(self.inspector, path))
 
     def use(self, chosen: ChatReferences) -> None:
         """New references: a shown image is inspected again (its encoding kept), the history cleared."""

@@ -173,6 +173,25 @@ def profile_references(inspector: Inspector, path: str | Path) -> ChatReferences
     return ChatReferences(references, list(references.names), profile_evidence(references))
 
 
+class ChoosesReferences:
+    """How a chat session takes its good references: indexed from images, or a saved profile's. The session
+    defines `use(chosen)` (what changes when the references do) and has `inspector` and `class_name`."""
+
+    inspector: Inspector
+    class_name: str | None
+
+    def use(self, chosen: ChatReferences) -> None:
+        raise NotImplementedError
+
+    def set_references(self, images: Sequence[ImageSource], sources: Sequence[str] | None = None) -> None:
+        """Index new good references; a shown image is inspected again (a new inspection, history cleared)."""
+        self.use(fitted_references(self.inspector, images, self.class_name, sources))
+
+    def use_profile(self, path: str | Path) -> None:
+        """Use the references of a saved profile (no indexing); evidence when their files are still there."""
+        self.use(profile_references(self.inspector, path))
+
+
 def query_features(patches: Sequence[torch.Tensor], neighbourhood: int) -> torch.Tensor:
     """(B, C, h, w) finest-stage embedded features from a backbone's raw patches (per stage (B, C, h, w))."""
     with torch.inference_mode():

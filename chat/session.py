@@ -6,8 +6,7 @@ claim checker's tally) and offers the same methods, so the terminal drives eithe
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -16,17 +15,16 @@ from anomalygpt.assistant import QuestionError, Turn
 from anomalygpt.claims import CheckReport, CheckTally
 from anomalygpt.evidence import (
     ChatReferences,
+    ChoosesReferences,
     EvidenceSource,
     RegionEvidence,
-    fitted_references,
-    profile_references,
 )
 from anomalygpt.inspection import Inspection, Inspector, References
 from anomalygpt.io import ImageSource, load_image
 from chat.answerers import Answerer
 
 
-class AnswererSession:
+class AnswererSession(ChoosesReferences):
     """Multi-turn chat about one inspected image; the inspection is made once per image and reference set."""
 
     def __init__(
@@ -57,14 +55,6 @@ class AnswererSession:
         if self.context is None:
             raise ValueError("no image yet: show an image first (/image PATH)")
         return self.context
-
-    def set_references(self, images: Sequence[ImageSource], sources: Sequence[str] | None = None) -> None:
-        """Index new good references; a shown image is inspected again (a new inspection, history cleared)."""
-        self.use(fitted_references(self.inspector, images, self.class_name, sources))
-
-    def use_profile(self, path: str | Path) -> None:
-        """Use the references of a saved profile (no indexing); evidence when their files are still there."""
-        self.use(profile_references(self.inspector, path))
 
     def use(self, chosen: ChatReferences) -> None:
         """New references: a shown image is inspected again, the history cleared."""
