@@ -101,6 +101,7 @@ def part_memory(out: Path, half: str) -> dict:
     base = load_preset("default")
     variants = {
         "retrieve 8 nearest (default)": {},
+        "retrieve 8 nearest, random": {"retrieve": 8, "thinning": "random"},
         "every reference, coreset": {"retrieve": 0, "thinning": "coreset"},
         "every reference, random": {"retrieve": 0, "thinning": "random"},
     }
