@@ -163,7 +163,11 @@ NORMAL_CLAIMS = re.compile(
     r"|(?<![\d.])\b0% of the image\b"  # not the end of "1.0%"
     r"|\bnot (defective|anomalous|abnormal|damaged)\b"
     r"|\bverdict (is|was) normal\b|\b(matches|fits) the (good )?references\b(?! (poorly|badly|less|only))"
-    r"|\b(fits?|match(es)?) (the image |it |the references |them )?(perfectly|exactly|closely)\b",
+    r"|\b(fits?|match(es)?) (the image |it |the references |them )?(perfectly|exactly|closely)\b"
+    # a flagged region played down ("region 3 is small, so it is not noticeable"): the detector flagged it
+    r"|\b(is|are|looks?|seems?)\s+(not|n't)\s+(really\s+)?(noticeable|significant|relevant|important|worrying"
+    r"|an? (real |true |actual |serious )?(problem|concern|issue|defect|anomaly))\b"
+    r"|\b(negligible|harmless|insignificant)\b|\bcan (safely )?be (ignored|disregarded)\b|\bnothing to worry about\b",
     re.IGNORECASE,
 )
 COUNT = r"([1-9]\d*|one|two|three|four|five|six|seven|eight|nine|ten)"

@@ -59,6 +59,8 @@ def test_every_grounded_answer_passes_the_checker(inspection: Inspection) -> Non
         ("Region 1 is near the edge.", "edge"),
         ("The image looks normal.", "verdict"),
         ("They fit the image perfectly.", "verdict"),
+        ("Region 3 is small and compact, so it is not noticeable.", "verdict"),  # a flagged region played down
+        ("The region at the bottom is negligible.", "verdict"),
         ("Region 1 best matches reference 1 at the top left.", "reference"),
         ("Region 1 is 30 grey levels darker than that good area.", "reference"),
         ("Region 1 is brighter than the good reference.", "reference"),
