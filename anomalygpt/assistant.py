@@ -44,7 +44,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     from anomalygpt.config import Preset
-    from anomalygpt.evidence import ChatReferences, EvidenceSource, RegionEvidence
+    from anomalygpt.evidence import EvidenceSource, RegionEvidence
     from anomalygpt.inspection import Inspection, Inspector, References
 
 IMAGE_PLACEHOLDER = "<|anomalygpt_image|>"  # one token per visual embedding; added to the tokenizer as special
@@ -505,13 +505,8 @@ class ChatSession(ChoosesReferences):
             raise ValueError("no image yet: show an image first (/image PATH)")
         return self.context.inspection
 
-    def use(self, chosen: ChatReferences) -> None:
-        """New references: a shown image is inspected again (its encoding kept), the history cleared."""
-        self.references, self.reference_sources, self.evidence_source = (
-            chosen.references,
-            chosen.sources,
-            chosen.evidence,
-        )
+    def reinspect(self) -> None:
+        """A shown image against new references: a new inspection (its encoding kept), the history cleared."""
         if self.context is not None:
             encoded = (self.context.embedding, self.context.patches or [])
             self.context = self._context(self.context.pixels, self.context.source, encoded)

@@ -175,13 +175,25 @@ def profile_references(inspector: Inspector, path: str | Path) -> ChatReferences
 
 class ChoosesReferences:
     """How a chat session takes its good references: indexed from images, or a saved profile's. The session
-    defines `use(chosen)` (what changes when the references do) and has `inspector` and `class_name`."""
+    has `inspector` and `class_name` and defines `reinspect()` (a shown image against the new references)."""
 
     inspector: Inspector
     class_name: str | None
+    references: References | None
+    reference_sources: list[str]
+    evidence_source: EvidenceSource | None
+
+    def reinspect(self) -> None:
+        raise NotImplementedError
 
     def use(self, chosen: ChatReferences) -> None:
-        raise NotImplementedError
+        """New references: a shown image is inspected again, the history cleared."""
+        self.references, self.reference_sources, self.evidence_source = (
+            chosen.references,
+            chosen.sources,
+            chosen.evidence,
+        )
+        self.reinspect()
 
     def set_references(self, images: Sequence[ImageSource], sources: Sequence[str] | None = None) -> None:
         """Index new good references; a shown image is inspected again (a new inspection, history cleared)."""

@@ -14,7 +14,6 @@ import numpy as np
 from anomalygpt.assistant import QuestionError, Turn
 from anomalygpt.claims import CheckReport, CheckTally
 from anomalygpt.evidence import (
-    ChatReferences,
     ChoosesReferences,
     EvidenceSource,
     RegionEvidence,
@@ -56,13 +55,8 @@ class AnswererSession(ChoosesReferences):
             raise ValueError("no image yet: show an image first (/image PATH)")
         return self.context
 
-    def use(self, chosen: ChatReferences) -> None:
-        """New references: a shown image is inspected again, the history cleared."""
-        self.references, self.reference_sources, self.evidence_source = (
-            chosen.references,
-            chosen.sources,
-            chosen.evidence,
-        )
+    def reinspect(self) -> None:
+        """A shown image against new references: a new inspection, the history cleared."""
         if self.pixels is not None:
             self.show(self.pixels, self.source)
 
