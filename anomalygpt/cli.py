@@ -59,6 +59,7 @@ LAZY_COMMANDS = {
     "chat": LazyCommand("chat.cli", "chat in the terminal about an inspected image"),
     "ui": LazyCommand("chat.web", "web app (needs the [ui] extra)"),
     "demo": LazyCommand("chat.demo", "inspect and chat about a built-in example"),
+    "serve": LazyCommand("anomalygpt.service.cli", "HTTP inspection service (needs the [serve] extra)"),
 }
 
 

@@ -1,0 +1,105 @@
+"""A small Python client for `anomalygpt serve` (httpx): what a camera gateway or a MES script would call.
+
+Errors come back as ServiceError carrying the HTTP status and the service's one-line message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+
+class ServiceError(RuntimeError):
+    """The service refused a request; `status` is the HTTP status, the message its one-line error."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"HTTP {status}: {message}")
+        self.status = status
+
+
+class Client:
+    """Calls the service at base_url; `http` lets a caller pass its own httpx.Client (e.g. starlette's TestClient)."""
+
+    def __init__(
+        self,
+        base_url: str = "http://127.0.0.1:8080",
+        api_key: str | None = None,
+        timeout: float = 120.0,
+        http: httpx.Client | None = None,
+    ) -> None:
+        self.http = http or httpx.Client(base_url=base_url, timeout=timeout)
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+    def close(self) -> None:
+        self.http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
+        response = self.http.request(method, url, headers=self.headers, **kwargs)
+        if response.status_code >= 400:
+            raise ServiceError(response.status_code, error_text(response))
+        return response
+
+    def health(self) -> dict[str, Any]:
+        return self.request("GET", "/healthz").json()
+
+    def create_profile(self, name: str, paths: Sequence[str | Path]) -> dict[str, Any]:
+        """Fit a profile from good image files; returns it with its `id` and `version`."""
+        files = [("images", (Path(p).name, Path(p).read_bytes())) for p in paths]
+        return self.request("POST", "/v1/profiles", data={"name": name}, files=files).json()
+
+    def profiles(self) -> list[dict[str, Any]]:
+        return self.request("GET", "/v1/profiles").json()["items"]
+
+    def profile(self, profile_id: str) -> dict[str, Any]:
+        return self.request("GET", f"/v1/profiles/{profile_id}").json()
+
+    def inspect(self, profile_id: str, path: str | Path, sensitivity: float | None = None) -> dict[str, Any]:
+        """Inspect one image file against a profile; the answer has the inspection's `id` and `overlay_url`."""
+        files = [("image", (Path(path).name, Path(path).read_bytes()))]
+        return self.request("POST", "/v1/inspect", data=form(profile_id, sensitivity), files=files).json()
+
+    def inspect_batch(
+        self, profile_id: str, paths: Sequence[str | Path], sensitivity: float | None = None
+    ) -> list[dict[str, Any]]:
+        files = [("images", (Path(p).name, Path(p).read_bytes())) for p in paths]
+        return self.request("POST", "/v1/inspect/batch", data=form(profile_id, sensitivity), files=files).json()[
+            "items"
+        ]
+
+    def inspection(self, inspection_id: str) -> dict[str, Any]:
+        return self.request("GET", f"/v1/inspections/{inspection_id}").json()
+
+    def inspections(self, **filters: Any) -> dict[str, Any]:
+        """{"items": [...], "total": N}; filters: profile, since (ISO time), verdict, limit, offset."""
+        params = {key: value for key, value in filters.items() if value is not None}
+        return self.request("GET", "/v1/inspections", params=params).json()
+
+    def overlay(self, inspection_id: str) -> bytes:
+        return self.request("GET", f"/v1/inspections/{inspection_id}/overlay").content
+
+    def anomaly_map(self, inspection_id: str) -> bytes:
+        """The map as .npy bytes (numpy.load(io.BytesIO(...)))."""
+        return self.request("GET", f"/v1/inspections/{inspection_id}/map").content
+
+
+def form(profile_id: str, sensitivity: float | None) -> dict[str, str]:
+    data = {"profile": profile_id}
+    if sensitivity is not None:
+        data["sensitivity"] = repr(float(sensitivity))
+    return data
+
+
+def error_text(response: httpx.Response) -> str:
+    try:
+        return str(response.json().get("error", response.text))
+    except ValueError:
+        return response.text[:200]

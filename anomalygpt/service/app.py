@@ -1,0 +1,411 @@
+"""The HTTP layer of `anomalygpt serve` (FastAPI): parse, limit, authenticate, queue, answer.
+
+Every refusal is a 4xx whose body is one line of JSON, {"error": "..."}; no route reads a server path the client
+names (profiles and inspections are found by ids this service issued).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import math
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
+from starlette.datastructures import FormData, UploadFile
+from starlette.exceptions import HTTPException
+
+from anomalygpt.config import DEFAULT_PRESET, Preset
+from anomalygpt.inspection import Inspector, build_inspector
+from anomalygpt.io import ImageError, safe_text
+from anomalygpt.profile import ProfileError
+from anomalygpt.references import InspectionError
+from anomalygpt.service.audit import BLOB_SUFFIXES, AuditStore, InspectionFilter, inspection_json, profile_json
+from anomalygpt.service.batching import MicroBatcher
+from anomalygpt.service.core import ID_PATTERN, InspectionService, InspectRequest, UnknownProfile, Upload
+from anomalygpt.service.metrics import Metrics
+
+SENSITIVITY_RANGE = (-5.0, 5.0)  # as the CLI's --sensitivity, in normal spreads
+VERDICTS = ("normal", "anomalous")
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_body_bytes: int = 64 * 1024 * 1024  # a whole request, checked while it streams in
+    max_profile_images: int = 256  # good images per POST /v1/profiles
+    max_batch_images: int = 32  # images per POST /v1/inspect/batch
+    max_page: int = 1000  # GET /v1/inspections?limit=
+
+
+ASGIApp = Callable[
+    [MutableMapping[str, Any], Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]], Awaitable[None]
+]
+
+
+def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": safe_text(" ".join(str(message).split()))}, status_code=status, headers=headers)
+
+
+class RequestError(Exception):
+    """A refusal with its HTTP status; the message is one line."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def read_api_keys(path: str | Path) -> dict[str, str]:
+    """{sha256 of key: name} from `name:key` lines (blank lines and # comments skipped); ValueError on a bad line."""
+    keys: dict[str, str] = {}
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+        text = line.strip()
+        if not text or text.startswith("#"):
+            continue
+        name, sep, key = text.partition(":")
+        if not sep or not name.strip() or len(key.strip()) < 8:
+            raise ValueError(f"{path}:{number}: expected 'name:key' with a key of at least 8 characters")
+        keys[hashlib.sha256(key.strip().encode()).hexdigest()] = name.strip()
+    if not keys:
+        raise ValueError(f"{path}: no 'name:key' line; an empty key file would leave the service open")
+    return keys
+
+
+class BodyLimit:
+    """413 for a request body over the limit: by its Content-Length at once, else while it streams in."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.limit):
+            await error_response(413, f"request body over the limit of {self.limit:,} bytes")(scope, receive, send)
+            return
+        received = 0
+
+        async def limited() -> Any:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.limit:
+                raise HTTPException(413, f"request body over the limit of {self.limit:,} bytes")
+            return message
+
+        await self.app(scope, limited, send)
+
+
+class Timing:
+    """Counts every answered request by route template and status, with its latency."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def record_status(message: Any) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, record_status)
+        finally:
+            route = scope.get("route")
+            template = getattr(route, "path", "unmatched")
+            self.metrics.observe_request(scope["method"], template, status, time.perf_counter() - started)
+
+
+def create_app(
+    profiles_dir: str | Path,
+    db_url: str | None = None,
+    preset: str | Preset = DEFAULT_PRESET,
+    api_keys: dict[str, str] | None = None,
+    batch_wait_ms: float = 5.0,
+    limits: Limits | None = None,
+    inspector: Inspector | None = None,
+) -> FastAPI:
+    """The service app: the Inspector is built once here (or given), the database opened and its tables created.
+    `db_url` defaults to SQLite (WAL) in profiles_dir/audit.db; `api_keys` maps sha256(key) -> name
+    (read_api_keys); `inspector` lets a caller share one already built."""
+    folder = Path(profiles_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    limits = limits or Limits()
+    audit = AuditStore(db_url or f"sqlite:///{folder / 'audit.db'}", folder / "blobs")
+    service = InspectionService(inspector or build_inspector(preset), folder, audit)
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="anomalygpt-inference")
+    batcher = MicroBatcher(service.run_batch, batch_wait_ms / 1000.0, executor)
+    metrics = Metrics(lambda: batcher.depth)
+    batcher.on_batch = metrics.observe_batch
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await batcher.start()
+        yield
+        await batcher.stop()
+
+    app = FastAPI(title="anomalygpt", summary="Few-shot industrial inspection service", lifespan=lifespan)
+    app.state.service, app.state.metrics, app.state.batcher = service, metrics, batcher
+    install_error_handlers(app)
+    app.include_router(v1_router(service, batcher, metrics, executor, limits, api_keys))
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, Any]:
+        return {"status": "ok", "preset": service.inspector.preset.name, "queue_depth": batcher.depth}
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    def metrics_text() -> PlainTextResponse:
+        return PlainTextResponse(metrics.text(), media_type="text/plain; version=0.0.4")
+
+    app.add_middleware(BodyLimit, limit=limits.max_body_bytes)
+    app.add_middleware(Timing, metrics=metrics)
+    return app
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Every error leaves as {"error": one line}: HTTP errors keep their status, validation errors are 422."""
+
+    async def http_error(_: Request, error: Exception) -> JSONResponse:
+        assert isinstance(error, HTTPException)
+        return error_response(error.status_code, str(error.detail), getattr(error, "headers", None))
+
+    async def validation_error(_: Request, error: Exception) -> JSONResponse:
+        assert isinstance(error, RequestValidationError)
+        problems = [f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', 'invalid')}" for e in error.errors()]
+        return error_response(422, "; ".join(problems) or "invalid request")
+
+    async def refused(_: Request, error: Exception) -> JSONResponse:
+        assert isinstance(error, RequestError)
+        return error_response(error.status, str(error))
+
+    app.add_exception_handler(HTTPException, http_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(RequestError, refused)
+
+
+def status_of(error: BaseException) -> int:
+    """The status a worker-side error answers with."""
+    if isinstance(error, UnknownProfile):
+        return 404
+    if isinstance(error, ProfileError):
+        return 409  # the profile exists but its file cannot serve
+    if isinstance(error, InspectionError):
+        return 422  # a well-formed image the profile cannot inspect (another size, blank references)
+    if isinstance(error, ImageError):
+        return 400
+    return 400 if isinstance(error, ValueError) else 500
+
+
+async def in_worker(work: Awaitable[Any]) -> Any:
+    """Await worker-side work, turning its input errors into RequestError (never a 500 for bad input)."""
+    try:
+        return await work
+    except (ValueError, LookupError) as error:
+        raise RequestError(status_of(error), str(error)) from error
+
+
+def v1_router(
+    service: InspectionService,
+    batcher: MicroBatcher,
+    metrics: Metrics,
+    executor: ThreadPoolExecutor,
+    limits: Limits,
+    api_keys: dict[str, str] | None,
+) -> APIRouter:
+    def authenticate(request: Request) -> str | None:
+        """The key's name (None when the service has no keys); 401 for a missing or wrong key."""
+        if not api_keys:
+            return None
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        digest = hashlib.sha256(token.strip().encode()).hexdigest()
+        name = next((n for d, n in api_keys.items() if hmac.compare_digest(d, digest)), None)
+        if scheme.lower() != "bearer" or name is None:
+            metrics.observe_auth_failure()
+            raise HTTPException(
+                401, "missing or wrong API key (send 'Authorization: Bearer <key>')", {"WWW-Authenticate": "Bearer"}
+            )
+        return name
+
+    router = APIRouter(prefix="/v1")
+
+    @router.post("/profiles", status_code=201)
+    async def create_profile(request: Request, key: str | None = Depends(authenticate)) -> JSONResponse:
+        form = await read_form(request, limits.max_profile_images)
+        name = text_field(form, "name", required=True)
+        assert name is not None
+        uploads = await files(form, "images", limits.max_profile_images)
+        loop = asyncio.get_running_loop()
+        created = await in_worker(loop.run_in_executor(executor, service.create_profile, name, uploads, key))
+        return JSONResponse(created, status_code=201)
+
+    @router.get("/profiles")
+    def list_profiles(_: str | None = Depends(authenticate)) -> dict[str, Any]:
+        items = [profile_json(row) for row in service.audit.profiles()]
+        return {"items": items, "total": len(items)}
+
+    @router.get("/profiles/{profile_id}")
+    def get_profile(profile_id: str, _: str | None = Depends(authenticate)) -> dict[str, Any]:
+        try:
+            return profile_json(service.profile_row(profile_id))
+        except UnknownProfile as error:
+            raise RequestError(404, str(error)) from error
+
+    async def inspect_images(request: Request, key: str | None, field: str, max_images: int) -> tuple[str, list[Any]]:
+        started = time.perf_counter()
+        form = await read_form(request, max_images)
+        profile = text_field(form, "profile", required=True)
+        assert profile is not None
+        sensitivity = sensitivity_field(form)
+        uploads = await files(form, field, max_images)
+        job = InspectRequest(uploads, sensitivity, key, started)
+        answer = await in_worker(batcher.submit(profile, job, len(uploads)))
+        for item in answer:
+            metrics.observe_verdict(item["verdict"])
+        return profile, answer
+
+    @router.post("/inspect", status_code=201)
+    async def inspect(request: Request, key: str | None = Depends(authenticate)) -> JSONResponse:
+        _, answer = await inspect_images(request, key, "image", 1)
+        return JSONResponse(answer[0], status_code=201)
+
+    @router.post("/inspect/batch", status_code=201)
+    async def inspect_batch(request: Request, key: str | None = Depends(authenticate)) -> JSONResponse:
+        profile, answer = await inspect_images(request, key, "images", limits.max_batch_images)
+        return JSONResponse({"profile": profile, "items": answer, "total": len(answer)}, status_code=201)
+
+    @router.get("/inspections")
+    def list_inspections(
+        profile: str | None = None,
+        since: str | None = None,
+        verdict: str | None = None,
+        limit: int = 50,
+        offset: int = 0,
+        _: str | None = Depends(authenticate),
+    ) -> dict[str, Any]:
+        where = inspection_filter(profile, since, verdict, limit, offset, limits.max_page)
+        rows, total = service.audit.inspections(where)
+        return {"items": [inspection_json(row) for row in rows], "total": total, "limit": limit, "offset": offset}
+
+    def found(inspection_id: str) -> Any:
+        row = service.audit.inspection(inspection_id) if ID_PATTERN.fullmatch(inspection_id) else None
+        if row is None:
+            raise RequestError(404, f"inspection {inspection_id!r}: no such inspection")
+        return row
+
+    @router.get("/inspections/{inspection_id}")
+    def get_inspection(inspection_id: str, _: str | None = Depends(authenticate)) -> dict[str, Any]:
+        return inspection_json(found(inspection_id))
+
+    @router.get("/inspections/{inspection_id}/overlay")
+    def get_overlay(inspection_id: str, _: str | None = Depends(authenticate)) -> FileResponse:
+        row = found(inspection_id)
+        path = service.audit.blobs.path(row.overlay_sha256, BLOB_SUFFIXES["overlay"])
+        return FileResponse(path, media_type="image/png", filename=f"{row.id}-overlay.png")
+
+    @router.get("/inspections/{inspection_id}/map")
+    def get_map(inspection_id: str, _: str | None = Depends(authenticate)) -> FileResponse:
+        row = found(inspection_id)
+        path = service.audit.blobs.path(row.map_sha256, BLOB_SUFFIXES["map"])
+        return FileResponse(path, media_type="application/octet-stream", filename=f"{row.id}-map.npy")
+
+    return router
+
+
+async def read_form(request: Request, max_files: int) -> FormData:
+    """The multipart form (415 for any other content type; starlette answers 400 for a malformed body)."""
+    content_type = request.headers.get("content-type", "")
+    if not content_type.lower().startswith("multipart/form-data"):
+        raise RequestError(415, f"expected multipart/form-data, got {content_type or 'no content type'}")
+    try:
+        return await request.form(max_files=max_files, max_fields=16)
+    except HTTPException as error:
+        if "too many files" in str(error.detail).lower():  # starlette's parser stopped at the limit: one more file
+            raise RequestError(413, f"over {max_files} files in one request") from error
+        raise
+
+
+def text_field(form: FormData, name: str, required: bool) -> str | None:
+    value = form.get(name)
+    if value is None or (isinstance(value, str) and not value.strip()):
+        if required:
+            raise RequestError(400, f"missing form field {name!r}")
+        return None
+    if not isinstance(value, str):
+        raise RequestError(400, f"form field {name!r} must be text, not a file")
+    if len(value) > 200:
+        raise RequestError(400, f"form field {name!r} is over 200 characters")
+    return value.strip()
+
+
+def sensitivity_field(form: FormData) -> float:
+    text = text_field(form, "sensitivity", required=False)
+    if text is None:
+        return 0.0
+    try:
+        value = float(text)
+    except ValueError as error:
+        raise RequestError(422, f"sensitivity: {text!r} is not a number") from error
+    low, high = SENSITIVITY_RANGE
+    if not math.isfinite(value) or not low <= value <= high:
+        raise RequestError(422, f"sensitivity: {text!r} is outside [{low:g}, {high:g}] normal spreads")
+    return value
+
+
+async def files(form: FormData, field: str, max_files: int) -> list[Upload]:
+    """The uploads of one field, read into memory (the body limit bounds them)."""
+    values = form.getlist(field)
+    if not values:
+        raise RequestError(400, f"missing file field {field!r}")
+    if len(values) > max_files:
+        raise RequestError(413, f"{len(values)} files in {field!r}; at most {max_files} per request")
+    uploads = []
+    for index, value in enumerate(values):
+        if not isinstance(value, UploadFile):
+            raise RequestError(400, f"form field {field!r} must be a file upload")
+        uploads.append(Upload(value.filename or f"{field} {index + 1}", await value.read()))
+    return uploads
+
+
+def inspection_filter(
+    profile: str | None, since: str | None, verdict: str | None, limit: int, offset: int, max_page: int
+) -> InspectionFilter:
+    if verdict is not None and verdict not in VERDICTS:
+        raise RequestError(422, f"verdict: {verdict!r} is not one of {', '.join(VERDICTS)}")
+    if not 1 <= limit <= max_page:
+        raise RequestError(422, f"limit: {limit} is outside 1 to {max_page}")
+    if offset < 0:
+        raise RequestError(422, f"offset: {offset} is negative")
+    return InspectionFilter(profile, parse_since(since), verdict, limit, offset)
+
+
+def parse_since(text: str | None) -> datetime | None:
+    """An ISO 8601 time as naive UTC (the audit's clock); a time without an offset is read as UTC."""
+    if text is None:
+        return None
+    try:
+        moment = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError as error:
+        raise RequestError(422, f"since: {text!r} is not an ISO 8601 time (e.g. 2026-01-31T08:00:00Z)") from error
+    if moment.tzinfo is not None:
+        moment = moment.astimezone(timezone.utc).replace(tzinfo=None)
+    return moment

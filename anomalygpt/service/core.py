@@ -1,0 +1,215 @@
+"""What the service does, without HTTP: fit profiles, inspect images against them, record both in the audit trail.
+
+Every method here runs in the one worker thread (see batching.py); the HTTP layer only parses, limits and answers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+import secrets
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from anomalygpt.inspection import Inspection, Inspector, References, working_image
+from anomalygpt.io import load_image
+from anomalygpt.profile import ProfileError, file_sha256, package_versions
+from anomalygpt.references import InspectionError
+from anomalygpt.service.audit import (
+    BLOB_SUFFIXES,
+    AuditStore,
+    InspectionRow,
+    ProfileRow,
+    inspection_json,
+    profile_json,
+    utc_now,
+)
+from anomalygpt.visualize import inspection_figure
+
+ID_PATTERN = re.compile(
+    r"[0-9a-f]{16}"
+)  # ids are ours (16 hex digits): nothing else names a profile, inspection or path
+CACHED_PROFILES = 16  # loaded References kept in memory, least recently used dropped first
+
+
+class UnknownProfile(LookupError):
+    """No profile with this id was created by this service."""
+
+
+@dataclass(frozen=True)
+class Upload:
+    name: str  # the client's file name, only ever used as a label
+    data: bytes
+
+
+@dataclass(frozen=True)
+class InspectRequest:
+    images: list[Upload]
+    sensitivity: float
+    key_name: str | None
+    started: float  # time.perf_counter() when the request arrived: latency includes queueing
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(array)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+class InspectionService:
+    """One Inspector (loaded once), the profiles folder, a cache of loaded profiles and the audit store."""
+
+    def __init__(self, inspector: Inspector, profiles_dir: Path, audit: AuditStore) -> None:
+        self.inspector = inspector
+        self.profiles_dir = profiles_dir
+        self.audit = audit
+        self.cache: OrderedDict[str, References] = OrderedDict()
+        self.versions = json.dumps(package_versions())
+
+    def profile_row(self, profile_id: str) -> ProfileRow:
+        row = self.audit.profile(profile_id) if ID_PATTERN.fullmatch(profile_id) else None
+        if row is None:
+            raise UnknownProfile(f"profile {profile_id!r}: no such profile (create it with POST /v1/profiles)")
+        return row
+
+    def references(self, row: ProfileRow) -> References:
+        """The profile's references, loaded on first use, then kept by id (a profile never changes)."""
+        if row.id in self.cache:
+            self.cache.move_to_end(row.id)
+            return self.cache[row.id]
+        path = self.profiles_dir / row.file
+        if not path.is_file() or file_sha256(path) != row.checksum:
+            raise ProfileError(f"profile {row.id}: its file is missing or was changed since it was created")
+        references = self.inspector.load_profile(path)
+        self.cache[row.id] = references
+        while len(self.cache) > CACHED_PROFILES:
+            self.cache.popitem(last=False)
+        return references
+
+    def create_profile(self, name: str, uploads: Sequence[Upload], key_name: str | None) -> dict[str, Any]:
+        """Fit the good images as `anomalygpt fit` does; the file is written atomically, then its row committed."""
+        started = time.perf_counter()
+        images = [load_image(upload.data, name=upload.name) for upload in uploads]
+        references = self.inspector.fit(images, names=[upload.name for upload in uploads])
+        profile_id = secrets.token_hex(8)
+        path = self.inspector.save_profile(references, self.profiles_dir / f"{profile_id}.profile")
+        height, width = references.memory.image_size
+        row = ProfileRow(
+            id=profile_id,
+            name=name,
+            version=self.audit.next_version(name),
+            created=utc_now(),
+            key_name=key_name,
+            file=path.name,
+            checksum=file_sha256(path),
+            n_references=references.memory.n_references,
+            image_height=height,
+            image_width=width,
+            threshold=references.calibration.image_threshold,
+            preset=self.inspector.preset.name,
+            references_json=json.dumps(
+                [{"name": u.name, "sha256": sha256(u.data), "bytes": len(u.data)} for u in uploads]
+            ),
+            warnings_json=json.dumps(references.warnings),
+            latency_ms=round((time.perf_counter() - started) * 1000, 1),
+        )
+        try:
+            self.audit.add([row])
+        except BaseException:
+            path.unlink(missing_ok=True)  # no profile file without its row
+            raise
+        self.cache[profile_id] = references
+        return profile_json(row)
+
+    def run_batch(self, profile_id: str, requests: Sequence[InspectRequest]) -> list[Any]:
+        """Answer each request of one profile (a list of inspection JSONs, or the error that refused it)."""
+        try:
+            row = self.profile_row(profile_id)
+            references = self.references(row)
+        except (UnknownProfile, ProfileError) as error:
+            return [error] * len(requests)
+        answers: list[Any] = []
+        for request in requests:
+            try:
+                answers.append(self.inspect(row, references, request))
+            except (ValueError, OSError) as error:  # ImageError, InspectionError: this request's own fault
+                answers.append(error)
+        return answers
+
+    def inspect(self, row: ProfileRow, references: References, request: InspectRequest) -> list[dict[str, Any]]:
+        """Decode and check every image first, then inspect; the rows of one request commit together."""
+        pixels = [working_image(load_image(upload.data, name=upload.name)) for upload in request.images]
+        for upload, image in zip(request.images, pixels, strict=True):
+            check_size(upload.name, image, references.memory.image_size)
+        inspections = [
+            self.inspector.inspect(image, references, source=upload.name, sensitivity=request.sensitivity)
+            for upload, image in zip(request.images, pixels, strict=True)
+        ]
+        rows = [
+            self.inspection_row(row, upload, image, inspection, request)
+            for upload, image, inspection in zip(request.images, pixels, inspections, strict=True)
+        ]
+        self.audit.add(rows)  # after every file the rows name exists
+        return [inspection_json(r) for r in rows]
+
+    def inspection_row(
+        self, profile: ProfileRow, upload: Upload, pixels: np.ndarray, inspection: Inspection, request: InspectRequest
+    ) -> InspectionRow:
+        """The audit row, its overlay and map written first (content-addressed, atomically)."""
+        assert inspection.anomaly_map is not None
+        overlay = self.audit.blobs.put(png_bytes(inspection_figure(pixels, inspection)), BLOB_SUFFIXES["overlay"])
+        anomaly_map = self.audit.blobs.put(npy_bytes(inspection.anomaly_map.astype(np.float32)), BLOB_SUFFIXES["map"])
+        result = inspection.to_dict()
+        return InspectionRow(
+            id=secrets.token_hex(8),
+            created=utc_now(),
+            key_name=request.key_name,
+            profile_id=profile.id,
+            profile_version=profile.version,
+            profile_checksum=profile.checksum,
+            image_name=upload.name[:300],
+            image_sha256=sha256(upload.data),
+            image_bytes=len(upload.data),
+            image_height=int(pixels.shape[0]),
+            image_width=int(pixels.shape[1]),
+            verdict=inspection.verdict,
+            score=inspection.score,
+            threshold=inspection.threshold,
+            margin=inspection.margin,
+            sensitivity=request.sensitivity,
+            regions_json=json.dumps(result["regions"], allow_nan=False),
+            result_json=json.dumps(result, allow_nan=False),
+            overlay_sha256=overlay,
+            map_sha256=anomaly_map,
+            preset=self.inspector.preset.name,
+            versions_json=self.versions,
+            latency_ms=round((time.perf_counter() - request.started) * 1000, 1),
+        )
+
+
+def check_size(name: str, pixels: np.ndarray, expected: tuple[int, int]) -> None:
+    """InspectionError before any inference when an image is not the size of the profile's references."""
+    if pixels.shape[:2] != tuple(expected):
+        height, width = expected
+        raise InspectionError(
+            f"{name}: {pixels.shape[1]}x{pixels.shape[0]} px but the profile's references are {width}x{height} px"
+        )

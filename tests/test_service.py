@@ -1,0 +1,330 @@
+"""`anomalygpt serve`: profiles, inspections equal to the Inspector's, the audit trail, refusals, keys, metrics."""
+
+import hashlib
+import io
+import sqlite3
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import texture_crops, with_dark_blob
+from PIL import Image
+from starlette.testclient import TestClient
+
+from anomalygpt.client import Client, ServiceError
+from anomalygpt.config import load_preset
+from anomalygpt.inspection import Inspector
+from anomalygpt.io import load_image
+from anomalygpt.service import Limits, create_app
+from anomalygpt.service.cli import is_loopback
+from anomalygpt.service.cli import main as serve_main
+
+KEY = "s3cret-key-for-line-1"
+
+
+def write_png(path: Path, array: np.ndarray) -> Path:
+    Image.fromarray(array).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def inspector(small_backbone):
+    return Inspector(small_backbone, load_preset("default"))
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("images")
+    goods = [write_png(folder / f"good{i}.png", crop) for i, crop in enumerate(texture_crops(5, seed=21))]
+    good = write_png(folder / "query_good.png", texture_crops(1, seed=60)[0])
+    defect = write_png(folder / "query_defect.png", with_dark_blob(texture_crops(1, seed=61)[0], (40, 90), 9))
+    small = write_png(folder / "small.png", texture_crops(1, size=64, seed=62)[0])
+    return {"goods": goods, "good": good, "defect": defect, "small": small}
+
+
+@pytest.fixture(scope="module")
+def served(inspector, tmp_path_factory):
+    """The service over a fresh folder (its SQLite audit inside), and a client through starlette's TestClient."""
+    folder = tmp_path_factory.mktemp("service")
+    app = create_app(folder, inspector=inspector, batch_wait_ms=5)
+    with TestClient(app) as http:
+        yield {"folder": folder, "app": app, "http": http, "client": Client(http=http)}
+
+
+@pytest.fixture(scope="module")
+def profile(served, images):
+    return served["client"].create_profile("brick wall", images["goods"])
+
+
+def rows(folder: Path, table: str) -> int:
+    with sqlite3.connect(folder / "audit.db") as db:
+        return db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
+
+
+def files_under(folder: Path) -> set[Path]:
+    return {p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("audit.db")}
+
+
+def test_a_profile_is_fitted_saved_and_listed(served, profile, images):
+    assert len(profile["id"]) == 16 and profile["version"] == 1 and profile["name"] == "brick wall"
+    assert profile["n_references"] == 5 and profile["image_size"] == [128, 128]
+    path = served["folder"] / f"{profile['id']}.profile"
+    assert profile["checksum"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    sent = [hashlib.sha256(p.read_bytes()).hexdigest() for p in images["goods"]]
+    assert [r["sha256"] for r in profile["references"]] == sent
+    assert served["client"].profile(profile["id"]) == profile
+    assert profile["id"] in [p["id"] for p in served["client"].profiles()]
+    with sqlite3.connect(served["folder"] / "audit.db") as db:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_the_service_answers_what_the_inspector_computes_on_the_same_profile(served, profile, inspector, images):
+    client = served["client"]
+    references = inspector.load_profile(served["folder"] / f"{profile['id']}.profile")
+    for kind, verdict in (("good", "normal"), ("defect", "anomalous")):
+        answer = client.inspect(profile["id"], images[kind])
+        direct = inspector.inspect(load_image(images[kind]), references)
+        assert answer["verdict"] == direct.verdict == verdict
+        assert answer["score"] == direct.score and answer["threshold"] == direct.threshold
+        assert answer["margin"] == direct.margin and len(answer["regions"]) == len(direct.regions)
+        assert answer["profile"] == profile["id"] and answer["profile_version"] == 1
+        assert answer["image_sha256"] == hashlib.sha256(images[kind].read_bytes()).hexdigest()
+        assert client.inspection(answer["id"]) == answer
+        anomaly_map = np.load(io.BytesIO(client.anomaly_map(answer["id"])))
+        assert anomaly_map.shape == (128, 128) and np.array_equal(anomaly_map, direct.anomaly_map)
+        overlay = client.overlay(answer["id"])
+        assert Image.open(io.BytesIO(overlay)).width >= 128
+        digest = hashlib.sha256(overlay).hexdigest()
+        assert (served["folder"] / "blobs" / digest[:2] / f"{digest}.png").is_file()
+    lowered = client.inspect(profile["id"], images["good"], sensitivity=2.0)
+    direct = inspector.inspect(load_image(images["good"]), references, sensitivity=2.0)
+    assert lowered["threshold"] == direct.threshold < answer["threshold"] and lowered["score"] == direct.score
+
+
+def test_batches_are_one_transaction_and_the_listing_filters_and_pages(served, profile, images):
+    client = served["client"]
+    before = rows(served["folder"], "inspections")
+    batch = client.inspect_batch(profile["id"], [images["good"], images["defect"], images["good"]])
+    assert [item["verdict"] for item in batch] == ["normal", "anomalous", "normal"]
+    assert batch[0]["score"] == batch[2]["score"] and len({item["id"] for item in batch}) == 3
+    total = rows(served["folder"], "inspections")
+    assert total == before + 3
+    listed = client.inspections(profile=profile["id"], limit=1000)
+    assert listed["total"] == total and len(listed["items"]) == total
+    anomalous = client.inspections(profile=profile["id"], verdict="anomalous")
+    assert anomalous["total"] == sum(item["verdict"] == "anomalous" for item in listed["items"]) >= 2
+    pages = [client.inspections(limit=2, offset=offset)["items"] for offset in range(0, total, 2)]
+    assert [item["id"] for page in pages for item in page] == [item["id"] for item in listed["items"]]
+    assert client.inspections(since="2999-01-01T00:00:00Z")["total"] == 0
+    assert client.inspections(since=batch[0]["created"])["total"] == 3
+
+
+def test_concurrent_requests_are_gathered_into_one_batch(inspector, served, profile, images):
+    app = create_app(served["folder"], inspector=inspector, batch_wait_ms=400)
+    answers: list[dict] = []
+    with TestClient(app) as http:
+        client = Client(http=http)
+
+        def one() -> None:
+            answers.append(client.inspect(profile["id"], images["defect"]))
+
+        threads = [threading.Thread(target=one) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        metrics = http.get("/metrics").text
+    assert len(answers) == 4 and {a["verdict"] for a in answers} == {"anomalous"}
+    sizes = {
+        int(line.split('size="')[1].split('"')[0]): float(line.split()[-1])
+        for line in metrics.splitlines()
+        if line.startswith("anomalygpt_batches_total{")
+    }
+    assert sum(size * count for size, count in sizes.items()) == 4 and max(sizes) >= 2
+    assert "anomalygpt_queue_depth 0" in metrics
+
+
+def corrupt_png(path: Path) -> bytes:
+    data = bytearray(path.read_bytes())
+    data[60] ^= 0xFF
+    return bytes(data)
+
+
+def test_bad_requests_get_one_line_4xx_and_leave_nothing_behind(inspector, served, profile, images):
+    http, pid = served["http"], profile["id"]
+    good = images["good"].read_bytes()
+    folder = served["folder"]
+    before = (files_under(folder), rows(folder, "inspections"), rows(folder, "profiles"))
+    cases = [
+        ("bad image bytes", "/v1/inspect", {"profile": pid}, [("image", ("x.png", b"not an image"))], 400),
+        ("corrupt PNG", "/v1/inspect", {"profile": pid}, [("image", ("x.png", corrupt_png(images["good"])))], 400),
+        ("empty image", "/v1/inspect", {"profile": pid}, [("image", ("x.png", b""))], 400),
+        ("truncated PNG", "/v1/inspect", {"profile": pid}, [("image", ("x.png", good[: len(good) // 2]))], 400),
+        ("unknown profile", "/v1/inspect", {"profile": "0123456789abcdef"}, [("image", ("g.png", good))], 404),
+        ("profile as a path", "/v1/inspect", {"profile": "../audit.db"}, [("image", ("g.png", good))], 404),
+        ("missing image", "/v1/inspect", {"profile": pid}, [("other", ("g.png", good))], 400),
+        ("missing profile", "/v1/inspect", {}, [("image", ("g.png", good))], 400),
+        (
+            "image of another size",
+            "/v1/inspect",
+            {"profile": pid},
+            [("image", ("s.png", images["small"].read_bytes()))],
+            422,
+        ),
+        (
+            "sensitivity not a number",
+            "/v1/inspect",
+            {"profile": pid, "sensitivity": "high"},
+            [("image", ("g.png", good))],
+            422,
+        ),
+        ("sensitivity nan", "/v1/inspect", {"profile": pid, "sensitivity": "nan"}, [("image", ("g.png", good))], 422),
+        (
+            "sensitivity out of range",
+            "/v1/inspect",
+            {"profile": pid, "sensitivity": "9"},
+            [("image", ("g.png", good))],
+            422,
+        ),
+        (
+            "batch with a bad image",
+            "/v1/inspect/batch",
+            {"profile": pid},
+            [("images", ("g.png", good)), ("images", ("b.png", b"xx"))],
+            400,
+        ),
+        ("profile without images", "/v1/profiles", {"name": "p"}, [("other", ("g.png", good))], 400),
+        ("profile without a name", "/v1/profiles", {}, [("images", ("g.png", good))], 400),
+        (
+            "profile with a corrupt image",
+            "/v1/profiles",
+            {"name": "p"},
+            [("images", ("b.png", b"\x89PNG\r\n\x1a\nxx"))],
+            400,
+        ),
+    ]
+    for what, url, data, files, status in cases:
+        response = http.post(url, data=data, files=files)
+        assert response.status_code == status, (what, response.text)
+        assert list(response.json()) == ["error"] and "\n" not in response.json()["error"], what
+    posted = [
+        ("JSON instead of a form", http.post("/v1/inspect", json={"profile": pid}), 415),
+        ("no content type", http.post("/v1/inspect", content=b"raw"), 415),
+        (
+            "malformed multipart",
+            http.post(
+                "/v1/inspect", content=b"--x\r\nbroken", headers={"content-type": "multipart/form-data; boundary=x"}
+            ),
+            400,
+        ),
+        ("verdict filter", http.get("/v1/inspections?verdict=maybe"), 422),
+        ("limit 0", http.get("/v1/inspections?limit=0"), 422),
+        ("limit not a number", http.get("/v1/inspections?limit=ten"), 422),
+        ("since not a time", http.get("/v1/inspections?since=yesterday"), 422),
+        ("unknown inspection", http.get("/v1/inspections/0123456789abcdef"), 404),
+        ("unknown overlay", http.get("/v1/inspections/nope/overlay"), 404),
+        ("unknown profile id", http.get("/v1/profiles/0123456789abcdef"), 404),
+    ]
+    for what, response, status in posted:
+        assert response.status_code == status, (what, response.text)
+        assert list(response.json()) == ["error"] and "\n" not in response.json()["error"], what
+    small = create_app(folder, inspector=inspector, limits=Limits(max_body_bytes=50_000, max_batch_images=2))
+    with TestClient(small) as tight:
+        big = tight.post("/v1/inspect", data={"profile": pid}, files=[("image", ("g.png", b"\0" * 60_000))])
+        assert big.status_code == 413 and "limit" in big.json()["error"]
+        three = [("images", (f"{i}.png", good)) for i in range(3)]
+        assert tight.post("/v1/inspect/batch", data={"profile": pid}, files=three).status_code == 413
+    assert (files_under(folder), rows(folder, "inspections"), rows(folder, "profiles")) == before
+    metrics = http.get("/metrics").text
+    assert 'anomalygpt_requests_total{method="POST",route="/v1/inspect",status="400"}' in metrics
+    assert 'status="500"' not in metrics
+
+
+def test_api_keys_guard_every_v1_route_and_name_the_audit_row(inspector, served, profile, images):
+    keys = {hashlib.sha256(KEY.encode()).hexdigest(): "line-1"}
+    app = create_app(served["folder"], inspector=inspector, api_keys=keys)
+    with TestClient(app) as http:
+        assert http.get("/healthz").json()["status"] == "ok"
+        assert http.get("/v1/profiles").status_code == 401
+        assert http.get("/v1/profiles", headers={"Authorization": "Bearer wrong-key-123"}).status_code == 401
+        with pytest.raises(ServiceError) as refused:
+            Client(http=http, api_key="wrong-key-123").inspect(profile["id"], images["good"])
+        assert refused.value.status == 401
+        answer = Client(http=http, api_key=KEY).inspect(profile["id"], images["good"])
+        metrics = http.get("/metrics").text
+    assert "anomalygpt_auth_failures_total 3" in metrics
+    with sqlite3.connect(served["folder"] / "audit.db") as db:
+        key_name = db.execute("SELECT key_name FROM inspections WHERE id = ?", (answer["id"],)).fetchone()[0]
+    assert key_name == "line-1"
+
+
+def test_every_acknowledged_request_has_exactly_one_row_with_its_files(served, profile, images):
+    http, folder, pid = served["http"], served["folder"], profile["id"]
+    before = rows(folder, "inspections")
+    good, defect = images["good"].read_bytes(), images["defect"].read_bytes()
+    responses = [
+        http.post("/v1/inspect", data={"profile": pid}, files=[("image", ("g.png", good))]),
+        http.post(
+            "/v1/inspect/batch",
+            data={"profile": pid},
+            files=[("images", ("g.png", good)), ("images", ("d.png", defect))],
+        ),
+        http.post("/v1/inspect", data={"profile": pid}, files=[("image", ("x.png", b"garbage"))]),
+        http.post(
+            "/v1/inspect/batch",
+            data={"profile": pid},
+            files=[("images", ("d.png", defect)), ("images", ("x.png", b"x"))],
+        ),
+    ]
+    assert [r.status_code for r in responses] == [201, 201, 400, 400]
+    acknowledged = [responses[0].json()["id"]] + [item["id"] for item in responses[1].json()["items"]]
+    assert rows(folder, "inspections") == before + len(acknowledged) == before + 3
+    with sqlite3.connect(folder / "audit.db") as db:
+        for inspection_id in acknowledged:
+            assert db.execute("SELECT COUNT(*) FROM inspections WHERE id = ?", (inspection_id,)).fetchone()[0] == 1
+        stored = db.execute("SELECT overlay_sha256, map_sha256 FROM inspections").fetchall()
+    for overlay, anomaly_map in stored:  # every row of the trail, not only these: its files exist and match
+        for digest, suffix in ((overlay, ".png"), (anomaly_map, ".npy")):
+            path = folder / "blobs" / digest[:2] / f"{digest}{suffix}"
+            assert hashlib.sha256(path.read_bytes()).hexdigest() == digest
+
+
+def metric_values(text: str) -> dict[str, float]:
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line[:1] != "#"}
+
+
+def test_metrics_count_requests_verdicts_and_latency(served, profile, images):
+    http = served["http"]
+    before = metric_values(http.get("/metrics").text)
+    served["client"].inspect(profile["id"], images["defect"])
+    text = http.get("/metrics").text
+    after = metric_values(text)
+    ok, anomalous = (
+        'anomalygpt_requests_total{method="POST",route="/v1/inspect",status="201"}',
+        ('anomalygpt_verdicts_total{verdict="anomalous"}'),
+    )
+    assert after[ok] == before[ok] + 1 and after[anomalous] == before[anomalous] + 1
+    normal = 'anomalygpt_verdicts_total{verdict="normal"}'
+    assert after[normal] == before[normal] and after[normal] >= 1
+    assert after['anomalygpt_requests_total{method="POST",route="/v1/profiles",status="201"}'] == 1
+    count = after['anomalygpt_request_seconds_count{route="/v1/inspect"}']
+    all_statuses = sum(
+        v for k, v in after.items() if k.startswith('anomalygpt_requests_total{method="POST",route="/v1/inspect",')
+    )
+    assert (
+        after['anomalygpt_request_seconds_bucket{route="/v1/inspect",le="+Inf"}'] == count == all_statuses > after[ok]
+    )
+    assert "# TYPE anomalygpt_request_seconds histogram" in text and after["anomalygpt_queue_depth"] == 0
+    schema = http.get("/openapi.json").json()
+    assert {"/v1/inspect", "/v1/profiles", "/v1/inspections", "/metrics"} <= set(schema["paths"])
+
+
+def test_serve_refuses_bad_options_in_one_line_and_knows_loopback(capsys, tmp_path):
+    assert serve_main(["--batch-wait-ms", "-1", "--profiles", str(tmp_path)]) == 2
+    assert "--batch-wait-ms: -1 is outside" in capsys.readouterr().err
+    (tmp_path / "keys").write_text("line-1\n")
+    assert serve_main(["--api-key-file", str(tmp_path / "keys"), "--profiles", str(tmp_path)]) == 2
+    assert "expected 'name:key'" in capsys.readouterr().err
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.5")
