@@ -328,3 +328,50 @@ def test_serve_refuses_bad_options_in_one_line_and_knows_loopback(capsys, tmp_pa
     assert "expected 'name:key'" in capsys.readouterr().err
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
     assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.5")
+
+
+def test_the_client_works_over_a_real_uvicorn_server(inspector, served, profile, images):
+    import socket
+
+    import uvicorn
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    app = create_app(served["folder"], inspector=inspector, limits=Limits(max_body_bytes=100_000))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        for _ in range(200):
+            if server.started:
+                break
+            threading.Event().wait(0.05)
+        with Client(f"http://127.0.0.1:{port}", timeout=60) as client:
+            assert client.health()["status"] == "ok"
+            answer = client.inspect(profile["id"], images["defect"])
+            assert answer["verdict"] == "anomalous" and client.inspection(answer["id"])["score"] == answer["score"]
+            head = b'--x\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n\r\n'
+            chunks = iter([head] + [b"\0" * 10_000] * 20)  # no Content-Length: the limit is counted while it streams
+            headers = {"content-type": "multipart/form-data; boundary=x"}
+            streamed = client.http.post("/v1/inspect", content=chunks, headers=headers)
+            assert streamed.status_code == 413 and "limit" in streamed.json()["error"]
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def test_serve_warns_when_it_listens_beyond_this_machine(monkeypatch, capsys, tmp_path):
+    import uvicorn
+
+    import anomalygpt.service.app as service_app
+
+    calls = []
+    monkeypatch.setattr(service_app, "create_app", lambda *args: args)
+    monkeypatch.setattr(uvicorn, "run", lambda app, host, port, log_level: calls.append((app, host, port)))
+    assert serve_main(["--host", "0.0.0.0", "--port", "9001", "--profiles", str(tmp_path), "--batch-wait-ms", "2"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "warning: listening on 0.0.0.0" in err and "without API keys" in err
+    ((app_args, host, port),) = calls
+    assert (host, port) == ("0.0.0.0", 9001) and app_args == (tmp_path, None, "default", None, 2.0)
+    assert serve_main(["--profiles", str(tmp_path)]) == 0 and capsys.readouterr().err == ""

@@ -220,7 +220,7 @@ async def in_worker(work: Awaitable[Any]) -> Any:
     """Await worker-side work, turning its input errors into RequestError (never a 500 for bad input)."""
     try:
         return await work
-    except (ValueError, LookupError) as error:
+    except (ValueError, UnknownProfile) as error:  # anything else is the server's fault: a 500, logged
         raise RequestError(status_of(error), str(error)) from error
 
 
