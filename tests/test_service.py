@@ -151,6 +151,13 @@ def corrupt_png(path: Path) -> bytes:
     return bytes(data)
 
 
+def pixel_bomb() -> bytes:
+    """A 6 kB PNG that declares 48 million pixels."""
+    buffer = io.BytesIO()
+    Image.new("1", (8000, 6000)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def test_bad_requests_get_one_line_4xx_and_leave_nothing_behind(inspector, served, profile, images):
     http, pid = served["http"], profile["id"]
     good = images["good"].read_bytes()
@@ -160,6 +167,7 @@ def test_bad_requests_get_one_line_4xx_and_leave_nothing_behind(inspector, serve
         ("bad image bytes", "/v1/inspect", {"profile": pid}, [("image", ("x.png", b"not an image"))], 400),
         ("corrupt PNG", "/v1/inspect", {"profile": pid}, [("image", ("x.png", corrupt_png(images["good"])))], 400),
         ("empty image", "/v1/inspect", {"profile": pid}, [("image", ("x.png", b""))], 400),
+        ("48 million pixels", "/v1/inspect", {"profile": pid}, [("image", ("bomb.png", pixel_bomb()))], 400),
         ("truncated PNG", "/v1/inspect", {"profile": pid}, [("image", ("x.png", good[: len(good) // 2]))], 400),
         ("unknown profile", "/v1/inspect", {"profile": "0123456789abcdef"}, [("image", ("g.png", good))], 404),
         ("profile as a path", "/v1/inspect", {"profile": "../audit.db"}, [("image", ("g.png", good))], 404),
