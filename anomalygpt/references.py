@@ -36,8 +36,9 @@ AUGMENT_SUBSET = 8  # references the augmentation decision holds out, at most
 # pools 0.948 vs 0.948), so a small gain is not worth it.
 AUGMENT_GAIN = 1.3
 # A query whose nearest reference is more than FIT_LIMIT times as far as the references' typical spacing does not
-# fit (ELPV dev half, bench/bench_reference_checks.py: pools of good cells warn on < 1 % of good cells of their
-# type and on every cell of the other type).
+# fit (ELPV dev half, bench/bench_pools.py --parts fit --half dev: pools of good cells warn on 0.1-0.7 % of good
+# cells of their type and on every cell of the other type; 4 references, a poorer yardstick, on 12-24 % and
+# 67-97 %).
 FIT_LIMIT = 3.0
 # Brightness is checked apart, since standardised images hide it from the appearance: a query more than this many
 # spreads from the references' mean grey level does not fit (dev half: < 0.5 % of good cells of a pool's type).

@@ -95,8 +95,9 @@ def test_factory_accepts_a_preset_object():
 
 
 def test_many_references_are_decoded_when_read_and_give_the_same_result(inspector, tmp_path, monkeypatch):
-    import anomalygpt.inspection as inspection_module
     from PIL import Image
+
+    import anomalygpt.inspection as inspection_module
 
     crops = texture_crops(4, seed=31)
     paths = []
