@@ -26,6 +26,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -282,9 +283,9 @@ def cli_baseline(references: list[Path], queries: list[Path], calls: int, work: 
     }
 
 
-def warm_up(server: Server, profile_id: str, queries: list[Path]) -> list[str]:
+def warm_up(server: Server, profile_id: str, queries: list[Path]) -> list[dict[str, Any]]:
     with Client(server.url, timeout=600) as client:
-        return [client.inspect(profile_id, path)["id"] for path in queries[:2]]
+        return [client.inspect(profile_id, path) for path in queries[:2]]
 
 
 def bench_load(cfg: BenchConfig, references: list[Path], queries: list[Path], work: Path) -> dict[str, Any]:
@@ -297,7 +298,7 @@ def bench_load(cfg: BenchConfig, references: list[Path], queries: list[Path], wo
             created = time.perf_counter()
             profile = client.create_profile("elpv mono dev", references)
             profile_s = time.perf_counter() - created
-        acknowledged += warm_up(server, profile["id"], queries)
+        acknowledged += [answer["id"] for answer in warm_up(server, profile["id"], queries)]
         for clients in (cfg.clients, 1):
             rows.append(load_row(server, profile["id"], queries, clients, cfg.seconds))
             print(row_line(rows[-1]), flush=True)
@@ -305,7 +306,7 @@ def bench_load(cfg: BenchConfig, references: list[Path], queries: list[Path], wo
         server.stop()
         server.wait_ms = 0.0
         restart_s = server.start()
-        acknowledged += warm_up(server, profile["id"], queries)
+        acknowledged += [answer["id"] for answer in warm_up(server, profile["id"], queries)]
         rows.append(load_row(server, profile["id"], queries, cfg.clients, cfg.seconds))
         print(row_line(rows[-1]), flush=True)
         errors_5xx += server_errors(server.metrics())
@@ -324,7 +325,9 @@ def bench_load(cfg: BenchConfig, references: list[Path], queries: list[Path], wo
     }
 
 
-def crash_round(server: Server, profile: dict[str, Any], queries: list[Path], cfg: BenchConfig) -> dict[str, Any]:
+def crash_round(
+    server: Server, profile: dict[str, Any], first: dict[str, Any], queries: list[Path], cfg: BenchConfig
+) -> dict[str, Any]:
     """Load, kill -9, restart; what the clients were told against what the database and blob store hold."""
     stop = threading.Event()
     results: list[list[Outcome]] = [[] for _ in range(cfg.crash_clients)]
@@ -349,10 +352,11 @@ def crash_round(server: Server, profile: dict[str, Any], queries: list[Path], cf
         "requests": len(outcomes),
         "acknowledged": [o.inspection_id for o in outcomes if o.status == 201],
         "cut_off": sum(o.status == 0 for o in outcomes),
+        "cut_off_errors": dict(Counter(o.error.split(":")[0] for o in outcomes if o.status == 0)),
         "refused": sorted({f"{o.status} {o.error}"[:200] for o in outcomes if o.status not in (0, 201)}),
         "healthy_after_restart_s": round(healthy_s, 2),
         "same_profile": same_profile,
-        "inspects_after_restart": after["profile"] == profile["id"],
+        "same_answer": after["profile"] == first["profile"] and after["score"] == first["score"],
         "after_id": after["id"],
     }
 
@@ -365,9 +369,10 @@ def bench_crash(cfg: BenchConfig, references: list[Path], queries: list[Path], w
         start_s = server.start()
         with Client(server.url, timeout=600) as client:
             profile = client.create_profile("elpv mono dev", references)
-        acknowledged += warm_up(server, profile["id"], queries)
+        first = warm_up(server, profile["id"], queries)
+        acknowledged += [answer["id"] for answer in first]
         for number in range(cfg.kills):
-            done = crash_round(server, profile, queries, cfg)
+            done = crash_round(server, profile, first[0], queries, cfg)
             ids = done.pop("acknowledged")
             acknowledged += ids + [done.pop("after_id")]
             rows = {row[0] for row in audit_rows(folder)}
@@ -420,14 +425,14 @@ def load_table(load: dict[str, Any]) -> str:
 
 def crash_table(crash: dict[str, Any]) -> str:
     lines = [
-        "| kill | requests | acknowledged | cut off | acknowledged without row | healthy after s | same profile "
+        "| kill | requests | acknowledged | cut off | acknowledged without row | healthy after s | same profile+score "
         "| integrity | temp files |",
         "|---:|---:|---:|---:|---:|---:|---|---|---:|",
     ]
     for number, r in enumerate(crash["rounds"], start=1):
         lines.append(
             f"| {number} | {r['requests']} | {r['acknowledged']} | {r['cut_off']} | {r['acknowledged_without_row']} "
-            f"| {r['healthy_after_restart_s']} | {r['same_profile'] and r['inspects_after_restart']} "
+            f"| {r['healthy_after_restart_s']} | {r['same_profile'] and r['same_answer']} "
             f"| {r['integrity']} | {len(r['temp_files'])} |"
         )
     audit = crash["audit"]
