@@ -41,6 +41,10 @@ if TYPE_CHECKING:
 PROG = "anomalygpt"
 SENSITIVITY_RANGE = (-5.0, 5.0)  # in normal spreads: beyond 5 the threshold leaves the range references justify
 MAX_REFERENCES = 10_000  # as inspection.MAX_REFERENCES, checked here before torch is imported
+BATCH_NOTE = (
+    "no references: the {n} images are scored against each other (zero-shot-batch); the threshold comes from "
+    "their own scores and assumes fewer than half of them are defective"
+)
 SUMMARY_STEM = "summary"  # summary.json shares --out with the per-image files; no image may take its name
 TABLE_COLUMNS = ("file", "verdict", "score", "threshold", "margin", "regions", "locations", "fit")
 NUMBER_OPTIONS = ("--sensitivity",)  # their values may look like options to argparse: -1e9, -inf
@@ -100,6 +104,7 @@ class DetectJob:
     queries: list[Path]
     stems: list[str]  # unique output name per query
     profile: Path | None = None
+    batch: bool = False  # no references and at least MIN_BATCH queries: zero-shot from the batch itself
 
 
 class CliParser(argparse.ArgumentParser):
@@ -140,8 +145,8 @@ def add_detect_parser(verbs: Any) -> None:
         nargs="+",
         default=[],
         metavar="GOOD",
-        help="good images (files or folders) of the same product, 1 to 10,000; none (and no --profile): zero-shot "
-        "(needs a trained decoder)",
+        help="good images (files or folders) of the same product, 1 to 10,000; none (and no --profile): zero-shot, "
+        "from the batch itself with 16 or more queries of one size, else the trained text-aligned decoder",
     )
     detect.add_argument(
         "--profile",
@@ -306,9 +311,11 @@ def prepare_detect(options: DetectOptions) -> DetectJob:
         return prepare_profile_detect(options, options.profile, queries, stems)
     from anomalygpt.config import DEFAULT_PRESET, load_preset  # imports torch: after the instant checks
     from anomalygpt.inspection import build_inspector
+    from anomalygpt.mutual import MIN_BATCH
 
     preset = load_preset(options.preset or DEFAULT_PRESET)
-    if not reference_paths and not preset.decoder.weights:
+    batch = not reference_paths and len(queries) >= MIN_BATCH  # zero-shot from the batch itself
+    if not reference_paths and not batch and not preset.decoder.weights:
         raise UsageError(
             f"--ref: no good reference images given, and preset {preset.name!r} has no trained decoder for "
             f"zero-shot inspection; give good images of the same product (--ref FILE_OR_FOLDER) or --profile"
@@ -318,12 +325,19 @@ def prepare_detect(options: DetectOptions) -> DetectJob:
     if reference_images:
         size = check_same_size(reference_paths, [image.shape[:2] for image in reference_images])
         check_query_sizes(queries, query_sizes, size)
+    elif batch:
+        for path, query_size in zip(queries, query_sizes, strict=True):
+            if query_size != query_sizes[0]:
+                raise UsageError(
+                    f"{path}: {size_text(query_size)} but {queries[0]} is {size_text(query_sizes[0])}; images "
+                    "inspected as one batch without references must have one size"
+                )
     inspector = build_inspector(preset)
-    if not reference_images:
+    if not reference_images and not batch:
         inspector.zero_shot_prior()  # loaded now: a missing weight file fails before any output
     names = [str(path) for path in reference_paths]
     references = inspector.fit(reference_images, options.class_name, names=names) if reference_images else None
-    return DetectJob(preset, inspector, references, reference_paths, queries, stems)
+    return DetectJob(preset, inspector, references, reference_paths, queries, stems, batch=batch)
 
 
 def prepare_profile_detect(options: DetectOptions, profile: Path, queries: list[Path], stems: list[str]) -> DetectJob:
@@ -479,11 +493,20 @@ def inspect_all(job: DetectJob, options: DetectOptions) -> list[dict[str, Any]]:
         file=sys.stderr,
         disable=not show,
     )
+    batch = None
+    if job.batch:
+        print(f"{PROG} detect: note: {BATCH_NOTE.format(n=len(job.queries))}", file=sys.stderr)
+        batch = job.inspector.inspect_batch(
+            job.queries, options.class_name, [str(p) for p in job.queries], options.sensitivity, progress=show
+        )
     for path, stem in pairs:
         image = load_image(path)  # (H, W, 3) uint8
-        inspection = job.inspector.inspect(
-            image, job.references, class_name=options.class_name, source=str(path), sensitivity=options.sensitivity
-        )
+        if batch is not None:
+            inspection = next(batch)
+        else:
+            inspection = job.inspector.inspect(
+                image, job.references, class_name=options.class_name, source=str(path), sensitivity=options.sensitivity
+            )
         if options.out is not None:
             from anomalygpt.inspection import working_image  # imported already by the inspector
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple, overload
@@ -35,6 +35,7 @@ from anomalygpt.memory import (
     memory_inputs,
     top_mean,
 )
+from anomalygpt.mutual import MIN_BATCH, batch_calibration, mutual_maps
 from anomalygpt.references import (
     AugmentationDecision,
     FitStatistics,
@@ -350,6 +351,56 @@ class Inspector:
             pixels, anomaly_map, Mode("zero-shot", 0, calibration), class_name, source, sensitivity, timings
         )
 
+    def inspect_batch(
+        self,
+        images: Sequence[ImageSource],
+        class_name: str | None = None,
+        sources: Sequence[str] | None = None,
+        sensitivity: float = 0.0,
+        progress: bool = False,
+    ) -> Iterator[Inspection]:
+        """Zero-shot from the batch itself (anomalygpt.mutual): at least MIN_BATCH images of one product and size,
+        no references; each image scored against the others, the threshold from the batch's own scores. Yields
+        the inspections in order (their maps are made one at a time, so a large batch's maps never all coexist);
+        every check and the scoring run before this returns.
+        """
+        if len(images) < MIN_BATCH:
+            raise InspectionError(f"batch zero-shot needs at least {MIN_BATCH} images, got {len(images)}")
+        names = list(sources) if sources is not None else [reference_name(image, i) for i, image in enumerate(images)]
+        start = time.perf_counter()
+        cfg = self.preset.memory
+        feats, sizes = [], []
+        bar = tqdm(total=2 * len(images), desc="batch zero-shot", unit="image", disable=not progress)
+        for first in range(0, len(images), 16):
+            chunk = [
+                working_image(load_image(image, name=name))
+                for image, name in zip(images[first : first + 16], names[first : first + 16], strict=True)
+            ]
+            sizes += [image.shape[:2] for image in chunk]
+            with torch.inference_mode():
+                patches = self.backbone.encode(memory_inputs(chunk, cfg)).patches
+                feats.append(embed_patches(patches[-1:], cfg.neighbourhood)[0].half())
+            bar.update(len(chunk))
+        for name, size in zip(names, sizes, strict=True):
+            if size != sizes[0]:
+                raise InspectionError(
+                    f"{name}: {size[1]}x{size[0]} px but {names[0]} is {sizes[0][1]}x{sizes[0][0]} px; a batch "
+                    "inspected without references must be of one size"
+                )
+        maps = mutual_maps(torch.cat(feats), seed=cfg.seed, on_image=lambda: bar.update(1))
+        bar.close()
+        scores = np.array([top_mean(fuse_maps([m[None]], sizes[0], cfg.sigma)[0], cfg.top_fraction) for m in maps])
+        mode = Mode("zero-shot-batch", 0, batch_calibration(scores, self.preset.calibration))
+        timings = {"inspect": (time.perf_counter() - start) * 1000 / len(images)}  # the batch's time, per image
+
+        def inspections() -> Iterator[Inspection]:
+            for index, (image, name) in enumerate(zip(images, names, strict=True)):
+                pixels = working_image(load_image(image, name=name))
+                anomaly_map = fuse_maps([maps[index][None]], sizes[0], cfg.sigma)[0]
+                yield self.inspection(pixels, anomaly_map, mode, class_name, name, sensitivity, timings)
+
+        return inspections()
+
     @torch.inference_mode()
     def zero_shot_maps(
         self, patches: Sequence[torch.Tensor], size: tuple[int, int], class_name: str | None = None
@@ -405,7 +456,7 @@ class Inspector:
 
 
 class Mode(NamedTuple):
-    name: str  # "few-shot" or "zero-shot"
+    name: str  # "few-shot", "pool", "zero-shot" (the text-aligned decoder) or "zero-shot-batch"
     n_references: int
     calibration: Calibration
 

@@ -533,3 +533,27 @@ def test_lossy_queries_against_lossless_references_get_a_note(
         "losslessly; compression artefacts can score as defects: inspect lossless files (PNG, TIFF, lossless WebP) "
         "or references saved the same way"
     ]
+
+
+def test_sixteen_queries_without_references_are_inspected_as_one_batch(scene: Scene, tmp_path: Path) -> None:
+    wall = skimage.data.grass()
+    folder = tmp_path / "batch"
+    for index in range(16):
+        row, col = divmod(index, 4)
+        pixels = np.ascontiguousarray(wall[row * 96 : row * 96 + SIDE, col * 96 : col * 96 + SIDE])
+        if index == 6:
+            cv2.circle(pixels, BLOB_CENTRE, 24, BLOB_GREY, thickness=-1)
+        save(folder / f"cell{index:02d}.png", pixels)
+    code, stdout, stderr = run(["detect", str(folder), "--preset", str(scene.preset), "--json"])
+    assert code == 0, stderr
+    assert "scored against each other (zero-shot-batch)" in stderr
+    records = json.loads(stdout)
+    assert [Path(r["source"]).name for r in records] == [f"cell{i:02d}.png" for i in range(16)]
+    assert {r["mode"] for r in records} == {"zero-shot-batch"}
+    scores = [r["score"] for r in records]
+    assert scores.index(max(scores)) == 6 and records[6]["is_anomalous"]
+
+    save(folder / "odd.png", np.zeros((SIDE, SIDE + 8), np.uint8) + 128)
+    code, stdout, stderr = run(["detect", str(folder), "--preset", str(scene.preset)])
+    assert code == 2 and stdout == "" and len(stderr.strip().splitlines()) == 1
+    assert "one batch without references must have one size" in stderr
