@@ -390,7 +390,7 @@ class Inspector:
         maps = mutual_maps(torch.cat(feats), seed=cfg.seed, on_image=lambda: bar.update(1))
         bar.close()
         scores = np.array([top_mean(fuse_maps([m[None]], sizes[0], cfg.sigma)[0], cfg.top_fraction) for m in maps])
-        mode = Mode("zero-shot-batch", 0, batch_calibration(scores, self.preset.calibration))
+        mode = Mode("zero-shot-batch", 0, batch_calibration(scores))
         timings = {"inspect": (time.perf_counter() - start) * 1000 / len(images)}  # the batch's time, per image
 
         def inspections() -> Iterator[Inspection]:
