@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import time
 from pathlib import Path
 
@@ -58,6 +59,17 @@ def run(inspector, paths: list[Path], labels: np.ndarray, batch: int, seed: int)
     }
 
 
+def speed(inspector, n: int) -> dict:
+    """Time and peak memory of one batch of n cells (both halves and types: a speed figure, no quality)."""
+    paths = sorted(p for cell in ELPV_TYPES for half in ("dev", "test") for p in cells(cell, half)[0])[:n]
+    start = time.perf_counter()
+    count = sum(1 for _ in inspector.inspect_batch(paths, sources=[str(p) for p in paths]))
+    seconds = time.perf_counter() - start
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"batch of {count}: {seconds:.0f} s ({1000 * seconds / count:.0f} ms per image), peak RSS {peak_mb:.0f} MB")
+    return {"images": count, "seconds": seconds, "ms_per_image": 1000 * seconds / count, "peak_rss_mb": peak_mb}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--half", default="test", choices=("dev", "test"))
@@ -65,8 +77,12 @@ def main() -> int:
     parser.add_argument("--seeds", default="0,1,2,3,4")
     parser.add_argument("--preset", default="default")
     parser.add_argument("--out", type=Path, default=Path("runs/bench_zero_shot_batch"))
+    parser.add_argument("--speed", type=int, default=0, help="instead: time one batch of this many cells")
     args = parser.parse_args()
     inspector = build_inspector(args.preset)
+    if args.speed:
+        write_json_atomic(args.out / f"speed_{args.speed}.json", speed(inspector, args.speed))
+        return 0
     rows: dict[str, dict[str, dict]] = {}
     for cell in ELPV_TYPES:
         paths, labels = cells(cell, args.half)
