@@ -249,7 +249,7 @@ def test_bad_requests_get_one_line_4xx_and_leave_nothing_behind(inspector, serve
     assert 'status="500"' not in metrics
 
 
-def test_api_keys_guard_every_v1_route_and_name_the_audit_row(inspector, served, profile, images):
+def test_api_keys_guard_every_route_but_healthz_and_name_the_audit_row(inspector, served, profile, images):
     keys = {hashlib.sha256(KEY.encode()).hexdigest(): "line-1"}
     app = create_app(served["folder"], inspector=inspector, api_keys=keys)
     with TestClient(app) as http:
@@ -260,8 +260,9 @@ def test_api_keys_guard_every_v1_route_and_name_the_audit_row(inspector, served,
             Client(http=http, api_key="wrong-key-123").inspect(profile["id"], images["good"])
         assert refused.value.status == 401
         answer = Client(http=http, api_key=KEY).inspect(profile["id"], images["good"])
-        metrics = http.get("/metrics").text
-    assert "anomalygpt_auth_failures_total 3" in metrics
+        assert http.get("/metrics").status_code == 401  # every route but /healthz
+        metrics = http.get("/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
+    assert "anomalygpt_auth_failures_total 4" in metrics
     with sqlite3.connect(served["folder"] / "audit.db") as db:
         key_name = db.execute("SELECT key_name FROM inspections WHERE id = ?", (answer["id"],)).fetchone()[0]
     assert key_name == "line-1"

@@ -173,7 +173,7 @@ def create_app(
     def healthz() -> dict[str, Any]:
         return {"status": "ok", "preset": service.inspector.preset.name, "queue_depth": batcher.depth}
 
-    @app.get("/metrics", response_class=PlainTextResponse)
+    @app.get("/metrics", response_class=PlainTextResponse, dependencies=[Depends(key_check(api_keys, metrics))])
     def metrics_text() -> PlainTextResponse:
         return PlainTextResponse(metrics.text(), media_type="text/plain; version=0.0.4")
 
@@ -224,16 +224,11 @@ async def in_worker(work: Awaitable[Any]) -> Any:
         raise RequestError(status_of(error), str(error)) from error
 
 
-def v1_router(
-    service: InspectionService,
-    batcher: MicroBatcher,
-    metrics: Metrics,
-    executor: ThreadPoolExecutor,
-    limits: Limits,
-    api_keys: dict[str, str] | None,
-) -> APIRouter:
+def key_check(api_keys: dict[str, str] | None, metrics: Metrics) -> Callable[[Request], str | None]:
+    """The dependency every route but /healthz takes: the key's name (None when the service has no keys); 401
+    for a missing or wrong key, counted."""
+
     def authenticate(request: Request) -> str | None:
-        """The key's name (None when the service has no keys); 401 for a missing or wrong key."""
         if not api_keys:
             return None
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
@@ -246,6 +241,18 @@ def v1_router(
             )
         return name
 
+    return authenticate
+
+
+def v1_router(
+    service: InspectionService,
+    batcher: MicroBatcher,
+    metrics: Metrics,
+    executor: ThreadPoolExecutor,
+    limits: Limits,
+    api_keys: dict[str, str] | None,
+) -> APIRouter:
+    authenticate = key_check(api_keys, metrics)
     router = APIRouter(prefix="/v1")
 
     @router.post("/profiles", status_code=201)
