@@ -373,13 +373,25 @@ def confidence_answer(question: Question, grounds: Grounds) -> list[str]:
     ]
 
 
+# Where each mode's threshold comes from ("why" answers): a sentence that is true of the inspection's own mode.
+THRESHOLD_SOURCES = {
+    "few-shot": "The threshold comes from the good references alone.",
+    "pool": "The threshold comes from the good references alone.",
+    "zero-shot": "With no good references, the threshold is fixed from simulated normal images.",
+    "zero-shot-batch": (
+        "With no good references, the threshold comes from this batch's own scores, assuming most of its images "
+        "are good."
+    ),
+}
+
+
 def why_answer(question: Question, grounds: Grounds) -> list[str]:
     """The score against the threshold, the margin, and the region that drives the score."""
     inspection, regions = grounds.inspection, grounds.regions
     lines = [
         sentence(f"{score_clause(inspection)}, so the verdict is {inspection.verdict} ({inspection.confidence} "
                  "confidence)"),
-        "The threshold comes from the good references alone.",
+        THRESHOLD_SOURCES.get(inspection.mode, THRESHOLD_SOURCES["few-shot"]),
     ]  # fmt: skip
     if not inspection.is_anomalous:
         return lines
@@ -455,8 +467,8 @@ def asked_family_sentence(question: Question, grounds: Grounds) -> str:
 def compare_answer(question: Question, grounds: Grounds) -> list[str]:
     """Per region: the good reference and place that match it best, and how the region differs from it."""
     inspection, regions = grounds.inspection, grounds.regions
-    if inspection.mode == "zero-shot" or inspection.n_references == 0:
-        return ["There are no good references to compare with: this inspection is zero-shot."]
+    if inspection.n_references == 0:
+        return [f"There are no good references to compare with: this inspection is {inspection.mode}."]
     if not inspection.is_anomalous:
         return [
             sentence(

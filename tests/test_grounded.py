@@ -111,3 +111,21 @@ def test_warnings_and_low_confidence_come_first_in_every_kind() -> None:
 
 def test_generic_types_are_valid() -> None:
     assert len({kind.name for kind in GENERIC_DEFECT_TYPES}) == len(GENERIC_DEFECT_TYPES)
+
+
+@pytest.mark.parametrize(
+    ("mode", "n_references", "source"),
+    [
+        ("few-shot", 4, "from the good references alone"),
+        ("pool", 300, "from the good references alone"),
+        ("zero-shot", 0, "fixed from simulated normal images"),
+        ("zero-shot-batch", 0, "from this batch's own scores"),
+    ],
+)
+def test_why_says_where_this_mode_s_threshold_comes_from(mode: str, n_references: int, source: str) -> None:
+    inspection = replace(MANY, mode=mode, n_references=n_references)
+    why = answer_text(read_question("Why do you think so?"), Grounds(inspection))
+    assert source in why
+    assert ("good references alone" in why) == (n_references > 0)
+    compare = answer_text(read_question("Compare it with the good references."), Grounds(inspection))
+    assert ("no good references to compare with" in compare) == (n_references == 0)
