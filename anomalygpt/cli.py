@@ -326,12 +326,7 @@ def prepare_detect(options: DetectOptions) -> DetectJob:
         size = check_same_size(reference_paths, [image.shape[:2] for image in reference_images])
         check_query_sizes(queries, query_sizes, size)
     elif batch:
-        for path, query_size in zip(queries, query_sizes, strict=True):
-            if query_size != query_sizes[0]:
-                raise UsageError(
-                    f"{path}: {size_text(query_size)} but {queries[0]} is {size_text(query_sizes[0])}; images "
-                    "inspected as one batch without references must have one size"
-                )
+        check_same_size(queries, query_sizes, "images inspected as one batch without references must have one size")
     inspector = build_inspector(preset)
     if not reference_images and not batch:
         inspector.zero_shot_prior()  # loaded now: a missing weight file fails before any output
@@ -436,13 +431,13 @@ def unique_paths(paths: Sequence[Path]) -> list[Path]:
     return list(seen.values())
 
 
-def check_same_size(paths: Sequence[Path], sizes: Sequence[tuple[int, ...]]) -> tuple[int, ...]:
-    """The references' common (H, W); the first reference of another size is the error."""
+def check_same_size(
+    paths: Sequence[Path], sizes: Sequence[tuple[int, ...]], rule: str = "all references must have one size"
+) -> tuple[int, ...]:
+    """The images' common (H, W); the first image of another size is the error, which states `rule`."""
     for path, size in zip(paths, sizes, strict=True):
         if size != sizes[0]:
-            raise UsageError(
-                f"{path}: {size_text(size)} but {paths[0]} is {size_text(sizes[0])}; all references must have one size"
-            )
+            raise UsageError(f"{path}: {size_text(size)} but {paths[0]} is {size_text(sizes[0])}; {rule}")
     return sizes[0]
 
 

@@ -389,6 +389,8 @@ class Inspector:
                 )
         maps = mutual_maps(torch.cat(feats), seed=cfg.seed, on_image=lambda: bar.update(1))
         bar.close()
+        # Each full-size map is made twice, here for its score and again when yielded: keeping them all would
+        # hold N x H x W floats (16 GB for 1,000 images of 2,048 px); the small (N, h, w) maps are kept instead.
         scores = np.array([top_mean(fuse_maps([m[None]], sizes[0], cfg.sigma)[0], cfg.top_fraction) for m in maps])
         mode = Mode("zero-shot-batch", 0, batch_calibration(scores))
         timings = {"inspect": (time.perf_counter() - start) * 1000 / len(images)}  # the batch's time, per image

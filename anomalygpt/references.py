@@ -86,9 +86,8 @@ def check_references(images: Sequence[np.ndarray], names: Sequence[str]) -> Refe
     def same_picture(i: int, j: int) -> bool:
         return grey_rms(images[i], images[j]) < DUPLICATE_RMS
 
-    found = unique_references(torch.stack(thumbs), names, same_picture)
-    found.brightness = [float(thumbs[i].mean()) for i in found.keep]
-    return found
+    keep, warnings = unique_references(torch.stack(thumbs), names, same_picture)
+    return ReferenceSet(keep, warnings, [float(thumbs[i].mean()) for i in keep])
 
 
 def grey_rms(a: np.ndarray, b: np.ndarray) -> float:
@@ -99,10 +98,10 @@ def grey_rms(a: np.ndarray, b: np.ndarray) -> float:
 
 def unique_references(
     thumbs: torch.Tensor, names: Sequence[str], same_picture: Callable[[int, int], bool], block: int = 1024
-) -> ReferenceSet:
-    """The first of each group of the same picture, and a warning per group. Thumbnails (R, T) closer than
-    CANDIDATE_RMS are candidates; `same_picture` confirms them at full resolution (fine textures can share a
-    thumbnail)."""
+) -> tuple[list[int], list[str]]:
+    """The indices of the first of each group of the same picture, and a warning per group. Thumbnails (R, T)
+    closer than CANDIDATE_RMS are candidates; `same_picture` confirms them at full resolution (fine textures can
+    share a thumbnail)."""
     first_copy = [-1] * len(thumbs)  # the earlier reference each one copies, or -1
     for start in range(0, len(thumbs), block):
         rms = torch.cdist(thumbs[start : start + block], thumbs[: start + block]) / math.sqrt(thumbs.shape[1])
@@ -120,7 +119,7 @@ def unique_references(
         "counted once"
         for root, copies in groups.items()
     ]
-    return ReferenceSet([i for i, original in enumerate(first_copy) if original < 0], warnings, [])
+    return [i for i, original in enumerate(first_copy) if original < 0], warnings
 
 
 def simulated_defects(image: np.ndarray, rng: np.random.Generator) -> list[np.ndarray]:
