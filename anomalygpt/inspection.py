@@ -6,6 +6,7 @@ import dataclasses
 import json
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple, overload
@@ -53,6 +54,8 @@ from anomalygpt.weights import load_into, load_module
 
 MAX_REFERENCES = 10_000
 MAX_WORKING_SIDE = 2048  # px: larger images are inspected downscaled (time and memory stay bounded)
+BATCH_SIZE = 16  # images per backbone pass in inspect_many
+DECODE_THREADS = 2  # image decoders running beside the backbone in inspect_many
 MAX_REFERENCES_IN_MEMORY = 64  # more references are decoded again when indexed instead of held as pixels
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"  # trained parts of the offline default
 
@@ -305,12 +308,7 @@ class Inspector:
         self, pixels: np.ndarray, refs: References, class_name: str | None, source: str | None, sensitivity: float
     ) -> Inspection:
         """The memory's map of an image already at its working size, with the reference-fit check."""
-        if pixels.shape[:2] != refs.memory.image_size:
-            h, w = refs.memory.image_size
-            raise InspectionError(
-                f"{source or 'query'}: {pixels.shape[1]}x{pixels.shape[0]} px but the references "
-                f"are {w}x{h} px; use references of the query's size"
-            )
+        check_query_size(pixels, refs, source)
         start = time.perf_counter()
         with torch.inference_mode():
             patches = self.backbone.encode(memory_inputs([pixels], refs.memory.cfg)).patches
@@ -327,6 +325,65 @@ class Inspector:
         inspection.warnings = ([warning] if warning else []) + refs.warnings
         inspection.reference_fit = fit
         return inspection
+
+    def inspect_many(
+        self,
+        images: Sequence[ImageSource],
+        references: References,
+        class_name: str | None = None,
+        sources: Sequence[str] | None = None,
+        sensitivity: float = 0.0,
+        batch_size: int = BATCH_SIZE,
+        progress: bool = False,
+    ) -> Iterator[Inspection]:
+        """Inspect many images against one indexed reference set, in batches; yields what `inspect` gives each
+        image, in order. Images are decoded in threads one batch ahead of the backbone. A file that does not
+        decode, or a query whose size is not the references', raises when its batch is reached."""
+        if sources is not None and len(sources) != len(images):
+            raise InspectionError(f"{len(sources)} sources given for {len(images)} images")
+        if batch_size < 1:
+            raise InspectionError(f"batch_size must be at least 1, got {batch_size}")
+        labels = list(sources) if sources is not None else [None] * len(images)
+        bar = tqdm(total=len(images), desc="inspecting", unit="image", disable=not progress)
+        for batch, batch_sources in decoded_batches(images, labels, batch_size):
+            yield from self.few_shot_batch(batch, references, class_name, batch_sources, sensitivity)
+            bar.update(len(batch))
+        bar.close()
+
+    def few_shot_batch(
+        self,
+        batch: Sequence[Decoded],
+        refs: References,
+        class_name: str | None,
+        sources: Sequence[str | None],
+        sensitivity: float,
+    ) -> list[Inspection]:
+        """inspect_few_shot for a batch of decoded images: one backbone pass, one batched nearest-patch search."""
+        for image, source in zip(batch, sources, strict=True):
+            check_query_size(image.pixels, refs, source)
+        start = time.perf_counter()
+        memory = refs.memory
+        with torch.inference_mode():
+            patches = self.backbone.encode(memory_inputs([d.pixels for d in batch], memory.cfg), len(batch)).patches
+            feats = embed_patches(patches, memory.cfg.neighbourhood)
+            maps = memory.fuse(memory.stage_maps(feats), memory.image_size)
+            looks = appearance(feats[-1])  # (B, C)
+        timings = {"inspect": (time.perf_counter() - start) * 1000 / len(batch), "index_references": refs.index_ms}
+        mode = Mode(refs.mode, memory.n_references, refs.calibration)
+        inspections = []
+        for index, (image, source) in enumerate(zip(batch, sources, strict=True)):
+            brightness = float(grey_thumbnail(image.pixels).mean())
+            fit = reference_fit(looks[index], brightness, memory.appearances, refs.fit_stats, refs.names)
+            inspection = self.inspection(
+                image.pixels, maps[index], mode, class_name or refs.class_name, source, sensitivity, timings
+            )
+            warning = fit_warning(fit)
+            inspection.warnings = ([warning] if warning else []) + refs.warnings
+            inspection.reference_fit = fit
+            if image.pixels.shape[:2] != image.source_size:
+                inspection.source_size = image.source_size
+            inspections.append(inspection)
+        return inspections
 
     def zero_shot_prior(self) -> TextPrior:
         """The decoder, loaded now; InspectionError when the preset has none."""
@@ -461,6 +518,44 @@ class Mode(NamedTuple):
     name: str  # "few-shot", "pool", "zero-shot" (the text-aligned decoder) or "zero-shot-batch"
     n_references: int
     calibration: Calibration
+
+
+def check_query_size(pixels: np.ndarray, refs: References, source: str | None) -> None:
+    """InspectionError unless the query (at its working size) has the references' size."""
+    if pixels.shape[:2] != refs.memory.image_size:
+        h, w = refs.memory.image_size
+        raise InspectionError(
+            f"{source or 'query'}: {pixels.shape[1]}x{pixels.shape[0]} px but the references "
+            f"are {w}x{h} px; use references of the query's size"
+        )
+
+
+class Decoded(NamedTuple):
+    pixels: np.ndarray  # (H, W, 3) uint8 at its working size
+    source_size: tuple[int, int]  # (H, W) of the file
+
+
+def decoded(image: ImageSource, label: str | None) -> Decoded:
+    original = load_image(image, name=label)
+    return Decoded(working_image(original), (int(original.shape[0]), int(original.shape[1])))
+
+
+def decoded_batches(
+    images: Sequence[ImageSource], labels: Sequence[str | None], batch_size: int
+) -> Iterator[tuple[list[Decoded], list[str | None]]]:
+    """The images decoded in batches, the next batch decoding in threads while the caller works on this one
+    (decoders release the GIL)."""
+    spans = [(first, min(first + batch_size, len(images))) for first in range(0, len(images), batch_size)]
+    with ThreadPoolExecutor(DECODE_THREADS) as pool:
+
+        def submit(span: tuple[int, int]) -> list[Future[Decoded]]:
+            return [pool.submit(decoded, images[i], labels[i]) for i in range(*span)]
+
+        pending = submit(spans[0]) if spans else []
+        for index, span in enumerate(spans):
+            ahead = submit(spans[index + 1]) if index + 1 < len(spans) else []
+            yield [future.result() for future in pending], list(labels[span[0] : span[1]])
+            pending = ahead
 
 
 def working_image(pixels: np.ndarray) -> np.ndarray:

@@ -2,6 +2,7 @@
 
 import hashlib
 import io
+import itertools
 import sqlite3
 import threading
 from pathlib import Path
@@ -10,6 +11,8 @@ import numpy as np
 import pytest
 from conftest import texture_crops, with_dark_blob
 from PIL import Image
+from service_postgres import postgres_binary, start_postgres
+from sqlalchemy import text
 from starlette.testclient import TestClient
 
 from anomalygpt.client import Client, ServiceError
@@ -43,13 +46,37 @@ def images(tmp_path_factory):
     return {"goods": goods, "good": good, "defect": defect, "small": small}
 
 
+@pytest.fixture(scope="session")
+def postgres():
+    """One throwaway PostgreSQL server for the session (each module's service gets its own database)."""
+    if postgres_binary("initdb") is None:
+        pytest.skip(
+            "PostgreSQL is not installed here (no initdb; apt-get install postgresql): PostgreSQL variant skipped"
+        )
+    server = start_postgres()
+    yield server
+    server.stop()
+
+
+DATABASES = itertools.count()
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def database(request, tmp_path_factory):
+    """(service folder, audit database URL): SQLite (WAL) in the folder, or a fresh PostgreSQL database."""
+    folder = tmp_path_factory.mktemp(f"service-{request.param}")
+    if request.param == "sqlite":
+        return folder, f"sqlite:///{folder / 'audit.db'}"
+    return folder, request.getfixturevalue("postgres").create_database(f"audit{next(DATABASES)}")
+
+
 @pytest.fixture(scope="module")
-def served(inspector, tmp_path_factory):
-    """The service over a fresh folder (its SQLite audit inside), and a client through starlette's TestClient."""
-    folder = tmp_path_factory.mktemp("service")
-    app = create_app(folder, inspector=inspector, batch_wait_ms=5)
+def served(inspector, database):
+    """The service over a fresh folder and database, and a client through starlette's TestClient."""
+    folder, url = database
+    app = create_app(folder, url, inspector=inspector, batch_wait_ms=5)
     with TestClient(app) as http:
-        yield {"folder": folder, "app": app, "http": http, "client": Client(http=http)}
+        yield {"folder": folder, "db": url, "app": app, "http": http, "client": Client(http=http)}
 
 
 @pytest.fixture(scope="module")
@@ -57,9 +84,14 @@ def profile(served, images):
     return served["client"].create_profile("brick wall", images["goods"])
 
 
-def rows(folder: Path, table: str) -> int:
-    with sqlite3.connect(folder / "audit.db") as db:
-        return db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
+def query(served, sql: str, **params) -> list[tuple]:
+    """Rows of a SQL query on the service's audit database (either dialect)."""
+    with served["app"].state.service.audit.engine.connect() as db:
+        return [tuple(row) for row in db.execute(text(sql), params)]
+
+
+def rows(served, table: str) -> int:
+    return query(served, f"SELECT COUNT(*) FROM {table}")[0][0]
 
 
 def files_under(folder: Path) -> set[Path]:
@@ -75,8 +107,9 @@ def test_a_profile_is_fitted_saved_and_listed(served, profile, images):
     assert [r["sha256"] for r in profile["references"]] == sent
     assert served["client"].profile(profile["id"]) == profile
     assert profile["id"] in [p["id"] for p in served["client"].profiles()]
-    with sqlite3.connect(served["folder"] / "audit.db") as db:
-        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    if served["db"].startswith("sqlite"):
+        with sqlite3.connect(served["folder"] / "audit.db") as db:
+            assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
 def test_the_service_answers_what_the_inspector_computes_on_the_same_profile(served, profile, inspector, images):
@@ -104,11 +137,11 @@ def test_the_service_answers_what_the_inspector_computes_on_the_same_profile(ser
 
 def test_batches_are_one_transaction_and_the_listing_filters_and_pages(served, profile, images):
     client = served["client"]
-    before = rows(served["folder"], "inspections")
+    before = rows(served, "inspections")
     batch = client.inspect_batch(profile["id"], [images["good"], images["defect"], images["good"]])
     assert [item["verdict"] for item in batch] == ["normal", "anomalous", "normal"]
     assert batch[0]["score"] == batch[2]["score"] and len({item["id"] for item in batch}) == 3
-    total = rows(served["folder"], "inspections")
+    total = rows(served, "inspections")
     assert total == before + 3
     listed = client.inspections(profile=profile["id"], limit=1000)
     assert listed["total"] == total and len(listed["items"]) == total
@@ -121,7 +154,7 @@ def test_batches_are_one_transaction_and_the_listing_filters_and_pages(served, p
 
 
 def test_concurrent_requests_are_gathered_into_one_batch(inspector, served, profile, images):
-    app = create_app(served["folder"], inspector=inspector, batch_wait_ms=400)
+    app = create_app(served["folder"], served["db"], inspector=inspector, batch_wait_ms=400)
     answers: list[dict] = []
     with TestClient(app) as http:
         client = Client(http=http)
@@ -162,7 +195,7 @@ def test_bad_requests_get_one_line_4xx_and_leave_nothing_behind(inspector, serve
     http, pid = served["http"], profile["id"]
     good = images["good"].read_bytes()
     folder = served["folder"]
-    before = (files_under(folder), rows(folder, "inspections"), rows(folder, "profiles"))
+    before = (files_under(folder), rows(served, "inspections"), rows(served, "profiles"))
     cases = [
         ("bad image bytes", "/v1/inspect", {"profile": pid}, [("image", ("x.png", b"not an image"))], 400),
         ("corrupt PNG", "/v1/inspect", {"profile": pid}, [("image", ("x.png", corrupt_png(images["good"])))], 400),
@@ -237,13 +270,15 @@ def test_bad_requests_get_one_line_4xx_and_leave_nothing_behind(inspector, serve
     for what, response, status in posted:
         assert response.status_code == status, (what, response.text)
         assert list(response.json()) == ["error"] and "\n" not in response.json()["error"], what
-    small = create_app(folder, inspector=inspector, limits=Limits(max_body_bytes=50_000, max_batch_images=2))
+    small = create_app(
+        folder, served["db"], inspector=inspector, limits=Limits(max_body_bytes=50_000, max_batch_images=2)
+    )
     with TestClient(small) as tight:
         big = tight.post("/v1/inspect", data={"profile": pid}, files=[("image", ("g.png", b"\0" * 60_000))])
         assert big.status_code == 413 and "limit" in big.json()["error"]
         three = [("images", (f"{i}.png", good)) for i in range(3)]
         assert tight.post("/v1/inspect/batch", data={"profile": pid}, files=three).status_code == 413
-    assert (files_under(folder), rows(folder, "inspections"), rows(folder, "profiles")) == before
+    assert (files_under(folder), rows(served, "inspections"), rows(served, "profiles")) == before
     metrics = http.get("/metrics").text
     assert 'anomalygpt_requests_total{method="POST",route="/v1/inspect",status="400"}' in metrics
     assert 'status="500"' not in metrics
@@ -251,7 +286,7 @@ def test_bad_requests_get_one_line_4xx_and_leave_nothing_behind(inspector, serve
 
 def test_api_keys_guard_every_route_but_healthz_and_name_the_audit_row(inspector, served, profile, images):
     keys = {hashlib.sha256(KEY.encode()).hexdigest(): "line-1"}
-    app = create_app(served["folder"], inspector=inspector, api_keys=keys)
+    app = create_app(served["folder"], served["db"], inspector=inspector, api_keys=keys)
     with TestClient(app) as http:
         assert http.get("/healthz").json()["status"] == "ok"
         assert http.get("/v1/profiles").status_code == 401
@@ -263,14 +298,12 @@ def test_api_keys_guard_every_route_but_healthz_and_name_the_audit_row(inspector
         assert http.get("/metrics").status_code == 401  # every route but /healthz
         metrics = http.get("/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
     assert "anomalygpt_auth_failures_total 4" in metrics
-    with sqlite3.connect(served["folder"] / "audit.db") as db:
-        key_name = db.execute("SELECT key_name FROM inspections WHERE id = ?", (answer["id"],)).fetchone()[0]
-    assert key_name == "line-1"
+    assert query(served, "SELECT key_name FROM inspections WHERE id = :id", id=answer["id"]) == [("line-1",)]
 
 
 def test_every_acknowledged_request_has_exactly_one_row_with_its_files(served, profile, images):
     http, folder, pid = served["http"], served["folder"], profile["id"]
-    before = rows(folder, "inspections")
+    before = rows(served, "inspections")
     good, defect = images["good"].read_bytes(), images["defect"].read_bytes()
     responses = [
         http.post("/v1/inspect", data={"profile": pid}, files=[("image", ("g.png", good))]),
@@ -288,11 +321,10 @@ def test_every_acknowledged_request_has_exactly_one_row_with_its_files(served, p
     ]
     assert [r.status_code for r in responses] == [201, 201, 400, 400]
     acknowledged = [responses[0].json()["id"]] + [item["id"] for item in responses[1].json()["items"]]
-    assert rows(folder, "inspections") == before + len(acknowledged) == before + 3
-    with sqlite3.connect(folder / "audit.db") as db:
-        for inspection_id in acknowledged:
-            assert db.execute("SELECT COUNT(*) FROM inspections WHERE id = ?", (inspection_id,)).fetchone()[0] == 1
-        stored = db.execute("SELECT overlay_sha256, map_sha256 FROM inspections").fetchall()
+    assert rows(served, "inspections") == before + len(acknowledged) == before + 3
+    for inspection_id in acknowledged:
+        assert query(served, "SELECT COUNT(*) FROM inspections WHERE id = :id", id=inspection_id) == [(1,)]
+    stored = query(served, "SELECT overlay_sha256, map_sha256 FROM inspections")
     for overlay, anomaly_map in stored:  # every row of the trail, not only these: its files exist and match
         for digest, suffix in ((overlay, ".png"), (anomaly_map, ".npy")):
             path = folder / "blobs" / digest[:2] / f"{digest}{suffix}"
@@ -347,7 +379,7 @@ def test_the_client_works_over_a_real_uvicorn_server(inspector, served, profile,
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    app = create_app(served["folder"], inspector=inspector, limits=Limits(max_body_bytes=100_000))
+    app = create_app(served["folder"], served["db"], inspector=inspector, limits=Limits(max_body_bytes=100_000))
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -384,3 +416,36 @@ def test_serve_warns_when_it_listens_beyond_this_machine(monkeypatch, capsys, tm
     ((app_args, host, port),) = calls
     assert (host, port) == ("0.0.0.0", 9001) and app_args == (tmp_path, None, "default", None, 2.0)
     assert serve_main(["--profiles", str(tmp_path)]) == 0 and capsys.readouterr().err == ""
+
+
+def fresh_database(request, tmp_path: Path, kind: str) -> str:
+    if kind == "sqlite":
+        return f"sqlite:///{tmp_path / 'audit.db'}"
+    return request.getfixturevalue("postgres").create_database(f"fresh{next(DATABASES)}")
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_migrations_build_the_models_schema_and_adopt_a_database_made_before_them(request, tmp_path, kind):
+    from alembic import command
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+    from sqlalchemy import create_engine
+
+    from anomalygpt.service.audit import AuditStore, Base, database_url, migration_config
+
+    url = fresh_database(request, tmp_path, kind)
+    with create_engine(database_url(url)).begin() as db:  # what the first release left: tables, no alembic_version
+        config = migration_config()
+        config.attributes["connection"] = db
+        command.upgrade(config, "0001")
+        db.execute(text("DROP TABLE alembic_version"))
+        db.execute(text("INSERT INTO profiles VALUES ('00000000000000aa', 'old', 1, '2026-01-02 03:04:05', NULL, "
+                        "'a.profile', 'c', 4, 8, 8, 0.5, 'default', '[]', '[]', 1.0)"))  # fmt: skip
+    store = AuditStore(url, tmp_path / "blobs")
+    with store.engine.connect() as db:
+        assert db.execute(text("SELECT version_num FROM alembic_version")).scalar_one() == "0002"
+        assert compare_metadata(MigrationContext.configure(db), Base.metadata) == []
+    assert [(p.id, p.name, p.version) for p in store.profiles()] == [("00000000000000aa", "old", 1)]
+    assert store.api_keys() == {}
+    AuditStore(url, tmp_path / "blobs")  # a second start finds the head revision and changes nothing
+    assert len(store.profiles()) == 1

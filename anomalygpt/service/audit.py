@@ -1,9 +1,11 @@
 """The audit trail: every profile and inspection the service acknowledged, in a SQL database (SQLAlchemy 2).
 
-SQLite in WAL mode is the embedded default; nothing here is SQLite-specific except its connection pragmas, so
-another dialect (PostgreSQL) takes the same tables. Overlays and maps live beside the database as content-addressed
-files (named by their sha256), written atomically before the row that names them is committed: a crash can leave
-an unreferenced file, never a row without its files.
+SQLite in WAL mode is the embedded default, PostgreSQL (psycopg 3) the database several replicas share; nothing
+here is dialect-specific except SQLite's connection pragmas and PostgreSQL's migration lock. The schema is made and
+upgraded by the Alembic revisions in migrations/ (`alembic upgrade head`, run by `migrate` when the service starts).
+Uploaded images, overlays and maps live beside the database as content-addressed files (named by their sha256),
+written atomically before the row that names them is committed: a crash can leave an unreferenced file, never a
+row without its files.
 """
 
 from __future__ import annotations
@@ -16,13 +18,20 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import DateTime, Float, Integer, String, Text, create_engine, event, func, select
-from sqlalchemy.engine import Engine
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import DateTime, Float, Index, Integer, String, Text, create_engine, event, func, inspect, select, text
+from sqlalchemy.engine import Connection, Engine, make_url
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 from anomalygpt.io import write_bytes_atomic
 
-BLOB_SUFFIXES = {"overlay": ".png", "map": ".npy"}
+BLOB_SUFFIXES = {"overlay": ".png", "map": ".npy", "image": ".img"}  # image: the upload's bytes as received
+MIGRATIONS = Path(__file__).with_name("migrations")
+FIRST_REVISION = "0001"  # the schema the first release made without Alembic
+MIGRATION_LOCK = 0x616E6F6D  # PostgreSQL advisory lock id: replicas starting together migrate one after another
+VERSION_TRIES = 5  # profile creations racing for the next version of one name
 
 
 class Base(DeclarativeBase):
@@ -31,6 +40,7 @@ class Base(DeclarativeBase):
 
 class ProfileRow(Base):
     __tablename__ = "profiles"
+    __table_args__ = (Index("uq_profiles_name_version", "name", "version", unique=True),)
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     name: Mapped[str] = mapped_column(String(200), index=True)
@@ -77,6 +87,34 @@ class InspectionRow(Base):
     latency_ms: Mapped[float] = mapped_column(Float)
 
 
+class ApiKeyRow(Base):
+    __tablename__ = "api_keys"
+
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    key_sha256: Mapped[str] = mapped_column(String(64), unique=True)  # the key itself is never stored
+    created: Mapped[datetime] = mapped_column(DateTime())
+
+
+class ChatRow(Base):
+    __tablename__ = "chat_answers"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    created: Mapped[datetime] = mapped_column(DateTime(), index=True)
+    key_name: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    inspection_id: Mapped[str] = mapped_column(String(32), index=True)
+    profile_id: Mapped[str] = mapped_column(String(32))
+    question: Mapped[str] = mapped_column(Text)
+    answer: Mapped[str] = mapped_column(Text)  # exactly the text sent: what the claim checker passed
+    answerer: Mapped[str] = mapped_column(String(32))  # "grounded" or "llm"
+    checks_json: Mapped[str] = mapped_column(Text)  # the claim checker's report
+    preset: Mapped[str] = mapped_column(String(200))
+    versions_json: Mapped[str] = mapped_column(Text)
+    latency_ms: Mapped[float] = mapped_column(Float)
+
+
+TABLES = {"inspections": InspectionRow, "profiles": ProfileRow, "chats": ChatRow}  # what `audit export` writes
+
+
 @dataclass(frozen=True)
 class InspectionFilter:
     profile: str | None = None
@@ -104,14 +142,53 @@ def sqlite_pragmas(connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+def database_url(url: str) -> str:
+    """The URL SQLAlchemy opens: postgresql:// goes through psycopg 3 (SQLAlchemy's own default is psycopg2)."""
+    parsed = make_url(url)
+    if parsed.drivername in ("postgresql", "postgres"):
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    return parsed.render_as_string(hide_password=False)
+
+
 def open_engine(url: str) -> Engine:
-    """An engine for url, tables created; SQLite gets WAL and may be used from the service's threads."""
-    is_sqlite = url.startswith("sqlite")
-    engine = create_engine(url, connect_args={"check_same_thread": False} if is_sqlite else {})
+    """An engine for url, its schema migrated to the newest revision; SQLite gets WAL and may be used from the
+    service's threads. ValueError for a URL SQLAlchemy cannot parse."""
+    try:
+        full = database_url(url)
+    except Exception as error:  # sqlalchemy.exc.ArgumentError and friends: a malformed URL
+        raise ValueError(f"--db: {url!r} is not a database URL (sqlite:///FILE or postgresql://...)") from error
+    is_sqlite = full.startswith("sqlite")
+    engine = create_engine(
+        full, connect_args={"check_same_thread": False} if is_sqlite else {}, pool_pre_ping=not is_sqlite
+    )
     if is_sqlite:
         event.listen(engine, "connect", sqlite_pragmas)
-    Base.metadata.create_all(engine)
+    migrate(engine)
     return engine
+
+
+def migrate(engine: Engine) -> None:
+    """`alembic upgrade head` in one transaction; a database made before migrations existed is stamped first."""
+    config = migration_config()
+    with engine.begin() as connection:
+        if connection.dialect.name == "postgresql":
+            connection.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": MIGRATION_LOCK})
+        config.attributes["connection"] = connection
+        if made_before_migrations(connection):
+            command.stamp(config, FIRST_REVISION)
+        command.upgrade(config, "head")
+
+
+def migration_config() -> Config:
+    """Alembic's configuration for the migrations shipped in this package (no alembic.ini needed)."""
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    return config
+
+
+def made_before_migrations(connection: Connection) -> bool:
+    tables = set(inspect(connection).get_table_names())
+    return "inspections" in tables and "alembic_version" not in tables
 
 
 class BlobStore:
@@ -147,6 +224,22 @@ class AuditStore:
         with self.sessions() as session:
             latest = session.scalar(select(func.max(ProfileRow.version)).where(ProfileRow.name == name))
         return (latest or 0) + 1
+
+    def add_profile(self, row: ProfileRow) -> None:
+        """Commit the row as the name's next version; another replica taking that version first means retry."""
+        for attempt in range(VERSION_TRIES):
+            row.version = self.next_version(row.name)
+            try:
+                self.add([row])
+                return
+            except IntegrityError:
+                if attempt == VERSION_TRIES - 1:
+                    raise
+
+    def api_keys(self) -> dict[str, str]:
+        """{sha256 of key: name} of every key created with `anomalygpt serve keys create`."""
+        with self.sessions() as session:
+            return {row.key_sha256: row.name for row in session.scalars(select(ApiKeyRow))}
 
     def profile(self, profile_id: str) -> ProfileRow | None:
         with self.sessions() as session:

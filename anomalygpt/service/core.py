@@ -116,7 +116,7 @@ class InspectionService:
         row = ProfileRow(
             id=profile_id,
             name=name,
-            version=self.audit.next_version(name),
+            version=0,  # add_profile commits it as the name's next version
             created=utc_now(),
             key_name=key_name,
             file=path.name,
@@ -133,7 +133,7 @@ class InspectionService:
             latency_ms=round((time.perf_counter() - started) * 1000, 1),
         )
         try:
-            self.audit.add([row])
+            self.audit.add_profile(row)
         except BaseException:
             path.unlink(missing_ok=True)  # no profile file without its row
             raise
@@ -174,8 +174,9 @@ class InspectionService:
     def inspection_row(
         self, profile: ProfileRow, upload: Upload, pixels: np.ndarray, inspection: Inspection, request: InspectRequest
     ) -> InspectionRow:
-        """The audit row, its overlay and map written first (content-addressed, atomically)."""
+        """The audit row, its image, overlay and map written first (content-addressed, atomically)."""
         assert inspection.anomaly_map is not None
+        self.audit.blobs.put(upload.data, BLOB_SUFFIXES["image"])  # named by image_sha256: what chat re-reads
         overlay = self.audit.blobs.put(png_bytes(inspection_figure(pixels, inspection)), BLOB_SUFFIXES["overlay"])
         anomaly_map = self.audit.blobs.put(npy_bytes(inspection.anomaly_map.astype(np.float32)), BLOB_SUFFIXES["map"])
         result = inspection.to_dict()

@@ -1,0 +1,99 @@
+"""Inspector.inspect_many: batched inspection gives what `inspect` gives each image."""
+
+import dataclasses
+
+import cv2
+import numpy as np
+import pytest
+from conftest import texture_crops, with_dark_blob
+
+from anomalygpt.config import load_preset
+from anomalygpt.inspection import Inspection, InspectionError, Inspector
+
+
+@pytest.fixture(scope="module")
+def inspector(small_backbone):
+    return Inspector(small_backbone, load_preset("default"))
+
+
+@pytest.fixture(scope="module")
+def queries():
+    """Two good crops and three with a dark blob in different places: both verdicts, regions of each."""
+    goods = texture_crops(5, seed=21)
+    centres = [(30, 40), (90, 90), (64, 20)]
+    return goods[:2] + [with_dark_blob(image, c, 12) for image, c in zip(goods[2:], centres, strict=True)]
+
+
+def region_facts(inspection: Inspection) -> list[tuple[object, ...]]:
+    """Every region field but the two map statistics, which may differ by float rounding."""
+    return [(r.box, r.area_px, r.location, r.shape, r.contrast, r.size, r.span) for r in inspection.regions]
+
+
+def assert_same(batched: Inspection, single: Inspection) -> None:
+    assert batched.score == pytest.approx(single.score, abs=1e-5)
+    assert batched.is_anomalous == single.is_anomalous
+    assert batched.threshold == single.threshold
+    assert region_facts(batched) == region_facts(single)
+    assert batched.mode == single.mode and batched.source == single.source
+    assert batched.reference_fit is not None and single.reference_fit is not None
+    for key, value in single.reference_fit.items():  # rounded numbers, the fit flag and the nearest names
+        assert batched.reference_fit[key] == (pytest.approx(value, abs=0.011) if isinstance(value, float) else value)
+    assert batched.warnings == single.warnings
+    assert batched.anomaly_map is not None and single.anomaly_map is not None
+    assert np.abs(batched.anomaly_map - single.anomaly_map).max() < 1e-5
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 16])
+def test_inspect_many_matches_inspect_per_image(inspector, queries, batch_size):
+    references = inspector.fit(texture_crops(4, seed=11))
+    single = [inspector.inspect(image, references, source=f"q{i}") for i, image in enumerate(queries)]
+    batched = list(
+        inspector.inspect_many(queries, references, sources=[f"q{i}" for i in range(5)], batch_size=batch_size)
+    )
+    assert [i.verdict for i in single] == ["normal", "normal", "anomalous", "anomalous", "anomalous"]
+    assert all(i.regions for i in single[2:])
+    assert len(batched) == len(single)
+    for b, s in zip(batched, single, strict=True):
+        assert_same(b, s)
+
+
+def test_inspect_many_matches_inspect_in_a_pool(small_backbone, queries):
+    """More references than `retrieve`: each query is still matched against its own nearest references."""
+    preset = load_preset("default")
+    pool_inspector = Inspector(
+        small_backbone, dataclasses.replace(preset, memory=dataclasses.replace(preset.memory, retrieve=2))
+    )
+    references = pool_inspector.fit(texture_crops(5, seed=31))
+    assert references.mode == "pool"
+    single = [pool_inspector.inspect(image, references) for image in queries]
+    batched = list(pool_inspector.inspect_many(queries, references, batch_size=3))
+    for b, s in zip(batched, single, strict=True):
+        assert_same(b, s)
+
+
+def test_inspect_many_decodes_files_and_records_downscaled_sizes(inspector, queries, tmp_path, monkeypatch):
+    monkeypatch.setattr("anomalygpt.inspection.MAX_WORKING_SIDE", 64)
+    references = inspector.fit([cv2.resize(image, (64, 64), interpolation=cv2.INTER_AREA) for image in queries[:2]])
+    paths = []
+    for index, image in enumerate(queries):
+        paths.append(tmp_path / f"q{index}.png")
+        cv2.imwrite(str(paths[-1]), image[:, :, ::-1])
+    single = [inspector.inspect(path, references, source=str(path)) for path in paths]
+    batched = list(inspector.inspect_many(paths, references, sources=[str(p) for p in paths], batch_size=2))
+    for b, s in zip(batched, single, strict=True):
+        assert_same(b, s)
+        assert b.image_size == (64, 64) and b.source_size == (128, 128)
+
+
+def test_inspect_many_names_the_bad_image(inspector, queries, tmp_path):
+    references = inspector.fit(texture_crops(2, seed=11))
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\nnot a png")
+    with pytest.raises(ValueError, match="broken.png"):
+        list(inspector.inspect_many([queries[0], broken], references, sources=["a", str(broken)]))
+    with pytest.raises(InspectionError, match="small: 64x64 px but the references are 128x128 px"):
+        list(inspector.inspect_many([queries[0][:64, :64]], references, sources=["small"]))
+    with pytest.raises(InspectionError, match="1 sources given for 2 images"):
+        list(inspector.inspect_many(queries[:2], references, sources=["a"]))
+    with pytest.raises(InspectionError, match="batch_size must be at least 1"):
+        list(inspector.inspect_many(queries[:2], references, batch_size=0))
