@@ -24,9 +24,12 @@ def queries():
     return goods[:2] + [with_dark_blob(image, c, 12) for image, c in zip(goods[2:], centres, strict=True)]
 
 
-def region_facts(inspection: Inspection) -> list[tuple[object, ...]]:
+def region_facts(inspection: Inspection) -> list[dict[str, object]]:
     """Every region field but the two map statistics, which may differ by float rounding."""
-    return [(r.box, r.area_px, r.location, r.shape, r.contrast, r.size, r.span) for r in inspection.regions]
+    return [
+        {key: value for key, value in region.to_dict().items() if key not in ("peak_score", "mean_score")}
+        for region in inspection.regions
+    ]
 
 
 def assert_same(batched: Inspection, single: Inspection) -> None:
