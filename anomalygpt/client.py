@@ -5,7 +5,8 @@ Errors come back as ServiceError carrying the HTTP status and the service's one-
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +84,23 @@ class Client:
         params = {key: value for key, value in filters.items() if value is not None}
         return self.request("GET", "/v1/inspections", params=params).json()
 
+    def chat(self, inspection_id: str, question: str, on_piece: Callable[[str], None] | None = None) -> dict[str, Any]:
+        """Ask about an inspection; the answer streams in as server-sent events (each text piece to `on_piece`).
+        Returns the recorded answer: {"id", "inspection", "question", "answer", "answerer", "checks", ...}."""
+        body = {"inspection": inspection_id, "question": question}
+        with self.http.stream("POST", "/v1/chat", json=body, headers=self.headers) as response:
+            if response.status_code >= 400:
+                response.read()
+                raise ServiceError(response.status_code, error_text(response))
+            for event, data in server_events(response.iter_lines()):
+                if event == "piece" and on_piece is not None:
+                    on_piece(data["text"])
+                elif event == "done":
+                    return data
+                elif event == "error":
+                    raise ServiceError(response.status_code, data["error"])
+        raise ServiceError(response.status_code, "the answer stream ended without its 'done' event")
+
     def overlay(self, inspection_id: str) -> bytes:
         return self.request("GET", f"/v1/inspections/{inspection_id}/overlay").content
 
@@ -96,6 +114,21 @@ def form(profile_id: str, sensitivity: float | None) -> dict[str, str]:
     if sensitivity is not None:
         data["sensitivity"] = repr(float(sensitivity))
     return data
+
+
+def server_events(lines: Iterator[str]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(event name, JSON data) of each server-sent event."""
+    event = "message"
+    data: list[str] = []
+    for line in lines:
+        if not line:
+            if data:
+                yield event, json.loads("\n".join(data))
+            event, data = "message", []
+        elif line.startswith("event:"):
+            event = line[6:].strip()
+        elif line.startswith("data:"):
+            data.append(line[5:].strip())
 
 
 def error_text(response: httpx.Response) -> str:

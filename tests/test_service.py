@@ -408,13 +408,16 @@ def test_serve_warns_when_it_listens_beyond_this_machine(monkeypatch, capsys, tm
     import anomalygpt.service.app as service_app
 
     calls = []
-    monkeypatch.setattr(service_app, "create_app", lambda *args: args)
+    monkeypatch.setattr(service_app, "create_app", lambda *args, answerer: args)
     monkeypatch.setattr(uvicorn, "run", lambda app, host, port, log_level: calls.append((app, host, port)))
     assert serve_main(["--host", "0.0.0.0", "--port", "9001", "--profiles", str(tmp_path), "--batch-wait-ms", "2"]) == 0
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "warning: listening on 0.0.0.0" in err and "without API keys" in err
     ((app_args, host, port),) = calls
-    assert (host, port) == ("0.0.0.0", 9001) and app_args == (tmp_path, None, "default", None, 2.0)
+    folder, db, preset, keys, wait = app_args[:5]
+    assert (host, port, folder, db, keys, wait) == ("0.0.0.0", 9001, tmp_path, None, None, 2.0)
+    assert (preset if isinstance(preset, str) else preset.name) == "default"
+    assert app_args[5] == Limits(questions_per_minute=30)
     assert serve_main(["--profiles", str(tmp_path)]) == 0 and capsys.readouterr().err == ""
 
 
@@ -449,3 +452,161 @@ def test_migrations_build_the_models_schema_and_adopt_a_database_made_before_the
     assert store.api_keys() == {}
     AuditStore(url, tmp_path / "blobs")  # a second start finds the head revision and changes nothing
     assert len(store.profiles()) == 1
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_a_created_key_is_printed_once_stored_as_its_hash_and_then_required(request, inspector, tmp_path, capsys, kind):
+    url = fresh_database(request, tmp_path, kind)
+    app = create_app(tmp_path, url, inspector=inspector)
+    with TestClient(app) as http:
+        assert http.get("/v1/profiles").status_code == 200  # no key anywhere: open
+        assert serve_main(["keys", "create", "camera-3", "--profiles", str(tmp_path), "--db", url]) == 0
+        key = capsys.readouterr().out.strip()
+        assert key.startswith("agk_") and len(key) > 40
+        stored = served_query(app, "SELECT name, key_sha256 FROM api_keys")
+        assert stored == [("camera-3", hashlib.sha256(key.encode()).hexdigest())]
+        app.state.keyring.read_at = float("-inf")  # as KEY_REFRESH_S later
+        assert http.get("/v1/profiles").status_code == 401
+        assert http.get("/v1/profiles", headers={"Authorization": f"Bearer {key}"}).status_code == 200
+        assert http.get("/healthz").status_code == 200
+    assert serve_main(["keys", "create", "camera-3", "--profiles", str(tmp_path), "--db", url]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "named 'camera-3' exists already" in err
+    assert serve_main(["keys", "create", "../x", "--profiles", str(tmp_path), "--db", url]) == 2
+    assert len(served_query(app, "SELECT name FROM api_keys")) == 1
+
+
+def served_query(app, sql: str) -> list[tuple]:
+    return query({"app": app}, sql)
+
+
+def events_of(text: str) -> list[tuple[str, dict]]:
+    import json
+
+    found = []
+    for block in text.strip().split("\n\n"):
+        lines = dict(line.split(": ", 1) for line in block.splitlines())
+        found.append((lines["event"], json.loads(lines["data"])))
+    return found
+
+
+def test_chat_streams_the_checked_grounded_answer_and_records_it(served, profile, inspector, images):
+    from chat.answerers import grounded_answer
+
+    http, client = served["http"], served["client"]
+    answer = client.inspect(profile["id"], images["defect"])
+    references = inspector.load_profile(served["folder"] / f"{profile['id']}.profile")
+    direct = inspector.inspect(load_image(images["defect"]), references)
+    for question in ("Is there a defect?", "Where is it?", "How many defects are there?"):
+        response = http.post("/v1/chat", json={"inspection": answer["id"], "question": question})
+        assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+        events = events_of(response.text)
+        assert [kind for kind, _ in events[:-1]] == ["piece"] * (len(events) - 1) and events[-1][0] == "done"
+        text, done = "".join(data["text"] for _, data in events[:-1]), events[-1][1]
+        assert text == done["answer"] and text.strip() == grounded_answer(question, direct).strip()
+        assert done["inspection"] == answer["id"] and done["answerer"] == "grounded" and "raw" not in done["checks"]
+        stored = query(served, "SELECT answer, question, inspection_id FROM chat_answers WHERE id = :i", i=done["id"])
+        assert stored == [(text, question, answer["id"])]
+    assert text.startswith("Yes") or "anomal" in text.lower()
+    pieces: list[str] = []
+    streamed = client.chat(answer["id"], "Is there a defect?", on_piece=pieces.append)
+    assert "".join(pieces) == streamed["answer"] and streamed["id"] != done["id"]
+
+
+def test_chat_refuses_bad_questions_in_one_line_and_limits_questions_per_key(inspector, served, profile, images):
+    http = served["http"]
+    inspection = served["client"].inspect(profile["id"], images["good"])["id"]
+    before = rows(served, "chat_answers")
+    cases = [
+        ("malformed JSON", {"content": b'{"inspection": ', "headers": {"content-type": "application/json"}}, 400),
+        ("a list", {"json": [inspection, "Is it ok?"]}, 422),
+        ("missing question", {"json": {"inspection": inspection}}, 422),
+        ("wrong field name", {"json": {"inspection": inspection, "query": "ok?"}}, 422),
+        ("empty question", {"json": {"inspection": inspection, "question": "  "}}, 422),
+        ("question not text", {"json": {"inspection": inspection, "question": 3}}, 422),
+        ("question too long", {"json": {"inspection": inspection, "question": "why " * 200}}, 422),
+        ("unknown inspection", {"json": {"inspection": "0123456789abcdef", "question": "ok?"}}, 404),
+        ("inspection as a path", {"json": {"inspection": "../audit.db", "question": "ok?"}}, 404),
+        ("a form", {"data": {"inspection": inspection, "question": "ok?"}}, 415),
+    ]
+    for what, kwargs, status in cases:
+        response = http.post("/v1/chat", **kwargs)
+        assert response.status_code == status, (what, response.text)
+        assert list(response.json()) == ["error"] and "\n" not in response.json()["error"], what
+    limited = create_app(served["folder"], served["db"], inspector=inspector, limits=Limits(questions_per_minute=2))
+    with TestClient(limited) as tight:
+        asked = [tight.post("/v1/chat", json={"inspection": inspection, "question": "Is it ok?"}) for _ in range(3)]
+    assert [r.status_code for r in asked] == [200, 200, 429]
+    assert "2 questions per minute" in asked[2].json()["error"] and 0 < int(asked[2].headers["retry-after"]) <= 60
+    assert rows(served, "chat_answers") == before + 2
+
+
+def test_audit_export_writes_csv_and_json_lines_from_a_time_on(served, profile, images, tmp_path, capsys):
+    import csv
+    import json
+
+    from anomalygpt.cli import main as anomalygpt_main
+
+    first = served["client"].inspect(profile["id"], images["good"])
+    total = rows(served, "inspections")
+    base = ["audit", "export", "--db", served["db"], "--profiles", str(served["folder"])]
+    assert anomalygpt_main([*base, "--format", "csv", "--out", str(tmp_path / "all.csv")]) == 0
+    with (tmp_path / "all.csv").open() as handle:
+        table = list(csv.DictReader(handle))
+    assert len(table) == total and first["id"] in {row["id"] for row in table}
+    assert [row["created"] for row in table] == sorted(row["created"] for row in table)
+    assert f"wrote {total} rows" in capsys.readouterr().err
+    assert anomalygpt_main([*base, "--since", first["created"], "--format", "jsonl"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert lines[0]["id"] == first["id"] and lines[0]["score"] == first["score"] and len(lines) < total
+    assert json.loads(lines[0]["result_json"])["verdict"] == first["verdict"]
+    assert anomalygpt_main([*base, "--table", "chats", "--format", "jsonl"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == rows(served, "chat_answers")
+    assert anomalygpt_main([*base, "--since", "yesterday"]) == 2
+    assert "--since: 'yesterday' is not an ISO 8601 time" in capsys.readouterr().err
+    assert anomalygpt_main(["audit", "export", "--profiles", str(tmp_path / "none")]) == 2
+    assert "does not exist" in capsys.readouterr().err and not (tmp_path / "none").exists()
+
+
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated")  # transformers, inside peft
+def test_chat_with_the_llm_answerer_sends_what_the_claim_checker_passed(tmp_path):
+    import json
+
+    from tiny_llm import save_chat_llm
+
+    from anomalygpt.assistant import AssistantConfig
+    from anomalygpt.backbones import BackboneConfig
+    from anomalygpt.config import Preset
+    from anomalygpt.inspection import build_inspector
+    from anomalygpt.llm import LLMConfig
+    from anomalygpt.memory import MemoryConfig
+    from anomalygpt.service.chat import stored_inspection
+    from chat.answerers import AssistantAnswerer
+
+    preset = Preset(
+        name="tiny",
+        backbone=BackboneConfig(image_size=64),
+        memory=MemoryConfig(augment=True),
+        llm=LLMConfig(model=str(save_chat_llm(tmp_path / "llm"))),
+        assistant=AssistantConfig(max_new_tokens=6),
+        device="cpu",
+    )
+    goods = [write_png(tmp_path / f"g{i}.png", crop) for i, crop in enumerate(texture_crops(2, size=64, seed=11))]
+    defect = write_png(tmp_path / "d.png", with_dark_blob(texture_crops(1, size=64, seed=98)[0], (46, 46), 7))
+    app = create_app(tmp_path / "service", inspector=build_inspector(preset), answerer="llm")
+    question = "Is there an anomaly in this image?"
+    with TestClient(app) as http:
+        client = Client(http=http)
+        inspected = client.inspect(client.create_profile("tiny", goods)["id"], defect)
+        pieces: list[str] = []
+        done = client.chat(inspected["id"], question, on_piece=pieces.append)
+    chats = app.state.chats
+    assert isinstance(chats.answerer, AssistantAnswerer) and done["answerer"] == "llm"
+    row = chats.service.audit.inspection(inspected["id"])
+    inspection, pixels = stored_inspection(row, chats.service.audit.blobs)
+    reports: list = []
+    checked = "".join(chats.answerer.stream(question, [], inspection, pixels, None, reports.append))
+    assert "".join(pieces) == done["answer"] == checked  # the web app's and the CLI's path: the checker's output
+    assert done["answer"].startswith("Yes" if inspected["verdict"] == "anomalous" else "No")
+    stored = json.loads(query({"app": app}, "SELECT checks_json FROM chat_answers")[0][0])
+    assert stored["raw"] == reports[0].raw and "raw" not in done["checks"]  # the model's own text stays in the audit

@@ -9,19 +9,22 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import json
 import math
+import threading
 import time
+from collections import defaultdict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException
 
@@ -30,13 +33,22 @@ from anomalygpt.inspection import Inspector, build_inspector
 from anomalygpt.io import ImageError, safe_text
 from anomalygpt.profile import ProfileError
 from anomalygpt.references import InspectionError
-from anomalygpt.service.audit import BLOB_SUFFIXES, AuditStore, InspectionFilter, inspection_json, profile_json
+from anomalygpt.service.audit import (
+    BLOB_SUFFIXES,
+    AuditStore,
+    InspectionFilter,
+    inspection_json,
+    parse_time,
+    profile_json,
+)
 from anomalygpt.service.batching import MicroBatcher
+from anomalygpt.service.chat import ChatService, ImageMissing, build_answerer
 from anomalygpt.service.core import ID_PATTERN, InspectionService, InspectRequest, UnknownProfile, Upload
 from anomalygpt.service.metrics import Metrics
 
 SENSITIVITY_RANGE = (-5.0, 5.0)  # as the CLI's --sensitivity, in normal spreads
 VERDICTS = ("normal", "anomalous")
+KEY_REFRESH_S = 2.0  # how stale the service's copy of the database's API keys may be
 
 
 @dataclass(frozen=True)
@@ -45,6 +57,8 @@ class Limits:
     max_profile_images: int = 256  # good images per POST /v1/profiles
     max_batch_images: int = 32  # images per POST /v1/inspect/batch
     max_page: int = 1000  # GET /v1/inspections?limit=
+    questions_per_minute: int = 30  # POST /v1/chat per API key (per process: each replica counts its own)
+    max_question_chars: int = 500  # as the assistant's own default limit
 
 
 ASGIApp = Callable[
@@ -64,6 +78,12 @@ class RequestError(Exception):
         self.status = status
 
 
+class RateLimited(RequestError):
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(429, message)
+        self.retry_after_s = retry_after_s
+
+
 def read_api_keys(path: str | Path) -> dict[str, str]:
     """{sha256 of key: name} from `name:key` lines (blank lines and # comments skipped); ValueError on a bad line."""
     keys: dict[str, str] = {}
@@ -78,6 +98,45 @@ def read_api_keys(path: str | Path) -> dict[str, str]:
     if not keys:
         raise ValueError(f"{path}: no 'name:key' line; an empty key file would leave the service open")
     return keys
+
+
+class KeyRing:
+    """The API keys a request may carry: those of --api-key-file and those in the database (`anomalygpt serve keys
+    create`), re-read every KEY_REFRESH_S so a key created while the service runs is taken within seconds."""
+
+    def __init__(self, file_keys: dict[str, str] | None, audit: AuditStore) -> None:
+        self.file_keys = dict(file_keys or {})
+        self.audit = audit
+        self.keys: dict[str, str] = {}
+        self.read_at = -math.inf
+
+    def current(self) -> dict[str, str]:
+        """{sha256 of key: name}; empty: the service is open."""
+        if time.monotonic() - self.read_at > KEY_REFRESH_S:
+            self.keys = {**self.audit.api_keys(), **self.file_keys}
+            self.read_at = time.monotonic()
+        return self.keys
+
+
+class QuestionLimiter:
+    """At most `per_minute` questions per key name in any 60 s window (None, the keyless service, is one name)."""
+
+    def __init__(self, per_minute: int) -> None:
+        self.per_minute = per_minute
+        self.asked: dict[str | None, deque[float]] = defaultdict(deque)
+        self.lock = threading.Lock()
+
+    def take(self, key_name: str | None) -> None:
+        """Count one question, or RequestError 429 saying when the next one is allowed."""
+        now = time.monotonic()
+        with self.lock:
+            asked = self.asked[key_name]
+            while asked and now - asked[0] >= 60.0:
+                asked.popleft()
+            if len(asked) >= self.per_minute:
+                wait = math.ceil(60.0 - (now - asked[0]))
+                raise RateLimited(f"over {self.per_minute} questions per minute for this key; retry in {wait} s", wait)
+            asked.append(now)
 
 
 class BodyLimit:
@@ -144,15 +203,18 @@ def create_app(
     batch_wait_ms: float = 5.0,
     limits: Limits | None = None,
     inspector: Inspector | None = None,
+    answerer: str = "grounded",
 ) -> FastAPI:
-    """The service app: the Inspector is built once here (or given), the database opened and its tables created.
+    """The service app: the Inspector (and the chat answerer) built once here, the database opened and migrated.
     `db_url` defaults to SQLite (WAL) in profiles_dir/audit.db; `api_keys` maps sha256(key) -> name
-    (read_api_keys); `inspector` lets a caller share one already built."""
+    (read_api_keys) and adds to the keys in the database; `inspector` lets a caller share one already built;
+    `answerer` is "grounded" (templates) or "llm" (the preset's assistant), see service.chat."""
     folder = Path(profiles_dir)
     folder.mkdir(parents=True, exist_ok=True)
     limits = limits or Limits()
     audit = AuditStore(db_url or f"sqlite:///{folder / 'audit.db'}", folder / "blobs")
     service = InspectionService(inspector or build_inspector(preset), folder, audit)
+    chats = ChatService(service, build_answerer(answerer, service.inspector), answerer)
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="anomalygpt-inference")
     batcher = MicroBatcher(service.run_batch, batch_wait_ms / 1000.0, executor)
     metrics = Metrics(lambda: batcher.depth)
@@ -165,15 +227,17 @@ def create_app(
         await batcher.stop()
 
     app = FastAPI(title="anomalygpt", summary="Few-shot industrial inspection service", lifespan=lifespan)
-    app.state.service, app.state.metrics, app.state.batcher = service, metrics, batcher
+    app.state.service, app.state.metrics, app.state.batcher, app.state.chats = service, metrics, batcher, chats
     install_error_handlers(app)
-    app.include_router(v1_router(service, batcher, metrics, executor, limits, api_keys))
+    keyring = app.state.keyring = KeyRing(api_keys, audit)
+    app.include_router(v1_router(service, batcher, metrics, executor, limits, keyring))
+    app.include_router(chat_router(chats, limits, keyring, metrics))
 
     @app.get("/healthz")
     def healthz() -> dict[str, Any]:
         return {"status": "ok", "preset": service.inspector.preset.name, "queue_depth": batcher.depth}
 
-    @app.get("/metrics", response_class=PlainTextResponse, dependencies=[Depends(key_check(api_keys, metrics))])
+    @app.get("/metrics", response_class=PlainTextResponse, dependencies=[Depends(key_check(keyring, metrics))])
     def metrics_text() -> PlainTextResponse:
         return PlainTextResponse(metrics.text(), media_type="text/plain; version=0.0.4")
 
@@ -196,7 +260,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def refused(_: Request, error: Exception) -> JSONResponse:
         assert isinstance(error, RequestError)
-        return error_response(error.status, str(error))
+        headers = {"Retry-After": str(error.retry_after_s)} if isinstance(error, RateLimited) else None
+        return error_response(error.status, str(error), headers)
 
     app.add_exception_handler(HTTPException, http_error)
     app.add_exception_handler(RequestValidationError, validation_error)
@@ -224,11 +289,12 @@ async def in_worker(work: Awaitable[Any]) -> Any:
         raise RequestError(status_of(error), str(error)) from error
 
 
-def key_check(api_keys: dict[str, str] | None, metrics: Metrics) -> Callable[[Request], str | None]:
+def key_check(keyring: KeyRing, metrics: Metrics) -> Callable[[Request], str | None]:
     """The dependency every route but /healthz takes: the key's name (None when the service has no keys); 401
     for a missing or wrong key, counted."""
 
     def authenticate(request: Request) -> str | None:
+        api_keys = keyring.current()
         if not api_keys:
             return None
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
@@ -250,9 +316,9 @@ def v1_router(
     metrics: Metrics,
     executor: ThreadPoolExecutor,
     limits: Limits,
-    api_keys: dict[str, str] | None,
+    keyring: KeyRing,
 ) -> APIRouter:
-    authenticate = key_check(api_keys, metrics)
+    authenticate = key_check(keyring, metrics)
     router = APIRouter(prefix="/v1")
 
     @router.post("/profiles", status_code=201)
@@ -338,6 +404,88 @@ def v1_router(
     return router
 
 
+def chat_router(chats: ChatService, limits: Limits, keyring: KeyRing, metrics: Metrics) -> APIRouter:
+    """POST /v1/chat: {"inspection": id, "question": text} -> server-sent events: `piece` events with the checked
+    answer's text, then `done` with the recorded answer (its audit id), or `error`."""
+    authenticate = key_check(keyring, metrics)
+    limiter = QuestionLimiter(limits.questions_per_minute)
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="anomalygpt-chat")  # apart from inspections
+    router = APIRouter(prefix="/v1")
+
+    @router.post("/chat", response_class=StreamingResponse)
+    async def chat(request: Request, key: str | None = Depends(authenticate)) -> StreamingResponse:
+        inspection_id, question = await chat_fields(request, limits.max_question_chars)
+        row = chats.service.audit.inspection(inspection_id) if ID_PATTERN.fullmatch(inspection_id) else None
+        if row is None:
+            raise RequestError(404, f"inspection {inspection_id!r}: no such inspection")
+        limiter.take(key)
+        events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+
+        def put(kind: str, value: Any) -> None:
+            loop.call_soon_threadsafe(events.put_nowait, (kind, value))
+
+        def work() -> None:  # runs to the end and records the answer even when the client has gone
+            try:
+                put("done", chats.answer(row, question, key, lambda piece: put("piece", piece)))
+            except Exception as error:
+                put("error", error)
+
+        loop.run_in_executor(executor, work)
+        first = await events.get()
+        kind, value = first
+        if kind == "error" and isinstance(value, (ImageMissing, ValueError)):  # QuestionError is a ValueError
+            raise RequestError(409 if isinstance(value, ImageMissing) else 422, str(value)) from value
+        if kind == "error":
+            raise value
+        return StreamingResponse(
+            sse_events(first, events), media_type="text/event-stream", headers={"Cache-Control": "no-store"}
+        )
+
+    return router
+
+
+async def chat_fields(request: Request, max_chars: int) -> tuple[str, str]:
+    """(inspection id, question) from a JSON object with exactly those two fields."""
+    content_type = request.headers.get("content-type", "")
+    if content_type.split(";")[0].strip().lower() != "application/json":
+        raise RequestError(415, f"expected application/json, got {content_type or 'no content type'}")
+    try:
+        body = json.loads(await request.body())
+    except (ValueError, UnicodeDecodeError) as error:
+        raise RequestError(400, f"malformed JSON: {error}") from error
+    if not isinstance(body, dict):
+        raise RequestError(422, "expected a JSON object with 'inspection' and 'question'")
+    unknown = sorted(set(body) - {"inspection", "question"})
+    if unknown:
+        raise RequestError(422, f"unknown field {unknown[0]!r}; expected 'inspection' and 'question'")
+    for name in ("inspection", "question"):
+        if not isinstance(body.get(name), str) or not body[name].strip():
+            raise RequestError(422, f"field {name!r}: a non-empty string is required")
+    if len(body["question"]) > max_chars:
+        raise RequestError(422, f"field 'question': over {max_chars} characters")
+    return body["inspection"], body["question"].strip()
+
+
+async def sse_events(first: tuple[str, Any], events: asyncio.Queue[tuple[str, Any]]) -> AsyncIterator[bytes]:
+    """The answer as server-sent events, from its first message on."""
+    kind, value = first
+    while True:
+        if kind == "piece":
+            yield sse("piece", {"text": value})
+        elif kind == "done":
+            yield sse("done", value)
+            return
+        else:
+            yield sse("error", {"error": safe_text(" ".join(str(value).split()))})
+            return
+        kind, value = await events.get()
+
+
+def sse(event: str, data: dict[str, Any]) -> bytes:
+    return f"event: {event}\ndata: {json.dumps(data, allow_nan=False)}\n\n".encode()
+
+
 async def read_form(request: Request, max_files: int) -> FormData:
     """The multipart form (415 for any other content type; starlette answers 400 for a malformed body)."""
     content_type = request.headers.get("content-type", "")
@@ -406,13 +554,9 @@ def inspection_filter(
 
 
 def parse_since(text: str | None) -> datetime | None:
-    """An ISO 8601 time as naive UTC (the audit's clock); a time without an offset is read as UTC."""
     if text is None:
         return None
     try:
-        moment = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+        return parse_time(text, "since")
     except ValueError as error:
-        raise RequestError(422, f"since: {text!r} is not an ISO 8601 time (e.g. 2026-01-31T08:00:00Z)") from error
-    if moment.tzinfo is not None:
-        moment = moment.astimezone(timezone.utc).replace(tzinfo=None)
-    return moment
+        raise RequestError(422, str(error)) from error

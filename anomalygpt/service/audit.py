@@ -22,7 +22,7 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import DateTime, Float, Index, Integer, String, Text, create_engine, event, func, inspect, select, text
 from sqlalchemy.engine import Connection, Engine, make_url
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 from anomalygpt.io import write_bytes_atomic
@@ -129,6 +129,16 @@ def utc_now() -> datetime:
     return datetime.now(timezone.utc).replace(tzinfo=None)
 
 
+def parse_time(text: str, what: str) -> datetime:
+    """An ISO 8601 time as naive UTC (the audit's clock); without an offset it is read as UTC. ValueError naming
+    `what` (the option or field) otherwise."""
+    try:
+        moment = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError as error:
+        raise ValueError(f"{what}: {text!r} is not an ISO 8601 time (e.g. 2026-01-31T08:00:00Z)") from error
+    return moment.astimezone(timezone.utc).replace(tzinfo=None) if moment.tzinfo is not None else moment
+
+
 def iso_utc(moment: datetime) -> str:
     return moment.isoformat(timespec="microseconds") + "Z"
 
@@ -163,7 +173,12 @@ def open_engine(url: str) -> Engine:
     )
     if is_sqlite:
         event.listen(engine, "connect", sqlite_pragmas)
-    migrate(engine)
+    try:
+        migrate(engine)
+    except OperationalError as error:  # unreachable server, unknown database, a locked or unreadable file
+        shown = make_url(full).render_as_string(hide_password=True)
+        reason = str(error.orig or error).strip().splitlines()[0]
+        raise ConnectionError(f"--db: cannot open the audit database {shown}: {reason}") from error
     return engine
 
 
@@ -235,6 +250,13 @@ class AuditStore:
             except IntegrityError:
                 if attempt == VERSION_TRIES - 1:
                     raise
+
+    def add_key(self, name: str, key_sha256: str) -> None:
+        """Store a new key's name and hash; ValueError when the name is taken."""
+        try:
+            self.add([ApiKeyRow(name=name, key_sha256=key_sha256, created=utc_now())])
+        except IntegrityError as error:
+            raise ValueError(f"an API key named {name!r} exists already") from error
 
     def api_keys(self) -> dict[str, str]:
         """{sha256 of key: name} of every key created with `anomalygpt serve keys create`."""

@@ -1,9 +1,17 @@
-"""`anomalygpt serve`: load the models once and serve inspections over HTTP (uvicorn)."""
+"""`anomalygpt serve`: load the models once and serve inspections over HTTP (uvicorn).
+
+`anomalygpt serve keys create NAME` makes an API key: it is printed once and only its sha256 is stored, in the
+audit database the service reads (--profiles/--db as for serving). Once any key exists, every route but /healthz
+needs one.
+"""
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import ipaddress
+import re
+import secrets
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +19,8 @@ from pathlib import Path
 from anomalygpt.io import safe_text
 
 LOOPBACK_NAMES = ("localhost",)
+KEY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")  # a key's name lands in every audit row it signs
+KEY_PREFIX = "agk_"  # recognisable in a leaked config file
 
 
 @dataclass(frozen=True)
@@ -22,11 +32,15 @@ class ServeOptions:
     preset: str | None
     api_key_file: Path | None
     batch_wait_ms: float  # how long the first request of a batch waits for others to join it
+    answerer: str  # who answers POST /v1/chat: "llm" (as `anomalygpt chat`) or "grounded"
+    questions_per_minute: int  # POST /v1/chat per API key
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="anomalygpt serve", description="HTTP inspection service with an audit trail."
+        prog="anomalygpt serve",
+        description="HTTP inspection service with an audit trail. 'anomalygpt serve keys create NAME' makes an "
+        "API key.",
     )
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
     parser.add_argument("--port", type=int, default=8080)
@@ -37,7 +51,57 @@ def build_parser() -> argparse.ArgumentParser:
         "--api-key-file", type=Path, default=None, help="'name:key' lines; then every /v1 route needs a key"
     )
     parser.add_argument("--batch-wait-ms", type=float, default=5.0, help="micro-batch gathering wait (default 5)")
+    parser.add_argument(
+        "--answerer",
+        choices=("llm", "grounded"),
+        default="llm",
+        help="who answers /v1/chat: llm, the preset's LLM assistant with checked sentences (default, as "
+        "'anomalygpt chat'); grounded: templates, no LLM",
+    )
+    parser.add_argument("--questions-per-minute", type=int, default=30, help="/v1/chat questions per key (30)")
     return parser
+
+
+def keys_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="anomalygpt serve keys", description="API keys of the service (stored as sha256 only)."
+    )
+    verbs = parser.add_subparsers(dest="verb", required=True)
+    create = verbs.add_parser("create", help="make a key, print it once")
+    create.add_argument("name", help="the key's name, recorded with everything done with it (letters, digits, ._-)")
+    create.add_argument("--profiles", type=Path, default=Path("profiles"), help="the service's folder")
+    create.add_argument("--db", default=None, help="database URL (default: sqlite:///PROFILES/audit.db)")
+    return parser
+
+
+def create_key(argv: list[str]) -> int:
+    """`anomalygpt serve keys create NAME`: the key on stdout, once; its hash in the database."""
+    args = keys_parser().parse_args(argv)
+    if not KEY_NAME.fullmatch(args.name):
+        return fail(f"NAME: {args.name!r} must be 1-100 letters, digits, '.', '_' or '-'", "serve keys")
+    key = KEY_PREFIX + secrets.token_urlsafe(32)
+    try:
+        check_profiles_folder(args.profiles)
+        from anomalygpt.service.audit import AuditStore
+
+        args.profiles.mkdir(parents=True, exist_ok=True)
+        audit = AuditStore(args.db or f"sqlite:///{args.profiles / 'audit.db'}", args.profiles / "blobs")
+        audit.add_key(args.name, hashlib.sha256(key.encode()).hexdigest())
+    except (ValueError, OSError) as error:
+        return fail(str(error), "serve keys")
+    print(key)
+    print(f"anomalygpt serve keys: created {args.name!r}; only its hash is stored, so copy it now", file=sys.stderr)
+    return 0
+
+
+def fail(message: str, verb: str = "serve") -> int:
+    print(f"anomalygpt {verb}: error: {safe_text(' '.join(message.split()))}", file=sys.stderr)
+    return 2
+
+
+def check_profiles_folder(folder: Path) -> None:
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"--profiles: {folder} is a file, not a folder")
 
 
 def is_loopback(host: str) -> bool:
@@ -55,31 +119,41 @@ def check(options: ServeOptions) -> None:
         raise ValueError(f"--port: {options.port} is not a TCP port (1 to 65535)")
     if not 0 <= options.batch_wait_ms <= 1000:
         raise ValueError(f"--batch-wait-ms: {options.batch_wait_ms:g} is outside 0 to 1000")
-    if options.profiles.exists() and not options.profiles.is_dir():
-        raise ValueError(f"--profiles: {options.profiles} is a file, not a folder")
+    if options.questions_per_minute < 1:
+        raise ValueError(f"--questions-per-minute: {options.questions_per_minute} is below 1")
+    check_profiles_folder(options.profiles)
 
 
 def main(argv: list[str]) -> int:
+    if argv[:1] == ["keys"]:
+        return create_key(argv[1:])
     args = build_parser().parse_args(argv)
     options = ServeOptions(
-        args.host, args.port, args.profiles, args.db, args.preset, args.api_key_file, args.batch_wait_ms
+        args.host,
+        args.port,
+        args.profiles,
+        args.db,
+        args.preset,
+        args.api_key_file,
+        args.batch_wait_ms,
+        args.answerer,
+        args.questions_per_minute,
     )
     try:
         check(options)
         from anomalygpt.config import DEFAULT_PRESET
-        from anomalygpt.service.app import create_app, read_api_keys
+        from anomalygpt.service.app import Limits, create_app, read_api_keys
 
         keys = read_api_keys(options.api_key_file) if options.api_key_file is not None else None
-        app = create_app(options.profiles, options.db, options.preset or DEFAULT_PRESET, keys, options.batch_wait_ms)
-    except ModuleNotFoundError as error:
-        print(
-            f"anomalygpt serve: error: needs the Python package {error.name} (pip install 'anomalygpt[serve]')",
-            file=sys.stderr,
+        limits = Limits(questions_per_minute=options.questions_per_minute)
+        preset = options.preset or DEFAULT_PRESET
+        app = create_app(
+            options.profiles, options.db, preset, keys, options.batch_wait_ms, limits, answerer=options.answerer
         )
-        return 2
+    except ModuleNotFoundError as error:
+        return fail(f"needs the Python package {error.name} (pip install 'anomalygpt[serve]')")
     except (ValueError, OSError) as error:
-        print(f"anomalygpt serve: error: {safe_text(error)}", file=sys.stderr)
-        return 2
+        return fail(str(error))
     if not is_loopback(options.host):
         print(
             f"anomalygpt serve: warning: listening on {options.host}, reachable from other machines"

@@ -1,0 +1,135 @@
+"""`anomalygpt audit export`: the service's audit trail as CSV or JSON lines, oldest first.
+
+    anomalygpt audit export --since 2026-12-01T00:00:00Z --format csv --out december.csv
+    anomalygpt audit export --table chats --db postgresql://line@db-host/audit --format jsonl
+
+Every column of the table, as stored (the *_json columns stay JSON text); times are ISO 8601 UTC. Written
+atomically to --out, or to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from anomalygpt.io import safe_text, write_text_atomic
+
+FORMATS = ("csv", "jsonl")
+PROG = "anomalygpt audit"
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    table: str  # a key of audit.TABLES
+    since: datetime | None  # naive UTC, as the audit stores times
+    format: str  # one of FORMATS
+    db: str | None  # None: sqlite:///PROFILES/audit.db
+    profiles: Path
+    out: Path | None  # None: stdout
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description="The audit trail of `anomalygpt serve`.")
+    verbs = parser.add_subparsers(dest="verb", required=True)
+    export = verbs.add_parser("export", help="write the rows as CSV or JSON lines, oldest first")
+    export.add_argument("--table", default="inspections", choices=("inspections", "profiles", "chats"))
+    export.add_argument("--since", default=None, help="only rows from this time on (ISO 8601; no offset: UTC)")
+    export.add_argument("--format", default="jsonl", choices=FORMATS)
+    export.add_argument("--db", default=None, help="database URL (default: sqlite:///PROFILES/audit.db)")
+    export.add_argument("--profiles", type=Path, default=Path("profiles"), help="the service's folder")
+    export.add_argument("--out", type=Path, default=None, help="file to write (default: stdout)")
+    return parser
+
+
+def since_option(text: str | None) -> datetime | None:
+    from anomalygpt.service.audit import parse_time
+
+    return None if text is None else parse_time(text, "--since")
+
+
+def database(options: ExportOptions) -> str:
+    """The URL to read; a default SQLite file that does not exist is an error (never created by an export)."""
+    if options.db is not None:
+        return options.db
+    path = options.profiles / "audit.db"
+    if not path.is_file():
+        raise ValueError(f"--profiles: {path} does not exist (give the service's --profiles folder, or --db URL)")
+    return f"sqlite:///{path}"
+
+
+def records(options: ExportOptions) -> tuple[list[str], Iterator[dict[str, Any]]]:
+    """The table's column names and its rows (oldest first) as plain values."""
+    from sqlalchemy import select
+
+    from anomalygpt.service.audit import TABLES, AuditStore
+
+    store = AuditStore(database(options), options.profiles / "blobs")
+    model = TABLES[options.table]
+    columns = [column.name for column in model.__table__.columns]
+    created, key = model.__table__.c.created, model.__table__.c.id
+    query = select(model).order_by(created, key)
+    if options.since is not None:
+        query = query.where(created >= options.since)
+
+    def rows() -> Iterator[dict[str, Any]]:
+        with store.sessions() as session:
+            for row in session.scalars(query.execution_options(yield_per=1000)):
+                yield {name: plain(getattr(row, name)) for name in columns}
+
+    return columns, rows()
+
+
+def plain(value: Any) -> Any:
+    return value.isoformat(timespec="microseconds") + "Z" if isinstance(value, datetime) else value
+
+
+def export_text(columns: list[str], rows: Iterator[dict[str, Any]], form: str) -> tuple[str, int]:
+    """The whole export and its number of rows."""
+    buffer = io.StringIO()
+    count = 0
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    if form == "csv":
+        writer.writeheader()
+    for row in rows:
+        if form == "csv":
+            writer.writerow(row)
+        else:
+            buffer.write(json.dumps(row, allow_nan=False, ensure_ascii=False) + "\n")
+        count += 1
+    return buffer.getvalue(), count
+
+
+def fail(message: str) -> int:
+    print(f"{PROG}: error: {safe_text(' '.join(message.split()))}", file=sys.stderr)
+    return 2
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        options = ExportOptions(args.table, since_option(args.since), args.format, args.db, args.profiles, args.out)
+        if options.out is not None and options.out.is_dir():
+            raise ValueError(f"--out: {options.out} is a folder")
+        columns, rows = records(options)
+        text, count = export_text(columns, rows, options.format)
+    except ModuleNotFoundError as error:
+        print(
+            f"{PROG}: error: needs the Python package {error.name} (pip install 'anomalygpt[serve]')", file=sys.stderr
+        )
+        return 2
+    except (ValueError, OSError) as error:
+        return fail(str(error))
+    if options.out is None:
+        sys.stdout.write(text)
+    else:
+        write_text_atomic(options.out, text)
+        print(f"{PROG}: wrote {count} rows to {options.out}", file=sys.stderr)
+    return 0
