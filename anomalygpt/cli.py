@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import numpy as np
 from tqdm import tqdm
 
+from anomalygpt.devices import add_device_option, with_device
 from anomalygpt.io import (
     ImageError,
     list_images,
@@ -83,6 +84,8 @@ class DetectOptions:
     as_json: bool
     sensitivity: float  # > 0 lowers the thresholds by that many normal spreads (more alarms)
     overwrite: bool  # replace output files already in --out (never an input image)
+    device: str | None = None  # --device: overrides the preset's; None: the preset's (the profile's own)
+    batch_size: int | None = None  # images per backbone pass with references; None: the inspector's default
 
 
 @dataclass(frozen=True)
@@ -92,6 +95,7 @@ class FitOptions:
     preset: str | None
     class_name: str | None
     overwrite: bool
+    device: str | None = None  # --device: overrides the preset's
 
 
 @dataclass
@@ -179,6 +183,13 @@ def add_detect_parser(verbs: Any) -> None:
         default=0.0,
         help="-5 to 5 normal spreads; > 0 lowers the thresholds (more alarms), < 0 raises them",
     )
+    add_device_option(detect)
+    detect.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=None,
+        help="images per backbone pass when inspecting against references (default 16)",
+    )
 
 
 def add_fit_parser(verbs: Any) -> None:
@@ -194,6 +205,7 @@ def add_fit_parser(verbs: Any) -> None:
     fit.add_argument("--preset", default=None, help="preset name or JSON path (default: 'default')")
     fit.add_argument("--class-name", default=None, help="product name, e.g. 'solar cell' (kept in the profile)")
     fit.add_argument("--overwrite", action="store_true", help="replace --out when it exists")
+    add_device_option(fit)
 
 
 def out_folder(text: str) -> Path:
@@ -201,6 +213,13 @@ def out_folder(text: str) -> Path:
     if not text.strip():
         raise argparse.ArgumentTypeError("must be a folder path, got an empty string")
     return Path(text)
+
+
+def positive_int(text: str) -> int:
+    """An integer of 1 or more (argparse type)."""
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {text!r}")
+    return int(text)
 
 
 def attach_number_values(argv: list[str]) -> list[str]:
@@ -238,7 +257,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if extra:
         return fail(args.verb, f"unrecognized arguments: {' '.join(extra)}")
     if args.verb == "fit":
-        return run_fit(FitOptions(list(args.goods), args.out, args.preset, args.class_name, bool(args.overwrite)))
+        options = FitOptions(
+            list(args.goods), args.out, args.preset, args.class_name, bool(args.overwrite), args.device
+        )
+        return run_fit(options)
     return run_detect(detect_options(args))
 
 
@@ -274,6 +296,8 @@ def detect_options(args: argparse.Namespace) -> DetectOptions:
         as_json=bool(args.as_json),
         sensitivity=float(args.sensitivity),
         overwrite=bool(args.overwrite),
+        device=args.device,
+        batch_size=args.batch_size,
     )
 
 
@@ -314,7 +338,7 @@ def prepare_detect(options: DetectOptions) -> DetectJob:
     from anomalygpt.inspection import build_inspector
     from anomalygpt.mutual import MIN_BATCH
 
-    preset = load_preset(options.preset or DEFAULT_PRESET)
+    preset = with_device(load_preset(options.preset or DEFAULT_PRESET), options.device)
     batch = not reference_paths and len(queries) >= MIN_BATCH  # zero-shot from the batch itself
     if not reference_paths and not batch and not preset.decoder.weights:
         raise UsageError(
@@ -342,7 +366,7 @@ def prepare_profile_detect(options: DetectOptions, profile: Path, queries: list[
     from anomalygpt.profile import open_profile
 
     preset = load_preset(options.preset) if options.preset else None
-    inspector, references = open_profile(profile, preset)
+    inspector, references = open_profile(profile, preset, options.device)
     query_sizes = [load_image(path).shape[:2] for path in queries]
     check_query_sizes(queries, query_sizes, references.memory.image_size)
     return DetectJob(inspector.preset, inspector, references, [], queries, stems, profile)
@@ -495,6 +519,14 @@ def inspect_all(job: DetectJob, options: DetectOptions) -> list[dict[str, Any]]:
         batch = job.inspector.inspect_batch(
             job.queries, options.class_name, [str(p) for p in job.queries], options.sensitivity, progress=show
         )
+    elif job.references is not None:  # decoded a batch ahead, one backbone pass per batch (same results)
+        from anomalygpt.inspection import BATCH_SIZE
+
+        sources = [str(p) for p in job.queries]
+        size = options.batch_size or BATCH_SIZE
+        batch = job.inspector.inspect_many(
+            job.queries, job.references, options.class_name, sources, options.sensitivity, size
+        )
     for path, stem in pairs:
         image = load_image(path)  # (H, W, 3) uint8
         if batch is not None:
@@ -597,7 +629,7 @@ def run_fit(options: FitOptions) -> int:
         from anomalygpt.config import DEFAULT_PRESET, load_preset  # imports torch: after the instant checks
         from anomalygpt.inspection import build_inspector
 
-        inspector = build_inspector(load_preset(options.preset or DEFAULT_PRESET))
+        inspector = build_inspector(with_device(load_preset(options.preset or DEFAULT_PRESET), options.device))
         references = inspector.fit(goods, options.class_name, progress=True)
     except (ValueError, OSError) as error:
         return fail("fit", error)

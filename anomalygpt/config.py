@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import re
 import types
 import typing
 from collections.abc import Iterable
@@ -24,6 +23,7 @@ from anomalygpt.assistant import AssistantConfig
 from anomalygpt.backbones import BACKBONES, BackboneConfig
 from anomalygpt.calibration import CalibrationConfig
 from anomalygpt.decoder import DecoderConfig
+from anomalygpt.devices import DEVICE_PATTERN
 from anomalygpt.llm import DTYPES, LLMConfig, LoraConfig
 from anomalygpt.memory import THINNINGS, MemoryConfig
 from anomalygpt.prompt_learner import PromptLearnerConfig
@@ -49,7 +49,7 @@ class Preset:
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
     assistant: AssistantConfig = field(default_factory=AssistantConfig)
-    device: str = "cpu"  # "cpu", "cuda", "cuda:1"..., or "auto" (CUDA when present), resolved by load_preset
+    device: str = "auto"  # "auto" (CUDA when present, else CPU), "cpu", "cuda", "cuda:1"...; resolved by load_preset
 
 
 def known_presets() -> list[str]:
@@ -210,9 +210,6 @@ class Items:
             return f"must list at least {self.min_items} value(s), got {len(value)}"
         problems = [self.item.problem(entry) for entry in value] if self.item is not None else []
         return next((f"every value {problem}" for problem in problems if problem), None)
-
-
-DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d{1,3})?")
 
 
 @dataclass(frozen=True)

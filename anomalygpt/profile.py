@@ -136,9 +136,10 @@ def read_profile(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tens
 
 
 def profile_preset(header: dict[str, Any], path: str | Path) -> Preset:
-    """The preset a profile was fitted with."""
+    """The preset a profile was fitted with, on device 'auto': where it runs is this machine's choice (a profile
+    fitted on a GPU loads on a CPU-only machine)."""
     try:
-        return from_dict(Preset, header["preset"], where=f"{path}: preset")
+        return from_dict(Preset, {**header["preset"], "device": "auto"}, where=f"{path}: preset")
     except (ConfigError, KeyError, TypeError) as error:
         raise ProfileError(f"{path}: unreadable preset in the profile ({error})") from error
 
@@ -160,12 +161,16 @@ def load_references(path: str | Path, inspector: Inspector) -> References:
     return references_from(header, tensors, inspector, path)
 
 
-def open_profile(path: str | Path, preset: Preset | None = None) -> tuple[Inspector, References]:
-    """An Inspector built with the profile's own preset (or `preset`, which must agree) and the profile's references."""
+def open_profile(
+    path: str | Path, preset: Preset | None = None, device: str | None = None
+) -> tuple[Inspector, References]:
+    """An Inspector built with the profile's own preset (or `preset`, which must agree) and the profile's references;
+    `device` (--device) overrides the preset's."""
+    from anomalygpt.devices import with_device
     from anomalygpt.inspection import build_inspector
 
     header, tensors = read_profile(path)
-    inspector = build_inspector(preset or profile_preset(header, path))
+    inspector = build_inspector(with_device(preset or profile_preset(header, path), device))
     return inspector, references_from(header, tensors, inspector, path)
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from anomalygpt.cli import MAX_REFERENCES, CliParser, UsageError, check_sensitivity, one_line
+from anomalygpt.devices import add_device_option, with_device
 from anomalygpt.io import list_images, load_image
 from chat.answerers import CHAT_ANSWERERS
 from chat.terminal import PROG, Terminal, interactive_lines
@@ -38,6 +39,7 @@ class ChatOptions:
     answerer: str = "llm"  # one of chat.answerers.CHAT_ANSWERERS
     as_json: bool = False  # print one JSON document at the end instead of the conversation
     profile: Path | None = None  # a fitted product profile, instead of refs
+    device: str | None = None  # --device: overrides the preset's
 
 
 def build_parser() -> CliParser:
@@ -74,6 +76,7 @@ def build_parser() -> CliParser:
     parser.add_argument(
         "--json", action="store_true", help="print only the transcript and inspection as one JSON document at the end"
     )
+    add_device_option(parser)
     return parser
 
 
@@ -92,6 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.answerer,
         args.json,
         args.profile,
+        args.device,
     )
     try:
         terminal = open_terminal(options)
@@ -125,7 +129,7 @@ def open_terminal(options: ChatOptions) -> Terminal:
     if len(references) > MAX_REFERENCES:
         raise UsageError(f"--ref: {len(references)} images given; at most {MAX_REFERENCES} are supported")
     reference_images = [load_image(path) for path in references]
-    preset = chosen_preset(options)  # torch and transformers: after the checks
+    preset = with_device(chosen_preset(options), options.device)  # torch and transformers: after the checks
     session = chat_session(preset, options)
     if options.profile is not None:
         session.use_profile(options.profile)

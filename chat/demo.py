@@ -23,6 +23,8 @@ import numpy as np
 
 from anomalygpt.claims import CheckReport
 from anomalygpt.cli import verdict_table, write_outputs
+from anomalygpt.config import load_preset
+from anomalygpt.devices import add_device_option, with_device
 from anomalygpt.evidence import EvidenceSource, RegionEvidence
 from anomalygpt.inspection import Inspection, build_inspector, reference_name
 from anomalygpt.io import load_image, write_json_atomic
@@ -45,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="who answers the scripted chat (auto: the LLM assistant when the preset names trained assistant weights)",
     )
+    add_device_option(parser)
     return parser
 
 
@@ -53,8 +56,13 @@ def main(argv: list[str]) -> int:
     if not 1 <= args.per_class <= 50:
         print("anomalygpt demo: error: --per-class must be from 1 to 50", file=sys.stderr)
         return 2
+    try:
+        preset = with_device(load_preset(args.preset), args.device)
+    except ValueError as error:  # ConfigError, DeviceError
+        print(f"anomalygpt demo: error: {error}", file=sys.stderr)
+        return 2
     start = time.perf_counter()
-    inspector = build_inspector(args.preset)
+    inspector = build_inspector(preset)
     refs, test = draw_shots(development_half(load_split("elpv", None, args.cell_type)), k=4, seed=args.seed)
     queries = [s for s in test if s.label == 0][: args.per_class] + [s for s in test if s.label == 1][: args.per_class]
     print(f"Indexing 4 good {args.cell_type} cells as references ...", flush=True)

@@ -36,6 +36,7 @@ from anomalygpt.calibration import Calibration
 from anomalygpt.claims import CheckTally
 from anomalygpt.cli import SENSITIVITY_RANGE
 from anomalygpt.config import DEFAULT_PRESET, load_preset
+from anomalygpt.devices import add_device_option, with_device
 from anomalygpt.evidence import EvidenceSource, RegionEvidence, profile_evidence
 from anomalygpt.inspection import (
     MAX_REFERENCES,
@@ -815,6 +816,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="a product profile from 'anomalygpt fit': the references of every tab that uploads none",
     )
+    add_device_option(parser)
     return parser
 
 
@@ -829,7 +831,7 @@ def main(argv: Sequence[str]) -> int:
             file=sys.stderr,
         )
     try:
-        preset = load_preset(args.preset)
+        preset = with_device(load_preset(args.preset), args.device)
         print(f"Loading preset {preset.name!r} ...", flush=True)
         inspector = build_inspector(preset)
         profile = inspector.load_profile(args.profile) if args.profile is not None else None

@@ -15,6 +15,7 @@ from typing import Any
 from tqdm import tqdm
 
 from anomalygpt.cli import CliParser, UsageError, check_out_dir, one_line
+from anomalygpt.devices import add_device_option, with_device
 
 PROG = "anomalygpt eval"
 MAX_SHOTS = 16  # as inspection.MAX_REFERENCES, checked here before torch is imported
@@ -34,6 +35,7 @@ class EvalOptions:
     method: str = "inspector"  # comma-separated methods, as typed; "all" = every method
     test_fraction: float = 0.3  # with baselines: good images held out for testing where the pool is test data
     half: str = "all"  # ELPV only: "dev" (odd-numbered cells) or "test" (even-numbered)
+    device: str | None = None  # --device: overrides the preset's
 
 
 @dataclass
@@ -91,6 +93,7 @@ def build_parser() -> CliParser:
         default=0.3,
         help="with baselines: share of the good images held out for testing on ELPV and plain folders (default 0.3)",
     )
+    add_device_option(parser)
     return parser
 
 
@@ -198,6 +201,7 @@ def options_from(args: argparse.Namespace) -> EvalOptions:
         method=args.method,
         test_fraction=args.test_fraction,
         half=args.half,
+        device=args.device,
     )
 
 
@@ -218,7 +222,7 @@ def prepare(options: EvalOptions) -> EvalJob:
     from anomalygpt.config import DEFAULT_PRESET, load_preset  # imports torch: after the instant checks
     from eval.runner import EvalConfig, check_cache_config, fingerprint
 
-    preset = load_preset(options.preset or DEFAULT_PRESET)
+    preset = with_device(load_preset(options.preset or DEFAULT_PRESET), options.device)
     methods = chosen_methods(options.method)
     full_shot = methods != ("inspector",)
     if options.zero_shot and full_shot:

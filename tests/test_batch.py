@@ -1,6 +1,7 @@
 """Inspector.inspect_many: batched inspection gives what `inspect` gives each image."""
 
 import dataclasses
+import json
 
 import cv2
 import numpy as np
@@ -100,3 +101,33 @@ def test_inspect_many_names_the_bad_image(inspector, queries, tmp_path):
         list(inspector.inspect_many(queries[:2], references, sources=["a"]))
     with pytest.raises(InspectionError, match="batch_size must be at least 1"):
         list(inspector.inspect_many(queries[:2], references, batch_size=0))
+
+
+def test_detect_batch_size_keeps_every_output(tmp_path):
+    """detect inspects in batches with references: the same table, records and files for any --batch-size."""
+    from test_cli import run
+
+    goods = texture_crops(6, seed=41)
+    paths = []
+    for index, image in enumerate(goods[:2] + [with_dark_blob(goods[2], (64, 64), 12)] + goods[3:]):
+        paths.append(tmp_path / ("ref" if index < 2 else "q") / f"{index}.png")
+        paths[-1].parent.mkdir(exist_ok=True)
+        cv2.imwrite(str(paths[-1]), image[:, :, ::-1])
+    preset = tmp_path / "preset.json"
+    preset.write_text('{"backbone": {"name": "efficientnet-lite0", "image_size": 128}, "memory": {"augment": false}}')
+    runs = {}
+    for size in ("1", "3"):
+        out = tmp_path / f"out{size}"
+        argv = ["detect", str(tmp_path / "q"), "--ref", str(tmp_path / "ref"), "--preset", str(preset)]
+        code, table, _ = run([*argv, "--out", str(out), "--batch-size", size])
+        assert code == 0
+        records = [json.loads((out / f"{i}.json").read_text()) for i in range(2, 6)]
+        runs[size] = (table, records, sorted(p.name for p in out.iterdir()))
+    (table1, records1, files1), (table3, records3, files3) = runs["1"], runs["3"]
+    assert table1 == table3 and files1 == files3 and len(files1) == 4 * 3 + 1
+    assert [r["verdict"] for r in records1] == ["anomalous", "normal", "normal", "normal"]
+    for one, three in zip(records1, records3, strict=True):
+        assert three["score"] == pytest.approx(one["score"], abs=1e-5)
+        assert {k: v for k, v in three.items() if k not in ("score", "margin", "timings_ms", "regions")} == {
+            k: v for k, v in one.items() if k not in ("score", "margin", "timings_ms", "regions")
+        }

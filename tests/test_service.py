@@ -5,6 +5,7 @@ import io
 import itertools
 import sqlite3
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -379,7 +380,8 @@ def test_the_client_works_over_a_real_uvicorn_server(inspector, served, profile,
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    app = create_app(served["folder"], served["db"], inspector=inspector, limits=Limits(max_body_bytes=100_000))
+    limits = Limits(max_body_bytes=100_000, body_timeout_s=1.0)
+    app = create_app(served["folder"], served["db"], inspector=inspector, limits=limits)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -397,6 +399,15 @@ def test_the_client_works_over_a_real_uvicorn_server(inspector, served, profile,
             headers = {"content-type": "multipart/form-data; boundary=x"}
             streamed = client.http.post("/v1/inspect", content=chunks, headers=headers)
             assert streamed.status_code == 413 and "limit" in streamed.json()["error"]
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as slow:  # a body that never completes
+            started = time.perf_counter()
+            slow.sendall(b"POST /v1/inspect HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=x\r\n"
+                         b"Content-Length: 5000\r\n\r\n--x\r\n")  # fmt: skip
+            answer = b""
+            while not answer.endswith(b"}"):
+                answer += slow.recv(4096)
+        assert answer.startswith(b"HTTP/1.1 408") and b"not complete within 1 s" in answer
+        assert time.perf_counter() - started < 5
     finally:
         server.should_exit = True
         thread.join(timeout=10)

@@ -49,6 +49,7 @@ from anomalygpt.assistant import (
     system_text,
 )
 from anomalygpt.config import Preset, load_preset, to_dict
+from anomalygpt.devices import training_accelerator, with_device
 from anomalygpt.inspection import Inspection
 from anomalygpt.io import load_image, write_bytes_atomic, write_json_atomic
 from anomalygpt.prompt_learner import normalised_map
@@ -91,6 +92,7 @@ class AssistantTrainConfig:
     map_noise: float = 0.1  # std of the smooth noise added to training maps, in threshold units
     seed: int = 0
     resume: bool = False
+    device: str | None = None  # --device: overrides the preset's
 
 
 @dataclass
@@ -414,15 +416,14 @@ def loss_png(history: History) -> bytes:
 
 def train_assistant(cfg: AssistantTrainConfig) -> dict[str, Any]:
     """Build, train (checkpointing every cfg.checkpoint_every steps), save the trained parts; returns a summary."""
-    from accelerate import Accelerator
 
     found = [name for name in (CHECKPOINT, LEGACY_CHECKPOINT) if (cfg.out / name).is_file()]
     if found and not cfg.resume:
         raise ValueError(f"{cfg.out} holds a training run ({found[0]}); pass --resume or choose another --out")
     remove_orphaned_temps(cfg.out, RUN_FILES)  # left by a killed run
     checkpoint = read_checkpoint(cfg.out)
-    preset = load_preset(cfg.preset)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    preset = with_device(load_preset(cfg.preset), cfg.device)
+    accelerator = training_accelerator(preset.device)
     assistant = build_assistant(preset)
     training = load_or_build_training_set(cfg, assistant)
     optimizer = make_optimizer(assistant, cfg)

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from anomalygpt.cli import CliParser, UsageError, check_out_dir, one_line
+from anomalygpt.devices import add_device_option
 
 PROG = "anomalygpt train"
 
@@ -33,6 +34,7 @@ def decoder_parser(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    add_device_option(parser)
 
 
 def assistant_parser(parser: argparse.ArgumentParser) -> None:
@@ -47,6 +49,7 @@ def assistant_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-samples", type=int, default=0, help="use the first N conversations; 0 = all")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    add_device_option(parser)
 
 
 def build_parser() -> CliParser:
@@ -88,6 +91,7 @@ def run_decoder(args: argparse.Namespace) -> int:
         stack_coarser=args.stack_coarser,
         seed=args.seed,
         resume=args.resume,
+        device=args.device,
     )
     config = train_decoder(cfg)
     summary = {"validation": config["validation"], "zero_shot": config["zero_shot"], "seconds": config["train_seconds"]}
@@ -122,6 +126,7 @@ def run_assistant(args: argparse.Namespace) -> int:
         max_samples=args.max_samples,
         seed=args.seed,
         resume=args.resume,
+        device=args.device,
     )
     print(json.dumps(train_assistant(cfg), indent=2))
     return 0

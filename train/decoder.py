@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from anomalygpt.config import Preset, load_preset, to_dict
 from anomalygpt.decoder import AnomalyDecoder, DecoderSpec
+from anomalygpt.devices import training_accelerator, with_device
 from anomalygpt.inspection import build_inspector
 from anomalygpt.io import write_bytes_atomic, write_json_atomic
 from anomalygpt.memory import embed_patches, fuse_maps, top_mean
@@ -74,6 +75,7 @@ class DecoderTrainConfig:
     temperature: float = 0.07
     seed: int = 0
     resume: bool = False
+    device: str | None = None  # --device: overrides the preset's
 
 
 @dataclass
@@ -278,7 +280,6 @@ def train_decoder(cfg: DecoderTrainConfig) -> dict[str, Any]:
     The best epoch is the one with the highest pixel AUROC on the validation pictures: a linear projection
     fitted to 16 training pictures starts to specialise to them after one or two passes.
     """
-    from accelerate import Accelerator
 
     found = [name for name in (CHECKPOINT, LEGACY_CHECKPOINT) if (cfg.out / name).is_file()]
     if found and not cfg.resume:
@@ -286,8 +287,8 @@ def train_decoder(cfg: DecoderTrainConfig) -> dict[str, Any]:
     remove_orphaned_temps(cfg.out, RUN_FILES)  # left by a killed run
     checkpoint = read_checkpoint(cfg)
     note_ignored_pickles(cfg.out, [LEGACY_FEATURES], "features are computed again")
-    preset = load_preset(cfg.preset)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    preset = with_device(load_preset(cfg.preset), cfg.device)
+    accelerator = training_accelerator(preset.device)
     train, val = load_or_build_splits(cfg, preset)
     n_normal = int((val.labels == 0).sum())
     if n_normal < 2 or n_normal == val.labels.numel():

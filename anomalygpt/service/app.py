@@ -54,6 +54,7 @@ KEY_REFRESH_S = 2.0  # how stale the service's copy of the database's API keys m
 @dataclass(frozen=True)
 class Limits:
     max_body_bytes: int = 64 * 1024 * 1024  # a whole request, checked while it streams in
+    body_timeout_s: float = 30.0  # a whole request body must arrive within this time of its first read
     max_profile_images: int = 256  # good images per POST /v1/profiles
     max_batch_images: int = 32  # images per POST /v1/inspect/batch
     max_page: int = 1000  # GET /v1/inspections?limit=
@@ -140,11 +141,13 @@ class QuestionLimiter:
 
 
 class BodyLimit:
-    """413 for a request body over the limit: by its Content-Length at once, else while it streams in."""
+    """413 for a request body over the limit: by its Content-Length at once, else while it streams in; 408 for a
+    body not complete within `timeout_s` of the first read (a client that trickles its body holds a connection)."""
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+    def __init__(self, app: ASGIApp, limit: int, timeout_s: float) -> None:
         self.app = app
         self.limit = limit
+        self.timeout_s = timeout_s
 
     async def __call__(self, scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -155,11 +158,21 @@ class BodyLimit:
             await error_response(413, f"request body over the limit of {self.limit:,} bytes")(scope, receive, send)
             return
         received = 0
+        deadline: float | None = None
+        complete = False
+        loop = asyncio.get_running_loop()
 
         async def limited() -> Any:
-            nonlocal received
-            message = await receive()
+            nonlocal received, deadline, complete
+            if complete:  # after the body, receive() only waits for a disconnect (streamed answers): no deadline
+                return await receive()
+            deadline = deadline if deadline is not None else loop.time() + self.timeout_s
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+            except asyncio.TimeoutError as error:
+                raise HTTPException(408, f"request body not complete within {self.timeout_s:g} s") from error
             received += len(message.get("body", b""))
+            complete = message.get("type") != "http.request" or not message.get("more_body", False)
             if received > self.limit:
                 raise HTTPException(413, f"request body over the limit of {self.limit:,} bytes")
             return message
@@ -241,7 +254,7 @@ def create_app(
     def metrics_text() -> PlainTextResponse:
         return PlainTextResponse(metrics.text(), media_type="text/plain; version=0.0.4")
 
-    app.add_middleware(BodyLimit, limit=limits.max_body_bytes)
+    app.add_middleware(BodyLimit, limit=limits.max_body_bytes, timeout_s=limits.body_timeout_s)
     app.add_middleware(Timing, metrics=metrics)
     return app
 

@@ -16,6 +16,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from anomalygpt.devices import add_device_option, with_device
 from anomalygpt.io import safe_text
 
 LOOPBACK_NAMES = ("localhost",)
@@ -34,6 +35,7 @@ class ServeOptions:
     batch_wait_ms: float  # how long the first request of a batch waits for others to join it
     answerer: str  # who answers POST /v1/chat: "llm" (as `anomalygpt chat`) or "grounded"
     questions_per_minute: int  # POST /v1/chat per API key
+    device: str | None = None  # --device: overrides the preset's
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
         "'anomalygpt chat'); grounded: templates, no LLM",
     )
     parser.add_argument("--questions-per-minute", type=int, default=30, help="/v1/chat questions per key (30)")
+    add_device_option(parser)
     return parser
 
 
@@ -138,15 +141,16 @@ def main(argv: list[str]) -> int:
         args.batch_wait_ms,
         args.answerer,
         args.questions_per_minute,
+        args.device,
     )
     try:
         check(options)
-        from anomalygpt.config import DEFAULT_PRESET
+        from anomalygpt.config import DEFAULT_PRESET, load_preset
         from anomalygpt.service.app import Limits, create_app, read_api_keys
 
         keys = read_api_keys(options.api_key_file) if options.api_key_file is not None else None
         limits = Limits(questions_per_minute=options.questions_per_minute)
-        preset = options.preset or DEFAULT_PRESET
+        preset = with_device(load_preset(options.preset or DEFAULT_PRESET), options.device)
         app = create_app(
             options.profiles, options.db, preset, keys, options.batch_wait_ms, limits, answerer=options.answerer
         )
