@@ -8,6 +8,9 @@ database read back afterwards.
 - crash: 8 clients, `kill -9` of the server after ~10 s, restart on the same folder: time until /healthz answers,
   every acknowledged inspection's row and files (sha256 = file name), no temp file left, the same profile served.
 
+Servers run with `--answerer grounded` (no LLM loaded for /v1/chat, which these parts do not call): start-up
+times are the inspection service's own.
+
     OMP_NUM_THREADS=2 .venv/bin/python bench/bench_service.py --parts load,crash --out runs/bench_service.json
 """
 
@@ -75,6 +78,8 @@ class Server:
 
     folder: Path
     wait_ms: float
+    options: list[str] = field(default_factory=list)  # more `anomalygpt serve` options (--db, --api-key-file...)
+    env: dict[str, str] | None = None  # the server's environment; None: this process's
     port: int = 0
     process: subprocess.Popen[bytes] | None = None
     log: list[Path] = field(default_factory=list)
@@ -89,10 +94,10 @@ class Server:
         log = self.folder.parent / f"serve-{len(self.log)}.log"
         self.log.append(log)
         command = [ANOMALYGPT, "serve", "--port", str(self.port), "--profiles", str(self.folder)]
-        command += ["--batch-wait-ms", f"{self.wait_ms:g}"]
+        command += ["--batch-wait-ms", f"{self.wait_ms:g}", "--answerer", "grounded", *self.options]
         launched = time.perf_counter()
         with log.open("wb") as handle:
-            self.process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=self.env)
         while time.perf_counter() - launched < START_TIMEOUT_S:
             if self.process.poll() is not None:
                 raise RuntimeError(f"anomalygpt serve exited with {self.process.returncode}: {log.read_text()[-2000:]}")
