@@ -65,6 +65,7 @@ LAZY_COMMANDS = {
     "ui": LazyCommand("chat.web", "web app (needs the [ui] extra)"),
     "demo": LazyCommand("chat.demo", "inspect and chat about a built-in example"),
     "serve": LazyCommand("anomalygpt.service.cli", "HTTP inspection service (needs the [serve] extra)"),
+    "export": LazyCommand("anomalygpt.export", "a profile as ONNX/OpenVINO, inspected without torch ([export] extra)"),
     "audit": LazyCommand("anomalygpt.service.export", "export the service's audit trail as CSV or JSON lines"),
 }
 

@@ -1,0 +1,184 @@
+"""RuntimeInspector: an exported profile inspecting images with onnxruntime or OpenVINO and numpy, no torch."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from anomalygpt.io import ImageSource, load_image
+from anomalygpt.regions import Region, map_cell_px
+from anomalygpt.runtime import scoring
+from anomalygpt.runtime.bundle import Bundle, read_bundle
+from anomalygpt.runtime.engines import Engine, open_engine
+
+
+class RuntimeInspectionError(ValueError):
+    """A query the runtime cannot inspect (another size than the references); the message is one line."""
+
+
+@dataclass
+class RuntimeInspection:
+    """What the exported detector decided about one image: the fields and JSON of anomalygpt.inspection.Inspection."""
+
+    is_anomalous: bool
+    score: float
+    threshold: float
+    margin: float  # (score - threshold) / normal spread
+    confidence: str  # "low", "medium" or "high"
+    pixel_threshold: float
+    regions: list[Region]
+    mode: str  # "few-shot" or "pool"
+    n_references: int
+    image_size: tuple[int, int]  # (H, W) the image was inspected at
+    calibration: dict[str, Any]
+    class_name: str | None = None
+    source: str | None = None
+    timings_ms: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    reference_fit: dict[str, Any] | None = None
+    source_size: tuple[int, int] | None = None  # (H, W) of the file when it was inspected downscaled
+    min_region_px: int | None = None  # smallest region kept: one cell of the map's finest stage
+    anomaly_map: np.ndarray | None = field(default=None, repr=False)  # (H, W) float32
+
+    @property
+    def verdict(self) -> str:
+        return "anomalous" if self.is_anomalous else "normal"
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {key: value for key, value in asdict(self).items() if key not in ("anomaly_map", "regions")}
+        data["verdict"] = self.verdict
+        data["regions"] = [region.to_dict() for region in self.regions]
+        data["image_size"] = list(self.image_size)
+        data["source_size"] = None if self.source_size is None else list(self.source_size)
+        return data
+
+
+@dataclass(frozen=True)
+class Memory:
+    """The exported memory as float32 numpy arrays, ready to search."""
+
+    banks: list[np.ndarray]  # per stage (N, C) unit patch features
+    offsets: list[np.ndarray]  # per stage (R + 1,): rows of reference r are offsets[r] to offsets[r + 1]
+    descriptors: np.ndarray  # (R, D) layout descriptors, for retrieval
+    appearances: np.ndarray  # (R, C) appearances, for the reference-fit check
+    up: list[tuple[np.ndarray, np.ndarray]]  # per stage (H, h), (W, w) bilinear upsampling matrices
+
+    @classmethod
+    def of(cls, bundle: Bundle) -> Memory:
+        arrays, n = bundle.arrays, bundle.arrays["descriptors"].shape[0]
+        stages = range(bundle.n_stages)
+        offsets = [
+            np.concatenate([[0], np.cumsum(np.bincount(arrays[f"reference{s}"].astype(np.int64), minlength=n))])
+            for s in stages
+        ]
+        return cls(
+            banks=[arrays[f"features{s}"].astype(np.float32) for s in stages],
+            offsets=offsets,
+            descriptors=arrays["descriptors"].astype(np.float32),
+            appearances=arrays["appearances"].astype(np.float32),
+            up=[(arrays[f"up_rows{s}"], arrays[f"up_cols{s}"]) for s in stages],
+        )
+
+    def banks_of(self, references: np.ndarray) -> list[np.ndarray]:
+        """Per stage the rows of the given references."""
+        return [
+            np.concatenate([bank[offsets[r] : offsets[r + 1]] for r in references])
+            for bank, offsets in zip(self.banks, self.offsets, strict=True)
+        ]
+
+
+class RuntimeInspector:
+    """Inspects images against an exported profile exactly as the torch Inspector does against the profile."""
+
+    def __init__(self, bundle: Bundle, engine: Engine) -> None:
+        self.bundle = bundle
+        self.engine = engine
+        self.memory = Memory.of(bundle)
+        self.settings = bundle.memory
+        manifest = bundle.manifest
+        self.retrieval = 0 < self.settings.retrieve < self.memory.descriptors.shape[0]
+        self.n_outputs = len(manifest["outputs"]["features"]), len(manifest["outputs"]["prior"])
+
+    @classmethod
+    def open(cls, folder: str | Path, threads: int | None = None) -> RuntimeInspector:
+        """A runtime folder written by `anomalygpt export`, checked, with its engine on the CPU."""
+        bundle = read_bundle(folder)
+        outputs = bundle.manifest["outputs"]
+        names = [*outputs["features"], *outputs["prior"]]
+        return cls(bundle, open_engine(bundle.engine, bundle.model_path(), names, threads))
+
+    def anomaly_map(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(H, W) anomaly map of an image at the profile's size, and its (1, C, h, w) last-stage features."""
+        model_input = scoring.standardized(pixels) if self.settings.standardize else pixels
+        outputs = self.engine(np.ascontiguousarray(model_input[None]))
+        n_features = self.n_outputs[0]
+        feats, priors = outputs[:n_features], outputs[n_features:]
+        if self.retrieval:
+            descriptor = scoring.global_descriptor(feats[-1], self.settings.descriptor_grid)
+            nearest = scoring.nearest_references(descriptor, self.memory.descriptors, self.settings.retrieve)[0]
+            banks = self.memory.banks_of(nearest)
+        else:
+            banks = self.memory.banks
+        maps = scoring.stage_distances(feats, banks, self.settings.chunk_elements)
+        if priors:
+            maps = [m + p for m, p in zip(maps, priors, strict=True)]
+        return scoring.fuse_maps(maps, self.memory.up, self.settings.sigma)[0], feats[-1]
+
+    def inspect(
+        self, image: ImageSource, class_name: str | None = None, source: str | None = None, sensitivity: float = 0.0
+    ) -> RuntimeInspection:
+        """Inspect one image (a file, array or bytes) as Inspector.inspect does with the profile's references."""
+        original = load_image(image)
+        pixels = scoring.working_image(original)
+        if pixels.shape[:2] != self.bundle.image_size:
+            h, w = self.bundle.image_size
+            raise RuntimeInspectionError(
+                f"{source or 'query'}: {pixels.shape[1]}x{pixels.shape[0]} px but the references "
+                f"are {w}x{h} px; use references of the query's size"
+            )
+        start = time.perf_counter()
+        anomaly_map, last = self.anomaly_map(pixels)
+        manifest = self.bundle.manifest
+        brightness = float(scoring.grey_thumbnail(pixels).mean())
+        appearance = scoring.appearance(last)[0]
+        fit = scoring.reference_fit(
+            appearance, brightness, self.memory.appearances, manifest["fit_stats"], manifest["references"]
+        )
+        score = scoring.top_mean(anomaly_map, self.settings.top_fraction)
+        backbone = manifest["backbone"]
+        height, width = pixels.shape[:2]
+        min_region_px = map_cell_px(height, width, min(backbone["strides"]), backbone["image_size"])
+        decision = scoring.decide(anomaly_map, pixels, score, manifest["calibration"], sensitivity, min_region_px)
+        elapsed = (time.perf_counter() - start) * 1000
+        warning = scoring.fit_warning(fit)
+        return RuntimeInspection(
+            is_anomalous=decision.is_anomalous,
+            score=score,
+            threshold=decision.threshold,
+            margin=decision.margin,
+            confidence=scoring.confidence_word(decision.margin),
+            pixel_threshold=decision.pixel_threshold,
+            regions=decision.regions,
+            mode="pool" if self.retrieval else "few-shot",
+            n_references=int(self.memory.descriptors.shape[0]),
+            image_size=(int(pixels.shape[0]), int(pixels.shape[1])),
+            calibration=dict(manifest["calibration"]),
+            class_name=class_name or manifest["class_name"],
+            source=source,
+            timings_ms={"inspect": round(elapsed, 1), "index_references": round(float(manifest["index_ms"]), 1)},
+            warnings=([warning] if warning else []) + list(manifest["warnings"]),
+            reference_fit=fit,
+            source_size=None
+            if pixels.shape[:2] == original.shape[:2]
+            else (int(original.shape[0]), int(original.shape[1])),
+            min_region_px=min_region_px,
+            anomaly_map=anomaly_map,
+        )
+
+
+def original_size(image: np.ndarray) -> tuple[int, int]:
+    return int(image.shape[0]), int(image.shape[1])
