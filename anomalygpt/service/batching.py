@@ -1,9 +1,9 @@
 """Micro-batching: requests for one profile that arrive within a short wait run through inference together.
 
 All model work runs in one worker thread (torch on a 2-core CPU gains nothing from two concurrent forwards, and
-one thread keeps the event loop free to accept and answer requests meanwhile). The Inspector has no batched
-forward yet, so a gathered batch runs image after image in that thread; the gathering is what a batched forward
-would plug into, and it already lets one worker call commit a whole batch's audit rows.
+one thread keeps the event loop free to accept and answer requests meanwhile). A gathered batch goes through
+Inspector.inspect_many in that thread (core.InspectionService.run_batch): one backbone pass and one
+nearest-patch search for up to its batch size of images, whatever request each image came with.
 """
 
 from __future__ import annotations

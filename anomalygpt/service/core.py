@@ -141,34 +141,59 @@ class InspectionService:
         return profile_json(row)
 
     def run_batch(self, profile_id: str, requests: Sequence[InspectRequest]) -> list[Any]:
-        """Answer each request of one profile (a list of inspection JSONs, or the error that refused it)."""
+        """Answer each request of one profile (a list of inspection JSONs, or the error that refused it): every
+        image decoded and checked per request, then all of them through one batched inspection, then each
+        request's rows committed together."""
         try:
             row = self.profile_row(profile_id)
             references = self.references(row)
         except (UnknownProfile, ProfileError) as error:
             return [error] * len(requests)
-        answers: list[Any] = []
-        for request in requests:
+        answers: list[Any] = [None] * len(requests)
+        decoded: dict[int, list[np.ndarray]] = {}
+        for index, request in enumerate(requests):
             try:
-                answers.append(self.inspect(row, references, request))
+                decoded[index] = self.decode(request, references)
             except (ValueError, OSError) as error:  # ImageError, InspectionError: this request's own fault
-                answers.append(error)
+                answers[index] = error
+        for index, inspections in self.inspect_decoded(references, requests, decoded).items():
+            try:
+                answers[index] = self.record(row, requests[index], decoded[index], inspections)
+            except (ValueError, OSError) as error:
+                answers[index] = error
         return answers
 
-    def inspect(self, row: ProfileRow, references: References, request: InspectRequest) -> list[dict[str, Any]]:
-        """Decode and check every image first, then inspect; the rows of one request commit together."""
-        pixels = [working_image(load_image(upload.data, name=upload.name)) for upload in request.images]
-        for upload, image in zip(request.images, pixels, strict=True):
-            check_size(upload.name, image, references.memory.image_size)
-        inspections = [
-            self.inspector.inspect(image, references, source=upload.name, sensitivity=request.sensitivity)
-            for upload, image in zip(request.images, pixels, strict=True)
-        ]
+    def decode(self, request: InspectRequest, references: References) -> list[np.ndarray]:
+        """The request's images as decoded (full size), each checked against the profile's size at working size."""
+        images = [load_image(upload.data, name=upload.name) for upload in request.images]
+        for upload, image in zip(request.images, images, strict=True):
+            check_size(upload.name, working_image(image), references.memory.image_size)
+        return images
+
+    def inspect_decoded(
+        self, references: References, requests: Sequence[InspectRequest], decoded: dict[int, list[np.ndarray]]
+    ) -> dict[int, list[Inspection]]:
+        """Every decoded image through Inspector.inspect_many (batched backbone passes), one call per sensitivity
+        (one for the whole batch unless requests ask for different ones); the inspections per request."""
+        found: dict[int, list[Inspection]] = {}
+        for sensitivity in dict.fromkeys(requests[index].sensitivity for index in decoded):
+            members = [index for index in decoded if requests[index].sensitivity == sensitivity]
+            images = [image for index in members for image in decoded[index]]
+            names = [upload.name for index in members for upload in requests[index].images]
+            results = iter(self.inspector.inspect_many(images, references, sources=names, sensitivity=sensitivity))
+            for index in members:
+                found[index] = [next(results) for _ in decoded[index]]
+        return found
+
+    def record(
+        self, row: ProfileRow, request: InspectRequest, images: list[np.ndarray], inspections: list[Inspection]
+    ) -> list[dict[str, Any]]:
+        """The request's rows, committed together after every file they name exists; their JSON."""
         rows = [
-            self.inspection_row(row, upload, image, inspection, request)
-            for upload, image, inspection in zip(request.images, pixels, inspections, strict=True)
+            self.inspection_row(row, upload, working_image(image), inspection, request)
+            for upload, image, inspection in zip(request.images, images, inspections, strict=True)
         ]
-        self.audit.add(rows)  # after every file the rows name exists
+        self.audit.add(rows)
         return [inspection_json(r) for r in rows]
 
     def inspection_row(
