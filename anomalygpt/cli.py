@@ -75,6 +75,16 @@ class UsageError(ValueError):
 
 
 @dataclass(frozen=True)
+class RaySettings:
+    """Where and how wide `--engine ray` runs."""
+
+    address: str | None = None  # None: start a local Ray instance; "auto" or "ray://host:port": a running cluster
+    actors: int | None = None  # None: one per GPU of the cluster, else one per CPU slot
+    cpus: float = 1.0  # per actor
+    gpus: float | None = None  # per actor; None: 1 when the cluster has GPUs, else 0
+
+
+@dataclass(frozen=True)
 class DetectOptions:
     queries: list[str]  # files and folders, as typed
     refs: list[str]
@@ -87,6 +97,8 @@ class DetectOptions:
     overwrite: bool  # replace output files already in --out (never an input image)
     device: str | None = None  # --device: overrides the preset's; None: the preset's (the profile's own)
     batch_size: int | None = None  # images per backbone pass with references; None: the inspector's default
+    engine: str = "local"  # "ray": the same inspection as Ray Data actors (anomalygpt.engine_ray)
+    ray: RaySettings = RaySettings()
 
 
 @dataclass(frozen=True)
@@ -191,6 +203,37 @@ def add_detect_parser(verbs: Any) -> None:
         default=None,
         help="images per backbone pass when inspecting against references (default 16)",
     )
+    add_engine_arguments(detect, "with --profile and --out; the same records, resumable: a re-run skips images done")
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser, ray_use: str) -> None:
+    """--engine and the Ray options, shared by detect and eval."""
+    parser.add_argument(
+        "--engine",
+        choices=("local", "ray"),
+        default="local",
+        help=f"local (default) or ray: Ray Data actors, {ray_use}",
+    )
+    parser.add_argument(
+        "--ray-address",
+        default=None,
+        help="Ray cluster to run on: auto (the one 'ray start' made on this machine) or ray://HOST:10001; "
+        "default: start a local instance",
+    )
+    parser.add_argument(
+        "--ray-actors",
+        type=int,
+        default=None,
+        help="actors, each holding the models once (default: one per GPU, else one per CPU slot)",
+    )
+    parser.add_argument("--ray-cpus", type=float, default=1.0, help="CPUs per actor (default 1)")
+    parser.add_argument(
+        "--ray-gpus", type=float, default=None, help="GPUs per actor (default: 1 when the cluster has GPUs, else 0)"
+    )
+
+
+def ray_settings(args: argparse.Namespace) -> RaySettings:
+    return RaySettings(args.ray_address, args.ray_actors, float(args.ray_cpus), args.ray_gpus)
 
 
 def add_fit_parser(verbs: Any) -> None:
@@ -299,11 +342,17 @@ def detect_options(args: argparse.Namespace) -> DetectOptions:
         overwrite=bool(args.overwrite),
         device=args.device,
         batch_size=args.batch_size,
+        engine=args.engine,
+        ray=ray_settings(args),
     )
 
 
 def run_detect(options: DetectOptions) -> int:
     """`anomalygpt detect`: check and load everything, then inspect, print and write the results."""
+    if options.engine == "ray":
+        from anomalygpt.engine_ray import run_detect as run_ray_detect
+
+        return run_ray_detect(options)
     try:
         job = prepare_detect(options)
     except (ValueError, OSError) as error:  # Image-, Inspection-, Config-, UsageError; WeightsError is an OSError
@@ -538,8 +587,9 @@ def inspect_all(job: DetectJob, options: DetectOptions) -> list[dict[str, Any]]:
             )
         if options.out is not None:
             from anomalygpt.inspection import working_image  # imported already by the inspector
+            from anomalygpt.profile import file_sha256
 
-            write_outputs(options.out, stem, working_image(image), inspection)  # the map's size
+            write_outputs(options.out, stem, working_image(image), inspection, file_sha256(path))  # the map's size
         records.append(inspection.to_dict())
     if options.out is not None:
         write_json_atomic(options.out / f"{SUMMARY_STEM}.json", summary(job, options, records))
@@ -550,23 +600,36 @@ def output_files(stem: str) -> dict[str, str]:
     return {"inspection": f"{stem}.json", "overlay": f"{stem}_overlay.png", "anomaly_map": f"{stem}_map.npy"}
 
 
-def write_outputs(out: Path, stem: str, image: np.ndarray, inspection: Inspection) -> None:
-    """<stem>.json, <stem>_overlay.png and <stem>_map.npy, each written atomically."""
+def write_outputs(
+    out: Path, stem: str, image: np.ndarray, inspection: Inspection, source_sha256: str | None = None
+) -> dict[str, Any]:
+    """<stem>_map.npy, <stem>_overlay.png, then <stem>.json (the record, with the file's sha256 when given), each
+    written atomically: a record on disk means the image's files are complete. Returns the record."""
     from anomalygpt.visualize import save_overlay
 
     files = output_files(stem)
     if inspection.anomaly_map is not None:
         write_npy_atomic(out / files["anomaly_map"], inspection.anomaly_map)
         save_overlay(out / files["overlay"], image, inspection)
-    write_json_atomic(out / files["inspection"], inspection.to_dict())
+    record = inspection.to_dict() | ({} if source_sha256 is None else {"source_sha256": source_sha256})
+    write_json_atomic(out / files["inspection"], record)
+    return record
 
 
 def summary(job: DetectJob, options: DetectOptions, records: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    images = [
-        {key: record[key] for key in ("source", "verdict", "score", "threshold", "margin")}
-        | {"n_regions": len(record["regions"]), "files": output_files(stem)}
-        for record, stem in zip(records, job.stems, strict=True)
-    ]
+    images = [summary_image(record, stem) for record, stem in zip(records, job.stems, strict=True)]
+    return summary_of(job, options, images)
+
+
+def summary_image(record: dict[str, Any], stem: str) -> dict[str, Any]:
+    """One image's entry in summary.json."""
+    return {key: record[key] for key in ("source", "verdict", "score", "threshold", "margin")} | {
+        "n_regions": len(record["regions"]),
+        "files": output_files(stem),
+    }
+
+
+def summary_of(job: DetectJob, options: DetectOptions, images: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return {
         "preset": job.preset.name,
         "class_name": options.class_name,
@@ -574,9 +637,9 @@ def summary(job: DetectJob, options: DetectOptions, records: Sequence[dict[str, 
         "profile": None if job.profile is None else str(job.profile),
         "references": list(job.references.names) if job.references else [],
         "reference_warnings": list(job.references.warnings) if job.references else [],
-        "n_images": len(records),
-        "n_anomalous": sum(record["is_anomalous"] for record in records),
-        "images": images,
+        "n_images": len(images),
+        "n_anomalous": sum(image["verdict"] == "anomalous" for image in images),
+        "images": list(images),
     }
 
 

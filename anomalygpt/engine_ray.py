@@ -1,0 +1,393 @@
+"""`--engine ray`: the same inspection as Ray Data `map_batches` over a Ray cluster, for archive-scale jobs.
+
+A class-based UDF makes the actors: each loads the profile's inspector and references once and inspects batches
+of paths with `Inspector.inspect_many`, writing every image's files with the CLI's own `write_outputs`, so the
+records are the single-process path's. The record (`<stem>.json`, written last and atomically) carries the
+file's sha256: a re-run of the same job (same profile file, preset, class name and sensitivity, as kept in
+summary.json from the start) reuses every record whose source and sha256 match, and inspects the rest. Actors
+read the images and write --out themselves: on a cluster, both must be on storage every node mounts at the same
+path, and every node needs the package and its weights. A file that cannot be inspected (corrupt, another size)
+fails alone; the others are written, and the summary lists the failures.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import socket
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from tqdm import tqdm
+
+from anomalygpt.cli import (
+    PROG,
+    SUMMARY_STEM,
+    DetectJob,
+    DetectOptions,
+    RaySettings,
+    UsageError,
+    check_out_dir,
+    check_outputs,
+    check_sensitivity,
+    fail,
+    output_files,
+    output_stems,
+    summary_image,
+    summary_of,
+    unique_paths,
+)
+from anomalygpt.io import ImageError, list_images, load_image, safe_text, write_json_atomic
+
+if TYPE_CHECKING:
+    from anomalygpt.inspection import Inspector, References
+
+ENGINE = "ray"
+JOB_KEYS = ("engine", "profile_sha256", "preset", "class_name", "sensitivity")  # a resumable summary agrees on these
+BATCH_SIZE = 16  # images per UDF call: one inspect_many batch
+SHOWN_FAILURES = 10  # failed images named on stderr; summary.json lists them all
+PROBE_SECONDS = 5.0  # a cluster's address must accept a connection this fast
+INSTALL_HINT = "install it with: pip install 'anomalygpt[ray]'"
+
+
+@dataclass(frozen=True)
+class ActorJob:
+    """What every actor needs; plain values, shipped to the actors by Ray."""
+
+    profile: str  # absolute path of the profile file
+    preset: str | None  # --preset, which must agree with the profile's; None: the profile's own
+    class_name: str | None
+    sensitivity: float
+    out: str  # absolute path of --out
+    reuse: bool  # False with --overwrite: every image is inspected again
+    cpus: float  # per actor: torch's thread count
+
+
+@dataclass(frozen=True)
+class Outcome:
+    index: int  # the image's position in the job
+    status: str  # "inspected", "reused" or "failed"
+    detail: str  # JSON of its summary.json entry, or the error (failed)
+
+
+class InspectActor:
+    """A Ray Data callable class: the models and the profile loaded once per actor, batches of rows inspected."""
+
+    def __init__(self, job: ActorJob) -> None:
+        import torch
+
+        from anomalygpt.config import load_preset
+        from anomalygpt.profile import open_profile
+
+        torch.set_num_threads(max(1, int(job.cpus)))
+        self.job = job
+        self.out = Path(job.out)
+        self.inspector, self.references = open_profile(job.profile, load_preset(job.preset) if job.preset else None)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[Any]]:
+        columns = (batch["index"], batch["path"], batch["source"], batch["stem"])
+        rows = [Row(int(i), str(p), str(s), str(t)) for i, p, s, t in zip(*columns, strict=True)]
+        outcomes = inspect_rows(self.inspector, self.references, self.job, self.out, rows)
+        return {
+            "index": [outcome.index for outcome in outcomes],
+            "status": [outcome.status for outcome in outcomes],
+            "detail": [outcome.detail for outcome in outcomes],
+        }
+
+
+@dataclass(frozen=True)
+class Row:
+    index: int
+    path: str  # absolute: actors may run in another folder or on another machine
+    source: str  # the path as typed, what the record's "source" says
+    stem: str
+
+
+def inspect_rows(
+    inspector: Inspector, references: References, job: ActorJob, out: Path, rows: Sequence[Row]
+) -> list[Outcome]:
+    """Reuse the rows whose complete record matches the file, inspect the others in one batch, write their files."""
+    from anomalygpt.cli import write_outputs
+    from anomalygpt.inspection import check_query_size, working_image
+
+    outcomes, ready, images, hashes = [], [], [], []
+    for row in rows:
+        try:
+            data = Path(row.path).read_bytes()
+        except OSError as error:
+            outcomes.append(Outcome(row.index, "failed", f"{row.source}: cannot read ({error.strerror})"))
+            continue
+        sha256 = hashlib.sha256(data).hexdigest()
+        entry = reusable_entry(out, row, sha256) if job.reuse else None
+        if entry is not None:
+            outcomes.append(Outcome(row.index, "reused", json.dumps(entry)))
+            continue
+        try:
+            image = load_image(data, name=row.source)  # (H, W, 3) uint8
+            check_query_size(working_image(image), references, row.source)
+        except ValueError as error:  # ImageError, InspectionError
+            outcomes.append(Outcome(row.index, "failed", str(error)))
+            continue
+        ready.append(row)
+        images.append(image)
+        hashes.append(sha256)
+    inspections = inspector.inspect_many(
+        images, references, job.class_name, [row.source for row in ready], job.sensitivity, batch_size=len(images) or 1
+    )
+    for row, image, sha256, inspection in zip(ready, images, hashes, inspections, strict=True):
+        record = write_outputs(out, row.stem, working_image(image), inspection, sha256)
+        outcomes.append(Outcome(row.index, "inspected", json.dumps(summary_image(record, row.stem))))
+    return outcomes
+
+
+def reusable_entry(out: Path, row: Row, sha256: str) -> dict[str, Any] | None:
+    """The summary entry of a complete record of this very file from an earlier run of the job; None otherwise."""
+    files = output_files(row.stem)
+    try:
+        record = json.loads((out / files["inspection"]).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or record.get("source") != row.source or record.get("source_sha256") != sha256:
+        return None
+    if not all((out / name).is_file() for name in files.values()):
+        return None
+    return summary_image(record, row.stem)
+
+
+@dataclass
+class RayDetect:
+    """The checked job: what the driver needs to run it and to write summary.json."""
+
+    job: DetectJob
+    actor_job: ActorJob
+    key: dict[str, Any]  # JOB_KEYS' values
+    resumed: bool  # --out holds an earlier run of this job
+
+
+def run_detect(options: DetectOptions) -> int:
+    """`anomalygpt detect --engine ray`: check everything, connect, inspect on the actors, write summary.json."""
+    try:
+        plan = prepare(options)
+        started = connect(options.ray.address)
+    except (ValueError, OSError) as error:
+        return fail("detect", error)
+    path = Path(plan.actor_job.out) / f"{SUMMARY_STEM}.json"
+    try:
+        write_json_atomic(path, job_summary(plan, options, [], []))  # the job's key, before any record
+        outcomes = run_actors(plan, options.ray)
+        images, failed = split_outcomes(plan.job.queries, outcomes)
+        write_json_atomic(path, job_summary(plan, options, images, failed))
+    except (ImageError, OSError) as error:
+        return fail("detect", error, code=1)
+    finally:
+        if started:
+            shutdown()
+    return report(outcomes, images, failed, path)
+
+
+def prepare(options: DetectOptions) -> RayDetect:
+    """Every check the driver can make before Ray starts: options, inputs, the profile, --out and its resumability."""
+    ray_module()
+    if options.profile is None or options.refs:
+        raise UsageError("--engine ray: needs --profile (fit one with 'anomalygpt fit') and no --ref")
+    if options.out is None:
+        raise UsageError("--engine ray: needs --out, the folder the actors write the records to")
+    if options.as_json:
+        raise UsageError("--json: not with --engine ray; the records are written to --out")
+    check_ray_settings(options.ray)
+    check_sensitivity(options.sensitivity)
+    check_out_dir(options.out)
+    if not options.profile.is_file():
+        raise UsageError(f"{options.profile}: --profile file not found")
+    queries = unique_paths(list_images(options.queries))
+    stems = output_stems(queries)
+    from anomalygpt.config import load_preset  # imports torch: after the instant checks
+    from anomalygpt.profile import file_sha256, open_profile
+
+    inspector, references = open_profile(options.profile, load_preset(options.preset) if options.preset else None)
+    key = {
+        "engine": ENGINE,
+        "profile_sha256": file_sha256(options.profile),
+        "preset": inspector.preset.name,
+        "class_name": options.class_name,
+        "sensitivity": options.sensitivity,
+    }
+    resumed = not options.overwrite and earlier_run(options.out, key)
+    check_outputs(options.out, stems, queries, options.overwrite or resumed)
+    job = DetectJob(inspector.preset, inspector, references, [], queries, stems, options.profile)
+    actor_job = ActorJob(
+        str(options.profile.resolve()),
+        options.preset,
+        options.class_name,
+        options.sensitivity,
+        str(options.out.resolve()),
+        not options.overwrite,
+        options.ray.cpus,
+    )
+    return RayDetect(job, actor_job, key, resumed)
+
+
+def check_ray_settings(settings: RaySettings) -> None:
+    if settings.actors is not None and settings.actors < 1:
+        raise UsageError(f"--ray-actors: must be at least 1, got {settings.actors}")
+    if not (math.isfinite(settings.cpus) and settings.cpus > 0):
+        raise UsageError(f"--ray-cpus: must be a number above 0, got {settings.cpus:g}")
+    if settings.gpus is not None and not (math.isfinite(settings.gpus) and settings.gpus >= 0):
+        raise UsageError(f"--ray-gpus: must be a number from 0 up, got {settings.gpus:g}")
+
+
+def earlier_run(out: Path, key: dict[str, Any]) -> bool:
+    """True when --out/summary.json is an earlier Ray run of this job; UsageError when it is another job's."""
+    path = out / f"{SUMMARY_STEM}.json"
+    if not path.is_file():
+        return False
+    try:
+        previous = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        previous = None
+    if isinstance(previous, dict) and all(previous.get(name) == key[name] for name in JOB_KEYS):
+        return True
+    differ = [name for name in JOB_KEYS if not isinstance(previous, dict) or previous.get(name) != key[name]]
+    raise UsageError(
+        f"{path}: --out holds the results of another job ({', '.join(differ)} differ); pass --overwrite to replace "
+        "them, or choose another --out"
+    )
+
+
+def ray_module() -> Any:
+    """The ray package, imported now; UsageError when it is not installed."""
+    try:
+        import ray
+        import ray.data
+    except ImportError as error:
+        raise UsageError(
+            f"--engine ray: needs the Python package ray, which is not installed; {INSTALL_HINT}"
+        ) from error
+    return ray
+
+
+def connect(address: str | None) -> bool:
+    """Join the cluster at address (None: start a local instance); True when this call started Ray. A process
+    already connected (a test, a notebook) keeps its connection when no address is given."""
+    ray = ray_module()
+    started = not (address is None and ray.is_initialized())
+    if started:
+        probe(address)
+        try:
+            ray.init(address=address or "local", include_dashboard=False, log_to_driver=False, logging_level="warning")
+        except (ConnectionError, RuntimeError, ValueError, TimeoutError) as error:
+            where = address or "a new local instance"
+            raise UsageError(
+                f"--ray-address: cannot reach a Ray cluster at {where} ({one_line_error(error)})"
+            ) from error
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False  # ours counts images; Ray's count blocks per operator
+    context.print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    return started
+
+
+def probe(address: str | None) -> None:
+    """UsageError at once when a HOST:PORT address refuses connections or does not resolve; Ray itself retries
+    such an address for 30 s or more before it gives up."""
+    if address is None or address in ("auto", "local"):
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise UsageError(f"--ray-address: {address!r} is not auto, local, HOST:PORT or ray://HOST:PORT")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=PROBE_SECONDS).close()
+    except OSError as error:
+        problem = error.strerror or type(error).__name__
+        raise UsageError(f"--ray-address: cannot reach a Ray cluster at {address} ({problem})") from error
+
+
+def shutdown() -> None:
+    ray_module().shutdown()
+
+
+def one_line_error(error: BaseException) -> str:
+    return " ".join(str(error).split())[:300]
+
+
+def actor_shape(settings: RaySettings) -> tuple[int, float, float]:
+    """(actors, CPUs and GPUs per actor): by default one actor per GPU of the cluster, else one per CPU slot."""
+    resources = ray_module().cluster_resources()
+    n_gpus, n_cpus = float(resources.get("GPU", 0.0)), float(resources.get("CPU", 1.0))
+    gpus = settings.gpus if settings.gpus is not None else (1.0 if n_gpus >= 1 else 0.0)
+    slots = n_gpus / gpus if gpus > 0 else n_cpus / settings.cpus
+    actors = settings.actors if settings.actors is not None else max(1, int(slots))
+    return actors, settings.cpus, gpus
+
+
+def run_actors(plan: RayDetect, settings: RaySettings) -> list[Outcome]:
+    """Every query through the actor pool; a progress bar on an interactive stderr counts images."""
+    ray = ray_module()
+    queries, stems = plan.job.queries, plan.job.stems
+    items = [
+        {"index": i, "path": str(path.resolve()), "source": str(path), "stem": stem}
+        for i, (path, stem) in enumerate(zip(queries, stems, strict=True))
+    ]
+    actors, cpus, gpus = actor_shape(settings)
+    n_blocks = min(len(items), max(actors, math.ceil(len(items) / BATCH_SIZE)))  # every actor gets work
+    actors = min(actors, n_blocks)
+    dataset = ray.data.from_items(items, override_num_blocks=n_blocks)
+    results = dataset.map_batches(
+        InspectActor,
+        fn_constructor_kwargs={"job": plan.actor_job},
+        batch_size=BATCH_SIZE,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        num_cpus=cpus,
+        num_gpus=gpus,
+    )
+    outcomes = []
+    desc, show = f"inspecting on {actors} ray actors", sys.stderr.isatty()  # as the local path: a terminal only
+    with tqdm(total=len(items), desc=desc, unit="image", file=sys.stderr, disable=not show) as bar:
+        for batch in results.iter_batches(batch_size=None, batch_format="numpy"):
+            outcomes += [
+                Outcome(int(i), str(s), str(d))
+                for i, s, d in zip(batch["index"], batch["status"], batch["detail"], strict=True)
+            ]
+            bar.update(len(batch["index"]))
+    return sorted(outcomes, key=lambda outcome: outcome.index)
+
+
+def split_outcomes(
+    queries: Sequence[Path], outcomes: Sequence[Outcome]
+) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+    """summary.json's entries of the images with a record, in query order, and the failures."""
+    images = [json.loads(o.detail) for o in outcomes if o.status != "failed"]
+    failed = [{"source": str(queries[o.index]), "error": o.detail} for o in outcomes if o.status == "failed"]
+    return images, failed
+
+
+def job_summary(
+    plan: RayDetect, options: DetectOptions, images: Sequence[dict[str, Any]], failed: Sequence[dict[str, str]]
+) -> dict[str, Any]:
+    """The CLI's summary plus the job's key, the failures and whether every image has its record."""
+    complete = len(images) == len(plan.job.queries)
+    return summary_of(plan.job, options, images) | plan.key | {"complete": complete, "failed": list(failed)}
+
+
+def report(
+    outcomes: Sequence[Outcome], images: Sequence[dict[str, Any]], failed: Sequence[dict[str, str]], path: Path
+) -> int:
+    """One line on stdout; each failure (the first SHOWN_FAILURES) on stderr; exit code 1 when any image failed."""
+    for failure in failed[:SHOWN_FAILURES]:
+        print(f"{PROG} detect: error: {safe_text(failure['error'])}", file=sys.stderr)
+    if len(failed) > SHOWN_FAILURES:
+        print(f"{PROG} detect: error: {len(failed) - SHOWN_FAILURES} more images failed", file=sys.stderr)
+    counts = {status: sum(o.status == status for o in outcomes) for status in ("inspected", "reused", "failed")}
+    n_anomalous = sum(image["verdict"] == "anomalous" for image in images)
+    print(
+        f"{len(outcomes)} images: {counts['inspected']} inspected, {counts['reused']} reused from an earlier run, "
+        f"{counts['failed']} failed; {n_anomalous} anomalous; summary: {safe_text(path)}"
+    )
+    return 1 if failed else 0

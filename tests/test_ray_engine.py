@@ -1,0 +1,194 @@
+"""`anomalygpt detect --engine ray` on a local Ray instance: the single-process path's records, resumable."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import skimage.data
+from PIL import Image
+
+from anomalygpt.cli import main
+
+ray = pytest.importorskip("ray", reason="the ray extra is not installed (pip install 'anomalygpt[ray]')")
+
+SIDE = 128
+REFERENCE_CROPS = ((0, 0), (0, 256), (256, 0))  # (row, col) of skimage's 512x512 grass texture
+QUERY_CROPS = ((384, 384), (200, 300), (300, 100), (100, 350), (384, 0), (50, 150), (250, 250), (150, 50))
+BLOB_CENTRE, BLOB_RADIUS, BLOB_GREY = (40, 80), 14, 20  # drawn into every other query
+VOLATILE = ("timings_ms",)  # what may differ between two runs of one inspection
+# Batches of other sizes (the actors inspect several images per backbone pass) move float32 sums in the last bits.
+TOLERANCE = 1e-5
+
+
+def crop(row: int, col: int) -> np.ndarray:
+    return np.ascontiguousarray(skimage.data.grass()[row : row + SIDE, col : col + SIDE])
+
+
+def save(path: Path, pixels: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def run(argv: list[str]) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(argv)
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def scene(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A profile fitted on 3 grass crops and 8 queries, half with a dark blob."""
+    root = tmp_path_factory.mktemp("ray")
+    for index, (row, col) in enumerate(REFERENCE_CROPS):
+        save(root / "refs" / f"ref{index}.png", crop(row, col))
+    for index, (row, col) in enumerate(QUERY_CROPS):
+        pixels = crop(row, col)
+        if index % 2:
+            cv2.circle(pixels, BLOB_CENTRE, BLOB_RADIUS, BLOB_GREY, thickness=-1)
+        save(root / "queries" / f"q{index}.png", pixels)
+    preset = root / "preset.json"
+    preset.write_text(
+        json.dumps(
+            {"name": "t", "backbone": {"name": "efficientnet-lite0", "image_size": SIDE}, "memory": {"augment": False}}
+        )
+    )
+    profile = root / "grass.profile"
+    code, _, stderr = run(["fit", str(root / "refs"), "--preset", str(preset), "--out", str(profile)])
+    assert code == 0, stderr
+    return {"root": root, "queries": root / "queries", "profile": profile}
+
+
+@pytest.fixture(scope="module")
+def local_ray() -> object:
+    """One local Ray instance for the module; the CLI joins it (no address given) instead of starting its own."""
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="warning")
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def local_out(scene: dict[str, Path]) -> Path:
+    out = scene["root"] / "local"
+    code, _, stderr = run(["detect", str(scene["queries"]), "--profile", str(scene["profile"]), "--out", str(out)])
+    assert code == 0, stderr
+    return out
+
+
+def stable(record: dict[str, object]) -> dict[str, object]:
+    return {key: value for key, value in record.items() if key not in VOLATILE}
+
+
+def assert_same(found: object, expected: object, where: str = "") -> None:
+    """Equal JSON values, floats within TOLERANCE (relative and absolute)."""
+    if isinstance(expected, float):
+        assert found == pytest.approx(expected, rel=TOLERANCE, abs=TOLERANCE), where
+    elif isinstance(expected, dict):
+        assert isinstance(found, dict) and found.keys() == expected.keys(), where
+        for key, value in expected.items():
+            assert_same(found[key], value, f"{where}.{key}")
+    elif isinstance(expected, list):
+        assert isinstance(found, list) and len(found) == len(expected), where
+        for index, (item, value) in enumerate(zip(found, expected, strict=True)):
+            assert_same(item, value, f"{where}[{index}]")
+    else:
+        assert found == expected, where
+
+
+def records(out: Path) -> dict[str, dict[str, object]]:
+    return {path.stem: json.loads(path.read_text()) for path in sorted(out.glob("q*.json"))}
+
+
+def test_ray_writes_the_single_process_records(scene: dict[str, Path], local_out: Path, local_ray: object) -> None:
+    out = scene["root"] / "ray"
+    code, stdout, stderr = run(
+        ["detect", str(scene["queries"]), "--profile", str(scene["profile"]), "--out", str(out), "--engine", "ray"]
+    )
+    assert code == 0, stderr
+    assert "8 images: 8 inspected, 0 reused from an earlier run, 0 failed; 4 anomalous" in stdout
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in local_out.iterdir())
+    expected, found = records(local_out), records(out)
+    assert len(found) == 8 and {stable(r)["verdict"] for r in found.values()} == {"normal", "anomalous"}
+    for stem, record in expected.items():
+        assert_same(stable(found[stem]), stable(record), stem)
+        found_map, expected_map = np.load(out / f"{stem}_map.npy"), np.load(local_out / f"{stem}_map.npy")
+        assert found_map.shape == expected_map.shape and np.allclose(found_map, expected_map, atol=TOLERANCE)
+    local_summary = json.loads((local_out / "summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())
+    assert_same(summary["images"], local_summary["images"], "summary")
+    assert summary["n_anomalous"] == local_summary["n_anomalous"] == 4
+    assert summary["complete"] is True and summary["failed"] == [] and summary["engine"] == "ray"
+
+
+def test_a_failed_image_is_retried_alone_and_done_ones_are_reused(
+    scene: dict[str, Path], local_out: Path, local_ray: object
+) -> None:
+    queries = scene["root"] / "resume_queries"
+    shutil.copytree(scene["queries"], queries)
+    broken = queries / "q5.png"
+    broken.write_bytes(broken.read_bytes()[:300])  # truncated: fails to decode
+    out = scene["root"] / "resume"
+    argv = ["detect", str(queries), "--profile", str(scene["profile"]), "--out", str(out), "--engine", "ray"]
+    argv += ["--ray-actors", "1"]  # one actor starts faster than two on 2 cores
+    code, stdout, stderr = run(argv)
+    assert code == 1 and stderr.startswith(f"anomalygpt detect: error: {broken}: ") and len(stderr.splitlines()) == 1
+    assert "7 inspected, 0 reused from an earlier run, 1 failed" in stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["complete"] is False and [f["source"] for f in summary["failed"]] == [str(broken)]
+    assert not (out / "q5.json").exists() and len(records(out)) == 7
+    first = {path.name: path.stat().st_mtime_ns for path in out.iterdir() if path.name != "summary.json"}
+
+    shutil.copy(scene["queries"] / "q5.png", broken)  # repaired
+    code, stdout, stderr = run(argv)
+    assert code == 0, stderr
+    assert "8 images: 1 inspected, 7 reused from an earlier run, 0 failed; 4 anomalous" in stdout
+    assert {name: (out / name).stat().st_mtime_ns for name in first} == first  # done images were not rewritten
+    expected = records(local_out)
+    for stem, record in records(out).items():
+        assert_same(stable(record) | {"source": None}, stable(expected[stem]) | {"source": None}, stem)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["complete"] is True and summary["n_images"] == 8 and summary["failed"] == []
+
+
+def test_another_jobs_out_folder_is_refused_untouched(scene: dict[str, Path], local_out: Path) -> None:
+    before = {path.name: path.read_bytes() for path in local_out.iterdir()}
+    argv = ["detect", str(scene["queries"]), "--profile", str(scene["profile"]), "--out", str(local_out)]
+    code, _, stderr = run([*argv, "--engine", "ray"])
+    assert code == 2 and len(stderr.splitlines()) == 1
+    assert stderr.startswith(f"anomalygpt detect: error: {local_out / 'summary.json'}: --out holds the results of ")
+    assert {path.name: path.read_bytes() for path in local_out.iterdir()} == before
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ([], "--engine ray: needs --profile"),
+        (["--profile", "p.profile", "--json"], "--json: not with --engine ray"),
+        (["--profile", "p.profile", "--ray-actors", "0"], "--ray-actors: must be at least 1"),
+    ],
+)
+def test_bad_ray_options_are_one_line_errors(
+    scene: dict[str, Path], tmp_path: Path, extra: list[str], message: str
+) -> None:
+    argv = ["detect", str(scene["queries"]), "--out", str(tmp_path / "out"), "--engine", "ray", *extra]
+    code, stdout, stderr = run(argv)
+    assert (code, stdout) == (2, "") and stderr.startswith(f"anomalygpt detect: error: {message}")
+    assert len(stderr.splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("address", ["ray://127.0.0.1:1", "127.0.0.1:1", "nowhere.invalid:6379"])
+def test_an_unreachable_cluster_is_a_one_line_error(scene: dict[str, Path], tmp_path: Path, address: str) -> None:
+    out = tmp_path / "out"
+    argv = ["detect", str(scene["queries"]), "--profile", str(scene["profile"]), "--out", str(out)]
+    code, stdout, stderr = run([*argv, "--engine", "ray", "--ray-address", address])
+    assert (code, stdout) == (2, "") and len(stderr.splitlines()) == 1
+    assert stderr.startswith(f"anomalygpt detect: error: --ray-address: cannot reach a Ray cluster at {address} (")
+    assert not out.exists()
