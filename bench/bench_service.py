@@ -91,7 +91,7 @@ class Server:
     def start(self) -> float:
         """Start it and wait for /healthz; returns the seconds from launch to the first answer."""
         self.port = free_port()
-        log = self.folder.parent / f"serve-{len(self.log)}.log"
+        log = self.folder.parent / f"serve-{self.port}-{len(self.log)}.log"  # replicas share a folder
         self.log.append(log)
         command = [ANOMALYGPT, "serve", "--port", str(self.port), "--profiles", str(self.folder)]
         command += ["--batch-wait-ms", f"{self.wait_ms:g}", "--answerer", "grounded", *self.options]
@@ -122,8 +122,9 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.kill()
 
-    def metrics(self) -> str:
-        return httpx.get(f"{self.url}/metrics", timeout=30).text
+    def metrics(self, key: str | None = None) -> str:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return httpx.get(f"{self.url}/metrics", timeout=30, headers=headers).text
 
 
 def free_port() -> int:
@@ -326,7 +327,7 @@ def bench_load(cfg: BenchConfig, references: list[Path], queries: list[Path], wo
         "rows": rows,
         "server_5xx": errors_5xx,
         "audit": audit_check(folder, acknowledged),
-        "cli": cli_baseline(references, queries, cfg.cli_calls, work),
+        "cli": cli_baseline(references, queries, cfg.cli_calls, work) if cfg.cli_calls else None,
     }
 
 
@@ -409,12 +410,14 @@ def load_table(load: dict[str, Any]) -> str:
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     lines += [row_line(row) for row in load["rows"]]
-    cli = load["cli"]
+    cli = load["cli"] or {"detect_ref_s": [], "detect_profile_s": [], "fit_s": "-"}
     for name, key in (
         ("CLI detect --ref (1 process/image)", "detect_ref_s"),
         ("CLI detect --profile", "detect_profile_s"),
     ):
         seconds = cli[key]
+        if not seconds:  # --cli-calls 0
+            continue
         mean = sum(seconds) / len(seconds)
         lines.append(f"| {name} | {1 / mean:.3f} | {float(np.median(seconds)):.2f} | - | - | {len(seconds)} / 0 | - |")
     audit = load["audit"]
@@ -454,7 +457,7 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
     parser.add_argument("--parts", default="load,crash", help="comma-separated: load, crash")
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=120.0, help="posting time of each load row")
-    parser.add_argument("--cli-calls", type=int, default=3)
+    parser.add_argument("--cli-calls", type=int, default=3, help="0: no CLI baseline")
     parser.add_argument("--crash-clients", type=int, default=8)
     parser.add_argument("--kills", type=int, default=3)
     parser.add_argument("--kill-after", type=float, default=10.0, help="seconds of load before each kill -9")

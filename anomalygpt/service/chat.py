@@ -37,13 +37,16 @@ class ImageMissing(LookupError):
 
 def build_answerer(name: str, inspector: Inspector) -> Answerer:
     """The named answerer over the service's Inspector; ValueError for an unknown name or an LLM that cannot load."""
-    from chat.answerers import GroundedAnswerer, load_answerer
+    from chat.answerers import AnswererError, GroundedAnswerer, load_answerer
 
     if name == "grounded":
         return GroundedAnswerer(inspector.preset.assistant.defect_types)
-    if name == "llm":
-        return load_answerer(inspector.preset, "assistant", inspector)  # AnswererError (ValueError) when it fails
-    raise ValueError(f"--answerer: unknown {name!r}; known: {', '.join(ANSWERERS)}")
+    if name != "llm":
+        raise ValueError(f"--answerer: unknown {name!r}; known: {', '.join(ANSWERERS)}")
+    try:
+        return load_answerer(inspector.preset, "assistant", inspector)
+    except AnswererError as error:
+        raise ValueError(f"--answerer llm: {error} (--answerer grounded answers without a language model)") from error
 
 
 def stored_inspection(row: InspectionRow, blobs: BlobStore) -> tuple[Inspection, np.ndarray]:
