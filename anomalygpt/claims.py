@@ -349,7 +349,7 @@ def count_conflicts(text: str, inspection: Inspection) -> list[Conflict]:
 
 
 def place_count_conflict(said: str, number: int, location: str, regions: Sequence[Region]) -> list[Conflict]:
-    actual = sum(region.location == location for region in regions)
+    actual = sum(location in region.places for region in regions)
     return [] if actual == number else [Conflict("count", said, None, f"{actual} regions {location}")]
 
 
@@ -552,7 +552,7 @@ def attribute_conflicts(text: str, segment: Segment, chosen: Sequence[Region], g
     where = region_of(segment)
     claims = list(read_attributes(region_part))
     for fact, value, said, position in claims:
-        values = [attribute(region, fact) == value for region in chosen]
+        values = [has_attribute(region, fact, value) for region in chosen]
         if not holds(values, bound, negated(region_part, position)):
             out.append(Conflict(fact, said, where, truth_of(fact, chosen)))
     out += percent_conflicts(region_part, segment, chosen, grounds.inspection)
@@ -580,7 +580,13 @@ def read_attributes(text: str) -> Iterator[tuple[str, str, str, int]]:
 
 
 def attribute(region: Region, fact: str) -> str:
-    return {"location": region.location, "size": region.size, "shape": region.shape, "contrast": region.contrast}[fact]
+    """The region's word for a fact; its place phrase for location ('top left to center', 'widespread')."""
+    return {"location": region.where(), "size": region.size, "shape": region.shape, "contrast": region.contrast}[fact]
+
+
+def has_attribute(region: Region, fact: str, value: str) -> bool:
+    """Whether a statement putting `value` as the region's `fact` is true; a region is in every cell it spans."""
+    return value in region.places if fact == "location" else attribute(region, fact) == value
 
 
 def truth_of(fact: str, regions: Sequence[Region]) -> str:

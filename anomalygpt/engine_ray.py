@@ -12,12 +12,14 @@ fails alone; the others are written, and the summary lists the failures.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
 import math
 import socket
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +49,7 @@ from anomalygpt.io import ImageError, list_images, load_image, safe_text, write_
 
 if TYPE_CHECKING:
     from anomalygpt.inspection import Inspector, References
+    from eval.runner import Encoder, PatchCache
 
 ENGINE = "ray"
 JOB_KEYS = ("engine", "profile_sha256", "preset", "class_name", "sensitivity")  # a resumable summary agrees on these
@@ -200,6 +203,10 @@ def prepare(options: DetectOptions) -> RayDetect:
         raise UsageError("--engine ray: needs --out, the folder the actors write the records to")
     if options.as_json:
         raise UsageError("--json: not with --engine ray; the records are written to --out")
+    if options.device is not None:
+        raise UsageError(
+            "--device: not with --engine ray; each actor runs on the GPU Ray gives it (--ray-gpus), else its CPUs"
+        )
     check_ray_settings(options.ray)
     check_sensitivity(options.sensitivity)
     check_out_dir(options.out)
@@ -391,3 +398,105 @@ def report(
         f"{counts['failed']} failed; {n_anomalous} anomalous; summary: {safe_text(path)}"
     )
     return 1 if failed else 0
+
+
+@dataclass(frozen=True)
+class EncodeJob:
+    """What every actor of `eval --engine ray` needs: the run's preset as plain JSON and what the memory sees."""
+
+    preset: dict[str, Any]  # device "auto": the actor's Ray resources decide (CUDA_VISIBLE_DEVICES)
+    few_shot: bool  # False: raw images for the zero-shot decoder
+    cpus: float  # per actor: torch's thread count
+
+
+class EncodeActor:
+    """A Ray Data callable class for eval: the backbone loaded once per actor, one chunk of paths per call, encoded
+    exactly as eval.runner.encode_category encodes it (same chunks, same function)."""
+
+    def __init__(self, job: EncodeJob) -> None:
+        import torch
+
+        from anomalygpt.config import Preset, from_dict
+        from anomalygpt.inspection import build_inspector
+
+        torch.set_num_threads(max(1, int(job.cpus)))
+        self.inspector = build_inspector(from_dict(Preset, job.preset, where="eval --engine ray: preset"))
+        self.few_shot = job.few_shot
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from eval.runner import checked_size, encode_images
+
+        first, paths = int(batch["first"][0]), [Path(p) for p in json.loads(str(batch["paths"][0]))]
+        images = [load_image(path) for path in paths]
+        size = None
+        for image, path in zip(images, paths, strict=True):
+            size = checked_size(image.shape, path, size)
+        patches = encode_images(self.inspector, images, self.few_shot)  # per stage (B, C, h, w) float16
+        heights, widths = zip(*(image.shape[:2] for image in images), strict=True)
+        columns = {
+            "index": np.arange(first, first + len(paths)),
+            "height": np.array(heights),
+            "width": np.array(widths),
+        }
+        return columns | {f"stage{s}": part.numpy() for s, part in enumerate(patches)}
+
+
+def ray_encoder(settings: RaySettings) -> Encoder:
+    """eval.runner's category encoder, run on the cluster's actors (connect() first)."""
+    return functools.partial(encode_on_ray, settings)
+
+
+def encode_on_ray(
+    settings: RaySettings, inspector: Inspector, paths: Sequence[Path], desc: str, few_shot: bool
+) -> PatchCache:
+    """encode_category's PatchCache, its chunks of ENCODE_BATCH images encoded by the actors."""
+    import torch
+
+    from anomalygpt.profile import plain_preset
+    from eval.runner import ENCODE_BATCH, EvalError, PatchCache, checked_size
+
+    ray = ray_module()
+    start = time.perf_counter()
+    chunks = [
+        {"first": first, "paths": json.dumps([str(p.resolve()) for p in paths[first : first + ENCODE_BATCH]])}
+        for first in range(0, len(paths), ENCODE_BATCH)
+    ]
+    actors, cpus, gpus = actor_shape(settings)
+    job = EncodeJob(plain_preset(inspector.preset) | {"device": "auto"}, few_shot, cpus)
+    encoded = ray.data.from_items(chunks, override_num_blocks=len(chunks)).map_batches(
+        EncodeActor,
+        fn_constructor_kwargs={"job": job},
+        batch_size=1,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=min(actors, len(chunks))),
+        num_cpus=cpus,
+        num_gpus=gpus,
+    )
+    stages: list[torch.Tensor] = []
+    sizes = np.zeros((len(paths), 2), dtype=np.int64)
+    try:
+        with tqdm(total=len(paths), desc=desc, unit="image", leave=False, disable=None) as bar:
+            for batch in encoded.iter_batches(batch_size=None, batch_format="numpy"):
+                n_stages = sum(name.startswith("stage") for name in batch)
+                parts = [torch.tensor(batch[f"stage{s}"]) for s in range(n_stages)]  # copied: Ray's are read-only
+                if not stages:
+                    stages = [torch.empty((len(paths), *p.shape[1:]), dtype=torch.float16) for p in parts]
+                rows = torch.tensor(batch["index"])
+                for stage, part in zip(stages, parts, strict=True):
+                    stage[rows] = part
+                sizes[batch["index"]] = np.stack([batch["height"], batch["width"]], axis=1)
+                bar.update(len(rows))
+    except ray.exceptions.RayTaskError as error:  # an image that does not decode, or of another size
+        raise EvalError(actor_error(error)) from error
+    size = None
+    for path, shape in zip(paths, sizes, strict=True):
+        size = checked_size(tuple(shape), path, size)
+    assert size is not None, "encode_on_ray needs at least one image"
+    elapsed_ms = (time.perf_counter() - start) * 1000
+    return PatchCache({path: i for i, path in enumerate(paths)}, stages, size, elapsed_ms / len(paths))
+
+
+def actor_error(error: BaseException) -> str:
+    """The message of the exception an actor raised, without Ray's traceback around it."""
+    cause = error.cause if isinstance(error, ray_module().exceptions.RayTaskError) else error
+    return one_line_error(cause if cause is not None else error)

@@ -4,8 +4,9 @@ Every sentence here is built from the Inspection's own numbers (verdict, score, 
 regions), the evidence against the good references (anomalygpt.evidence) and the product's defect types, and
 nothing else. The LLM assistant's answer is prefilled with them (anomalygpt.guard), the template answerer says
 them alone, and the claim checker (anomalygpt.claims) puts them in place of any generated sentence that
-contradicts the Inspection. They name places only through regions.LOCATION_PHRASES, regions as "region N",
-areas as regions.format_pct writes them and peak scores as "peak score X", which is how the checker reads them.
+contradicts the Inspection. They name places only through Region.place() (regions.LOCATION_PHRASES), regions as
+"region N", areas as regions.format_pct writes them and peak scores as "peak score X", which is how the checker
+reads them.
 """
 
 from __future__ import annotations
@@ -159,7 +160,7 @@ def count_phrase(count: int) -> str:
 
 def region_label(region: Region) -> str:
     """'region 2 in the top right'."""
-    return f"region {region.index} {LOCATION_PHRASES[region.location]}"
+    return f"region {region.index} {region.place()}"
 
 
 def region_list(regions: Sequence[Region]) -> str:
@@ -183,7 +184,7 @@ def score_clause(inspection: Inspection) -> str:
 def region_description(region: Region) -> str:
     """'a large compact region at the bottom, darker than its surroundings, covering 34% of the image'."""
     return (
-        f"a {region.size} {region.shape} region {LOCATION_PHRASES[region.location]}, "
+        f"a {region.size} {region.shape} region {region.place()}, "
         f"{CONTRAST_WORDS[region.contrast][0]}, covering {format_pct(region.area_pct)} of the image"
     )
 
@@ -284,9 +285,9 @@ def where_answer(question: Question, grounds: Grounds) -> list[str]:
         return missing
     if question.focus is not None:
         region = focus_regions(question, regions)[0]
-        return [sentence(f"{focus_title(question, region)} is {LOCATION_PHRASES[region.location]} of the image")]
+        return [sentence(f"{focus_title(question, region)} is {region.place()}")]
     if len(regions) == 1:
-        return [sentence(f"the anomaly is {where_phrase(regions)} of the image (region 1)")]
+        return [sentence(f"the anomaly is {where_phrase(regions)} (region 1)")]
     numbered = ", ".join(region_label(region) for region in regions)
     return [sentence(f"there are {count_phrase(len(regions))}: {where_phrase(regions)}"), sentence(numbered)]
 
@@ -355,7 +356,7 @@ def size_answer(question: Question, grounds: Grounds) -> list[str]:
     if question.focus is not None or len(regions) == 1:
         region = focus_regions(question, regions)[0]
         title = focus_title(question, region) if question.focus is not None else "it"
-        place = "" if question.focus is None else f" {LOCATION_PHRASES[region.location]}"
+        place = "" if question.focus is None else f" {region.place()}"
         return [sentence(f"{title}{place} is {region.size}: it covers {format_pct(region.area_pct)} of the image")]
     total = format_pct(sum(region.area_pct for region in regions))
     return [sentence(f"together they cover {total} of the image: {size_details(regions)}")]
@@ -377,7 +378,7 @@ def confidence_answer(question: Question, grounds: Grounds) -> list[str]:
 THRESHOLD_SOURCES = {
     "few-shot": "The threshold comes from the good references alone.",
     "pool": "The threshold comes from the good references alone.",
-    "zero-shot": "With no good references, the threshold is fixed from simulated normal images.",
+    "zero-shot-text": "With no good references, the threshold is fixed from simulated normal images.",
     "zero-shot-batch": (
         "With no good references, the threshold comes from this batch's own scores, assuming most of its images "
         "are good."
@@ -534,11 +535,9 @@ def near_answer(question: Question, grounds: Grounds) -> list[str]:
     if question.place in (None, "edge"):
         return edge_answer(chosen, grounds)
     places = place_locations(str(question.place))
-    inside = [region for region in chosen if region.location in places]
+    inside = [region for region in chosen if set(region.places) & set(places)]
     if inside:
-        return [
-            sentence("yes: " + ", and ".join(f"region {r.index} is {LOCATION_PHRASES[r.location]}" for r in inside))
-        ]
+        return [sentence("yes: " + ", and ".join(f"region {r.index} is {r.place()}" for r in inside))]
     listed = join_words([LOCATION_PHRASES[word] for word in places]).replace(" and ", " or ")
     subject = "the anomalous regions are" if len(chosen) > 1 else f"region {chosen[0].index} is"
     return [sentence(f"no: no anomalous region is {listed}; {subject} {where_phrase(chosen)}")]

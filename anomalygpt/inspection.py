@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -48,7 +48,7 @@ from anomalygpt.references import (
     grey_thumbnail,
     reference_fit,
 )
-from anomalygpt.regions import Region, find_regions, regions_summary
+from anomalygpt.regions import Region, find_regions, map_cell_px, regions_summary
 from anomalygpt.text import build_text_encoder
 from anomalygpt.weights import load_into, load_module
 
@@ -79,7 +79,7 @@ class Inspection:
     confidence: str  # "low", "medium" or "high"
     pixel_threshold: float
     regions: list[Region]
-    mode: str  # "few-shot" (references) or "zero-shot"
+    mode: str  # "few-shot" or "pool" (references), "zero-shot-text" (the decoder) or "zero-shot-batch"
     n_references: int
     image_size: tuple[int, int]  # (H, W) the image was inspected at: the map, boxes and areas are in these pixels
     calibration: dict[str, Any]
@@ -93,6 +93,8 @@ class Inspection:
     # own spread), "fits" (bool), "nearest" (names of the nearest references)}; None in zero-shot mode.
     reference_fit: dict[str, Any] | None = None
     source_size: tuple[int, int] | None = None  # (H, W) of the file when it was inspected downscaled, else None
+    # Smallest region kept (px): one cell of the map's resolution, finer detail is interpolation; None: the default
+    min_region_px: int | None = None
     anomaly_map: np.ndarray | None = field(default=None, repr=False)  # (H, W) float32; saved apart, not in JSON
 
     @property
@@ -132,9 +134,15 @@ class Decision(NamedTuple):
 
 
 def decide(
-    anomaly_map: np.ndarray, image: np.ndarray, score: float, calibration: Calibration, sensitivity: float = 0.0
+    anomaly_map: np.ndarray,
+    image: np.ndarray,
+    score: float,
+    calibration: Calibration,
+    sensitivity: float = 0.0,
+    min_region_px: int | None = None,
 ) -> Decision:
-    """Verdict, margin, thresholds and regions; `sensitivity` > 0 lowers the thresholds by that many spreads.
+    """Verdict, margin, thresholds and regions (none under min_region_px, see Inspection.min_region_px);
+    `sensitivity` > 0 lowers the thresholds by that many spreads.
 
     The pixel threshold moves by the same shift and stays at or below the image threshold (an anomalous image has
     a region), but never below half its calibrated value: there good texture itself becomes regions, and below 0
@@ -147,7 +155,7 @@ def decide(
     pixel_threshold = max(min(calibration.pixel_threshold - shift, threshold), floor)
     is_anomalous = bool(score > threshold)
     margin = (score - threshold) / calibration.normal_spread
-    regions = find_regions(anomaly_map, pixel_threshold, image) if is_anomalous else []
+    regions = find_regions(anomaly_map, pixel_threshold, image, min_region_px) if is_anomalous else []
     return Decision(is_anomalous, margin, threshold, pixel_threshold, regions)
 
 
@@ -405,7 +413,7 @@ class Inspector:
         calibration = self.zero_shot_calibration()
         timings = {"inspect": (time.perf_counter() - start) * 1000}
         return self.inspection(
-            pixels, anomaly_map, Mode("zero-shot", 0, calibration), class_name, source, sensitivity, timings
+            pixels, anomaly_map, Mode("zero-shot-text", 0, calibration), class_name, source, sensitivity, timings
         )
 
     def inspect_batch(
@@ -444,12 +452,9 @@ class Inspector:
                     f"{name}: {size[1]}x{size[0]} px but {names[0]} is {sizes[0][1]}x{sizes[0][0]} px; a batch "
                     "inspected without references must be of one size"
                 )
-        maps = mutual_maps(torch.cat(feats), seed=cfg.seed, on_image=lambda: bar.update(1))
+        maps, scores = self.batch_scores(torch.cat(feats), sizes[0], on_image=lambda: bar.update(1))
         bar.close()
-        # Each full-size map is made twice, here for its score and again when yielded: keeping them all would
-        # hold N x H x W floats (16 GB for 1,000 images of 2,048 px); the small (N, h, w) maps are kept instead.
-        scores = np.array([top_mean(fuse_maps([m[None]], sizes[0], cfg.sigma)[0], cfg.top_fraction) for m in maps])
-        mode = Mode("zero-shot-batch", 0, batch_calibration(scores))
+        mode = Mode("zero-shot-batch", 0, batch_calibration(scores), self.backbone.strides[-1])  # deepest stage only
         timings = {"inspect": (time.perf_counter() - start) * 1000 / len(images)}  # the batch's time, per image
 
         def inspections() -> Iterator[Inspection]:
@@ -459,6 +464,17 @@ class Inspector:
                 yield self.inspection(pixels, anomaly_map, mode, class_name, name, sensitivity, timings)
 
         return inspections()
+
+    def batch_scores(
+        self, feats: torch.Tensor, size: tuple[int, int], on_image: Callable[[], None] | None = None
+    ) -> tuple[torch.Tensor, np.ndarray]:
+        """Mutual maps (N, h, w) of a batch's embedded deepest-stage features (N, C, h, w) and each image's score.
+        Each full-size map is made twice, here for its score and again when it is shown: keeping them all would
+        hold N x H x W floats (16 GB for 1,000 images of 2,048 px); the small maps are kept instead."""
+        cfg = self.preset.memory
+        maps = mutual_maps(feats, seed=cfg.seed, on_image=on_image)
+        scores = np.array([top_mean(fuse_maps([m[None]], size, cfg.sigma)[0], cfg.top_fraction) for m in maps])
+        return maps, scores
 
     @torch.inference_mode()
     def zero_shot_maps(
@@ -494,7 +510,10 @@ class Inspector:
         timings: dict[str, float],
     ) -> Inspection:
         score = top_mean(anomaly_map, self.preset.memory.top_fraction)
-        decision = decide(anomaly_map, pixels, score, mode.calibration, sensitivity)
+        stride = mode.stride or min(self.backbone.strides)
+        height, width = pixels.shape[:2]
+        min_region_px = map_cell_px(height, width, stride, self.backbone.image_size)
+        decision = decide(anomaly_map, pixels, score, mode.calibration, sensitivity, min_region_px)
         return Inspection(
             is_anomalous=decision.is_anomalous,
             score=score,
@@ -511,13 +530,15 @@ class Inspector:
             source=source,
             timings_ms={key: round(value, 1) for key, value in timings.items()},
             anomaly_map=anomaly_map,
+            min_region_px=min_region_px,
         )
 
 
 class Mode(NamedTuple):
-    name: str  # "few-shot", "pool", "zero-shot" (the text-aligned decoder) or "zero-shot-batch"
+    name: str  # "few-shot", "pool", "zero-shot-text" (the text-aligned decoder) or "zero-shot-batch"
     n_references: int
     calibration: Calibration
+    stride: int | None = None  # the backbone stride of the map's finest stage; None: the backbone's finest
 
 
 def check_query_size(pixels: np.ndarray, refs: References, source: str | None) -> None:

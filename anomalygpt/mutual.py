@@ -28,7 +28,7 @@ import torch
 
 from anomalygpt.calibration import Calibration
 
-MIN_BATCH = 16  # fewer queries without references: the text-aligned decoder (mode "zero-shot")
+MIN_BATCH = 16  # fewer queries without references: the text-aligned decoder (mode "zero-shot-text")
 NEIGHBOUR_FRACTION = 0.3  # a patch's score averages its distances to the closest 30 % of the other images
 MAX_OTHERS = 200  # other images each image is compared with, at most (time and memory linear in the batch)
 OTHERS_PER_CHUNK = 32  # other images compared at once (bounds the distance block: 32 x P x P floats)

@@ -13,7 +13,10 @@ from typing import Any
 
 import numpy as np
 from scipy import ndimage
+from skimage.morphology import h_maxima
+from skimage.segmentation import watershed
 
+WIDESPREAD = "widespread"  # the location of a region covering WIDESPREAD_PCT or more of the image: no one place
 LOCATION_WORDS = (
     "top left",
     "top",
@@ -38,6 +41,7 @@ LOCATION_PHRASES = {
     "bottom left": "in the bottom left",
     "bottom": "at the bottom",
     "bottom right": "in the bottom right",
+    WIDESPREAD: "across most of the image",
 }
 # How answers word a region's contrast descriptor.
 CONTRAST_PHRASES = {
@@ -59,6 +63,15 @@ RING_FRACTION = 0.1  # ring width as a fraction of the region's equivalent diame
 # upsampling a patch-level map; at 224x224 that is 6 px, at 1024x1024 about a 10x10 px blob.
 MIN_AREA_FRACTION = 1e-4
 MIN_AREA_FLOOR_PX = 4
+# An anomalous area is split at its separate peaks (watershed of the map) when the map dips between them by at
+# least this share of the area's peak height above the threshold: two cracks are two regions, one crack's ripples
+# are not. Chosen on simulated defects of the training pictures (bench/bench_regions.py --pictures train).
+SPLIT_DEPTH = 0.5
+# A region covering this share of the image or more is "widespread": no single place describes it.
+WIDESPREAD_PCT = 50.0
+# A 3x3 grid cell holding this share of a region's pixels (of the cell's, for regions larger than a cell) is part of
+# its span ("from the top left to the center").
+SPAN_SHARE = 0.15
 LUMA_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R BT.601, as PIL's convert("L")
 EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 
@@ -72,17 +85,20 @@ class Region:
     area_px: int
     area_pct: float  # % of the image area
     centroid: tuple[float, float]  # (x, y) in pixels
-    location: str  # one of LOCATION_WORDS, from the centroid on a 3x3 grid
+    location: str  # one of LOCATION_WORDS, from the centroid on a 3x3 grid; WIDESPREAD for most of the image
     peak_score: float
     mean_score: float
     shape: str  # "elongated" (line-like) or "compact" (spot-like)
     contrast: str  # "darker", "brighter" or "similar" than its surroundings
     size: str  # "small", "medium" or "large"
+    # LOCATION_WORDS cells holding SPAN_SHARE or more of the region's pixels, in grid order (raster); () = location
+    span: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict: lists for tuples, floats rounded to what a reader can use."""
         data = asdict(self)
         data["box"] = list(self.box)
+        data["span"] = list(self.span)
         data["area_pct"] = round(self.area_pct, 4)
         data["centroid"] = [round(value, 2) for value in self.centroid]
         data["peak_score"] = _significant(self.peak_score)
@@ -92,12 +108,41 @@ class Region:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Region:
         """Inverse of to_dict (up to its rounding)."""
-        return cls(**{**data, "box": tuple(data["box"]), "centroid": tuple(data["centroid"])})
+        span = tuple(data.get("span", ()))
+        return cls(**{**data, "box": tuple(data["box"]), "centroid": tuple(data["centroid"]), "span": span})
+
+    @property
+    def places(self) -> tuple[str, ...]:
+        """Every LOCATION_WORDS cell a statement may truthfully put this region in."""
+        return tuple(dict.fromkeys((*self.span, self.location)))
+
+    def where(self) -> str:
+        """Its place in a few words: 'top left', 'top left to center' or 'widespread' (labels, tables)."""
+        ends = span_ends(self.span)
+        return self.location if self.location == WIDESPREAD or ends is None else f"{ends[0]} to {ends[1]}"
+
+    def place(self) -> str:
+        """Its place as a phrase: 'in the top left', 'from the top left to the center', 'across most of the
+        image'."""
+        ends = span_ends(self.span)
+        if self.location == WIDESPREAD or ends is None:
+            return LOCATION_PHRASES[self.location]
+        return f"from the {ends[0]} to the {ends[1]}"
 
     def describe(self) -> str:
-        """Short phrase, e.g. 'a small elongated darker region at the top left (0.8% of the image)'."""
+        """Short phrase, e.g. 'a small elongated darker region in the top left (0.8% of the image)'."""
         words = [self.size, self.shape] + ([self.contrast] if self.contrast != "similar" else [])
-        return f"a {' '.join(words)} region at the {self.location} ({format_pct(self.area_pct)} of the image)"
+        return f"a {' '.join(words)} region {self.place()} ({format_pct(self.area_pct)} of the image)"
+
+
+def span_ends(span: Sequence[str]) -> tuple[str, str] | None:
+    """The two cells of a span farthest apart on the grid, in raster order; None for a span of one cell."""
+    if len(span) < 2:
+        return None
+    cells = [(LOCATION_WORDS.index(word) // 3, LOCATION_WORDS.index(word) % 3, word) for word in span]
+    pairs = [(a, b) for i, a in enumerate(cells) for b in cells[i + 1 :]]
+    first, last = max(pairs, key=lambda pair: (pair[0][0] - pair[1][0]) ** 2 + (pair[0][1] - pair[1][1]) ** 2)
+    return first[2], last[2]
 
 
 def _significant(value: float) -> float:
@@ -135,13 +180,23 @@ def default_min_area_px(height: int, width: int) -> int:
     return max(MIN_AREA_FLOOR_PX, math.ceil(MIN_AREA_FRACTION * height * width))
 
 
+def map_cell_px(height: int, width: int, stride: int, input_side: int) -> int:
+    """Pixels of an (height, width) image covered by one cell of a map the backbone computed at `stride` on its
+    input_side x input_side input: the finest detail the map resolves, so the smallest region worth naming."""
+    if stride < 1 or input_side < 1:
+        raise ValueError(f"map_cell_px: stride and input side must be positive, got {stride}, {input_side}")
+    return max(1, math.ceil((stride * height / input_side) * (stride * width / input_side)))
+
+
 def find_regions(
     score_map: np.ndarray,
     threshold: float,
     image: np.ndarray | None = None,
     min_area_px: int | None = None,
+    split_depth: float | None = SPLIT_DEPTH,
 ) -> list[Region]:
-    """8-connected components of score_map > threshold, largest first (ties in raster order)."""
+    """Regions of score_map > threshold, largest first (ties in raster order): 8-connected components, each split
+    at its separate peaks (see SPLIT_DEPTH; None keeps components whole); parts under min_area_px are dropped."""
     scores = _checked_scores(score_map)  # (H, W)
     height, width = scores.shape
     if not math.isfinite(threshold):
@@ -149,9 +204,13 @@ def find_regions(
     min_area = default_min_area_px(height, width) if min_area_px is None else min_area_px
     if min_area < 1:
         raise ValueError(f"find_regions: min_area_px must be at least 1, got {min_area_px}")
+    if split_depth is not None and not 0.0 < split_depth <= 1.0:
+        raise ValueError(f"find_regions: split_depth must be in (0, 1], got {split_depth}")
     grey = None if image is None else _grey(image, scores.shape)  # (H, W)
     mask = scores > threshold  # (H, W)
     labels, count = ndimage.label(mask, structure=EIGHT_CONNECTED)  # (H, W) int
+    if split_depth is not None:
+        labels, count = split_at_peaks(scores, labels, count, threshold, split_depth, min_area)
     areas = np.bincount(labels.ravel(), minlength=count + 1)
     kept = [label for label in range(1, count + 1) if areas[label] >= min_area]
     kept.sort(key=lambda label: -areas[label])  # stable: equal areas stay in raster order
@@ -159,6 +218,29 @@ def find_regions(
     return [
         _region(index, labels, label, boxes[label - 1], scores, grey, mask) for index, label in enumerate(kept, start=1)
     ]
+
+
+def split_at_peaks(
+    scores: np.ndarray, labels: np.ndarray, count: int, threshold: float, depth: float, min_area: int
+) -> tuple[np.ndarray, int]:
+    """Labels with each component of at least 2 x min_area px cut into the watershed basins of its peaks that
+    stand `depth` x (its peak - threshold) above the saddles between them; returns (labels, count)."""
+    out = np.zeros_like(labels)
+    areas = np.bincount(labels.ravel(), minlength=count + 1)
+    next_label = 0
+    for label, box in enumerate(ndimage.find_objects(labels), start=1):
+        component = labels[box] == label  # (h, w)
+        parts, n_parts = component.astype(labels.dtype), 1
+        if areas[label] >= 2 * min_area:
+            crop = np.where(component, scores[box], threshold)  # (h, w); outside the component: the threshold
+            height = depth * float(crop.max() - threshold)
+            markers, n_peaks = ndimage.label(h_maxima(crop, height) & component, structure=EIGHT_CONNECTED)
+            if n_peaks > 1:
+                parts = watershed(-crop, markers, mask=component, connectivity=2)
+                n_parts = n_peaks
+        out[box][component] = parts[component] + next_label
+        next_label += n_parts
+    return out, next_label
 
 
 def _checked_scores(score_map: np.ndarray) -> np.ndarray:
@@ -203,19 +285,35 @@ def _region(
     height, width = scores.shape
     area_pct = 100.0 * rows.size / (height * width)
     centroid = (float(cols.mean()) + 0.5, float(rows.mean()) + 0.5)
+    widespread = area_pct >= WIDESPREAD_PCT
     return Region(
         index=index,
         box=(cols_slice.start, rows_slice.start, cols_slice.stop, rows_slice.stop),
         area_px=int(rows.size),
         area_pct=area_pct,
         centroid=centroid,
-        location=location_word(centroid[0], centroid[1], width, height),
+        location=WIDESPREAD if widespread else location_word(centroid[0], centroid[1], width, height),
         peak_score=float(values.max()),
         mean_score=float(values.mean()),
         shape=shape_word(rows, cols),
         contrast="similar" if grey is None else _contrast_word(grey, labels, label, box, mask),
         size=size_word(area_pct),
+        span=grid_span(rows, cols, height, width),
     )
+
+
+def grid_span(rows: np.ndarray, cols: np.ndarray, height: int, width: int) -> tuple[str, ...]:
+    """LOCATION_WORDS cells (grid order) where the region of pixels (rows, cols) of a height x width image has at
+    least SPAN_SHARE of the smaller of its area and the cell's: a small region's main cells, every cell a large
+    one covers well (the fullest cell when none qualifies)."""
+    # Pixel centres, as location_word reads a centroid.
+    grid_rows = np.minimum(3 * (rows + 0.5) // height, 2).astype(int)
+    grid_cols = np.minimum(3 * (cols + 0.5) // width, 2).astype(int)
+    counts = np.bincount(3 * grid_rows + grid_cols, minlength=9)
+    chosen = np.flatnonzero(counts >= SPAN_SHARE * min(rows.size, height * width / 9))
+    if chosen.size == 0:
+        chosen = np.array([int(counts.argmax())])
+    return tuple(LOCATION_WORDS[i] for i in chosen)
 
 
 def shape_word(rows: np.ndarray, cols: np.ndarray) -> str:
@@ -279,26 +377,21 @@ def number_word(count: int) -> str:
 
 def where_phrase(regions: Sequence[Region]) -> str:
     """Every region's location: 'in the top left', or 'two in the top left and one at the bottom'."""
-    words = [region.location for region in regions]
-    groups = list(dict.fromkeys(words))  # first appearance, i.e. largest region first
-    if len(groups) == len(words):
-        return join_words([LOCATION_PHRASES[word] for word in groups])
-    return join_words([f"{number_word(words.count(word))} {LOCATION_PHRASES[word]}" for word in groups])
+    places = [region.place() for region in regions]
+    groups = list(dict.fromkeys(places))  # first appearance, i.e. largest region first
+    if len(groups) == len(places):
+        return join_words(groups)
+    return join_words([f"{number_word(places.count(place))} {place}" for place in groups])
 
 
 def size_details(regions: Sequence[Region]) -> str:
     """Every region's size word and area, largest first: 'region 1 on the left is large at 6.1%; region 2 ...'."""
-    return "; ".join(
-        f"region {r.index} {LOCATION_PHRASES[r.location]} is {r.size} at {format_pct(r.area_pct)}" for r in regions
-    )
+    return "; ".join(f"region {r.index} {r.place()} is {r.size} at {format_pct(r.area_pct)}" for r in regions)
 
 
 def appearance_details(regions: Sequence[Region]) -> str:
     """Every region's shape and contrast: 'region 1 on the left is compact and darker than its surroundings; ...'."""
-    return "; ".join(
-        f"region {r.index} {LOCATION_PHRASES[r.location]} is {r.shape} and {CONTRAST_PHRASES[r.contrast]}"
-        for r in regions
-    )
+    return "; ".join(f"region {r.index} {r.place()} is {r.shape} and {CONTRAST_PHRASES[r.contrast]}" for r in regions)
 
 
 # A box within 5% of the shorter side from a border is "near the edge": at 256 px that is 13 px, about where

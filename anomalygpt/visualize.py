@@ -5,7 +5,9 @@ Colour scale: `overlay` maps vmin -> the colormap's low end and vmax -> its high
 vmax = mean + 2 * (threshold - mean), so the image threshold sits at the colormap's midpoint and only
 scores above it get warm colours (green -> yellow -> red in "jet"). The same colour therefore means the
 same score on every image of one product, instead of being stretched to each image's own maximum
-(which would paint a good image as hot as a bad one).
+(which would paint a good image as hot as a bad one). The heat fades out below the midpoint: a pixel at the normal
+mean is the product's own, one at the threshold or above gets the full HEAT_ALPHA, so normal texture and fine
+structure stay visible. A legend strip under the picture shows the scale with the threshold marked.
 """
 
 from __future__ import annotations
@@ -79,15 +81,19 @@ def overlay(
     cmap: str = "jet",
     alpha: float = HEAT_ALPHA,
 ) -> np.ndarray:
-    """(H, W, 3) uint8 image with the heat map blended in and a numbered box per region; input untouched."""
+    """(H, W, 3) uint8 image with the heat map blended in (fading out below the scale's midpoint, see the module
+    doc) and a numbered box per region; input untouched."""
     _check_pair(image, anomaly_map)
     heat = heat_colors(anomaly_map, vmin, vmax, cmap).astype(np.float64)  # (H, W, 3)
-    blended = (1.0 - alpha) * image.astype(np.float64) + alpha * heat
+    unit = np.nan_to_num((np.asarray(anomaly_map, dtype=np.float64) - vmin) / (vmax - vmin), nan=0.0)  # (H, W)
+    weight = alpha * np.clip(2.0 * unit, 0.0, 1.0)[..., None]  # (H, W, 1)
+    blended = (1.0 - weight) * image.astype(np.float64) + weight * heat
     canvas = np.ascontiguousarray(np.rint(blended).astype(np.uint8))
     pen = pen_for(*image.shape[:2])
     taken: list[Rect] = []  # labels drawn so far: a later label never covers an earlier one
+    boxes = [region.box for region in regions]
     for region in regions:
-        draw_region(canvas, region, pen, taken)
+        draw_region(canvas, region, pen, taken, [box for box in boxes if box != region.box])
     return canvas
 
 
@@ -104,17 +110,19 @@ def _check_pair(image: np.ndarray, anomaly_map: np.ndarray) -> None:
 Rect = tuple[int, int, int, int]  # left, top, right, bottom in pixels, right/bottom exclusive
 
 
-def draw_region(canvas: np.ndarray, region: Region, pen: Pen, taken: list[Rect] | None = None) -> None:
-    """Draw the region's box and an '<index> <location>' label on canvas in place; the label avoids `taken`
-    (the labels drawn before it) and is added to it."""
+def draw_region(
+    canvas: np.ndarray, region: Region, pen: Pen, taken: list[Rect] | None = None, boxes: Sequence[Rect] = ()
+) -> None:
+    """Draw the region's box and an '<index> <place>' label on canvas in place; the label avoids `taken` (the
+    labels drawn before it, to which it is added) and, where it can, the other regions' `boxes`."""
     x0, y0, x1, y1 = region.box
     # Region boxes are exclusive at x1/y1; cv2 draws inclusive corners.
     cv2.rectangle(canvas, (x0, y0), (x1 - 1, y1 - 1), BOX_COLOR, pen.thickness, cv2.LINE_8)
-    text = f"{region.index} {region.location}"
+    text = f"{region.index} {region.where()}"
     (text_w, text_h), baseline = cv2.getTextSize(text, FONT, pen.font_scale, pen.text_thickness)
     pad = max(1, pen.thickness)
     size = (text_w + 2 * pad, text_h + baseline + 2 * pad)  # (width, height)
-    left, top, right, bottom = label_place(region.box, size, canvas.shape[:2], taken or [])
+    left, top, right, bottom = label_place(region.box, size, canvas.shape[:2], taken or [], boxes)
     if taken is not None:
         taken.append((left, top, right, bottom))
     cv2.rectangle(canvas, (left, top), (right - 1, bottom - 1), LABEL_BACKGROUND, cv2.FILLED)
@@ -130,10 +138,13 @@ def draw_region(canvas: np.ndarray, region: Region, pen: Pen, taken: list[Rect] 
     )
 
 
-def label_place(box: Rect, size: tuple[int, int], shape: tuple[int, int], taken: Sequence[Rect]) -> Rect:
+def label_place(
+    box: Rect, size: tuple[int, int], shape: tuple[int, int], taken: Sequence[Rect], boxes: Sequence[Rect] = ()
+) -> Rect:
     """Where a label of `size` (w, h) goes for a region box: just above the box when it fits, else just inside
-    its top edge, below it, inside its bottom edge; the first of those that overlaps no label in `taken`, else
-    the free row nearest the first choice; always inside the picture (shifted left at the right border)."""
+    its top edge, below it, inside its bottom edge; the first of those that overlaps no label in `taken` and no
+    other box in `boxes`, else the first that overlaps no label, else the free row nearest the first choice;
+    always inside the picture (shifted left at the right border)."""
     x0, y0, _, y1 = box
     width, height = size
     rows, cols = shape
@@ -141,10 +152,11 @@ def label_place(box: Rect, size: tuple[int, int], shape: tuple[int, int], taken:
     tops = [y0 - height if y0 >= height else y0, y1, y1 - height]
     tops = [min(max(0, top), rows - height) for top in tops]
     nearest = sorted(range(max(1, rows - height + 1)), key=lambda row: abs(row - tops[0]))
-    for top in [*tops, *nearest]:
-        rect = (left, top, left + width, top + height)
-        if not any(overlaps(rect, other) for other in taken):
-            return rect
+    for obstacles, rows_tried in (([*taken, *boxes], tops), (taken, [*tops, *nearest])):
+        for top in rows_tried:
+            rect = (left, top, left + width, top + height)
+            if not any(overlaps(rect, other) for other in obstacles):
+                return rect
     return (left, tops[0], left + width, tops[0] + height)  # no free row at all: the picture is full of labels
 
 
@@ -226,6 +238,7 @@ def inspection_figure(image: np.ndarray, inspection: Inspection, cmap: str = "je
     vmin, vmax = inspection_scale(inspection)
     big_image, big_map, big_regions = enlarged(image, inspection.anomaly_map, inspection.regions)
     picture = overlay(big_image, big_map, big_regions, vmin=vmin, vmax=vmax, cmap=cmap)
+    legend = legend_strip(picture.shape[1], vmin, vmax, inspection.threshold, cmap)
     banner = verdict_banner(
         picture.shape[1],
         is_anomalous=inspection.is_anomalous,
@@ -234,7 +247,31 @@ def inspection_figure(image: np.ndarray, inspection: Inspection, cmap: str = "je
         margin=inspection.margin,
         n_regions=len(inspection.regions),
     )
-    return np.concatenate([banner, picture], axis=0)
+    return np.concatenate([banner, picture, legend], axis=0)
+
+
+def legend_strip(width: int, vmin: float, vmax: float, threshold: float, cmap: str = "jet") -> np.ndarray:
+    """(h, width, 3) uint8 strip: the heat scale from vmin to vmax as a bar, the threshold marked on it, and the
+    three numbers (normal mean, threshold, top of the scale) written under it."""
+    pen = pen_for(width, width)
+    pad = max(4, round(0.02 * width))
+    labels = [f"normal {vmin:.3g}", f"threshold {threshold:.3g}", f"{vmax:.3g}+"]
+    gap = 2 * pad
+    scale = fitted_scale((" " * 6).join(labels), pen.font_scale, pen.text_thickness, width - 2 * pad - 2 * gap)
+    (_, text_h), base = cv2.getTextSize(labels[1], FONT, scale, pen.text_thickness)
+    bar_h = max(6, text_h)
+    strip = np.full((pad + bar_h + pad + text_h + base + pad, width, 3), 255, dtype=np.uint8)
+    ramp = np.linspace(vmin, vmax, width - 2 * pad)[None]  # (1, w)
+    strip[pad : pad + bar_h, pad : width - pad] = heat_colors(np.repeat(ramp, bar_h, axis=0), vmin, vmax, cmap)
+    mark = pad + round((width - 2 * pad - 1) * float(np.clip((threshold - vmin) / (vmax - vmin), 0.0, 1.0)))
+    strip[pad - 2 : pad + bar_h + 2, max(0, mark - 1) : mark + 2] = 0  # the threshold: a black tick
+    baseline = strip.shape[0] - pad - base
+    sizes = [cv2.getTextSize(text, FONT, scale, pen.text_thickness)[0][0] for text in labels]
+    middle = min(max(pad + sizes[0] + gap, mark - sizes[1] // 2), width - pad - sizes[2] - gap - sizes[1])
+    lefts = [pad, middle, width - pad - sizes[2]]
+    for text, left in zip(labels, lefts, strict=True):
+        cv2.putText(strip, text, (left, baseline), FONT, scale, (0, 0, 0), pen.text_thickness, cv2.LINE_AA)
+    return strip
 
 
 def save_overlay(path: str | Path, image: np.ndarray, inspection: Inspection, cmap: str = "jet") -> Path:

@@ -464,7 +464,9 @@ def redecided(inspection: Inspection, pixels: np.ndarray, sensitivity: float) ->
     if inspection.anomaly_map is None:
         raise UserError("this inspection kept no anomaly map; inspect again")
     calibration = Calibration(**inspection.calibration)
-    decision = decide(inspection.anomaly_map, pixels, inspection.score, calibration, sensitivity)
+    decision = decide(
+        inspection.anomaly_map, pixels, inspection.score, calibration, sensitivity, inspection.min_region_px
+    )
     return replace(
         inspection,
         is_anomalous=decision.is_anomalous,
@@ -528,7 +530,7 @@ def evidence_items(session: Session) -> list[tuple[np.ndarray, str]]:
         region = inspection.regions[item.region - 1]
         shade = "darker" if item.difference < 0 else "brighter"
         caption = (
-            f"region {region.index} ({region.location}) | reference {item.reference + 1}: {item.reference_name} "
+            f"region {region.index} ({region.where()}) | reference {item.reference + 1}: {item.reference_name} "
             f"({item.location}); {abs(item.difference):.0f} grey levels {shade}"
         )
         pair = evidence_pair(query.pixels, images[names[item.reference]], region.box, item.box)
@@ -551,7 +553,7 @@ def region_table(inspection: Inspection | None) -> pd.DataFrame:
     rows = [
         [
             region.index,
-            region.location,
+            region.where(),
             f"{region.size} ({format_pct(region.area_pct)})",
             f"{region.shape}, {region.contrast}",
             f"{region.peak_score:.4f}",

@@ -25,7 +25,15 @@ from dataclasses import dataclass, field
 from anomalygpt.evidence import RegionEvidence
 from anomalygpt.grounded import GENERIC_DEFECT_TYPES, DefectType, most_severe, place_locations, without_preamble
 from anomalygpt.inspection import Inspection
-from anomalygpt.regions import LOCATION_WORDS, NUMBER_WORDS, Region, border_gaps, format_pct, near_borders
+from anomalygpt.regions import (
+    LOCATION_WORDS,
+    NUMBER_WORDS,
+    WIDESPREAD,
+    Region,
+    border_gaps,
+    format_pct,
+    near_borders,
+)
 
 KINDS = (
     "anomaly",
@@ -199,7 +207,7 @@ def number_errors(sentence: str, case: Case) -> list[str]:
             errors.append(f"count: {found.group(0)!r}, {len(regions)} regions")
     for found in PLACE_COUNT.finditer(plain):
         place = PLACES.get(found.group(3).lower())
-        if place is not None and number(found.group(1)) != sum(r.location == place for r in regions):
+        if place is not None and number(found.group(1)) != sum(place in r.places for r in regions):
             errors.append(f"count at a place: {found.group(0)!r}")
     known = [inspection.score, inspection.threshold, *(r.peak_score for r in regions)]
     for found in FOUR_DECIMALS.finditer(sentence):
@@ -264,7 +272,8 @@ def mentioned_regions_with_positions(text: str) -> list[list[int]]:
 def word_errors(word: str, value: str, owners: list[Region] | None, negative: bool, case: Case) -> list[str]:
     attribute = {"place": "location", "size": "size", "shape": "shape", "contrast": "contrast"}[word]
     regions = case.regions if owners is None else owners
-    matches = [getattr(region, attribute) == value for region in regions]
+    # A region is in every grid cell it spans ("from the bottom to the bottom right").
+    matches = [value in region.places if word == "place" else getattr(region, attribute) == value for region in regions]
     if negative:
         return [f"{word} {value} said absent"] if any(matches) else []
     if owners is not None and regions and all(matches):
@@ -371,7 +380,10 @@ def useful_where(text: str, case: Case, polarity: str | None, focus: str | None)
     if not case.regions:
         return None if says_nothing_found(text) or "outline" in text else "no 'nothing found'"
     named = {PLACES[m.group(3).lower()] for m in PLACE_WORD.finditer(text)}
-    missing = {r.location for r in case.regions} - named
+    widespread = "most of the image" in text
+    missing = [
+        r.where() for r in case.regions if not (named & set(r.places) or (widespread and r.location == WIDESPREAD))
+    ]
     return f"places missing: {sorted(missing)}" if missing else None
 
 
@@ -439,7 +451,7 @@ def useful_near(text: str, case: Case, polarity: str | None, focus: str | None) 
     if focus in (None, "edge"):
         near = any(near_borders(r, width, height) for r in case.regions)
     else:
-        near = any(r.location in place_locations(focus) for r in case.regions)
+        near = any(set(r.places) & set(place_locations(focus)) for r in case.regions)
     expected = "yes" if near else "no"
     return None if text.lower().startswith(expected) else f"does not open with {expected}"
 

@@ -14,11 +14,20 @@ from typing import Any
 
 from tqdm import tqdm
 
-from anomalygpt.cli import CliParser, UsageError, check_out_dir, one_line
+from anomalygpt.cli import (
+    CliParser,
+    RaySettings,
+    UsageError,
+    add_engine_arguments,
+    check_out_dir,
+    one_line,
+    ray_settings,
+)
 from anomalygpt.devices import add_device_option, with_device
 
 PROG = "anomalygpt eval"
 MAX_SHOTS = 16  # as inspection.MAX_REFERENCES, checked here before torch is imported
+ZERO_SHOT_MODES = ("text", "batch")
 
 
 @dataclass(frozen=True)
@@ -28,7 +37,7 @@ class EvalOptions:
     categories: str | None  # comma-separated, as typed; None: every category found
     shots: str
     seeds: str
-    zero_shot: bool
+    zero_shot: str | None  # "text": the decoder alone; "batch": each category's test images against each other
     preset: str | None  # None: the default preset
     out: Path
     held_out: bool  # also score the samples a dataset reports apart (ELPV's uncertain p = 1/3 cells)
@@ -36,6 +45,8 @@ class EvalOptions:
     test_fraction: float = 0.3  # with baselines: good images held out for testing where the pool is test data
     half: str = "all"  # ELPV only: "dev" (odd-numbered cells) or "test" (even-numbered)
     device: str | None = None  # --device: overrides the preset's
+    engine: str = "local"  # "ray": each category's images encoded by Ray Data actors (anomalygpt.engine_ray)
+    ray: RaySettings = RaySettings()
 
 
 @dataclass
@@ -45,6 +56,7 @@ class EvalJob:
     config: Any  # eval.runner.EvalConfig (imported lazily: it imports torch)
     splits: dict[str, Any]  # category -> eval.datasets.CategorySplit
     args: dict[str, Any]  # the options as recorded in results.json
+    ray: RaySettings | None = None  # None: the local engine
 
 
 def build_parser() -> CliParser:
@@ -62,8 +74,13 @@ def build_parser() -> CliParser:
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated reference-draw seeds (default 0,1,2)")
     parser.add_argument(
         "--zero-shot",
-        action="store_true",
-        help="the decoder alone, no references (needs a preset with a trained decoder; --shots/--seeds unused)",
+        nargs="?",
+        const="text",
+        choices=ZERO_SHOT_MODES,
+        default=None,
+        help="no references (--shots/--seeds unused): 'text' (the default) the trained decoder alone; 'batch' each "
+        "category's test images scored against each other, the threshold from their own scores (as `detect` does "
+        "with no --ref and 16 or more queries)",
     )
     parser.add_argument("--preset", default=None, help="preset name or JSON path (default: 'default')")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
@@ -94,6 +111,7 @@ def build_parser() -> CliParser:
         help="with baselines: share of the good images held out for testing on ELPV and plain folders (default 0.3)",
     )
     add_device_option(parser)
+    add_engine_arguments(parser, "encoding each category's images (the inspector method); same metrics")
     return parser
 
 
@@ -194,7 +212,7 @@ def options_from(args: argparse.Namespace) -> EvalOptions:
         categories=args.categories,
         shots=args.shots,
         seeds=args.seeds,
-        zero_shot=bool(args.zero_shot),
+        zero_shot=args.zero_shot,
         preset=args.preset,
         out=args.out,
         held_out=bool(args.held_out),
@@ -202,6 +220,8 @@ def options_from(args: argparse.Namespace) -> EvalOptions:
         test_fraction=args.test_fraction,
         half=args.half,
         device=args.device,
+        engine=args.engine,
+        ray=ray_settings(args),
     )
 
 
@@ -220,6 +240,7 @@ def prepare(options: EvalOptions) -> EvalJob:
         raise UsageError(f"--test-fraction: {options.test_fraction} must be between 0 and 1")
     check_out_dir(options.out)
     from anomalygpt.config import DEFAULT_PRESET, load_preset  # imports torch: after the instant checks
+    from anomalygpt.mutual import MIN_BATCH
     from eval.runner import EvalConfig, check_cache_config, fingerprint
 
     preset = with_device(load_preset(options.preset or DEFAULT_PRESET), options.device)
@@ -227,9 +248,13 @@ def prepare(options: EvalOptions) -> EvalJob:
     full_shot = methods != ("inspector",)
     if options.zero_shot and full_shot:
         raise UsageError("--zero-shot: the decoder alone has no training set; use it without baselines in --method")
+    if options.engine == "ray":
+        check_ray_options(options, full_shot)
+    if options.zero_shot == "text" and not preset.decoder.weights:
+        raise UsageError(f"--zero-shot: preset {preset.name!r} has no trained decoder (decoder.weights)")
+    if options.zero_shot == "batch" and options.held_out:
+        raise UsageError("--held-out: not with --zero-shot batch (the batch is the test set; score them in it)")
     if options.zero_shot:
-        if not preset.decoder.weights:
-            raise UsageError(f"--zero-shot: preset {preset.name!r} has no trained decoder (decoder.weights)")
         shots, seeds = (0,), (0,)  # no references to draw: one setting per category
     names = chosen_categories(options.dataset, root, options.categories)
     splits = {name: load_split(options.dataset, root, name) for name in names}
@@ -240,6 +265,11 @@ def prepare(options: EvalOptions) -> EvalJob:
             check_full_shot_split(split, methods, shots, seeds, options.test_fraction)
         else:
             check_split(split, shots)
+        if (
+            options.zero_shot == "batch"
+            and len(split.test) + len(split.reference_pool) * split.pool_is_test < MIN_BATCH
+        ):
+            raise UsageError(f"--zero-shot batch: {split.category} has fewer than {MIN_BATCH} test images")
     config = EvalConfig(
         options.dataset,
         root,
@@ -252,6 +282,7 @@ def prepare(options: EvalOptions) -> EvalJob:
         methods,
         options.test_fraction,
         options.half,
+        options.zero_shot or "",
     )
     check_cache_config(options.out, fingerprint(config))
     args = {
@@ -268,7 +299,20 @@ def prepare(options: EvalOptions) -> EvalJob:
         "test_fraction": options.test_fraction,
         "half": options.half,
     }
-    return EvalJob(config, splits, args)
+    return EvalJob(config, splits, args, options.ray if options.engine == "ray" else None)
+
+
+def check_ray_options(options: EvalOptions, full_shot: bool) -> None:
+    from anomalygpt.engine_ray import check_ray_settings, ray_module
+
+    ray_module()
+    check_ray_settings(options.ray)
+    if full_shot:
+        raise UsageError(
+            "--engine ray: runs the inspector method only (the k-shot rows); drop the others from --method"
+        )
+    if options.device is not None:
+        raise UsageError("--device: not with --engine ray; each actor runs on the GPU Ray gives it (--ray-gpus)")
 
 
 def run(job: EvalJob) -> str:
@@ -279,8 +323,11 @@ def run(job: EvalJob) -> str:
     from eval.runner import INSPECTOR, example_panels, run_eval
 
     inspector = build_inspector(job.config.preset)
-    outcome = run_eval(inspector, job.config, job.splits)
+    outcome = run_eval(inspector, job.config, job.splits, encoder(job.ray))
     shown = {category: r for category, r in showcase(outcome.results).items() if r.method == INSPECTOR}
+    if job.config.zero_shot == "batch":  # a batch map exists only inside its whole batch's scoring
+        print(f"{PROG}: no example pictures for --zero-shot batch", file=sys.stderr)
+        shown = {}
     examples = {
         category: example_panels(inspector, job.splits[category], result)
         for category, result in tqdm(shown.items(), desc="examples", unit="category", disable=None)
@@ -293,6 +340,17 @@ def run(job: EvalJob) -> str:
         file=sys.stderr,
     )
     return markdown_report(document)
+
+
+def encoder(ray: RaySettings | None) -> Any:
+    """How each category's images are encoded: here (eval.runner.encode_category) or by Ray's actors."""
+    if ray is None:
+        from eval.runner import encode_category
+
+        return encode_category
+    from anomalygpt.engine_ray import ray_encoder
+
+    return ray_encoder(ray)
 
 
 def fail(problem: str | BaseException, code: int) -> int:
@@ -308,6 +366,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return stop.code if isinstance(stop.code, int) else 0 if stop.code is None else 2
     try:
         job = prepare(options_from(args))
+        started = connect(job.ray)
     except (ValueError, OSError) as error:  # UsageError, DatasetError, ConfigError, EvalError; WeightsError later
         return fail(error, 2)
     try:
@@ -316,4 +375,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return fail(error, 1)
     except KeyboardInterrupt:
         return fail("interrupted; finished settings are cached in --out/cache, run the same command to resume", 130)
+    finally:
+        if started:
+            from anomalygpt.engine_ray import shutdown
+
+            shutdown()
     return 0
+
+
+def connect(ray: RaySettings | None) -> bool:
+    """--engine ray: join (or start) the cluster before anything is written; True when Ray was started here."""
+    if ray is None:
+        return False
+    from anomalygpt.engine_ray import connect as connect_ray
+
+    return connect_ray(ray.address)

@@ -8,6 +8,7 @@ same configuration.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import sys
@@ -25,7 +26,8 @@ from anomalygpt.calibration import Calibration
 from anomalygpt.config import Preset, to_dict
 from anomalygpt.inspection import Inspector, decide
 from anomalygpt.io import load_image, write_json_atomic
-from anomalygpt.memory import memory_inputs, top_mean
+from anomalygpt.memory import embed_patches, fuse_maps, memory_inputs, top_mean
+from anomalygpt.mutual import batch_calibration
 from anomalygpt.regions import Region
 from eval.datasets import CategorySplit, Sample, draw_shots, load_mask
 from eval.metrics import PixelMetrics, image_metrics, verdict_metrics
@@ -57,6 +59,7 @@ class EvalConfig:
     methods: tuple[str, ...] = (INSPECTOR,)  # any baseline: every method trains on the same full-shot split
     test_fraction: float = 0.3  # with baselines: share of the good images held out for testing (ELPV, folders)
     half: str = "all"  # ELPV: "dev" (odd-numbered cells), "test" (even-numbered) or "all"
+    zero_shot: str = ""  # with shots (0,): "text" the decoder alone, "batch" the test images against each other
 
     @property
     def full_shot(self) -> bool:
@@ -136,6 +139,8 @@ def fingerprint(config: EvalConfig) -> dict[str, Any]:
     base = {"protocol": EVAL_PROTOCOL, "dataset": config.dataset, "root": root, "preset": preset}
     if config.half != "all":
         base["half"] = config.half
+    if config.zero_shot == "batch":  # k = 0 means the decoder otherwise
+        base["zero_shot"] = config.zero_shot
     return {**base, "full_shot_test_fraction": config.test_fraction} if config.full_shot else base
 
 
@@ -202,9 +207,10 @@ def image_paths(split: CategorySplit, held_out: bool) -> list[Path]:
     return sorted(paths)
 
 
-def checked_size(image: np.ndarray, path: Path, size: tuple[int, int] | None) -> tuple[int, int]:
-    """The image's (H, W); EvalError when it differs from the category's size (references must match queries)."""
-    found = (int(image.shape[0]), int(image.shape[1]))
+def checked_size(shape: tuple[int, ...], path: Path, size: tuple[int, int] | None) -> tuple[int, int]:
+    """The image's (H, W) from its shape; EvalError when it differs from the category's size (references must
+    match queries)."""
+    found = (int(shape[0]), int(shape[1]))
     if size is not None and found != size:
         raise EvalError(
             f"{path}: {found[1]}x{found[0]} px but other images of its category are {size[1]}x{size[0]} px; "
@@ -224,16 +230,28 @@ def encode_category(inspector: Inspector, paths: Sequence[Path], desc: str, few_
         batch = paths[first : first + ENCODE_BATCH]
         images = [load_image(path) for path in batch]
         for image, path in zip(images, batch, strict=True):
-            size = checked_size(image, path, size)
-        shown = memory_inputs(images, inspector.preset.memory) if few_shot else images
-        patches = inspector.backbone.encode(shown, batch_size=ENCODE_BATCH).patches  # per stage (B, C, h, w)
+            size = checked_size(image.shape, path, size)
+        patches = encode_images(inspector, images, few_shot)
         if not stages:
             stages = [torch.empty((len(paths), *p.shape[1:]), dtype=torch.float16) for p in patches]
         for stage, part in zip(stages, patches, strict=True):
-            stage[first : first + len(batch)] = part.to("cpu", torch.float16)
+            stage[first : first + len(batch)] = part
     assert size is not None, "encode_category needs at least one image"
     elapsed_ms = (time.perf_counter() - start) * 1000
     return PatchCache({path: i for i, path in enumerate(paths)}, stages, size, elapsed_ms / len(paths))
+
+
+@torch.inference_mode()
+def encode_images(inspector: Inspector, images: Sequence[np.ndarray], few_shot: bool) -> list[torch.Tensor]:
+    """Per stage (B, C, h, w) float16 patches on the CPU of decoded images, as the few-shot memory sees them (or
+    raw, for the zero-shot decoder); also what each actor of `eval --engine ray` runs (anomalygpt.engine_ray)."""
+    shown = memory_inputs(images, inspector.preset.memory) if few_shot else images
+    patches = inspector.backbone.encode(shown, batch_size=ENCODE_BATCH).patches
+    return [part.to("cpu", torch.float16) for part in patches]
+
+
+# encode_category's signature: (inspector, paths, progress description, few_shot) -> PatchCache
+Encoder = Callable[[Inspector, Sequence[Path], str, bool], PatchCache]
 
 
 def sample_mask(sample: Sample, shape: tuple[int, int]) -> np.ndarray:
@@ -355,16 +373,21 @@ def detection_metrics(labels: np.ndarray, scores: np.ndarray, threshold: float, 
 
 
 def setting_metrics(
-    labels: np.ndarray, scored: Scored, fitted: Fitted, pixels: PixelMetrics | None, cache: PatchCache
+    labels: np.ndarray,
+    scored: Scored,
+    calibration: Calibration,
+    index_ms: float,
+    pixels: PixelMetrics | None,
+    cache: PatchCache,
 ) -> Metrics:
     """Image, pixel and verdict metrics at the automatic threshold, plus timings."""
     score_ms = scored.score_ms / len(labels)
     return {
-        **detection_metrics(labels, scored.scores, fitted.calibration.image_threshold, pixels),
+        **detection_metrics(labels, scored.scores, calibration.image_threshold, pixels),
         "encode_ms_per_image": cache.encode_ms_per_image,
         "score_ms_per_image": score_ms,
         "ms_per_image": cache.encode_ms_per_image + score_ms,
-        "index_ms": fitted.index_ms,
+        "index_ms": index_ms,
         "peak_rss_mb": peak_rss_mb(),
     }
 
@@ -379,7 +402,7 @@ def run_setting(
     pixels = PixelMetrics() if has_masks(split) else None
     scored = score_cached(fitted.scorer, test, cache, ignore_map if pixels is None else pixel_feeder(pixels))
     held = score_cached(fitted.scorer, split.held_out if held_out else (), cache, ignore_map).scores
-    metrics = setting_metrics(labels, scored, fitted, pixels, cache)
+    metrics = setting_metrics(labels, scored, fitted.calibration, fitted.index_ms, pixels, cache)
     threshold = fitted.calibration.image_threshold
     metrics["held_out_flagged"] = float((held > threshold).mean()) if held.size else None
     return SettingResult(
@@ -397,6 +420,40 @@ def run_setting(
     )
 
 
+@torch.inference_mode()
+def run_batch_setting(inspector: Inspector, split: CategorySplit, cache: PatchCache) -> SettingResult:
+    """Zero-shot from the batch: the category's test images scored against each other (anomalygpt.mutual), the
+    threshold from their own scores; the `k = 0` row of `eval --zero-shot batch`."""
+    _, test = draw_shots(split, 0, 0)
+    labels = np.array([sample.label for sample in test])
+    rows = torch.tensor([cache.index[sample.path] for sample in test])
+    neighbourhood = inspector.preset.memory.neighbourhood
+    start = time.perf_counter()
+    feats = torch.cat(
+        [embed_patches([cache.stages[-1][chunk].float()], neighbourhood)[0].half() for chunk in rows.split(64)]
+    )
+    maps, scores = inspector.batch_scores(feats, cache.image_size)
+    elapsed = (time.perf_counter() - start) * 1000
+    calibration = batch_calibration(scores)
+    pixels = PixelMetrics() if has_masks(split) else None
+    if pixels is not None:
+        feed = pixel_feeder(pixels)
+        for sample, small in zip(test, maps, strict=True):
+            feed(sample, fuse_maps([small[None]], cache.image_size, inspector.preset.memory.sigma)[0])
+    return SettingResult(
+        category=split.category,
+        k=0,
+        seed=0,
+        metrics=setting_metrics(labels, Scored(scores, elapsed), calibration, 0.0, pixels, cache),
+        references=[],
+        paths=[str(sample.path) for sample in test],
+        labels=labels.tolist(),
+        defects=[sample.defect for sample in test],
+        scores=scores.tolist(),
+        calibration=calibration.to_dict(),
+    )
+
+
 def progress_line(result: SettingResult) -> str:
     m = result.metrics
     text = f"{result.category} k={result.k} seed={result.seed}: image AUROC {m['auroc']:.3f}"
@@ -406,7 +463,13 @@ def progress_line(result: SettingResult) -> str:
 
 
 def run_category(
-    inspector: Inspector, config: EvalConfig, split: CategorySplit, base: dict[str, Any], run: EvalRun, bar: tqdm
+    inspector: Inspector,
+    config: EvalConfig,
+    split: CategorySplit,
+    base: dict[str, Any],
+    run: EvalRun,
+    bar: tqdm,
+    encode: Encoder = encode_category,
 ) -> None:
     """Every (k, seed) of one category: cached ones read back, the others scored from one encoding."""
     settings = [(k, seed) for k in config.shots for seed in config.seeds]
@@ -418,13 +481,16 @@ def run_category(
     pending = [s for s in settings if found[s] is None]
     bar.set_description(split.category)
     paths = image_paths(split, config.held_out)
-    few_shot = config.shots != (0,)  # --zero-shot: the decoder reads raw images
-    cache = encode_category(inspector, paths, f"encode {split.category}", few_shot) if pending else None
+    few_shot = config.zero_shot != "text"  # the decoder reads raw images; the batch, as the memory does
+    cache = encode(inspector, paths, f"encode {split.category}", few_shot) if pending else None
     for k, seed in settings:
         result = found[(k, seed)]
         if result is None:
             assert cache is not None
-            result = run_setting(inspector, split, cache, k, seed, config.held_out)
+            if config.zero_shot == "batch":
+                result = run_batch_setting(inspector, split, cache)
+            else:
+                result = run_setting(inspector, split, cache, k, seed, config.held_out)
             key = setting_key(base, split.category, k, seed)
             write_json_atomic(cache_path(config.out, split.category, k, seed), {"key": key, "result": result.to_dict()})
             run.computed.append((split.category, k, seed))
@@ -438,13 +504,17 @@ def run_category(
 CategoryRunner = Callable[[Inspector, EvalConfig, CategorySplit, dict[str, Any], EvalRun, tqdm], None]
 
 
-def run_eval(inspector: Inspector, config: EvalConfig, splits: dict[str, CategorySplit]) -> EvalRun:
-    """Score every (category, k, seed), reusing finished ones from <out>/cache; with baselines, every method too."""
+def run_eval(
+    inspector: Inspector, config: EvalConfig, splits: dict[str, CategorySplit], encode: Encoder = encode_category
+) -> EvalRun:
+    """Score every (category, k, seed), reusing finished ones from <out>/cache; with baselines, every method too.
+    `encode` makes each category's patch cache (the k-shot rows only: another is `eval --engine ray`'s)."""
     if config.full_shot:
         from eval import compare  # it builds on this module
 
         return run_settings(inspector, config, splits, compare.run_category, len(compare.settings_of(config)))
-    return run_settings(inspector, config, splits, run_category, len(config.shots) * len(config.seeds))
+    runner = functools.partial(run_category, encode=encode)
+    return run_settings(inspector, config, splits, runner, len(config.shots) * len(config.seeds))
 
 
 def run_settings(

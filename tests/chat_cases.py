@@ -56,4 +56,6 @@ def evidence_for(inspection: Inspection) -> tuple[RegionEvidence, ...]:
 NORMAL = inspection_with((), margin=-2.0)
 ONE = inspection_with(THREE[:1])
 MANY = inspection_with()
+SPANNING = inspection_with(((3, 5, 10, 78, 0.9, 40),))  # one bar down the left column: top left to bottom left
+WIDESPREAD = inspection_with(((0, 0, 90, 50, 0.9, 40),))  # 56 % of the image: no one place
 LOW = replace(inspection_with(margin=0.4, confidence="low"), warnings=["the references do not fit this image"])

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from chat_cases import LOW, MANY, NORMAL, ONE, evidence_for
+from chat_cases import LOW, MANY, NORMAL, ONE, SPANNING, WIDESPREAD, evidence_for
 
 from anomalygpt.grounded import Grounds, answer_text
 from anomalygpt.guard import read_question
@@ -27,7 +27,11 @@ def test_the_bank_has_every_kind_in_three_phrasings_or_more_and_the_reader_agree
             assert question.polarity == entry.polarity, entry.text
 
 
-@pytest.mark.parametrize("inspection", [NORMAL, ONE, MANY, LOW], ids=["normal", "one", "many", "low"])
+@pytest.mark.parametrize(
+    "inspection",
+    [NORMAL, ONE, MANY, LOW, SPANNING, WIDESPREAD],
+    ids=["normal", "one", "many", "low", "spanning", "widespread"],
+)
 def test_grounded_answers_score_right_and_useful(inspection: Inspection) -> None:
     case = Case(inspection, evidence_for(inspection))
     for entry in BANK:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from chat_cases import LOW, MANY, NORMAL, ONE, evidence_for
+from chat_cases import LOW, MANY, NORMAL, ONE, SPANNING, WIDESPREAD, evidence_for
 
 from anomalygpt.claims import CheckTally, ClaimChecker, check_answer
 from anomalygpt.grounded import Grounds, answer_text, region_sentence
@@ -21,7 +21,11 @@ def facts(text: str, grounds: Grounds = GROUNDS, question: Question | None = Non
     return {conflict.fact for conflict in check_answer(text, grounds, question)}
 
 
-@pytest.mark.parametrize("inspection", [NORMAL, ONE, MANY, LOW], ids=["normal", "one", "many", "low"])
+@pytest.mark.parametrize(
+    "inspection",
+    [NORMAL, ONE, MANY, LOW, SPANNING, WIDESPREAD],
+    ids=["normal", "one", "many", "low", "spanning", "widespread"],
+)
 def test_every_grounded_answer_passes_the_checker(inspection: Inspection) -> None:
     grounds = Grounds(inspection, evidence_for(inspection))
     for entry in BANK:
@@ -30,6 +34,20 @@ def test_every_grounded_answer_passes_the_checker(inspection: Inspection) -> Non
         assert check_answer(text, grounds, question) == [], (entry.text, text)
         checker = ClaimChecker(grounds, question)
         assert "".join(checker.stream([], text)) == text and checker.report.opening_conflicts == []
+
+
+def test_a_region_is_in_every_cell_it_spans() -> None:
+    grounds = Grounds(SPANNING, evidence_for(SPANNING))
+    assert SPANNING.regions[0].where() == "top left to bottom left"
+    for place in ("in the top left", "on the left", "in the bottom left"):
+        assert facts(f"Region 1 is {place}.", grounds) == set(), place
+    assert facts("Region 1 is on the right.", grounds) == {"location"}
+    assert facts("There is one region in the bottom left.", grounds) == set()
+    assert facts("There are two regions on the left.", grounds) == {"count"}
+    wide = Grounds(WIDESPREAD, evidence_for(WIDESPREAD))
+    assert WIDESPREAD.regions[0].location == "widespread"
+    assert facts("Region 1 is in the top left.", wide) == set()
+    assert facts("Region 1 is at the bottom.", wide) == {"location"}
 
 
 @pytest.mark.parametrize(

@@ -108,7 +108,7 @@ def test_zero_shot_inspection_uses_the_stored_threshold(trained, tmp_path):
     stats = json.loads((trained / "decoder.json").read_text())["zero_shot"]
     image = texture_crops(1, size=64)[0]
     result = inspector.inspect(image, class_name="brick wall")
-    assert result.mode == "zero-shot" and result.n_references == 0
+    assert result.mode == "zero-shot-text" and result.n_references == 0
     assert result.threshold == pytest.approx(stats["normal_mean"] + 3.0 * stats["normal_spread"])
     assert "zero-shot" in result.calibration["method"] and "simulated validation" in result.calibration["method"]
     assert result.is_anomalous == (result.score > result.threshold)

@@ -293,3 +293,27 @@ def test_held_out_samples_are_scored_apart_only_when_asked(tmp_path: Path) -> No
     assert result.metrics["held_out_flagged"] == pytest.approx(
         0.5 if result.held_out_scores[0] > result.metrics["threshold"] else 0.0
     )
+
+
+def test_zero_shot_batch_scores_each_test_set_against_itself(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    crop = texture_crops(skimage.data.brick(), 1, seed=3)[0]
+    write_category(root, "tile", [crop] * 16, [crop] * 4, n_train=2)  # 14 good copies and 4 blobs to score
+    preset = write_preset(tmp_path / "preset.json")
+    out = tmp_path / "out"
+    outcome = run_eval("--dataset", "mvtec", "--root", root, "--zero-shot", "batch", "--preset", preset, "--out", out)
+    assert outcome.code == 0, outcome.stderr
+    metrics = json.loads((out / "results.json").read_text())["categories"]["tile"]["k=0"]["seeds"]["0"]
+    # The good copies match each other exactly; each blob matches nothing: a clean split, with no reference at all.
+    assert metrics["auroc"] == 1.0 and (metrics["n_good"], metrics["n_defective"]) == (14, 4)
+    assert metrics["false_alarm_rate"] == 0.0 and metrics["recall"] == 1.0  # the batch's own threshold
+    assert metrics["pixel_auroc"] > 0.9
+    cached = json.loads((out / "cache" / "tile" / "k0_seed0.json").read_text())["result"]
+    assert cached["references"] == [] and "zero-shot batch" in cached["calibration"]["method"]
+    text = run_eval("--dataset", "mvtec", "--root", root, "--zero-shot", "--preset", preset, "--out", out)
+    assert text.code == 2 and "--zero-shot: preset 't' has no trained decoder" in text.stderr
+    few = tmp_path / "few"
+    write_category(few, "tile", [crop] * 6, [crop] * 2, n_train=2)
+    small = run_eval("--dataset", "mvtec", "--root", few, "--zero-shot", "batch", "--out", tmp_path / "o2")
+    assert small.code == 2 and "--zero-shot batch: tile has fewer than 16 test images" in small.stderr
+    assert not (tmp_path / "o2").exists()

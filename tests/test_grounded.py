@@ -118,7 +118,7 @@ def test_generic_types_are_valid() -> None:
     [
         ("few-shot", 4, "from the good references alone"),
         ("pool", 300, "from the good references alone"),
-        ("zero-shot", 0, "fixed from simulated normal images"),
+        ("zero-shot-text", 0, "fixed from simulated normal images"),
         ("zero-shot-batch", 0, "from this batch's own scores"),
     ],
 )

@@ -12,6 +12,7 @@ import cv2
 import numpy as np
 import pytest
 import skimage.data
+import torch
 from PIL import Image
 
 from anomalygpt.cli import main
@@ -192,3 +193,49 @@ def test_an_unreachable_cluster_is_a_one_line_error(scene: dict[str, Path], tmp_
     assert (code, stdout) == (2, "") and len(stderr.splitlines()) == 1
     assert stderr.startswith(f"anomalygpt detect: error: --ray-address: cannot reach a Ray cluster at {address} (")
     assert not out.exists()
+
+
+def mvtec_tree(root: Path) -> Path:
+    """One MVTec-layout category of grass crops: 3 train/good, 3 test/good, 3 test/hole with masks."""
+    corners = [(row, col) for row in (0, 128, 256, 384) for col in (0, 192, 384)][:9]
+    for index, (row, col) in enumerate(corners):
+        pixels = crop(row, col)
+        folder = "train/good" if index < 3 else "test/good" if index < 6 else "test/hole"
+        save(root / "grass" / folder / f"{index:03d}.png", pixels)
+        if index >= 6:
+            mask = np.zeros_like(pixels)
+            cv2.circle(mask, BLOB_CENTRE, BLOB_RADIUS, 255, thickness=-1)
+            save(root / "grass" / folder / f"{index:03d}.png", np.where(mask > 0, np.uint8(BLOB_GREY), pixels))
+            save(root / "grass" / "ground_truth" / "hole" / f"{index:03d}_mask.png", mask)
+    return root
+
+
+def eval_run(*args: str | Path) -> tuple[int, str]:
+    from eval.cli import main as eval_main
+
+    err = io.StringIO()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+        code = eval_main([str(arg) for arg in args])
+    return code, err.getvalue()
+
+
+def test_eval_on_ray_gives_the_local_metrics(scene: dict[str, Path], local_ray: object) -> None:
+    root = mvtec_tree(scene["root"] / "mvtec")
+    preset = scene["root"] / "preset.json"
+    common = ("--dataset", "mvtec", "--root", root, "--shots", "1,2", "--seeds", "0,1", "--preset", preset)
+    results = {}
+    # One actor on 2 threads, as torch runs here: a convolution's float sums depend on the thread count.
+    engines = {"local": ["--engine", "local"], "ray": ["--engine", "ray", "--ray-cpus", str(torch.get_num_threads())]}
+    for engine, options in engines.items():
+        out = scene["root"] / f"eval_{engine}"
+        code, stderr = eval_run(*common, "--out", out, *options)
+        assert code == 0, stderr
+        results[engine] = json.loads((out / "results.json").read_text())["categories"]["grass"]
+    timings = {"encode_ms_per_image", "score_ms_per_image", "ms_per_image", "index_ms", "peak_rss_mb"}
+    for row in ("k=1", "k=2"):
+        for seed in ("0", "1"):
+            local, on_ray = (results[e][row]["seeds"][seed] for e in ("local", "ray"))
+            assert {k: v for k, v in on_ray.items() if k not in timings} == {
+                k: v for k, v in local.items() if k not in timings
+            }, (row, seed)
+    assert 0.5 < results["ray"]["k=2"]["seeds"]["0"]["auroc"] <= 1.0

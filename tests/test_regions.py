@@ -15,6 +15,7 @@ from anomalygpt.regions import (
     find_regions,
     format_pct,
     location_word,
+    map_cell_px,
     regions_summary,
     shape_word,
     size_word,
@@ -102,8 +103,10 @@ def test_threshold_edges() -> None:
     (whole,) = find_regions(np.full((20, 30), 0.7), threshold=0.5)
     assert whole.box == (0, 0, 30, 20) and whole.area_px == 600
     assert whole.area_pct == pytest.approx(100.0)
-    assert whole.centroid == (15.0, 10.0) and whole.location == "center"
+    assert whole.centroid == (15.0, 10.0) and whole.location == "widespread"
     assert whole.size == "large" and whole.shape == "compact"
+    assert whole.place() == "across most of the image" and whole.where() == "widespread"
+    assert set(whole.places) == set(LOCATION_WORDS) | {"widespread"}
 
 
 def test_diagonal_pixels_are_one_eight_connected_region() -> None:
@@ -218,14 +221,14 @@ def test_describe_and_summary_text() -> None:
         contrast="darker",
         size="small",
     )
-    assert region.describe() == "a small elongated darker region at the top left (0.8% of the image)"
+    assert region.describe() == "a small elongated darker region in the top left (0.8% of the image)"
     assert regions_summary([]) == "No anomalous region."
     assert regions_summary([region]) == (
-        "1 anomalous region: a small elongated darker region at the top left (0.8% of the image)."
+        "1 anomalous region: a small elongated darker region in the top left (0.8% of the image)."
     )
     assert regions_summary(find_regions(two_blob_map(), threshold=0.5)) == (
-        "2 anomalous regions: a medium compact region at the bottom right (2.8% of the image); "
-        "a medium compact region at the top left (0.9% of the image)."
+        "2 anomalous regions: a medium compact region in the bottom right (2.8% of the image); "
+        "a medium compact region in the top left (0.9% of the image)."
     )
 
 
@@ -246,3 +249,68 @@ def test_bad_inputs_raise_clear_errors() -> None:
         find_regions(np.zeros((20, 20)), threshold=0.5, image=np.zeros((20, 21), dtype=np.uint8))
     with pytest.raises(ValueError, match="3 channels"):
         find_regions(np.zeros((20, 20)), threshold=0.5, image=np.zeros((20, 20, 4), dtype=np.uint8))
+
+
+def two_peak_map(valley: float) -> np.ndarray:
+    """(60, 120) map: Gaussian peaks of height 1.0 (left) and 0.95 (right) joined by a ridge at `valley`."""
+    rows, cols = np.mgrid[0:60, 0:120]
+    left = np.exp(-((rows - 30) ** 2 + (cols - 30) ** 2) / (2 * 8.0**2))
+    right = 0.95 * np.exp(-((rows - 30) ** 2 + (cols - 90) ** 2) / (2 * 8.0**2))
+    ridge = valley * np.exp(-((rows - 30) ** 2) / (2 * 4.0**2)) * ((cols > 30) & (cols < 90))
+    return np.maximum(np.maximum(left, right), ridge)
+
+
+def test_an_area_with_two_separate_peaks_is_two_regions() -> None:
+    # Threshold 0.2, peak 1.0: the valley at 0.4 is 0.55 below the lower peak, more than half the 0.8 above it.
+    first, second = find_regions(two_peak_map(valley=0.4), threshold=0.2)
+    assert {first.location, second.location} == {"left", "right"}
+    assert first.box[2] <= second.box[0] or second.box[2] <= first.box[0]  # side by side, not overlapping
+    assert first.area_px + second.area_px == int(np.count_nonzero(two_peak_map(0.4) > 0.2))  # nothing lost
+    (whole,) = find_regions(two_peak_map(valley=0.4), threshold=0.2, split_depth=None)
+    assert whole.span == ("left", "center", "right") and whole.where() == "left to right"
+    # A shallow dip (0.9, 0.05 below the lower peak) is one defect's ripple: one region.
+    (ridge,) = find_regions(two_peak_map(valley=0.9), threshold=0.2)
+    assert ridge.place() == "from the left to the right"
+
+
+def test_split_depth_is_checked() -> None:
+    with pytest.raises(ValueError, match="split_depth"):
+        find_regions(two_peak_map(0.4), threshold=0.2, split_depth=0.0)
+
+
+def test_map_cell_px_is_one_backbone_cell_in_image_pixels() -> None:
+    # Stride 8 on a 320 px input: a 300 x 300 image's cell is 7.5 x 7.5 px.
+    assert map_cell_px(300, 300, stride=8, input_side=320) == 57
+    assert map_cell_px(640, 320, stride=16, input_side=320) == 512
+    with pytest.raises(ValueError, match="positive"):
+        map_cell_px(300, 300, stride=0, input_side=320)
+
+
+def test_a_region_spanning_cells_says_from_where_to_where() -> None:
+    scores = np.zeros((90, 90))
+    scores[5:80, 5:15] = 1.0  # a vertical bar down the left column
+    (bar,) = find_regions(scores, threshold=0.5)
+    assert bar.location == "left" and bar.span == ("top left", "left", "bottom left")
+    assert bar.place() == "from the top left to the bottom left" and bar.where() == "top left to bottom left"
+    assert set(bar.places) == {"top left", "left", "bottom left"}
+    scores = np.zeros((90, 90))
+    for i in range(70):  # a diagonal crack from the bottom left to the top right
+        scores[80 - i : 83 - i, 5 + i : 8 + i] = 1.0
+    (crack,) = find_regions(scores, threshold=0.5)
+    assert crack.where() == "top right to bottom left"
+    scores = np.zeros((90, 90))
+    scores[40:50, 40:50] = 1.0
+    (spot,) = find_regions(scores, threshold=0.5)
+    assert spot.span == ("center",) and spot.place() == "in the center"  # one cell: as before
+    assert Region.from_dict(json.loads(json.dumps(bar.to_dict()))).span == bar.span
+
+
+def test_a_region_over_half_the_image_is_widespread() -> None:
+    scores = np.zeros((60, 60))
+    scores[:, :31] = 1.0  # 51.7 %
+    (half,) = find_regions(scores, threshold=0.5)
+    assert half.location == "widespread" and half.place() == "across most of the image"
+    assert "across most of the image" in regions_summary([half])
+    scores[:, 29:] = 0.0  # 48.3 %: a place again
+    (left,) = find_regions(scores, threshold=0.5)
+    assert left.location == "left"

@@ -24,6 +24,8 @@ from anomalygpt.visualize import (
     heat_colors,
     inspection_figure,
     inspection_scale,
+    label_place,
+    legend_strip,
     overlay,
     pen_for,
     save_overlay,
@@ -81,10 +83,15 @@ def test_heat_colors_reject_an_empty_scale() -> None:
 def test_overlay_blends_the_heat_map_over_the_image_without_touching_it() -> None:
     image = np.full((40, 60, 3), 100, dtype=np.uint8)
     scores = np.full((40, 60), 0.3, dtype=np.float32)
+    scores[:, 20:40] = 0.475  # a quarter up the scale: half the heat
+    scores[:, 40:] = 0.8  # above the midpoint (the threshold): all of it
     picture = overlay(image, scores, [], vmin=0.3, vmax=1.0, alpha=0.5)
-    # 0.5 * 100 + 0.5 * jet(0) = (50, 50, 50 + 64) per pixel.
     assert picture.shape == (40, 60, 3) and picture.dtype == np.uint8
-    assert np.all(picture == np.array([50, 50, 114], dtype=np.uint8))
+    assert np.all(picture[:, :20] == 100)  # at the normal mean the product shows as it is
+    quarter = np.rint(0.75 * 100 + 0.25 * heat_colors(scores[:1, 20:21], 0.3, 1.0)[0, 0]).astype(np.uint8)
+    assert np.all(picture[:, 20:40] == quarter)
+    full = np.rint(0.5 * 100 + 0.5 * heat_colors(scores[:1, 40:41], 0.3, 1.0)[0, 0]).astype(np.uint8)
+    assert np.all(picture[:, 40:] == full)
     assert np.all(image == 100)
 
 
@@ -93,7 +100,7 @@ def test_overlay_draws_a_box_on_the_region_edges_and_a_label_above_it() -> None:
     scores = block_map(height, width, box)
     regions = find_regions(scores, 0.5)
     assert [(r.box, r.location) for r in regions] == [(box, "center")]
-    image = np.zeros((height, width, 3), dtype=np.uint8)
+    image = np.full((height, width, 3), 100, dtype=np.uint8)  # the labels' black background shows on it
     plain = overlay(image, scores, [], vmin=0.0, vmax=2.0)
     boxed = overlay(image, scores, regions, vmin=0.0, vmax=2.0)
     white = np.all(boxed == np.array(BOX_COLOR, dtype=np.uint8), axis=2)  # (H, W)
@@ -116,7 +123,7 @@ def test_labels_stay_inside_the_picture_at_the_top_right_corner() -> None:
     height, width, box = 120, 160, (130, 0, 160, 30)
     scores = block_map(height, width, box)
     regions = find_regions(scores, 0.5)
-    image = np.zeros((height, width, 3), dtype=np.uint8)
+    image = np.full((height, width, 3), 100, dtype=np.uint8)
     plain = overlay(image, scores, [], vmin=0.0, vmax=2.0)
     rows, cols = changed(plain, overlay(image, scores, regions, vmin=0.0, vmax=2.0))
     pen = pen_for(height, width)
@@ -175,8 +182,9 @@ def test_save_overlay_writes_the_figure_atomically(tmp_path: Path) -> None:
     image = np.full((64, 64, 3), 90, dtype=np.uint8)
     figure = inspection_figure(image, inspection)
     banner = verdict_banner(512, is_anomalous=True, score=0.9, threshold=0.5, margin=4.0, n_regions=1)
-    assert figure.shape == (banner.shape[0] + 512, 512, 3)  # 64 px enlarged 8 times
-    assert np.array_equal(figure[: banner.shape[0]], banner)
+    legend = legend_strip(512, 0.2, 0.8, 0.5)
+    assert figure.shape == (banner.shape[0] + 512 + legend.shape[0], 512, 3)  # 64 px enlarged 8 times
+    assert np.array_equal(figure[: banner.shape[0]], banner) and np.array_equal(figure[-legend.shape[0] :], legend)
     target = tmp_path / "x_overlay.png"
     target.write_bytes(b"old")
     assert save_overlay(target, image, inspection) == target
@@ -210,6 +218,26 @@ def test_labels_never_overlap_each_other_and_stay_in_the_picture() -> None:
         assert 0 <= left < right <= width and 0 <= top < bottom <= height
         for other in taken[i + 1 :]:
             assert not (left < other[2] and other[0] < right and top < other[3] and other[1] < bottom)
+
+
+def test_a_label_avoids_other_boxes_where_it_can() -> None:
+    # Region 2's box sits right above region 1's: the first choice (above box 1) would cover it.
+    above, below = (50, 20, 150, 40), (50, 44, 150, 80)
+    rect = label_place(below, (60, 14), (200, 300), taken=[], boxes=[above])
+    assert not (rect[0] < above[2] and above[0] < rect[2] and rect[1] < above[3] and above[1] < rect[3])
+    assert rect[1] == 80  # just below its own box, the next choice
+    assert label_place(below, (60, 14), (200, 300), taken=[])[1] == 30  # with nothing to avoid: above the box
+
+
+def test_the_legend_marks_the_threshold_on_the_scale() -> None:
+    strip = legend_strip(600, vmin=0.2, vmax=0.8, threshold=0.5)
+    assert strip.shape[1] == 600 and strip.dtype == np.uint8
+    pad = 12  # 2% of the width
+    bar = strip[pad + 2, pad : 600 - pad]  # a row of the bar
+    black = np.flatnonzero(np.all(bar == 0, axis=1))  # the tick
+    assert black.size and abs(black.mean() - (600 - 2 * pad - 1) / 2) <= 1  # the threshold is the midpoint
+    assert bar[0].tolist() == heat_colors(np.array([[0.2]]), 0.2, 0.8)[0, 0].tolist()  # the scale starts cold
+    assert bar[-1].tolist() == heat_colors(np.array([[0.8]]), 0.2, 0.8)[0, 0].tolist()  # and ends hot
 
 
 def test_the_banner_is_never_drawn_over() -> None:
