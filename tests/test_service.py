@@ -484,6 +484,8 @@ def test_a_created_key_is_printed_once_stored_as_its_hash_and_then_required(requ
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "named 'camera-3' exists already" in err
     assert serve_main(["keys", "create", "../x", "--profiles", str(tmp_path), "--db", url]) == 2
+    assert serve_main(["keys", "create", "x", "--profiles", str(tmp_path / "new"), "--db", "nonsense://"]) == 2
+    assert "--db: 'nonsense://' is not a database URL" in capsys.readouterr().err and not (tmp_path / "new").exists()
     assert len(served_query(app, "SELECT name FROM api_keys")) == 1
 
 

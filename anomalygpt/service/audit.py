@@ -22,7 +22,7 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import DateTime, Float, Index, Integer, String, Text, create_engine, event, func, inspect, select, text
 from sqlalchemy.engine import Connection, Engine, make_url
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 from anomalygpt.io import write_bytes_atomic
@@ -165,12 +165,12 @@ def open_engine(url: str) -> Engine:
     service's threads. ValueError for a URL SQLAlchemy cannot parse."""
     try:
         full = database_url(url)
-    except Exception as error:  # sqlalchemy.exc.ArgumentError and friends: a malformed URL
+        is_sqlite = full.startswith("sqlite")
+        engine = create_engine(
+            full, connect_args={"check_same_thread": False} if is_sqlite else {}, pool_pre_ping=not is_sqlite
+        )
+    except ArgumentError as error:  # a malformed URL, an unknown dialect or driver
         raise ValueError(f"--db: {url!r} is not a database URL (sqlite:///FILE or postgresql://...)") from error
-    is_sqlite = full.startswith("sqlite")
-    engine = create_engine(
-        full, connect_args={"check_same_thread": False} if is_sqlite else {}, pool_pre_ping=not is_sqlite
-    )
     if is_sqlite:
         event.listen(engine, "connect", sqlite_pragmas)
     try:

@@ -87,7 +87,8 @@ def create_key(argv: list[str]) -> int:
         check_profiles_folder(args.profiles)
         from anomalygpt.service.audit import AuditStore
 
-        args.profiles.mkdir(parents=True, exist_ok=True)
+        if args.db is None:
+            args.profiles.mkdir(parents=True, exist_ok=True)
         audit = AuditStore(args.db or f"sqlite:///{args.profiles / 'audit.db'}", args.profiles / "blobs")
         audit.add_key(args.name, hashlib.sha256(key.encode()).hexdigest())
     except (ValueError, OSError) as error:
