@@ -236,6 +236,12 @@ def ray_settings(args: argparse.Namespace) -> RaySettings:
     return RaySettings(args.ray_address, args.ray_actors, float(args.ray_cpus), args.ray_gpus)
 
 
+def check_local_engine(ray: RaySettings) -> None:
+    """The local engine has no use for Ray's options: given, they are a mistake, not silently dropped."""
+    if ray != RaySettings():
+        raise UsageError("--ray-address, --ray-actors, --ray-cpus, --ray-gpus: only with --engine ray")
+
+
 def add_fit_parser(verbs: Any) -> None:
     fit = verbs.add_parser(
         "fit",
@@ -372,6 +378,7 @@ def run_detect(options: DetectOptions) -> int:
 
 def prepare_detect(options: DetectOptions) -> DetectJob:
     """Validate options, paths, preset and every image (cheapest first), then build the inspector and fit."""
+    check_local_engine(options.ray)
     check_sensitivity(options.sensitivity)
     check_out_dir(options.out)
     if options.profile is not None and options.refs:

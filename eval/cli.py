@@ -19,6 +19,7 @@ from anomalygpt.cli import (
     RaySettings,
     UsageError,
     add_engine_arguments,
+    check_local_engine,
     check_out_dir,
     one_line,
     ray_settings,
@@ -250,6 +251,8 @@ def prepare(options: EvalOptions) -> EvalJob:
         raise UsageError("--zero-shot: the decoder alone has no training set; use it without baselines in --method")
     if options.engine == "ray":
         check_ray_options(options, full_shot)
+    else:
+        check_local_engine(options.ray)
     if options.zero_shot == "text" and not preset.decoder.weights:
         raise UsageError(f"--zero-shot: preset {preset.name!r} has no trained decoder (decoder.weights)")
     if options.zero_shot == "batch" and options.held_out:

@@ -174,6 +174,7 @@ def test_another_jobs_out_folder_is_refused_untouched(scene: dict[str, Path], lo
         ([], "--engine ray: needs --profile"),
         (["--profile", "p.profile", "--json"], "--json: not with --engine ray"),
         (["--profile", "p.profile", "--ray-actors", "0"], "--ray-actors: must be at least 1"),
+        (["--profile", "p.profile", "--device", "cpu"], "--device: not with --engine ray"),
     ],
 )
 def test_bad_ray_options_are_one_line_errors(
@@ -239,3 +240,24 @@ def test_eval_on_ray_gives_the_local_metrics(scene: dict[str, Path], local_ray: 
                 k: v for k, v in local.items() if k not in timings
             }, (row, seed)
     assert 0.5 < results["ray"]["k=2"]["seeds"]["0"]["auroc"] <= 1.0
+
+
+@pytest.mark.parametrize("verb", ["detect", "eval"])
+def test_ray_options_without_the_ray_engine_are_refused(scene: dict[str, Path], tmp_path: Path, verb: str) -> None:
+    out = tmp_path / "out"
+    if verb == "detect":
+        code, stdout, stderr = run(
+            ["detect", str(scene["queries"]), "--profile", str(scene["profile"])]
+            + ["--out", str(out), "--ray-address", "auto"]
+        )
+    else:
+        code, stderr = eval_run("--dataset", "elpv", "--out", out, "--ray-actors", "2")
+        stdout = ""
+    assert (code, stdout) == (2, "") and len(stderr.splitlines()) == 1 and not out.exists()
+    assert stderr.startswith(f"anomalygpt {verb}: error: --ray-address, --ray-actors, --ray-cpus, --ray-gpus: only ")
+
+
+def test_eval_on_ray_refuses_baselines(tmp_path: Path) -> None:
+    code, stderr = eval_run("--dataset", "elpv", "--out", tmp_path / "out", "--engine", "ray", "--method", "patchcore")
+    assert code == 2 and len(stderr.splitlines()) == 1
+    assert stderr.startswith("anomalygpt eval: error: --engine ray: runs the inspector method only")
