@@ -44,6 +44,7 @@ from anomalygpt.cli import (
     summary_image,
     summary_of,
     unique_paths,
+    write_outputs,
 )
 from anomalygpt.io import ImageError, list_images, load_image, safe_text, write_json_atomic
 
@@ -64,7 +65,7 @@ class ActorJob:
     """What every actor needs; plain values, shipped to the actors by Ray."""
 
     profile: str  # absolute path of the profile file
-    preset: str | None  # --preset, which must agree with the profile's; None: the profile's own
+    preset: dict[str, Any]  # the driver's (the profile's own, or --preset's) as plain JSON, on device "auto"
     class_name: str | None
     sensitivity: float
     out: str  # absolute path of --out
@@ -85,13 +86,14 @@ class InspectActor:
     def __init__(self, job: ActorJob) -> None:
         import torch
 
-        from anomalygpt.config import load_preset
+        from anomalygpt.config import Preset, from_dict
         from anomalygpt.profile import open_profile
 
         torch.set_num_threads(max(1, int(job.cpus)))
         self.job = job
         self.out = Path(job.out)
-        self.inspector, self.references = open_profile(job.profile, load_preset(job.preset) if job.preset else None)
+        preset = from_dict(Preset, job.preset, where="detect --engine ray: preset")
+        self.inspector, self.references = open_profile(job.profile, preset)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[Any]]:
         columns = (batch["index"], batch["path"], batch["source"], batch["stem"])
@@ -112,41 +114,52 @@ class Row:
     stem: str
 
 
+@dataclass(frozen=True)
+class Ready:
+    """A row to inspect: its file decoded and of the references' size."""
+
+    row: Row
+    image: np.ndarray  # (H, W, 3) uint8 as decoded
+    sha256: str  # of the file's bytes, the ones decoded
+
+
 def inspect_rows(
     inspector: Inspector, references: References, job: ActorJob, out: Path, rows: Sequence[Row]
 ) -> list[Outcome]:
     """Reuse the rows whose complete record matches the file, inspect the others in one batch, write their files."""
-    from anomalygpt.cli import write_outputs
+    from anomalygpt.inspection import working_image
+
+    triaged = [triage(row, references, out, job.reuse) for row in rows]
+    outcomes = [item for item in triaged if isinstance(item, Outcome)]
+    ready = [item for item in triaged if isinstance(item, Ready)]
+    sources = [item.row.source for item in ready]
+    images = [item.image for item in ready]
+    batch = max(1, len(ready))
+    inspections = inspector.inspect_many(images, references, job.class_name, sources, job.sensitivity, batch)
+    for item, inspection in zip(ready, inspections, strict=True):
+        record = write_outputs(out, item.row.stem, working_image(item.image), inspection, item.sha256)
+        outcomes.append(Outcome(item.row.index, "inspected", json.dumps(summary_image(record, item.row.stem))))
+    return outcomes
+
+
+def triage(row: Row, references: References, out: Path, reuse: bool) -> Outcome | Ready:
+    """A reused or failed row's outcome, or the row ready to inspect."""
     from anomalygpt.inspection import check_query_size, working_image
 
-    outcomes, ready, images, hashes = [], [], [], []
-    for row in rows:
-        try:
-            data = Path(row.path).read_bytes()
-        except OSError as error:
-            outcomes.append(Outcome(row.index, "failed", f"{row.source}: cannot read ({error.strerror})"))
-            continue
-        sha256 = hashlib.sha256(data).hexdigest()
-        entry = reusable_entry(out, row, sha256) if job.reuse else None
-        if entry is not None:
-            outcomes.append(Outcome(row.index, "reused", json.dumps(entry)))
-            continue
-        try:
-            image = load_image(data, name=row.source)  # (H, W, 3) uint8
-            check_query_size(working_image(image), references, row.source)
-        except ValueError as error:  # ImageError, InspectionError
-            outcomes.append(Outcome(row.index, "failed", str(error)))
-            continue
-        ready.append(row)
-        images.append(image)
-        hashes.append(sha256)
-    inspections = inspector.inspect_many(
-        images, references, job.class_name, [row.source for row in ready], job.sensitivity, batch_size=len(images) or 1
-    )
-    for row, image, sha256, inspection in zip(ready, images, hashes, inspections, strict=True):
-        record = write_outputs(out, row.stem, working_image(image), inspection, sha256)
-        outcomes.append(Outcome(row.index, "inspected", json.dumps(summary_image(record, row.stem))))
-    return outcomes
+    try:
+        data = Path(row.path).read_bytes()
+    except OSError as error:
+        return Outcome(row.index, "failed", f"{row.source}: cannot read ({error.strerror})")
+    sha256 = hashlib.sha256(data).hexdigest()
+    entry = reusable_entry(out, row, sha256) if reuse else None
+    if entry is not None:
+        return Outcome(row.index, "reused", json.dumps(entry))
+    try:
+        image = load_image(data, name=row.source)  # (H, W, 3) uint8
+        check_query_size(working_image(image), references, row.source)
+    except ValueError as error:  # ImageError, InspectionError
+        return Outcome(row.index, "failed", str(error))
+    return Ready(row, image, sha256)
 
 
 def reusable_entry(out: Path, row: Row, sha256: str) -> dict[str, Any] | None:
@@ -170,7 +183,7 @@ class RayDetect:
     job: DetectJob
     actor_job: ActorJob
     key: dict[str, Any]  # JOB_KEYS' values
-    resumed: bool  # --out holds an earlier run of this job
+    resumed: bool  # --out holds an earlier run of this job: its complete records are reused
 
 
 def run_detect(options: DetectOptions) -> int:
@@ -181,6 +194,8 @@ def run_detect(options: DetectOptions) -> int:
     except (ValueError, OSError) as error:
         return fail("detect", error)
     path = Path(plan.actor_job.out) / f"{SUMMARY_STEM}.json"
+    if plan.resumed:
+        print(f"{PROG} detect: note: {safe_text(path)} is this job's: complete records are reused", file=sys.stderr)
     try:
         write_json_atomic(path, job_summary(plan, options, [], []))  # the job's key, before any record
         outcomes = run_actors(plan, options.ray)
@@ -188,6 +203,10 @@ def run_detect(options: DetectOptions) -> int:
         write_json_atomic(path, job_summary(plan, options, images, failed))
     except (ImageError, OSError) as error:
         return fail("detect", error, code=1)
+    except ray_module().exceptions.RayError as error:  # an actor that cannot start or crashed past its retries
+        return fail("detect", f"ray: {actor_error(error)}; the records written are kept: run it again to resume", 1)
+    except KeyboardInterrupt:
+        return fail("detect", "interrupted; the records written are kept: run the same command to resume", 130)
     finally:
         if started:
             shutdown()
@@ -215,7 +234,7 @@ def prepare(options: DetectOptions) -> RayDetect:
     queries = unique_paths(list_images(options.queries))
     stems = output_stems(queries)
     from anomalygpt.config import load_preset  # imports torch: after the instant checks
-    from anomalygpt.profile import file_sha256, open_profile
+    from anomalygpt.profile import file_sha256, open_profile, plain_preset
 
     inspector, references = open_profile(options.profile, load_preset(options.preset) if options.preset else None)
     key = {
@@ -230,7 +249,7 @@ def prepare(options: DetectOptions) -> RayDetect:
     job = DetectJob(inspector.preset, inspector, references, [], queries, stems, options.profile)
     actor_job = ActorJob(
         str(options.profile.resolve()),
-        options.preset,
+        plain_preset(inspector.preset) | {"device": "auto"},
         options.class_name,
         options.sensitivity,
         str(options.out.resolve()),
