@@ -56,21 +56,19 @@ class VisionBackbone(nn.Module):
         return self.eval()
 
     def preprocess(self, images: Sequence[np.ndarray]) -> torch.Tensor:
-        """(H, W, 3) uint8 images -> normalised (B, 3, S, S) at the backbone's input size."""
-        batch = []
-        for image in images:
-            pixels = torch.from_numpy(image.astype(np.float32)).permute(2, 0, 1)[None] / 255.0  # a writable copy
-            batch.append(
-                F.interpolate(
-                    pixels,
-                    size=(self.image_size, self.image_size),
-                    mode="bilinear",
-                    antialias=True,
-                    align_corners=False,
-                )
-            )
-        pixels = torch.cat(batch).to(self.mean.device)
+        """(H, W, 3) uint8 images -> normalised (B, 3, S, S) at the backbone's input size. Images of one size are
+        resized together on the backbone's device (a GPU gets uint8, a quarter of the bytes)."""
+        if len({image.shape for image in images}) == 1:
+            pixels = self.resized(torch.from_numpy(np.stack(images)).to(self.mean.device))
+        else:
+            pixels = torch.cat([self.resized(torch.from_numpy(image)[None]) for image in images]).to(self.mean.device)
         return (pixels - self.mean) / self.std
+
+    def resized(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, H, W, 3) uint8 -> (B, 3, S, S) float32 in [0, 1], antialiased bilinear."""
+        pixels = images.permute(0, 3, 1, 2).float() / 255.0
+        size = (self.image_size, self.image_size)
+        return F.interpolate(pixels, size=size, mode="bilinear", antialias=True, align_corners=False)
 
     def forward(self, pixels: torch.Tensor, embedding: bool = True) -> BackboneFeatures:
         """Patch features of every stage; the global embedding too unless embedding=False (it stops early)."""
@@ -162,7 +160,19 @@ def fold_batch_norms(net: nn.Module) -> nn.Module:
     for owner, conv, norm in pairs:
         setattr(owner, conv, fuse_conv_bn_eval(getattr(owner, conv).eval(), getattr(owner, norm).eval()))
         setattr(owner, norm, nn.Identity())
+        fold_symmetric_padding(getattr(owner, conv))
     return net.to(memory_format=torch.channels_last)
+
+
+def fold_symmetric_padding(conv: nn.Module) -> None:
+    """A 'same'-padded conv whose static zero padding is equal on opposite sides pads inside the convolution
+    instead (one pass over the activations fewer: a tenth of the encoder's time on the 2-core CPU)."""
+    pad = getattr(conv, "static_padding", None)
+    if isinstance(pad, nn.ZeroPad2d):
+        left, right, top, bottom = pad.padding
+        if left == right and top == bottom and isinstance(conv, nn.Conv2d):
+            conv.padding = (top, left)
+            conv.static_padding = nn.Identity()
 
 
 def build_efficientnet_lite(cfg: BackboneConfig) -> VisionBackbone:

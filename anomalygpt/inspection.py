@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -29,12 +31,15 @@ from anomalygpt.decoder import AnomalyDecoder, DecoderSpec, TextPrior
 from anomalygpt.io import ImageSource, load_image
 from anomalygpt.memory import (
     N_DIHEDRAL,
+    MemoryConfig,
     PatchMemory,
     appearance,
     embed_patches,
     fuse_maps,
+    fused_tensor,
     memory_inputs,
     top_mean,
+    top_means,
 )
 from anomalygpt.mutual import MIN_BATCH, batch_calibration, mutual_maps
 from anomalygpt.references import (
@@ -55,7 +60,7 @@ from anomalygpt.weights import load_into, load_module
 MAX_REFERENCES = 10_000
 MAX_WORKING_SIDE = 2048  # px: larger images are inspected downscaled (time and memory stay bounded)
 BATCH_SIZE = 16  # images per backbone pass in inspect_many
-DECODE_THREADS = 2  # image decoders running beside the backbone in inspect_many
+DECODE_THREADS = min(16, os.cpu_count() or 1)  # image decoders running beside the backbone in inspect_many
 MAX_REFERENCES_IN_MEMORY = 64  # more references are decoded again when indexed instead of held as pixels
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"  # trained parts of the offline default
 
@@ -343,9 +348,12 @@ class Inspector:
         sensitivity: float = 0.0,
         batch_size: int = BATCH_SIZE,
         progress: bool = False,
+        half: bool = False,
     ) -> Iterator[Inspection]:
         """Inspect many images against one indexed reference set, in batches; yields what `inspect` gives each
-        image, in order. Images are decoded in threads one batch ahead of the backbone. A file that does not
+        image, in order. Images are decoded (and standardised) in threads a batch ahead of the backbone; on a GPU
+        the maps are smoothed and scored there, and only the results come back. `half`: on a GPU, the backbone
+        under float16 autocast and the nearest-patch search in float16 (ignored on the CPU). A file that does not
         decode, or a query whose size is not the references', raises when its batch is reached."""
         if sources is not None and len(sources) != len(images):
             raise InspectionError(f"{len(sources)} sources given for {len(images)} images")
@@ -353,8 +361,8 @@ class Inspector:
             raise InspectionError(f"batch_size must be at least 1, got {batch_size}")
         labels = list(sources) if sources is not None else [None] * len(images)
         bar = tqdm(total=len(images), desc="inspecting", unit="image", disable=not progress)
-        for batch, batch_sources in decoded_batches(images, labels, batch_size):
-            yield from self.few_shot_batch(batch, references, class_name, batch_sources, sensitivity)
+        for batch, batch_sources in decoded_batches(images, labels, batch_size, references.memory.cfg):
+            yield from self.few_shot_batch(batch, references, class_name, batch_sources, sensitivity, half)
             bar.update(len(batch))
         bar.close()
 
@@ -365,25 +373,22 @@ class Inspector:
         class_name: str | None,
         sources: Sequence[str | None],
         sensitivity: float,
+        half: bool = False,
     ) -> list[Inspection]:
         """inspect_few_shot for a batch of decoded images: one backbone pass, one batched nearest-patch search."""
         for image, source in zip(batch, sources, strict=True):
             check_query_size(image.pixels, refs, source)
         start = time.perf_counter()
         memory = refs.memory
-        with torch.inference_mode():
-            patches = self.backbone.encode(memory_inputs([d.pixels for d in batch], memory.cfg), len(batch)).patches
-            feats = embed_patches(patches, memory.cfg.neighbourhood)
-            maps = memory.fuse(memory.stage_maps(feats), memory.image_size)
-            looks = appearance(feats[-1])  # (B, C)
+        maps, scores, looks = self.batch_maps([d.memory_input for d in batch], memory, half)
         timings = {"inspect": (time.perf_counter() - start) * 1000 / len(batch), "index_references": refs.index_ms}
         mode = Mode(refs.mode, memory.n_references, refs.calibration)
+        appearances, thing = memory.appearances.cpu(), class_name or refs.class_name
         inspections = []
         for index, (image, source) in enumerate(zip(batch, sources, strict=True)):
-            brightness = float(grey_thumbnail(image.pixels).mean())
-            fit = reference_fit(looks[index], brightness, memory.appearances, refs.fit_stats, refs.names)
+            fit = reference_fit(looks[index], image.brightness, appearances, refs.fit_stats, refs.names)
             inspection = self.inspection(
-                image.pixels, maps[index], mode, class_name or refs.class_name, source, sensitivity, timings
+                image.pixels, maps[index], mode, thing, source, sensitivity, timings, scores[index]
             )
             warning = fit_warning(fit)
             inspection.warnings = ([warning] if warning else []) + refs.warnings
@@ -392,6 +397,24 @@ class Inspector:
                 inspection.source_size = image.source_size
             inspections.append(inspection)
         return inspections
+
+    @torch.inference_mode()
+    def batch_maps(
+        self, inputs: Sequence[np.ndarray], memory: PatchMemory, half: bool
+    ) -> tuple[np.ndarray, list[float | None], torch.Tensor]:
+        """(B, H, W) maps of same-size memory inputs, their scores (on a GPU, None where `inspection` computes
+        them as on the CPU) and (B, C) appearances on the CPU."""
+        cfg = memory.cfg
+        gpu = self.backbone.mean.is_cuda
+        with torch.autocast("cuda", torch.float16) if half and gpu else contextlib.nullcontext():
+            patches = self.backbone.encode(inputs, len(inputs)).patches
+        feats = embed_patches(patches, cfg.neighbourhood)  # float32
+        stage_maps = memory.stage_maps(feats, half)
+        looks = appearance(feats[-1]).cpu()  # (B, C)
+        if not gpu:
+            return memory.fuse(stage_maps, memory.image_size), [None] * len(inputs), looks
+        fused = fused_tensor(stage_maps, memory.image_size, cfg.sigma)  # (B, H, W) on the GPU
+        return fused.cpu().numpy(), top_means(fused, cfg.top_fraction).tolist(), looks
 
     def zero_shot_prior(self) -> TextPrior:
         """The decoder, loaded now; InspectionError when the preset has none."""
@@ -508,8 +531,10 @@ class Inspector:
         source: str | None,
         sensitivity: float,
         timings: dict[str, float],
+        score: float | None = None,
     ) -> Inspection:
-        score = top_mean(anomaly_map, self.preset.memory.top_fraction)
+        """The Inspection of a map; `score` when already computed (on a GPU), else the map's top_mean."""
+        score = top_mean(anomaly_map, self.preset.memory.top_fraction) if score is None else score
         stride = mode.stride or min(self.backbone.strides)
         height, width = pixels.shape[:2]
         min_region_px = map_cell_px(height, width, stride, self.backbone.image_size)
@@ -552,25 +577,31 @@ def check_query_size(pixels: np.ndarray, refs: References, source: str | None) -
 
 
 class Decoded(NamedTuple):
+    """A query prepared off the main thread: everything per pixel that does not need the models."""
+
     pixels: np.ndarray  # (H, W, 3) uint8 at its working size
     source_size: tuple[int, int]  # (H, W) of the file
+    brightness: float  # mean grey level of its thumbnail, for the reference-fit check
+    memory_input: np.ndarray  # the pixels as the memory sees them (standardised when the preset says so)
 
 
-def decoded(image: ImageSource, label: str | None) -> Decoded:
+def decoded(image: ImageSource, label: str | None, cfg: MemoryConfig) -> Decoded:
     original = load_image(image, name=label)
-    return Decoded(working_image(original), (int(original.shape[0]), int(original.shape[1])))
+    pixels = working_image(original)
+    size = (int(original.shape[0]), int(original.shape[1]))
+    return Decoded(pixels, size, float(grey_thumbnail(pixels).mean()), memory_inputs([pixels], cfg)[0])
 
 
 def decoded_batches(
-    images: Sequence[ImageSource], labels: Sequence[str | None], batch_size: int
+    images: Sequence[ImageSource], labels: Sequence[str | None], batch_size: int, cfg: MemoryConfig
 ) -> Iterator[tuple[list[Decoded], list[str | None]]]:
     """The images decoded in batches, the next batch decoding in threads while the caller works on this one
-    (decoders release the GIL)."""
+    (decoders and numpy release the GIL)."""
     spans = [(first, min(first + batch_size, len(images))) for first in range(0, len(images), batch_size)]
     with ThreadPoolExecutor(DECODE_THREADS) as pool:
 
         def submit(span: tuple[int, int]) -> list[Future[Decoded]]:
-            return [pool.submit(decoded, images[i], labels[i]) for i in range(*span)]
+            return [pool.submit(decoded, images[i], labels[i], cfg) for i in range(*span)]
 
         pending = submit(spans[0]) if spans else []
         for index, span in enumerate(spans):

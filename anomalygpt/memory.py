@@ -22,6 +22,9 @@ from anomalygpt.coreset import greedy_coreset, random_projection
 N_DIHEDRAL = 8  # 4 rotations x optional horizontal flip
 THINNINGS = ("coreset", "random")
 CORESET_DIM = 128  # random projection the coreset distances are computed on
+# Bound on query x memory similarities held at once on a GPU (512 MB of float32): MemoryConfig.chunk_elements suits
+# a CPU's caches, but on a GPU its thousands of small products cost more in launches than in arithmetic.
+CUDA_CHUNK_ELEMENTS = 1 << 27
 
 
 @dataclass(frozen=True)
@@ -84,9 +87,13 @@ def original_positions(size: int, index: int) -> torch.Tensor:
 
 
 def nearest_distance(queries: torch.Tensor, bank: torch.Tensor, chunk_elements: int) -> torch.Tensor:
-    """Cosine distance (Q,) from each normalised query (Q, C) to its nearest bank row (N, C), in bounded chunks."""
+    """Cosine distance (Q,) float32 from each normalised query (Q, C) to its nearest bank row (N, C), in bounded
+    chunks, computed in the bank's dtype (float16 only on a GPU) on the bank's device."""
+    queries = queries.to(bank.device, bank.dtype)
+    if bank.is_cuda:
+        chunk_elements = max(chunk_elements, CUDA_CHUNK_ELEMENTS)
     rows = max(1, chunk_elements // max(1, bank.shape[0]))
-    out = [1.0 - (queries[i : i + rows] @ bank.T).amax(dim=1) for i in range(0, queries.shape[0], rows)]
+    out = [1.0 - (queries[i : i + rows] @ bank.T).amax(dim=1).float() for i in range(0, queries.shape[0], rows)]
     return torch.cat(out).clamp_min(0.0)
 
 
@@ -136,9 +143,11 @@ def reference_bank(views: torch.Tensor, index: int, keep: int, method: str, gene
     rows = views.permute(0, 2, 3, 1).reshape(-1, channels)
     origin = torch.cat([original_positions(side, v) for v in range(n_views)], dim=1)  # (2, V*side, side)
     positions = (origin[0] * side + origin[1]).reshape(-1)
-    chosen = thin(rows, keep, method, generator)
-    # float16: half the memory, and a profile stores exactly what the fitted memory holds
-    return StageBank(rows[chosen].half(), torch.full((len(chosen),), index, dtype=torch.long), positions[chosen])
+    chosen = thin(rows.cpu(), keep, method, generator)  # on the CPU: its generator and one-thread greedy loop
+    # float16: half the memory, and a profile stores exactly what the fitted memory holds; kept on the features'
+    # device (the backbone's), where queries are searched
+    features = rows[chosen.to(rows.device)].half()
+    return StageBank(features, torch.full((len(chosen),), index, dtype=torch.long), positions[chosen])
 
 
 def concat_banks(parts: Sequence[StageBank]) -> StageBank:
@@ -200,6 +209,7 @@ class PatchMemory:
         ]
         # Added to every stage's distance map: the fused decoder's weighted abnormality (None: memory alone).
         self.prior: Callable[[Sequence[torch.Tensor]], list[torch.Tensor]] | None = None
+        self._search: dict[torch.dtype, list[torch.Tensor]] = {}  # the banks as searched, per dtype (search_banks)
 
     @property
     def n_references(self) -> int:
@@ -258,11 +268,20 @@ class PatchMemory:
         n = min(self.cfg.retrieve, available) if self.cfg.retrieve > 0 else available
         return similarity.topk(n, dim=1).indices
 
-    def bank_of(self, references: Sequence[int] | torch.Tensor) -> list[torch.Tensor]:
-        """Per stage (N, C) float32 features of the given references' patches."""
+    def search_banks(self, dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
+        """Per stage (N, C) features of every reference in `dtype`, made once and kept on the banks' device, so
+        that batch after batch searches them without a copy or a conversion."""
+        if dtype not in self._search:
+            self._search[dtype] = [bank.features.to(dtype).contiguous() for bank in self.banks]
+        return self._search[dtype]
+
+    def bank_of(
+        self, references: Sequence[int] | torch.Tensor, dtype: torch.dtype = torch.float32
+    ) -> list[torch.Tensor]:
+        """Per stage (N, C) features of the given references' patches, in `dtype`."""
         chosen = [int(r) for r in references]
         return [
-            torch.cat([bank.features[offsets[r] : offsets[r + 1]] for r in chosen]).float()
+            torch.cat([bank.features[offsets[r] : offsets[r + 1]] for r in chosen]).to(dtype)
             for bank, offsets in zip(self.banks, self.offsets, strict=True)
         ]
 
@@ -279,7 +298,7 @@ class PatchMemory:
             offsets = self.offsets[stage]
             rows = torch.cat([torch.arange(int(offsets[r]), int(offsets[r + 1])) for r in references])
         similarity, best = (queries @ bank.features[rows].float().T).max(dim=1)
-        chosen = rows[best]
+        chosen = rows[best.cpu()]
         return (1.0 - similarity).clamp_min(0.0), bank.reference[chosen], bank.position[chosen]
 
     @torch.inference_mode()
@@ -299,13 +318,16 @@ class PatchMemory:
         return [d + p for d, p in zip(distances, self.prior(feats), strict=True)]
 
     @torch.inference_mode()
-    def stage_maps(self, feats: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Per stage (B, h, w) anomaly maps of queries: against every reference, or each against its nearest."""
+    def stage_maps(self, feats: Sequence[torch.Tensor], half: bool = False) -> list[torch.Tensor]:
+        """Per stage (B, h, w) anomaly maps of queries: against every reference, or each against its nearest.
+        `half`: similarities in float16 when the banks are on a GPU (never on the CPU)."""
+        dtype = torch.float16 if half and self.banks[0].features.is_cuda else torch.float32
         if not self.retrieval:
-            return self.with_prior(feats, self.stage_distances(feats, [b.features.float() for b in self.banks]))
+            return self.with_prior(feats, self.stage_distances(feats, self.search_banks(dtype)))
         nearest = self.nearest_references(global_descriptor(feats[-1], self.cfg.descriptor_grid))
         per_image = [
-            self.stage_distances([f[i : i + 1] for f in feats], self.bank_of(nearest[i])) for i in range(len(nearest))
+            self.stage_distances([f[i : i + 1] for f in feats], self.bank_of(nearest[i], dtype))
+            for i in range(len(nearest))
         ]
         distances = [torch.cat([maps[stage] for maps in per_image]) for stage in range(len(feats))]
         return self.with_prior(feats, distances)
@@ -328,10 +350,53 @@ class PatchMemory:
 
 
 def fuse_maps(stage_maps: Sequence[torch.Tensor], size: tuple[int, int], sigma: float) -> np.ndarray:
-    """Per-stage (B, h, w) maps -> (B, H, W) map at image size: upsampled, averaged, Gaussian-smoothed."""
-    up = [F.interpolate(m[:, None], size=size, mode="bilinear", align_corners=False)[:, 0] for m in stage_maps]
-    fused = torch.stack(up).mean(dim=0).cpu().numpy()
+    """Per-stage (B, h, w) maps -> (B, H, W) map at image size: upsampled, averaged, Gaussian-smoothed (scipy on the
+    CPU; on a GPU there, with the same kernel and edge mode, and only the result copied back)."""
+    if stage_maps[0].is_cuda:
+        return fused_tensor(stage_maps, size, sigma).cpu().numpy()
+    fused = upsampled_mean(stage_maps, size).cpu().numpy()
     return np.stack([gaussian_filter(m, sigma=sigma) for m in fused]).astype(np.float32)
+
+
+def upsampled_mean(stage_maps: Sequence[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+    """Per-stage (B, h, w) maps -> (B, H, W) float32: each upsampled bilinearly to `size`, then averaged."""
+    up = [F.interpolate(m[:, None].float(), size=size, mode="bilinear", align_corners=False)[:, 0] for m in stage_maps]
+    return torch.stack(up).mean(dim=0)
+
+
+def fused_tensor(stage_maps: Sequence[torch.Tensor], size: tuple[int, int], sigma: float) -> torch.Tensor:
+    """fuse_maps as a (B, H, W) tensor on the maps' device, smoothed by gaussian_smooth."""
+    return gaussian_smooth(upsampled_mean(stage_maps, size), sigma)
+
+
+def gaussian_kernel(sigma: float, device: torch.device) -> torch.Tensor:
+    """scipy.ndimage's 1-D Gaussian (truncated at 4 sigma, normalised), as float32."""
+    radius = int(4.0 * sigma + 0.5)
+    x = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    weights = torch.exp(-0.5 * (x / sigma) ** 2)
+    return (weights / weights.sum()).to(device, torch.float32)
+
+
+def reflected_indices(n: int, radius: int, device: torch.device) -> torch.Tensor:
+    """Indices of a length-n axis padded by `radius` on each side in scipy's 'reflect' mode (d c b a | a b c d),
+    however large the radius."""
+    period = torch.arange(-radius, n + radius, device=device) % (2 * n)
+    return torch.where(period < n, period, 2 * n - 1 - period)
+
+
+def gaussian_smooth(maps: torch.Tensor, sigma: float) -> torch.Tensor:
+    """(B, H, W) maps smoothed as scipy.ndimage.gaussian_filter does (same kernel, 'reflect' edges; float32
+    rounding differs by ~1e-7), one separable pass per axis on the maps' device."""
+    if sigma <= 1e-15:  # as scipy: no smoothing
+        return maps
+    kernel = gaussian_kernel(sigma, maps.device)
+    radius = (kernel.numel() - 1) // 2
+    batch, height, width = maps.shape
+    rows = maps.index_select(1, reflected_indices(height, radius, maps.device))  # (B, H + 2r, W)
+    rows = F.conv1d(rows.permute(0, 2, 1).reshape(-1, 1, height + 2 * radius), kernel[None, None])
+    rows = rows.reshape(batch, width, height).permute(0, 2, 1)  # (B, H, W)
+    cols = rows.index_select(2, reflected_indices(width, radius, maps.device))  # (B, H, W + 2r)
+    return F.conv1d(cols.reshape(-1, 1, width + 2 * radius), kernel[None, None]).reshape(batch, height, width)
 
 
 def top_mean(values: np.ndarray, fraction: float) -> float:
@@ -339,3 +404,10 @@ def top_mean(values: np.ndarray, fraction: float) -> float:
     flat = values.ravel()
     count = max(1, int(round(flat.size * fraction)))
     return float(np.partition(flat, flat.size - count)[-count:].mean())
+
+
+def top_means(maps: torch.Tensor, fraction: float) -> torch.Tensor:
+    """(B,) top_mean of each (H, W) map of a (B, H, W) tensor, on its device."""
+    flat = maps.flatten(1)
+    count = max(1, int(round(flat.shape[1] * fraction)))
+    return flat.topk(count, dim=1, sorted=False).values.mean(dim=1)

@@ -6,10 +6,13 @@ import json
 import cv2
 import numpy as np
 import pytest
+import torch
 from conftest import texture_crops, with_dark_blob
+from scipy.ndimage import gaussian_filter
 
 from anomalygpt.config import load_preset
 from anomalygpt.inspection import Inspection, InspectionError, Inspector
+from anomalygpt.memory import gaussian_smooth, top_mean, top_means
 
 
 @pytest.fixture(scope="module")
@@ -131,3 +134,39 @@ def test_detect_batch_size_keeps_every_output(tmp_path):
         assert {k: v for k, v in three.items() if k not in ("score", "margin", "timings_ms", "regions")} == {
             k: v for k, v in one.items() if k not in ("score", "margin", "timings_ms", "regions")
         }
+
+
+@pytest.mark.parametrize(
+    ("shape", "sigma"), [((3, 300, 300), 4.0), ((2, 7, 5), 4.0), ((1, 40, 33), 0.7), ((1, 5, 5), 0.0)]
+)
+def test_gpu_smoothing_and_scoring_match_scipy_and_numpy(shape, sigma):
+    """The GPU path's Gaussian (run here on the CPU) is scipy's, edges and kernels wider than the map included."""
+    maps = np.random.default_rng(0).random(shape, dtype=np.float32)
+    expected = np.stack([gaussian_filter(m, sigma=sigma) for m in maps])
+    smoothed = gaussian_smooth(torch.from_numpy(maps), sigma).numpy()
+    assert np.abs(smoothed - expected).max() < 1e-6
+    scores = top_means(torch.from_numpy(maps), 0.01).numpy()
+    assert np.abs(scores - [top_mean(m, 0.01) for m in maps]).max() < 1e-6
+
+
+def test_search_banks_are_made_once(inspector):
+    memory = inspector.fit(texture_crops(2, seed=11)).memory
+    first = memory.search_banks()
+    assert memory.search_banks() is first and first[0].dtype == torch.float32
+    assert torch.equal(first[1], memory.banks[1].features.float())
+
+
+@pytest.mark.cuda
+def test_half_precision_on_cuda_keeps_verdicts(small_backbone, queries):
+    """half=True (float16 autocast and search) moves scores little and no verdict."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    inspector = Inspector(small_backbone.to("cuda"), dataclasses.replace(load_preset("default"), device="cuda"))
+    try:
+        references = inspector.fit(texture_crops(4, seed=11))
+        full = list(inspector.inspect_many(queries, references, batch_size=4))
+        half = list(inspector.inspect_many(queries, references, batch_size=4, half=True))
+    finally:
+        small_backbone.to("cpu")
+    assert [h.is_anomalous for h in half] == [f.is_anomalous for f in full] == [False, False, True, True, True]
+    assert max(abs(h.score - f.score) for h, f in zip(half, full, strict=True)) < 5e-3
