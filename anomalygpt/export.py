@@ -146,6 +146,11 @@ def open_for_export(path: Path) -> tuple[Inspector, References, dict[str, Any]]:
     """The profile's inspector (its own preset, on the CPU), references and header; ProfileError when unreadable."""
     header, tensors = read_profile(path)
     preset = dataclasses.replace(profile_preset(header, path), device="cpu")
+    if preset.backbone.name == "clip" and preset.backbone.pretrained == "random":
+        raise ExportError(
+            f"{path}: fitted with a randomly initialised CLIP backbone (pretrained 'random'), whose weights cannot "
+            "be rebuilt; export a profile fitted with a weights file"
+        )
     inspector = build_inspector(preset)
     return inspector, references_from(header, tensors, inspector, path), header
 
@@ -202,18 +207,24 @@ def export_onnx(graph: ExportGraph, probe: np.ndarray, path: Path, outputs: Sequ
     """The graph as ONNX with a dynamic batch axis (TorchScript exporter: it keeps EfficientNet's graph static and
     exports in about a second)."""
     axes = {name: {0: "batch"} for name in [IMAGE_INPUT, *outputs]}
+    fastpath = torch.backends.mha.get_fastpath_enabled()
     with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notes
-        torch.onnx.export(
-            graph,
-            (torch.from_numpy(probe),),
-            str(path),
-            dynamo=False,
-            opset_version=OPSET,
-            input_names=[IMAGE_INPUT],
-            output_names=list(outputs),
-            dynamic_axes=axes,
-        )
+        # CLIP's attention otherwise runs as one fused kernel that has no ONNX equivalent
+        torch.backends.mha.set_fastpath_enabled(False)
+        try:
+            torch.onnx.export(
+                graph,
+                (torch.from_numpy(probe),),
+                str(path),
+                dynamo=False,
+                opset_version=OPSET,
+                input_names=[IMAGE_INPUT],
+                output_names=list(outputs),
+                dynamic_axes=axes,
+            )
+        finally:
+            torch.backends.mha.set_fastpath_enabled(fastpath)
 
 
 def export_openvino(onnx_path: Path, xml_path: Path) -> None:

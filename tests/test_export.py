@@ -6,16 +6,18 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import texture_crops, with_dark_blob
 from PIL import Image
+from test_backbones import TINY_CLIP
 
 from anomalygpt import cli, memory, references
 from anomalygpt.calibration import Calibration
 from anomalygpt.config import Preset, load_preset
-from anomalygpt.export import ExportOptions, export_profile
+from anomalygpt.export import ExportError, ExportOptions, export_profile
 from anomalygpt.inspection import build_inspector, decide, working_image
 from anomalygpt.runtime import RuntimeBundleError, RuntimeInspectionError, RuntimeInspector, scoring
 from anomalygpt.runtime.bundle import MANIFEST, MEMORY
@@ -44,6 +46,7 @@ def small_preset() -> Preset:
 
 def fitted(preset: Preset, folder: Path, n: int = 4, augment: bool = False):
     """A profile of n brick crops; augmentation set, not decided (the decision costs seconds and is not exported)."""
+    folder.mkdir(exist_ok=True)
     preset = dataclasses.replace(preset, memory=dataclasses.replace(preset.memory, augment=augment))
     inspector = build_inspector(preset)
     refs = inspector.fit(texture_crops(n, SIDE, seed=21), class_name="brick wall")
@@ -116,6 +119,25 @@ def test_a_fused_decoder_prior_is_part_of_the_exported_graph(tmp_path):
     runtime = RuntimeInspector.open(out)
     for query in queries()[:2]:
         assert_same_inspection(inspector.inspect(query, refs), runtime.inspect(query))
+
+
+def test_a_clip_backbone_exports_with_the_same_scores(tmp_path):
+    (tmp_path / "tiny-export-vit.json").write_text(json.dumps(TINY_CLIP))
+    open_clip.add_model_config(tmp_path)
+    torch.manual_seed(1)
+    torch.save(open_clip.create_model("tiny-export-vit", pretrained=None).state_dict(), tmp_path / "tiny.pt")
+    preset = load_preset("default")
+    clip = dataclasses.replace(preset.backbone, name="clip", clip_model="tiny-export-vit", stages=())
+    preset = dataclasses.replace(preset, backbone=dataclasses.replace(clip, pretrained=str(tmp_path / "tiny.pt")))
+    inspector, refs, profile = fitted(preset, tmp_path, n=3)
+    runtime = RuntimeInspector.open(export_profile(ExportOptions(profile, "onnx", tmp_path / "clip", False)).out)
+    for query in queries()[:2]:
+        assert_same_inspection(inspector.inspect(query, refs), runtime.inspect(query))
+    random = dataclasses.replace(preset, backbone=dataclasses.replace(clip, pretrained="random"))
+    _, _, unexportable = fitted(random, tmp_path / "random", n=2)
+    with pytest.raises(ExportError, match="randomly initialised CLIP backbone"):
+        export_profile(ExportOptions(unexportable, "onnx", tmp_path / "no", False))
+    assert not (tmp_path / "no").exists()
 
 
 def test_the_runtime_cli_prints_detects_records_without_importing_torch(fitted_profile, runtimes, tmp_path):
