@@ -146,12 +146,13 @@ def test_the_runtime_cli_prints_detects_records_without_importing_torch(fitted_p
     for i, query in enumerate(queries()[:2]):
         paths.append(tmp_path / f"q{i}.png")
         Image.fromarray(query).save(paths[-1])
-    code = (
-        "import sys; from anomalygpt.runtime.__main__ import main; code = main(sys.argv[1:]); "
+    code = (  # the CLI on the OpenVINO folder, the API on the ONNX one: neither engine's path imports torch
+        "import sys; from anomalygpt.runtime.__main__ import main; code = main(sys.argv[2:]); "
+        "from anomalygpt.runtime import RuntimeInspector; RuntimeInspector.open(sys.argv[1]).inspect(sys.argv[3]); "
         "assert 'torch' not in sys.modules, 'torch was imported'; sys.exit(code)"
     )
     done = subprocess.run(
-        [sys.executable, "-c", code, str(runtimes["openvino"]), *map(str, paths)],
+        [sys.executable, "-c", code, str(runtimes["onnx"]), str(runtimes["openvino"]), *map(str, paths)],
         capture_output=True,
         text=True,
         cwd=ROOT,
