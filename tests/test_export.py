@@ -234,6 +234,10 @@ def test_incomplete_tampered_or_newer_runtime_folders_are_refused(runtimes, tmp_
     (tmp_path / "newer" / MANIFEST).write_text(json.dumps({**manifest, "version": 7}))
     with pytest.raises(RuntimeBundleError, match="version 7 is newer than this anomalygpt reads"):
         RuntimeInspector.open(tmp_path / "newer")
+    del manifest["calibration"]
+    (copy("lacking") / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(RuntimeBundleError, match="runtime.json: lacks calibration; export again"):
+        RuntimeInspector.open(tmp_path / "lacking")
     with pytest.raises(RuntimeBundleError, match="runtime folder not found"):
         RuntimeInspector.open(tmp_path / "nowhere")
     with pytest.raises(RuntimeInspectionError, match="64x64 px but the references are 176x176 px"):

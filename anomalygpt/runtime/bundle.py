@@ -46,14 +46,11 @@ class Bundle:
     folder: Path
     manifest: dict[str, Any]
     arrays: dict[str, np.ndarray]
+    memory: MemorySettings
 
     @property
     def engine(self) -> str:
         return str(self.manifest["engine"])
-
-    @property
-    def memory(self) -> MemorySettings:
-        return MemorySettings(**self.manifest["memory"])
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -67,6 +64,21 @@ class Bundle:
     def model_path(self) -> Path:
         """The file the engine opens (the .onnx, or the IR's .xml beside its .bin)."""
         return self.folder / MODEL_FILES[self.engine][0]
+
+
+# What the scoring reads from the manifest besides the memory settings.
+MANIFEST_KEYS = (
+    "image_size",
+    "backbone",
+    "outputs",
+    "calibration",
+    "fit_stats",
+    "references",
+    "warnings",
+    "class_name",
+    "index_ms",
+)
+PER_STAGE_ARRAYS = ("features", "reference", "up_rows", "up_cols")
 
 
 def file_sha256(path: Path) -> str:
@@ -130,18 +142,17 @@ def read_bundle(folder: str | Path) -> Bundle:
     folder = Path(folder)
     manifest = read_manifest(folder)
     check_files(folder, manifest)
-    arrays = read_arrays(folder / MEMORY)
-    bundle = Bundle(folder, manifest, arrays)
+    missing = [key for key in (*MANIFEST_KEYS, "memory") if key not in manifest]
     try:
-        needed = ["descriptors", "appearances"] + [
-            f"{kind}{stage}"
-            for stage in range(bundle.n_stages)
-            for kind in ("features", "reference", "up_rows", "up_cols")
-        ]
-        missing = [name for name in needed if name not in arrays]
-        bundle.memory  # noqa: B018 (checks the settings' fields)
-    except (KeyError, TypeError, ValueError) as error:
-        raise RuntimeBundleError(f"{folder / MANIFEST}: inconsistent manifest ({error}); export again") from error
+        settings = MemorySettings(**manifest["memory"])
+        n_stages = len(manifest["outputs"]["features"])
+    except (KeyError, TypeError) as error:
+        missing = missing or [f"valid memory and outputs sections ({error})"]
     if missing:
-        raise RuntimeBundleError(f"{folder / MEMORY}: lacks {', '.join(missing)}; export again")
-    return bundle
+        raise RuntimeBundleError(f"{folder / MANIFEST}: lacks {', '.join(missing)}; export again")
+    arrays = read_arrays(folder / MEMORY)
+    needed = ["descriptors", "appearances"] + [f"{kind}{s}" for s in range(n_stages) for kind in PER_STAGE_ARRAYS]
+    absent = [name for name in needed if name not in arrays]
+    if absent:
+        raise RuntimeBundleError(f"{folder / MEMORY}: lacks {', '.join(absent)}; export again")
+    return Bundle(folder, manifest, arrays, settings)
