@@ -154,8 +154,12 @@ def test_batches_are_one_transaction_and_the_listing_filters_and_pages(served, p
     assert client.inspections(since=batch[0]["created"])["total"] == 3
 
 
-def test_concurrent_requests_are_gathered_into_one_batch(inspector, served, profile, images):
-    app = create_app(served["folder"], served["db"], inspector=inspector, batch_wait_ms=400)
+@pytest.mark.parametrize("inference_batch", [None, 4])
+def test_concurrent_requests_are_gathered_into_one_batch(inspector, served, profile, images, inference_batch):
+    app = create_app(
+        served["folder"], served["db"], inspector=inspector, batch_wait_ms=400, inference_batch=inference_batch
+    )
+    assert app.state.service.batch_size == (inference_batch or 1)  # 1 on a CPU by default
     answers: list[dict] = []
     with TestClient(app) as http:
         client = Client(http=http)
@@ -169,7 +173,9 @@ def test_concurrent_requests_are_gathered_into_one_batch(inspector, served, prof
         for thread in threads:
             thread.join()
         metrics = http.get("/metrics").text
-    assert len(answers) == 4 and {a["verdict"] for a in answers} == {"anomalous"}
+    references = inspector.load_profile(served["folder"] / f"{profile['id']}.profile")
+    direct = inspector.inspect(load_image(images["defect"]), references)
+    assert len(answers) == 4 and {(a["verdict"], a["score"]) for a in answers} == {("anomalous", direct.score)}
     sizes = {
         int(line.split('size="')[1].split('"')[0]): float(line.split()[-1])
         for line in metrics.splitlines()
@@ -419,7 +425,7 @@ def test_serve_warns_when_it_listens_beyond_this_machine(monkeypatch, capsys, tm
     import anomalygpt.service.app as service_app
 
     calls = []
-    monkeypatch.setattr(service_app, "create_app", lambda *args, answerer: args)
+    monkeypatch.setattr(service_app, "create_app", lambda *args, answerer, inference_batch: args)
     monkeypatch.setattr(uvicorn, "run", lambda app, host, port, log_level: calls.append((app, host, port)))
     assert serve_main(["--host", "0.0.0.0", "--port", "9001", "--profiles", str(tmp_path), "--batch-wait-ms", "2"]) == 0
     err = capsys.readouterr().err

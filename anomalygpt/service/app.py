@@ -43,7 +43,14 @@ from anomalygpt.service.audit import (
 )
 from anomalygpt.service.batching import MicroBatcher
 from anomalygpt.service.chat import ChatService, ImageMissing, build_answerer
-from anomalygpt.service.core import ID_PATTERN, InspectionService, InspectRequest, UnknownProfile, Upload
+from anomalygpt.service.core import (
+    ID_PATTERN,
+    InspectionService,
+    InspectRequest,
+    UnknownProfile,
+    Upload,
+    inference_batch_size,
+)
 from anomalygpt.service.metrics import Metrics
 
 SENSITIVITY_RANGE = (-5.0, 5.0)  # as the CLI's --sensitivity, in normal spreads
@@ -217,16 +224,19 @@ def create_app(
     limits: Limits | None = None,
     inspector: Inspector | None = None,
     answerer: str = "grounded",
+    inference_batch: int | None = None,
 ) -> FastAPI:
     """The service app: the Inspector (and the chat answerer) built once here, the database opened and migrated.
     `db_url` defaults to SQLite (WAL) in profiles_dir/audit.db; `api_keys` maps sha256(key) -> name
     (read_api_keys) and adds to the keys in the database; `inspector` lets a caller share one already built;
-    `answerer` is "grounded" (templates) or "llm" (the preset's assistant), see service.chat."""
+    `answerer` is "grounded" (templates) or "llm" (the preset's assistant), see service.chat; `inference_batch`
+    is the images per backbone pass (None: core.inference_batch_size)."""
     folder = Path(profiles_dir)
     folder.mkdir(parents=True, exist_ok=True)
     limits = limits or Limits()
     audit = AuditStore(db_url or f"sqlite:///{folder / 'audit.db'}", folder / "blobs")
-    service = InspectionService(inspector or build_inspector(preset), folder, audit)
+    inspector = inspector or build_inspector(preset)
+    service = InspectionService(inspector, folder, audit, inference_batch or inference_batch_size(inspector))
     chats = ChatService(service, build_answerer(answerer, service.inspector), answerer)
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="anomalygpt-inference")
     batcher = MicroBatcher(service.run_batch, batch_wait_ms / 1000.0, executor)

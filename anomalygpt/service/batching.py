@@ -2,8 +2,9 @@
 
 All model work runs in one worker thread (torch on a 2-core CPU gains nothing from two concurrent forwards, and
 one thread keeps the event loop free to accept and answer requests meanwhile). A gathered batch goes through
-Inspector.inspect_many in that thread (core.InspectionService.run_batch): one backbone pass and one
-nearest-patch search for up to its batch size of images, whatever request each image came with.
+Inspector.inspect_many in that thread (core.InspectionService.run_batch), whatever request each image came with:
+one backbone pass and one nearest-patch search per `--inference-batch` images (1 on a CPU, where batched passes
+measured slower in this thread; the Inspector's batch on a GPU).
 """
 
 from __future__ import annotations

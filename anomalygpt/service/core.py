@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from anomalygpt.inspection import Inspection, Inspector, References, working_image
+from anomalygpt.inspection import BATCH_SIZE, Inspection, Inspector, References, working_image
 from anomalygpt.io import load_image
 from anomalygpt.profile import ProfileError, file_sha256, package_versions
 from anomalygpt.references import InspectionError
@@ -39,6 +39,12 @@ ID_PATTERN = re.compile(
     r"[0-9a-f]{16}"
 )  # ids are ours (16 hex digits): nothing else names a profile, inspection or path
 CACHED_PROFILES = 16  # loaded References kept in memory, least recently used dropped first
+
+
+def inference_batch_size(inspector: Inspector) -> int:
+    """Images per backbone pass: the Inspector's batch on a GPU; 1 on a CPU, where a gathered batch inspected
+    image after image in the worker thread measured faster than batched passes (bench/RESULTS.md, issue 21)."""
+    return BATCH_SIZE if inspector.preset.device.startswith("cuda") else 1
 
 
 class UnknownProfile(LookupError):
@@ -78,8 +84,9 @@ def npy_bytes(array: np.ndarray) -> bytes:
 class InspectionService:
     """One Inspector (loaded once), the profiles folder, a cache of loaded profiles and the audit store."""
 
-    def __init__(self, inspector: Inspector, profiles_dir: Path, audit: AuditStore) -> None:
+    def __init__(self, inspector: Inspector, profiles_dir: Path, audit: AuditStore, batch_size: int = 1) -> None:
         self.inspector = inspector
+        self.batch_size = batch_size  # images per backbone pass (inference_batch_size)
         self.profiles_dir = profiles_dir
         self.audit = audit
         self.cache: OrderedDict[str, References] = OrderedDict()
@@ -180,7 +187,11 @@ class InspectionService:
             members = [index for index in decoded if requests[index].sensitivity == sensitivity]
             images = [image for index in members for image in decoded[index]]
             names = [upload.name for index in members for upload in requests[index].images]
-            results = iter(self.inspector.inspect_many(images, references, sources=names, sensitivity=sensitivity))
+            results = iter(
+                self.inspector.inspect_many(
+                    images, references, sources=names, sensitivity=sensitivity, batch_size=self.batch_size
+                )
+            )
             for index in members:
                 found[index] = [next(results) for _ in decoded[index]]
         return found
