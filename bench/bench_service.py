@@ -59,6 +59,7 @@ class BenchConfig:
     kills: int
     kill_after_s: float  # load time before each kill -9
     out: Path
+    serve_options: tuple[str, ...] = ()  # e.g. ("--inference-batch", "16")
 
 
 @dataclass
@@ -296,7 +297,7 @@ def warm_up(server: Server, profile_id: str, queries: list[Path]) -> list[dict[s
 
 def bench_load(cfg: BenchConfig, references: list[Path], queries: list[Path], work: Path) -> dict[str, Any]:
     folder = work / "load"
-    server = Server(folder, DEFAULT_WAIT_MS)
+    server = Server(folder, DEFAULT_WAIT_MS, list(cfg.serve_options))
     rows, acknowledged = [], []
     try:
         start_s = server.start()
@@ -369,7 +370,7 @@ def crash_round(
 
 def bench_crash(cfg: BenchConfig, references: list[Path], queries: list[Path], work: Path) -> dict[str, Any]:
     folder = work / "crash"
-    server = Server(folder, DEFAULT_WAIT_MS)
+    server = Server(folder, DEFAULT_WAIT_MS, list(cfg.serve_options))
     rounds, acknowledged = [], []
     try:
         start_s = server.start()
@@ -462,13 +463,23 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
     parser.add_argument("--kills", type=int, default=3)
     parser.add_argument("--kill-after", type=float, default=10.0, help="seconds of load before each kill -9")
     parser.add_argument("--out", type=Path, default=Path("runs/bench_service.json"))
+    parser.add_argument("--inference-batch", type=int, default=None, help="the server's --inference-batch")
     args = parser.parse_args(argv)
     parts = tuple(p.strip() for p in args.parts.split(",") if p.strip())
     unknown = sorted(set(parts) - {"load", "crash"})
     if unknown or not parts:
         parser.error(f"--parts: unknown {', '.join(unknown) or 'empty'}; known: load, crash")
+    serve_options = ("--inference-batch", str(args.inference_batch)) if args.inference_batch else ()
     return BenchConfig(
-        parts, args.clients, args.seconds, args.cli_calls, args.crash_clients, args.kills, args.kill_after, args.out
+        parts,
+        args.clients,
+        args.seconds,
+        args.cli_calls,
+        args.crash_clients,
+        args.kills,
+        args.kill_after,
+        args.out,
+        serve_options,
     )
 
 
