@@ -8,7 +8,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple, overload
@@ -361,42 +361,65 @@ class Inspector:
             raise InspectionError(f"batch_size must be at least 1, got {batch_size}")
         labels = list(sources) if sources is not None else [None] * len(images)
         bar = tqdm(total=len(images), desc="inspecting", unit="image", disable=not progress)
-        for batch, batch_sources in decoded_batches(images, labels, batch_size, references.memory.cfg):
-            yield from self.few_shot_batch(batch, references, class_name, batch_sources, sensitivity, half)
-            bar.update(len(batch))
+        finishing: list[Future[Inspection]] = []
+        # Each batch's per-image tail (reference fit, verdict, regions) runs in threads while the next batch is
+        # on the backbone; results are yielded in order.
+        with ThreadPoolExecutor(DECODE_THREADS) as pool:
+            shared = BatchContext(references, class_name or references.class_name, sensitivity, pool)
+            for batch, names in decoded_batches(images, labels, batch_size, references.memory.cfg):
+                done, finishing = finishing, self.few_shot_batch(batch, names, shared, half)
+                for future in done:
+                    yield future.result()
+                bar.update(len(done))
+            for future in finishing:
+                yield future.result()
+        bar.update(len(finishing))
         bar.close()
 
     def few_shot_batch(
-        self,
-        batch: Sequence[Decoded],
-        refs: References,
-        class_name: str | None,
-        sources: Sequence[str | None],
-        sensitivity: float,
-        half: bool = False,
-    ) -> list[Inspection]:
-        """inspect_few_shot for a batch of decoded images: one backbone pass, one batched nearest-patch search."""
+        self, batch: Sequence[Decoded], sources: Sequence[str | None], shared: BatchContext, half: bool
+    ) -> list[Future[Inspection]]:
+        """inspect_few_shot for a batch of decoded images: one backbone pass and one batched nearest-patch search
+        now, each image's inspection submitted to the shared pool."""
+        refs = shared.refs
         for image, source in zip(batch, sources, strict=True):
             check_query_size(image.pixels, refs, source)
         start = time.perf_counter()
-        memory = refs.memory
-        maps, scores, looks = self.batch_maps([d.memory_input for d in batch], memory, half)
+        maps, scores, looks = self.batch_maps([d.memory_input for d in batch], refs.memory, half)
         timings = {"inspect": (time.perf_counter() - start) * 1000 / len(batch), "index_references": refs.index_ms}
-        mode = Mode(refs.mode, memory.n_references, refs.calibration)
-        appearances, thing = memory.appearances.cpu(), class_name or refs.class_name
-        inspections = []
-        for index, (image, source) in enumerate(zip(batch, sources, strict=True)):
-            fit = reference_fit(looks[index], image.brightness, appearances, refs.fit_stats, refs.names)
-            inspection = self.inspection(
-                image.pixels, maps[index], mode, thing, source, sensitivity, timings, scores[index]
+        mode = Mode(refs.mode, refs.memory.n_references, refs.calibration)
+        appearances = refs.memory.appearances.cpu()
+        return [
+            shared.pool.submit(
+                self.batch_inspection, image, source, maps[i], scores[i], looks[i], appearances, mode, shared, timings
             )
-            warning = fit_warning(fit)
-            inspection.warnings = ([warning] if warning else []) + refs.warnings
-            inspection.reference_fit = fit
-            if image.pixels.shape[:2] != image.source_size:
-                inspection.source_size = image.source_size
-            inspections.append(inspection)
-        return inspections
+            for i, (image, source) in enumerate(zip(batch, sources, strict=True))
+        ]
+
+    def batch_inspection(
+        self,
+        image: Decoded,
+        source: str | None,
+        anomaly_map: np.ndarray,
+        score: float | None,
+        look: torch.Tensor,
+        appearances: torch.Tensor,
+        mode: Mode,
+        shared: BatchContext,
+        timings: dict[str, float],
+    ) -> Inspection:
+        """One image's inspection from its batch's map, score and (C,) appearance, with the reference-fit check."""
+        refs = shared.refs
+        fit = reference_fit(look, image.brightness, appearances, refs.fit_stats, refs.names)
+        inspection = self.inspection(
+            image.pixels, anomaly_map, mode, shared.class_name, source, shared.sensitivity, timings, score
+        )
+        warning = fit_warning(fit)
+        inspection.warnings = ([warning] if warning else []) + refs.warnings
+        inspection.reference_fit = fit
+        if image.pixels.shape[:2] != image.source_size:
+            inspection.source_size = image.source_size
+        return inspection
 
     @torch.inference_mode()
     def batch_maps(
@@ -574,6 +597,15 @@ def check_query_size(pixels: np.ndarray, refs: References, source: str | None) -
             f"{source or 'query'}: {pixels.shape[1]}x{pixels.shape[0]} px but the references "
             f"are {w}x{h} px; use references of the query's size"
         )
+
+
+class BatchContext(NamedTuple):
+    """What every image of one inspect_many call shares."""
+
+    refs: References
+    class_name: str | None
+    sensitivity: float
+    pool: Executor  # threads that finish each image's inspection
 
 
 class Decoded(NamedTuple):

@@ -1,0 +1,235 @@
+"""Batched inspection (issue 22): Inspector.inspect_many against Inspector.inspect one image at a time.
+
+End to end from PNG files: --n cells of ELPV's test half (even-numbered; --cell-type, good and defective as they
+come, cycled when --n is larger) are copied to a temporary folder, 4 references are drawn from the development half
+(odd-numbered) of the same type, and both paths inspect the files: `inspect` in a loop over --single of them, and
+`inspect_many` over all of them at each --batch-sizes. Reported: images/s, the batched/one-at-a-time ratio, and
+parity (largest score difference, verdicts and region boxes that differ) on the files both paths saw. The
+temporary copies are removed at the end (ELPV's licence: never copied into the repository).
+
+With --device cuda (bench/gpu_check.sh runs this on a GPU machine) it also measures, on the same files: the GPU
+path in float32 and with half=True (float16 autocast and search) at each batch size, the effect of half precision
+on scores and verdicts, the largest score difference between the GPU and the CPU, and the same machine's CPU
+throughput with every core (--cpu-threads, default all) for the ratio the issue asks (>= 20x).
+
+    OMP_NUM_THREADS=2 .venv/bin/python bench/bench_batch.py --out runs/bench_batch.json
+    .venv/bin/python bench/bench_batch.py --device cuda --n 4000 --out $OUT/bench_batch_cuda.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from anomalygpt.config import load_preset
+from anomalygpt.devices import with_device
+from anomalygpt.inspection import Inspection, Inspector, References, build_inspector
+from anomalygpt.io import load_image, write_json_atomic
+from eval.datasets import draw_shots, elpv_half, load_split
+
+
+def test_cells(cell_type: str) -> list[Path]:
+    """The test half's cells of the type, good ones first (ELPV package)."""
+    split = elpv_half(load_split("elpv", None, cell_type), "test")
+    tested = {sample.path for sample in split.test}
+    return [p for p in sorted(split.reference_pool) if p not in tested] + [s.path for s in split.test]
+
+
+def export_cells(folder: Path, cell_type: str, n: int, seed: int) -> None:
+    """n test-half cells (an even spread of them) and the 4 references, as the GPU machine's carried input: it
+    has no ELPV package. Never commit the folder (ELPV's licence): bench/gpu_check.sh prepare writes it under
+    runs/, which git ignores."""
+    cells = test_cells(cell_type)
+    picked = [cells[i] for i in np.linspace(0, len(cells) - 1, min(n, len(cells))).round().astype(int)]
+    for name, paths in (("test", picked), ("refs", reference_files(cell_type, seed))):
+        (folder / name).mkdir(parents=True, exist_ok=True)
+        for path in paths:
+            shutil.copyfile(path, folder / name / path.name)
+
+
+def test_files(folder: Path, cells: list[Path], n: int) -> list[Path]:
+    """n PNG copies of the cells (cycled), named in order."""
+    files = []
+    for index in range(n):
+        files.append(folder / f"cell{index:05d}.png")
+        shutil.copyfile(cells[index % len(cells)], files[-1])
+    return files
+
+
+def reference_files(cell_type: str, seed: int) -> list[Path]:
+    """4 good references from the development half."""
+    refs, _ = draw_shots(elpv_half(load_split("elpv", None, cell_type), "dev"), k=4, seed=seed)
+    return refs
+
+
+def one_at_a_time(inspector: Inspector, references: References, files: list[Path]) -> tuple[float, list[Inspection]]:
+    """Images/s of Inspector.inspect in a loop (decode included), after one warm-up image."""
+    inspector.inspect(files[0], references)
+    start = time.perf_counter()
+    results = [inspector.inspect(path, references, source=str(path)) for path in files]
+    return len(files) / (time.perf_counter() - start), results
+
+
+def batched(
+    inspector: Inspector, references: References, files: list[Path], batch_size: int, half: bool = False
+) -> tuple[float, list[Inspection]]:
+    """Images/s of inspect_many over every file, after a warm-up batch."""
+    list(inspector.inspect_many(files[:batch_size], references, batch_size=batch_size, half=half))
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    sources = [str(path) for path in files]
+    results = list(inspector.inspect_many(files, references, sources=sources, batch_size=batch_size, half=half))
+    return len(files) / (time.perf_counter() - start), results
+
+
+def parity(ours: list[Inspection], theirs: list[Inspection]) -> dict[str, Any]:
+    """How two runs over the same files differ: score, verdicts, region boxes."""
+    pairs = list(zip(ours, theirs, strict=False))
+    return {
+        "compared": len(pairs),
+        "max_score_difference": max(abs(a.score - b.score) for a, b in pairs),
+        "verdicts_differing": sum(a.is_anomalous != b.is_anomalous for a, b in pairs),
+        "region_boxes_differing": sum([r.box for r in a.regions] != [r.box for r in b.regions] for a, b in pairs),
+        "anomalous": sum(b.is_anomalous for _, b in pairs),
+    }
+
+
+def decode_figures(files: list[Path], workers: int) -> dict[str, float]:
+    """Images/s of load_image over the files: in the caller, in `workers` threads, in `workers` processes."""
+    rates = {}
+    for name, pool in (("threads", ThreadPoolExecutor(workers)), ("processes", ProcessPoolExecutor(workers))):
+        with pool:
+            list(pool.map(load_image, files[:workers]))  # started and warm
+            start = time.perf_counter()
+            list(pool.map(load_image, files, chunksize=4))
+            rates[f"{workers}_{name}"] = len(files) / (time.perf_counter() - start)
+    start = time.perf_counter()
+    for path in files:
+        load_image(path)
+    rates["caller"] = len(files) / (time.perf_counter() - start)
+    return rates
+
+
+def inspector_on(device: str, threads: int) -> Inspector:
+    torch.set_num_threads(threads)
+    return build_inspector(with_device(load_preset("default"), device))
+
+
+def cpu_figures(args: argparse.Namespace, files: list[Path], refs: list[Path]) -> dict[str, Any]:
+    """One-at-a-time against batched on the CPU, in alternating rounds (so that load from other processes falls
+    on both alike), with parity from the first round."""
+    inspector = inspector_on("cpu", args.cpu_threads)
+    references = inspector.fit(refs)
+    batch_files = files[: args.cpu_n or len(files)]
+    rounds: list[dict[str, float]] = []
+    out: dict[str, Any] = {"threads": torch.get_num_threads(), "rounds": rounds}
+    for index in range(args.rounds):
+        single_rate, single = one_at_a_time(inspector, references, files[: args.single])
+        rates = {"one_at_a_time": single_rate}
+        for size in args.batch_sizes:
+            rates[f"batch_{size}"], results = batched(inspector, references, batch_files, size)
+            if index == 0:
+                out[f"parity_batch_{size}_vs_one_at_a_time"] = parity(results, single)
+                out.setdefault("scores_one_at_a_time", [r.score for r in single])
+        rounds.append(rates)
+        print(f"cpu round {index}: " + ", ".join(f"{k} {v:.2f}/s" for k, v in rates.items()), flush=True)
+    for key in rounds[0]:
+        out[f"{key}_images_per_s"] = float(np.median([r[key] for r in rounds]))
+    ratios = {
+        size: float(np.median([r[f"batch_{size}"] / r["one_at_a_time"] for r in rounds])) for size in args.batch_sizes
+    }
+    out["batched_vs_one_at_a_time"] = {f"batch_{size}": ratio for size, ratio in ratios.items()}
+    out["best_batch_size"] = max(ratios, key=lambda size: ratios[size])
+    out["one_at_a_time_ms_per_image"] = 1000 / out["one_at_a_time_images_per_s"]
+    return out
+
+
+def cuda_figures(args: argparse.Namespace, files: list[Path], refs: list[Path], cpu: dict[str, Any]) -> dict[str, Any]:
+    """The GPU path in float32 and half precision, against this machine's CPU figures."""
+    inspector = inspector_on(args.device, args.cpu_threads)
+    start = time.perf_counter()
+    references = inspector.fit(refs)
+    out: dict[str, Any] = {"gpu": torch.cuda.get_device_name(), "index_references_s": time.perf_counter() - start}
+    full: dict[str, list[Inspection]] = {}
+    for half in (False, True):
+        rates = {}
+        for size in args.gpu_batch_sizes:
+            rate, results = batched(inspector, references, files, size, half)
+            rates[size] = rate
+            full[f"{half}"] = results
+            print(f"{args.device} half={half} batch {size}: {rate:.0f} images/s", flush=True)
+        out["half" if half else "float32"] = {"images_per_s": rates, "best": max(rates.values())}
+    n_single = len(cpu["scores_one_at_a_time"])
+    cpu_scores = np.array(cpu["scores_one_at_a_time"])
+    gpu_scores = np.array([r.score for r in full["False"][:n_single]])
+    out["max_score_difference_vs_cpu"] = float(np.abs(gpu_scores - cpu_scores).max())
+    out["half_vs_float32"] = parity(full["True"], full["False"])
+    best_cpu = max(cpu[f"batch_{size}_images_per_s"] for size in args.batch_sizes)
+    out["cpu_best_images_per_s"] = best_cpu
+    out["float32_vs_cpu"] = out["float32"]["best"] / best_cpu
+    out["half_vs_cpu"] = out["half"]["best"] / best_cpu
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda / cuda:N for the GPU figures as well")
+    parser.add_argument("--n", type=int, default=200, help="test files (cycled over the test half's cells)")
+    parser.add_argument("--cpu-n", type=int, default=0, help="files the CPU inspects in batches (0: all --n)")
+    parser.add_argument("--single", type=int, default=100, help="files inspected one at a time (the first ones)")
+    parser.add_argument("--batch-sizes", type=lambda t: [int(v) for v in t.split(",")], default=[4, 8, 16, 32])
+    parser.add_argument("--gpu-batch-sizes", type=lambda t: [int(v) for v in t.split(",")], default=[64, 128, 256])
+    parser.add_argument("--cpu-threads", type=int, default=torch.get_num_threads(), help="torch threads on the CPU")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating CPU rounds (median reported)")
+    parser.add_argument("--cell-type", default="mono", choices=("mono", "poly"))
+    parser.add_argument("--seed", type=int, default=0, help="reference draw")
+    parser.add_argument("--cells", type=Path, default=None, help="a folder --export-cells wrote, instead of ELPV")
+    parser.add_argument("--export-cells", type=Path, default=None, help="write --n test cells and the references")
+    parser.add_argument("--out", type=Path, default=None, help="JSON file of the figures")
+    args = parser.parse_args()
+    started = time.time()
+    load = os.getloadavg()
+    if args.export_cells is not None:
+        export_cells(args.export_cells, args.cell_type, args.n, args.seed)
+        return
+    with tempfile.TemporaryDirectory(prefix="bench-batch-") as folder:
+        if args.cells is not None:  # exported by --export-cells (the GPU machine has no ELPV package)
+            cells, refs = sorted((args.cells / "test").glob("*.png")), sorted((args.cells / "refs").glob("*.png"))
+        else:
+            cells, refs = test_cells(args.cell_type), reference_files(args.cell_type, args.seed)
+        files = test_files(Path(folder), cells, args.n)
+        figures: dict[str, Any] = {"decode_images_per_s": decode_figures(files[:1000], os.cpu_count() or 1)}
+        print(f"decode: {figures['decode_images_per_s']}", flush=True)
+        figures["cpu"] = cpu_figures(args, files, refs)
+        if args.device.startswith("cuda"):
+            figures["cuda"] = cuda_figures(args, files, refs, figures["cpu"])
+    figures["cpu"].pop("scores_one_at_a_time")
+    figures["setup"] = {
+        "n_files": args.n,
+        "one_at_a_time_files": min(args.single, args.n),
+        "cells": str(args.cells) if args.cells else f"ELPV test half, {args.cell_type}",
+        "references": [str(p) for p in refs],
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "load_average_before": load,
+        "load_average_after": os.getloadavg(),
+        "seconds": time.time() - started,
+    }
+    if args.out is not None:
+        write_json_atomic(args.out, figures)
+    print(json.dumps(figures, indent=1))
+
+
+if __name__ == "__main__":
+    main()
