@@ -54,7 +54,6 @@ if TYPE_CHECKING:
 
 ENGINE = "ray"
 JOB_KEYS = ("engine", "profile_sha256", "preset", "class_name", "sensitivity")  # a resumable summary agrees on these
-BATCH_SIZE = 16  # images per UDF call: one inspect_many batch
 SHOWN_FAILURES = 10  # failed images named on stderr; summary.json lists them all
 PROBE_SECONDS = 5.0  # a cluster's address must accept a connection this fast
 INSTALL_HINT = "install it with: pip install 'anomalygpt[ray]'"
@@ -71,6 +70,7 @@ class ActorJob:
     out: str  # absolute path of --out
     reuse: bool  # False with --overwrite: every image is inspected again
     cpus: float  # per actor: torch's thread count
+    batch_size: int  # images per backbone pass, as --batch-size in the local path
 
 
 @dataclass(frozen=True)
@@ -96,8 +96,7 @@ class InspectActor:
         self.inspector, self.references = open_profile(job.profile, preset)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[Any]]:
-        columns = (batch["index"], batch["path"], batch["source"], batch["stem"])
-        rows = [Row(int(i), str(p), str(s), str(t)) for i, p, s, t in zip(*columns, strict=True)]
+        rows = [Row(*fields) for fields in json.loads(str(batch["rows"][0]))]  # one chunk: the local path's batch
         outcomes = inspect_rows(self.inspector, self.references, self.job, self.out, rows)
         return {
             "index": [outcome.index for outcome in outcomes],
@@ -134,8 +133,8 @@ def inspect_rows(
     ready = [item for item in triaged if isinstance(item, Ready)]
     sources = [item.row.source for item in ready]
     images = [item.image for item in ready]
-    batch = max(1, len(ready))
-    inspections = inspector.inspect_many(images, references, job.class_name, sources, job.sensitivity, batch)
+    size = job.batch_size
+    inspections = inspector.inspect_many(images, references, job.class_name, sources, job.sensitivity, size)
     for item, inspection in zip(ready, inspections, strict=True):
         record = write_outputs(out, item.row.stem, working_image(item.image), inspection, item.sha256)
         outcomes.append(Outcome(item.row.index, "inspected", json.dumps(summary_image(record, item.row.stem))))
@@ -234,6 +233,7 @@ def prepare(options: DetectOptions) -> RayDetect:
     queries = unique_paths(list_images(options.queries))
     stems = output_stems(queries)
     from anomalygpt.config import load_preset  # imports torch: after the instant checks
+    from anomalygpt.inspection import BATCH_SIZE
     from anomalygpt.profile import file_sha256, open_profile, plain_preset
 
     inspector, references = open_profile(options.profile, load_preset(options.preset) if options.preset else None)
@@ -255,6 +255,7 @@ def prepare(options: DetectOptions) -> RayDetect:
         str(options.out.resolve()),
         not options.overwrite,
         options.ray.cpus,
+        options.batch_size or BATCH_SIZE,
     )
     return RayDetect(job, actor_job, key, resumed)
 
@@ -353,21 +354,22 @@ def actor_shape(settings: RaySettings) -> tuple[int, float, float]:
 
 
 def run_actors(plan: RayDetect, settings: RaySettings) -> list[Outcome]:
-    """Every query through the actor pool; a progress bar on an interactive stderr counts images."""
+    """Every query through the actor pool, in the local path's batches (one Ray row each: same batches, same
+    numbers); a progress bar on an interactive stderr counts images."""
     ray = ray_module()
-    queries, stems = plan.job.queries, plan.job.stems
-    items = [
-        {"index": i, "path": str(path.resolve()), "source": str(path), "stem": stem}
-        for i, (path, stem) in enumerate(zip(queries, stems, strict=True))
+    rows = [
+        (i, str(path.resolve()), str(path), stem)
+        for i, (path, stem) in enumerate(zip(plan.job.queries, plan.job.stems, strict=True))
     ]
+    size = plan.actor_job.batch_size
+    chunks = [{"rows": json.dumps(rows[first : first + size])} for first in range(0, len(rows), size)]
     actors, cpus, gpus = actor_shape(settings)
-    n_blocks = min(len(items), max(actors, math.ceil(len(items) / BATCH_SIZE)))  # every actor gets work
-    actors = min(actors, n_blocks)
-    dataset = ray.data.from_items(items, override_num_blocks=n_blocks)
+    actors = min(actors, len(chunks))
+    dataset = ray.data.from_items(chunks, override_num_blocks=len(chunks))
     results = dataset.map_batches(
         InspectActor,
         fn_constructor_kwargs={"job": plan.actor_job},
-        batch_size=BATCH_SIZE,
+        batch_size=1,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=actors),
         num_cpus=cpus,
@@ -375,7 +377,7 @@ def run_actors(plan: RayDetect, settings: RaySettings) -> list[Outcome]:
     )
     outcomes = []
     desc, show = f"inspecting on {actors} ray actors", sys.stderr.isatty()  # as the local path: a terminal only
-    with tqdm(total=len(items), desc=desc, unit="image", file=sys.stderr, disable=not show) as bar:
+    with tqdm(total=len(rows), desc=desc, unit="image", file=sys.stderr, disable=not show) as bar:
         for batch in results.iter_batches(batch_size=None, batch_format="numpy"):
             outcomes += [
                 Outcome(int(i), str(s), str(d))
