@@ -273,6 +273,14 @@ def test_an_area_with_two_separate_peaks_is_two_regions() -> None:
     assert ridge.place() == "from the left to the right"
 
 
+def test_min_peak_keeps_only_regions_peaking_above_it() -> None:
+    scores = two_blob_map()  # peaks 0.9 (top left) and 0.7 (bottom right)
+    (strong,) = find_regions(scores, threshold=0.5, min_peak=0.8)
+    assert strong.index == 1 and strong.location == "top left" and strong.peak_score == 0.9
+    assert len(find_regions(scores, threshold=0.5, min_peak=0.69)) == 2
+    assert find_regions(scores, threshold=0.5, min_peak=0.9) == []  # strictly above
+
+
 def test_split_depth_is_checked() -> None:
     with pytest.raises(ValueError, match="split_depth"):
         find_regions(two_peak_map(0.4), threshold=0.2, split_depth=0.0)
