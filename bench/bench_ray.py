@@ -80,8 +80,8 @@ def main() -> None:
     resume = anomalygpt("detect", *queries, "--profile", profile, "--out", args.out / "ray", "--engine", "ray")
     results["ray, re-run on the finished --out (all reused)"] = {"seconds": resume}
     print(f"ray re-run, all reused: {resume:.1f} s")
-    agreement = compare(args.out / "local", args.out / "ray")
-    print(f"records: {agreement}")
+    agreement = {name: compare(args.out / "local", args.out / folder) for name, (folder, _) in runs.items()}
+    print(f"records against the local run's: {agreement}")
     document = {
         "command": " ".join(sys.argv),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",

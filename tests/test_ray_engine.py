@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -69,7 +72,7 @@ def scene(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def local_ray() -> object:
+def local_ray() -> Iterator[Any]:
     """One local Ray instance for the module; the CLI joins it (no address given) instead of starting its own."""
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="warning")
     yield ray
@@ -108,7 +111,7 @@ def records(out: Path) -> dict[str, dict[str, object]]:
     return {path.stem: json.loads(path.read_text()) for path in sorted(out.glob("q*.json"))}
 
 
-def test_ray_writes_the_single_process_records(scene: dict[str, Path], local_out: Path, local_ray: object) -> None:
+def test_ray_writes_the_single_process_records(scene: dict[str, Path], local_out: Path, local_ray: Any) -> None:
     """The local path's batch of 8 on one actor with its thread count: the same numbers, bit for bit."""
     out = scene["root"] / "ray"
     argv = ["detect", str(scene["queries"]), "--profile", str(scene["profile"]), "--out", str(out), "--engine", "ray"]
@@ -118,6 +121,7 @@ def test_ray_writes_the_single_process_records(scene: dict[str, Path], local_out
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in local_out.iterdir())
     expected, found = records(local_out), records(out)
     assert len(found) == 8 and {stable(r)["verdict"] for r in found.values()} == {"normal", "anomalous"}
+    assert found["q3"]["source_sha256"] == hashlib.sha256((scene["queries"] / "q3.png").read_bytes()).hexdigest()
     for stem, record in expected.items():
         assert stable(found[stem]) == stable(record), stem
         assert np.array_equal(np.load(out / f"{stem}_map.npy"), np.load(local_out / f"{stem}_map.npy"))
@@ -129,7 +133,7 @@ def test_ray_writes_the_single_process_records(scene: dict[str, Path], local_out
 
 
 def test_a_failed_image_is_retried_alone_and_done_ones_are_reused(
-    scene: dict[str, Path], local_out: Path, local_ray: object
+    scene: dict[str, Path], local_out: Path, local_ray: Any
 ) -> None:
     queries = scene["root"] / "resume_queries"
     shutil.copytree(scene["queries"], queries)
@@ -219,7 +223,7 @@ def eval_run(*args: str | Path) -> tuple[int, str]:
     return code, err.getvalue()
 
 
-def test_eval_on_ray_gives_the_local_metrics(scene: dict[str, Path], local_ray: object) -> None:
+def test_eval_on_ray_gives_the_local_metrics(scene: dict[str, Path], local_ray: Any) -> None:
     root = mvtec_tree(scene["root"] / "mvtec")
     preset = scene["root"] / "preset.json"
     common = ("--dataset", "mvtec", "--root", root, "--shots", "1,2", "--seeds", "0,1", "--preset", preset)
