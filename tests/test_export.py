@@ -86,9 +86,11 @@ def test_exported_runtime_scores_as_the_torch_path(fitted_profile, runtimes, eng
     inspector, refs, _ = fitted_profile
     runtime = RuntimeInspector.open(runtimes[engine])
     verdicts = []
-    for query in queries():
+    batched = list(runtime.inspect_many(queries(), batch_size=3))  # batches of 3 and 1
+    for query, in_batch in zip(queries(), batched, strict=True):
         expected = inspector.inspect(query, refs)
         assert_same_inspection(expected, runtime.inspect(query))
+        assert_same_inspection(expected, in_batch)
         verdicts.append(expected.verdict)
     lowered = inspector.inspect(queries()[0], refs, sensitivity=4.0)
     assert_same_inspection(lowered, runtime.inspect(queries()[0], sensitivity=4.0))

@@ -38,7 +38,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ValueError(f"--sensitivity: must be a number from {low:g} to {high:g}, got {args.sensitivity:g}")
         queries = list_images(args.queries)
         runtime = RuntimeInspector.open(args.folder, args.threads)
-        records = [runtime.inspect(path, source=str(path), sensitivity=args.sensitivity).to_dict() for path in queries]
+        inspections = runtime.inspect_many(queries, sources=[str(p) for p in queries], sensitivity=args.sensitivity)
+        records = [inspection.to_dict() for inspection in inspections]
     except (ValueError, OSError) as error:  # RuntimeBundleError, RuntimeInspectionError, ImageError
         print(f"{PROG}: error: {safe_text(error)}", file=sys.stderr)
         return 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -111,27 +112,8 @@ class RuntimeInspector:
         names = [*outputs["features"], *outputs["prior"]]
         return cls(bundle, open_engine(bundle.engine, bundle.model_path(), names, threads))
 
-    def anomaly_map(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(H, W) anomaly map of an image at the profile's size, and its (1, C, h, w) last-stage features."""
-        model_input = scoring.standardized(pixels) if self.settings.standardize else pixels
-        outputs = self.engine(np.ascontiguousarray(model_input[None]))
-        n_features = self.n_outputs[0]
-        feats, priors = outputs[:n_features], outputs[n_features:]
-        if self.retrieval:
-            descriptor = scoring.global_descriptor(feats[-1], self.settings.descriptor_grid)
-            nearest = scoring.nearest_references(descriptor, self.memory.descriptors, self.settings.retrieve)[0]
-            banks = self.memory.banks_of(nearest)
-        else:
-            banks = self.memory.banks
-        maps = scoring.stage_distances(feats, banks, self.settings.chunk_elements)
-        if priors:
-            maps = [m + p for m, p in zip(maps, priors, strict=True)]
-        return scoring.fuse_maps(maps, self.memory.up, self.settings.sigma)[0], feats[-1]
-
-    def inspect(
-        self, image: ImageSource, class_name: str | None = None, source: str | None = None, sensitivity: float = 0.0
-    ) -> RuntimeInspection:
-        """Inspect one image (a file, array or bytes) as Inspector.inspect does with the profile's references."""
+    def decoded(self, image: ImageSource, source: str | None) -> tuple[np.ndarray, tuple[int, int]]:
+        """The image at its working size, checked against the profile's, and the (H, W) of the file."""
         original = load_image(image)
         pixels = scoring.working_image(original)
         if pixels.shape[:2] != self.bundle.image_size:
@@ -140,8 +122,70 @@ class RuntimeInspector:
                 f"{source or 'query'}: {pixels.shape[1]}x{pixels.shape[0]} px but the references "
                 f"are {w}x{h} px; use references of the query's size"
             )
+        return pixels, (int(original.shape[0]), int(original.shape[1]))
+
+    def anomaly_maps(self, batch: Sequence[np.ndarray]) -> tuple[list[np.ndarray], np.ndarray]:
+        """(H, W) anomaly maps of images at the profile's size (one engine call), and their (B, C, h, w)
+        last-stage features."""
+        inputs = [scoring.standardized(pixels) if self.settings.standardize else pixels for pixels in batch]
+        outputs = self.engine(np.ascontiguousarray(np.stack(inputs)))
+        n_features = self.n_outputs[0]
+        feats, priors = outputs[:n_features], outputs[n_features:]
+        maps = []
+        for i in range(len(batch)):
+            own = [stage[i : i + 1] for stage in feats]
+            if self.retrieval:
+                descriptor = scoring.global_descriptor(own[-1], self.settings.descriptor_grid)
+                nearest = scoring.nearest_references(descriptor, self.memory.descriptors, self.settings.retrieve)[0]
+                banks = self.memory.banks_of(nearest)
+            else:
+                banks = self.memory.banks
+            stage_maps = scoring.stage_distances(own, banks, self.settings.chunk_elements)
+            if priors:
+                stage_maps = [m + p[i : i + 1] for m, p in zip(stage_maps, priors, strict=True)]
+            maps.append(scoring.fuse_maps(stage_maps, self.memory.up, self.settings.sigma)[0])
+        return maps, feats[-1]
+
+    def inspect(
+        self, image: ImageSource, class_name: str | None = None, source: str | None = None, sensitivity: float = 0.0
+    ) -> RuntimeInspection:
+        """Inspect one image (a file, array or bytes) as Inspector.inspect does with the profile's references."""
+        return next(self.inspect_many([image], class_name, [source], sensitivity))
+
+    def inspect_many(
+        self,
+        images: Sequence[ImageSource],
+        class_name: str | None = None,
+        sources: Sequence[str | None] | None = None,
+        sensitivity: float = 0.0,
+        batch_size: int = 16,
+    ) -> Iterator[RuntimeInspection]:
+        """Inspect images in batches (one engine call per batch); yields what `inspect` gives each, in order."""
+        names = list(sources) if sources is not None else [None] * len(images)
+        for first in range(0, len(images), batch_size):
+            batch_names = names[first : first + batch_size]
+            batch = images[first : first + batch_size]
+            chunk = [self.decoded(image, name) for image, name in zip(batch, batch_names, strict=True)]
+            start = time.perf_counter()
+            maps, last = self.anomaly_maps([pixels for pixels, _ in chunk])
+            share = (time.perf_counter() - start) * 1000 / len(chunk)  # the batch's time, per image
+            for i, ((pixels, size), name) in enumerate(zip(chunk, batch_names, strict=True)):
+                yield self.finish(pixels, size, maps[i], last[i : i + 1], class_name, name, sensitivity, share)
+
+    def finish(
+        self,
+        pixels: np.ndarray,
+        source_size: tuple[int, int],
+        anomaly_map: np.ndarray,
+        last: np.ndarray,
+        class_name: str | None,
+        source: str | None,
+        sensitivity: float,
+        map_ms: float,
+    ) -> RuntimeInspection:
+        """The inspection of one image from its map and (1, C, h, w) last-stage features: reference fit, score,
+        thresholds, verdict and regions."""
         start = time.perf_counter()
-        anomaly_map, last = self.anomaly_map(pixels)
         manifest = self.bundle.manifest
         brightness = float(scoring.grey_thumbnail(pixels).mean())
         appearance = scoring.appearance(last)[0]
@@ -153,7 +197,7 @@ class RuntimeInspector:
         height, width = pixels.shape[:2]
         min_region_px = map_cell_px(height, width, min(backbone["strides"]), backbone["image_size"])
         decision = scoring.decide(anomaly_map, pixels, score, manifest["calibration"], sensitivity, min_region_px)
-        elapsed = (time.perf_counter() - start) * 1000
+        elapsed = map_ms + (time.perf_counter() - start) * 1000
         warning = scoring.fit_warning(fit)
         return RuntimeInspection(
             is_anomalous=decision.is_anomalous,
@@ -165,20 +209,14 @@ class RuntimeInspector:
             regions=decision.regions,
             mode="pool" if self.retrieval else "few-shot",
             n_references=int(self.memory.descriptors.shape[0]),
-            image_size=(int(pixels.shape[0]), int(pixels.shape[1])),
+            image_size=(height, width),
             calibration=dict(manifest["calibration"]),
             class_name=class_name or manifest["class_name"],
             source=source,
             timings_ms={"inspect": round(elapsed, 1), "index_references": round(float(manifest["index_ms"]), 1)},
             warnings=([warning] if warning else []) + list(manifest["warnings"]),
             reference_fit=fit,
-            source_size=None
-            if pixels.shape[:2] == original.shape[:2]
-            else (int(original.shape[0]), int(original.shape[1])),
+            source_size=None if (height, width) == source_size else source_size,
             min_region_px=min_region_px,
             anomaly_map=anomaly_map,
         )
-
-
-def original_size(image: np.ndarray) -> tuple[int, int]:
-    return int(image.shape[0]), int(image.shape[1])

@@ -144,7 +144,9 @@ def decide(
     floor = min(half, threshold) if threshold > 0 else half
     pixel_threshold = max(min(float(calibration["pixel_threshold"]) - shift, threshold), floor)
     is_anomalous = bool(score > threshold)
-    regions = find_regions(anomaly_map, pixel_threshold, image, min_region_px) if is_anomalous else []
+    regions = []
+    if is_anomalous:  # a region must also peak above the image threshold, as in anomalygpt.inspection.decide
+        regions = find_regions(anomaly_map, pixel_threshold, image, min_region_px, min_peak=threshold)
     return Decision(is_anomalous, (score - threshold) / spread, threshold, pixel_threshold, regions)
 
 
