@@ -316,7 +316,7 @@ def connect(address: str | None) -> bool:
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # ours counts images; Ray's count blocks per operator
     context.print_on_execution_start = False
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.data").setLevel(logging.CRITICAL)  # a failed block: our one line says why
     return started
 
 
@@ -507,14 +507,28 @@ def encode_on_ray(
                     stage[rows] = part
                 sizes[batch["index"]] = np.stack([batch["height"], batch["width"]], axis=1)
                 bar.update(len(rows))
-    except ray.exceptions.RayTaskError as error:  # an image that does not decode, or of another size
-        raise EvalError(actor_error(error)) from error
+    except ray.exceptions.RayError as error:  # an image that does not decode, of another size; an actor crash
+        raise EvalError(refused_image(paths) or f"ray: {actor_error(error)}") from error
     size = None
     for path, shape in zip(paths, sizes, strict=True):
         size = checked_size(tuple(shape), path, size)
     assert size is not None, "encode_on_ray needs at least one image"
     elapsed_ms = (time.perf_counter() - start) * 1000
     return PatchCache({path: i for i, path in enumerate(paths)}, stages, size, elapsed_ms / len(paths))
+
+
+def refused_image(paths: Sequence[Path]) -> str | None:
+    """The one-line error of the first image a local run would refuse, when that is why the actors failed (Ray Data
+    hands the driver a generic UserCodeException, the image's message only in a traceback's text)."""
+    from eval.runner import checked_size
+
+    size = None
+    try:
+        for path in paths:
+            size = checked_size(load_image(path).shape, path, size)
+    except ValueError as error:
+        return str(error)
+    return None
 
 
 def actor_error(error: BaseException) -> str:
