@@ -636,10 +636,11 @@ def build_assistant(
     `inference`, the LoRA update is merged into the frozen weights (one matrix product per layer instead of three)
     and the LLM is quantised as the preset says: for chat only, never for training.
     """
-    from anomalygpt.config import Preset, load_preset
+    from anomalygpt.config import Preset, load_preset, resolve_device
     from anomalygpt.inspection import build_inspector
 
     cfg = preset if isinstance(preset, Preset) else load_preset(preset)
+    cfg = dataclasses.replace(cfg, device=resolve_device(cfg.device))  # "auto" in a preset built in code
     inspector = inspector if inspector is not None else build_inspector(cfg)
     loaded = load_llm(cfg.llm)
     add_placeholder(loaded.tokenizer, loaded.model)

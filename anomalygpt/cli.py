@@ -201,7 +201,8 @@ def add_detect_parser(verbs: Any) -> None:
         "--batch-size",
         type=positive_int,
         default=None,
-        help="images per backbone pass when inspecting against references (default 16)",
+        help="images per batch when inspecting against references (default 16): decoded ahead, searched together, "
+        "one backbone pass on a GPU",
     )
     add_engine_arguments(detect, "with --profile and --out; the same records, resumable: a re-run skips images done")
 

@@ -60,13 +60,13 @@ def tensors_checksum(tensors: dict[str, torch.Tensor]) -> str:
 
 
 def memory_tensors(memory: PatchMemory) -> dict[str, torch.Tensor]:
-    """The memory as flat named tensors: bank features as float16 (the memory holds float16-exact values)."""
+    """The memory as flat named CPU tensors: bank features as float16 (the memory holds float16-exact values)."""
     tensors = {
-        "descriptors": memory.descriptors.float().contiguous(),
-        "appearances": memory.appearances.float().contiguous(),
+        "descriptors": memory.descriptors.float().cpu().contiguous(),
+        "appearances": memory.appearances.float().cpu().contiguous(),
     }
     for stage, bank in enumerate(memory.banks):
-        tensors[f"stage{stage}.features"] = bank.features.half().contiguous()
+        tensors[f"stage{stage}.features"] = bank.features.half().cpu().contiguous()
         tensors[f"stage{stage}.reference"] = bank.reference.int().contiguous()
         tensors[f"stage{stage}.position"] = bank.position.int().contiguous()
     return tensors

@@ -38,6 +38,8 @@ from anomalygpt.inspection import Inspection, Inspector, References, build_inspe
 from anomalygpt.io import load_image, write_json_atomic
 from eval.datasets import draw_shots, elpv_half, load_split
 
+CPU_MS: dict[str, float] = {}  # the last run's process CPU time per image (every thread), by path
+
 
 def test_cells(cell_type: str) -> list[Path]:
     """The test half's cells of the type, good ones first (ELPV package)."""
@@ -76,8 +78,9 @@ def reference_files(cell_type: str, seed: int) -> list[Path]:
 def one_at_a_time(inspector: Inspector, references: References, files: list[Path]) -> tuple[float, list[Inspection]]:
     """Images/s of Inspector.inspect in a loop (decode included), after one warm-up image."""
     inspector.inspect(files[0], references)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     results = [inspector.inspect(path, references, source=str(path)) for path in files]
+    CPU_MS[f"one_at_a_time_{len(files)}"] = (time.process_time() - cpu) * 1000 / len(files)
     return len(files) / (time.perf_counter() - start), results
 
 
@@ -88,9 +91,10 @@ def batched(
     list(inspector.inspect_many(files[:batch_size], references, batch_size=batch_size, half=half))
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     sources = [str(path) for path in files]
     results = list(inspector.inspect_many(files, references, sources=sources, batch_size=batch_size, half=half))
+    CPU_MS[f"batch_{batch_size}_{len(files)}"] = (time.process_time() - cpu) * 1000 / len(files)
     return len(files) / (time.perf_counter() - start), results
 
 
@@ -143,9 +147,17 @@ def cpu_figures(args: argparse.Namespace, files: list[Path], refs: list[Path]) -
             if index == 0:
                 out[f"parity_batch_{size}_vs_one_at_a_time"] = parity(results, single)
                 out.setdefault("scores_one_at_a_time", [r.score for r in single])
+        rates |= {f"{key}_cpu_ms": value for key, value in CPU_MS.items()}
         rounds.append(rates)
-        print(f"cpu round {index}: " + ", ".join(f"{k} {v:.2f}/s" for k, v in rates.items()), flush=True)
+        print(
+            f"cpu round {index} (images/s; process CPU ms/image): "
+            + ", ".join(f"{k} {v:.2f}" for k, v in rates.items()),
+            flush=True,
+        )
     for key in rounds[0]:
+        if key.endswith("_cpu_ms"):
+            out[f"{key}_per_image"] = float(np.median([r[key] for r in rounds]))
+            continue
         out[f"{key}_images_per_s"] = float(np.median([r[key] for r in rounds]))
     ratios = {
         size: float(np.median([r[f"batch_{size}"] / r["one_at_a_time"] for r in rounds])) for size in args.batch_sizes

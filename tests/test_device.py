@@ -151,3 +151,22 @@ def test_inspect_many_on_cuda_matches_the_cpu(small_backbone: torch.nn.Module) -
         assert [r.box for r in gpu.regions] == [r.box for r in cpu.regions]
         assert gpu.anomaly_map is not None and cpu.anomaly_map is not None
         assert np.abs(gpu.anomaly_map - cpu.anomaly_map).max() < 1e-3
+
+
+@pytest.mark.cuda
+def test_a_profile_fitted_on_cuda_inspects_alike_on_the_cpu(small_backbone: torch.nn.Module, tmp_path: Path) -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    preset = load_preset("default")
+    goods = texture_crops(6, seed=7)
+    query = with_dark_blob(goods[5], (60, 60), 12)
+    gpu = Inspector(small_backbone.to("cuda"), with_device(preset, "cuda"))
+    try:
+        references = gpu.fit(goods[:4])
+        on_gpu = gpu.inspect(query, references)
+        gpu.save_profile(references, tmp_path / "p.profile")
+    finally:
+        small_backbone.to("cpu")
+    cpu = Inspector(small_backbone, with_device(preset, "cpu"))
+    on_cpu = cpu.inspect(query, cpu.load_profile(tmp_path / "p.profile"))
+    assert on_cpu.score == pytest.approx(on_gpu.score, abs=1e-4) and on_cpu.is_anomalous == on_gpu.is_anomalous
