@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from anomalygpt.memory import PatchMemory, top_mean
+from anomalygpt.memory import PatchMemory
+from anomalygpt.verdict import Calibration, top_mean
 
 # With one reference the threshold comes from the quadrants of that image alone and cannot see how good parts
 # differ from one another: on ELPV its false alarms ranged from 0 % to 93 % over three draws (bench/RESULTS.md).
@@ -28,24 +29,6 @@ class CalibrationConfig:
     pixel_quantile: float = 0.999  # pixel threshold: this quantile of the held-out normal map values
     max_held_out: int = 32  # a larger pool is calibrated on a seeded sample of this many held-out references
     seed: int = 0
-
-
-@dataclass(frozen=True)
-class Calibration:
-    image_threshold: float
-    pixel_threshold: float
-    normal_mean: float  # mean held-out score of good references
-    normal_spread: float  # their spread (std with a floor): the unit of the margin
-    n_scores: int
-    method: str  # how the held-out scores were formed, in words
-    raw_spread: float = 0.0  # the held-out scores' own std, before the floor (0 with one score)
-
-    def margin(self, score: float) -> float:
-        """Distance of a score from the threshold in units of the normal spread (> 0: anomalous)."""
-        return (score - self.image_threshold) / self.normal_spread
-
-    def to_dict(self) -> dict[str, float | int | str]:
-        return asdict(self)
 
 
 def held_out_maps(memory: PatchMemory, held_out: dict[int, list[torch.Tensor]]) -> tuple[list[np.ndarray], str]:

@@ -13,7 +13,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple, overload
 
-import cv2
 import numpy as np
 import torch
 from tqdm import tqdm
@@ -38,7 +37,6 @@ from anomalygpt.memory import (
     fuse_maps,
     fused_tensor,
     memory_inputs,
-    top_mean,
     top_means,
 )
 from anomalygpt.mutual import MIN_BATCH, batch_calibration, mutual_maps
@@ -49,16 +47,14 @@ from anomalygpt.references import (
     check_references,
     decide_augmentation,
     fit_statistics,
-    fit_warning,
-    grey_thumbnail,
     reference_fit,
 )
-from anomalygpt.regions import Region, find_regions, map_cell_px, regions_summary
+from anomalygpt.regions import Region, map_cell_px, regions_summary
 from anomalygpt.text import build_text_encoder
+from anomalygpt.verdict import confidence_word, decide, fit_warning, grey_thumbnail, top_mean, working_image
 from anomalygpt.weights import load_into, load_module
 
 MAX_REFERENCES = 10_000
-MAX_WORKING_SIDE = 2048  # px: larger images are inspected downscaled (time and memory stay bounded)
 BATCH_SIZE = 16  # images per batch in inspect_many (decoded together, searched together; a GPU pass)
 # Images per backbone pass on a CPU: its activations at 320 px outgrow the caches, and a pass of 8 or 16 costs
 # 2.3x the CPU time per image of a pass of 1 (24.8 vs 57-59 ms on this 2-core CPU, passive OpenMP waits).
@@ -66,14 +62,6 @@ CPU_PASS = 1
 DECODE_THREADS = min(16, os.cpu_count() or 1)  # image decoders running beside the backbone in inspect_many
 MAX_REFERENCES_IN_MEMORY = 64  # more references are decoded again when indexed instead of held as pixels
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"  # trained parts of the offline default
-
-
-def confidence_word(margin: float) -> str:
-    """How sure the verdict is, from the margin in units of the normal spread."""
-    distance = abs(margin)
-    if distance < 1.0:
-        return "low"
-    return "medium" if distance < 3.0 else "high"
 
 
 @dataclass
@@ -131,46 +119,6 @@ class Inspection:
             regions_summary(self.regions) if self.is_anomalous else "No anomalous region.",
         ]
         return "\n".join(lines)
-
-
-class Decision(NamedTuple):
-    is_anomalous: bool
-    margin: float
-    threshold: float
-    pixel_threshold: float
-    regions: list[Region]
-
-
-def decide(
-    anomaly_map: np.ndarray,
-    image: np.ndarray,
-    score: float,
-    calibration: Calibration,
-    sensitivity: float = 0.0,
-    min_region_px: int | None = None,
-) -> Decision:
-    """Verdict, margin, thresholds and regions; `sensitivity` > 0 lowers the thresholds by that many spreads.
-
-    A region is an area above the pixel threshold of at least min_region_px (see Inspection.min_region_px) whose
-    peak is above the image threshold: the pixel threshold is the good images' 99.9th percentile, so weaker areas
-    are what good images show too (bench/bench_regions.py, training pictures: count accuracy on flagged images
-    0.178 -> 0.370 with the split at SPLIT_DEPTH).
-
-    The pixel threshold moves by the same shift and stays at or below the image threshold (an anomalous image has
-    a region), but never below half its calibrated value: there good texture itself becomes regions, and below 0
-    (sensitivity 5 with a wide spread) the whole image was one region.
-    """
-    shift = sensitivity * calibration.normal_spread
-    threshold = calibration.image_threshold - shift
-    half = calibration.pixel_threshold / 2
-    floor = min(half, threshold) if threshold > 0 else half
-    pixel_threshold = max(min(calibration.pixel_threshold - shift, threshold), floor)
-    is_anomalous = bool(score > threshold)
-    margin = (score - threshold) / calibration.normal_spread
-    regions = (
-        find_regions(anomaly_map, pixel_threshold, image, min_region_px, min_peak=threshold) if is_anomalous else []
-    )
-    return Decision(is_anomalous, margin, threshold, pixel_threshold, regions)
 
 
 @dataclass
@@ -313,7 +261,7 @@ class Inspector:
         sensitivity: float = 0.0,
     ) -> Inspection:
         """Inspect one image: few-shot against references, zero-shot with none; `sensitivity` lowers thresholds.
-        An image with a side over MAX_WORKING_SIDE is inspected downscaled (the result's image_size; source_size
+        An image with a side over verdict.MAX_WORKING_SIDE is inspected downscaled (the result's image_size; source_size
         is the file's)."""
         original = load_image(image)
         pixels = working_image(original)
@@ -649,18 +597,6 @@ def decoded_batches(
             ahead = submit(spans[index + 1]) if index + 1 < len(spans) else []
             yield [future.result() for future in pending], list(labels[span[0] : span[1]])
             pending = ahead
-
-
-def working_image(pixels: np.ndarray) -> np.ndarray:
-    """The image downscaled (area interpolation) so that its longer side is at most MAX_WORKING_SIDE, else as is:
-    the backbone sees 320 px anyway, and maps, regions and overlays at the file's size grow without bound
-    (a 6000 x 6000 query took 14.9 GB before)."""
-    height, width = pixels.shape[:2]
-    scale = MAX_WORKING_SIDE / max(height, width)
-    if scale >= 1.0:
-        return pixels
-    size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    return cv2.resize(pixels, size, interpolation=cv2.INTER_AREA)
 
 
 def reference_images(references: Sequence[ImageSource], names: Sequence[str]) -> Sequence[np.ndarray]:

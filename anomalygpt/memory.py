@@ -18,6 +18,7 @@ from scipy.ndimage import gaussian_filter
 
 from anomalygpt.backbones import VisionBackbone
 from anomalygpt.coreset import greedy_coreset, random_projection
+from anomalygpt.verdict import standardized, top_mean
 
 N_DIHEDRAL = 8  # 4 rotations x optional horizontal flip
 THINNINGS = ("coreset", "random")
@@ -156,17 +157,6 @@ def concat_banks(parts: Sequence[StageBank]) -> StageBank:
         torch.cat([p.reference for p in parts]),
         torch.cat([p.position for p in parts]),
     )
-
-
-STANDARD_GREY = (128.0, 50.0)  # mean and spread of a standardised image's grey levels
-
-
-def standardized(image: np.ndarray) -> np.ndarray:
-    """(H, W, 3) uint8 with its grey levels (all channels together) moved to STANDARD_GREY's mean and spread."""
-    pixels = image.astype(np.float32)
-    mean, spread = STANDARD_GREY
-    scaled = (pixels - pixels.mean()) * (spread / max(float(pixels.std()), 1e-3)) + mean
-    return np.rint(scaled).clip(0, 255).astype(np.uint8)
 
 
 def memory_inputs(images: Sequence[np.ndarray], cfg: MemoryConfig) -> list[np.ndarray]:
@@ -397,13 +387,6 @@ def gaussian_smooth(maps: torch.Tensor, sigma: float) -> torch.Tensor:
     rows = rows.reshape(batch, width, height).permute(0, 2, 1)  # (B, H, W)
     cols = rows.index_select(2, reflected_indices(width, radius, maps.device))  # (B, H, W + 2r)
     return F.conv1d(cols.reshape(-1, 1, width + 2 * radius), kernel[None, None]).reshape(batch, height, width)
-
-
-def top_mean(values: np.ndarray, fraction: float) -> float:
-    """Mean of the highest `fraction` of values (at least one)."""
-    flat = values.ravel()
-    count = max(1, int(round(flat.size * fraction)))
-    return float(np.partition(flat, flat.size - count)[-count:].mean())
 
 
 def top_means(maps: torch.Tensor, fraction: float) -> torch.Tensor:

@@ -20,10 +20,10 @@ import numpy as np
 import torch
 
 from anomalygpt.backbones import VisionBackbone
-from anomalygpt.memory import MemoryConfig, encode_views, fuse_maps, nearest_distance, top_mean
+from anomalygpt.memory import MemoryConfig, encode_views, fuse_maps, nearest_distance
+from anomalygpt.verdict import FitStatistics, fit_of_distances, grey_thumbnail, top_mean
 
 BLANK_STD = 2.0  # grey levels: a reference whose pixels vary less than this shows no product
-THUMB_SIDE = 32  # duplicate check on grey thumbnails of this side
 # The same picture: grey levels differing by less than DUPLICATE_RMS (root mean square, 0-255, full resolution).
 # ELPV dev half (bench/bench_reference_checks.py): re-saved copies 0, JPEG quality 95 up to 1.2, 1-level noise
 # 0.8, JPEG quality 75 up to 2.3 (65-95 % caught); the closest distinct good cells 2.9 (mono) and 3.4 (poly).
@@ -35,14 +35,6 @@ AUGMENT_SUBSET = 8  # references the augmentation decision holds out, at most
 # and on ELPV's dev half it raised the separation by 4-25 % without moving real AUROC (4-shot 0.861 vs 0.863,
 # pools 0.948 vs 0.948), so a small gain is not worth it.
 AUGMENT_GAIN = 1.3
-# A query whose nearest reference is more than FIT_LIMIT times as far as the references' typical spacing does not
-# fit (ELPV dev half, bench/bench_pools.py --parts fit --half dev: pools of good cells warn on 0.1-0.7 % of good
-# cells of their type and on every cell of the other type; 4 references, a poorer yardstick, on 12-24 % and
-# 67-97 %).
-FIT_LIMIT = 3.0
-# Brightness is checked apart, since standardised images hide it from the appearance: a query more than this many
-# spreads from the references' mean grey level does not fit (dev half: < 0.5 % of good cells of a pool's type).
-BRIGHTNESS_LIMIT = 4.0
 BRIGHTNESS_SPREAD_PRIOR = 0.05  # floor of the brightness spread, relative to the mean, over sqrt(k)
 
 
@@ -57,12 +49,6 @@ class ReferenceSet:
     keep: list[int]  # indices into the given references
     warnings: list[str]
     brightness: list[float]  # mean grey level of each reference kept
-
-
-def grey_thumbnail(image: np.ndarray) -> np.ndarray:
-    """(THUMB_SIDE, THUMB_SIDE) float32 grey thumbnail of an (H, W, 3) uint8 image."""
-    grey = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
-    return cv2.resize(grey, (THUMB_SIDE, THUMB_SIDE), interpolation=cv2.INTER_AREA).astype(np.float32)
 
 
 def check_references(images: Sequence[np.ndarray], names: Sequence[str]) -> ReferenceSet:
@@ -202,19 +188,6 @@ def held_out_score(
     return top_mean(fuse_maps(stage_maps, size, cfg.sigma)[0], cfg.top_fraction)
 
 
-@dataclass(frozen=True)
-class FitStatistics:
-    """What good references look like to the reference-fit check."""
-
-    typical: float  # mean nearest-other-reference appearance distance (cosine): the unit of a query's distance
-    n: int  # references the statistics come from (0: one reference, nothing to compare)
-    brightness: float = 0.0  # mean grey level of the references
-    brightness_spread: float = 0.0  # its spread over the references (std with a floor): the unit of a query's
-
-    def to_dict(self) -> dict[str, float | int]:
-        return asdict(self)
-
-
 def fit_statistics(appearances: torch.Tensor, brightness: Sequence[float]) -> FitStatistics:
     """From (R, D) unit appearance descriptors and R mean grey levels."""
     n = appearances.shape[0]
@@ -236,35 +209,7 @@ def reference_fit(
     names: Sequence[str],
     shown: int = 3,
 ) -> dict[str, object]:
-    """How well one query matches the references: its appearance's (D,) distance to the nearest reference's
-    (R, D), that distance over the references' typical spacing ("ratio"), its brightness in spreads from theirs
-    ("brightness"), whether it fits on both, and the nearest references' names."""
+    """How well one query matches the references (verdict.fit_of_distances), from its appearance (D,) and the
+    references' (R, D)."""
     distance = (1.0 - references @ appearance).clamp_min(0.0)  # (R,)
-    order = distance.argsort()[:shown].tolist()
-    nearest = float(distance[order[0]])
-    if stats.n == 0:
-        return {"distance": round(nearest, 5), "ratio": None, "brightness": None, "fits": None, "nearest": [names[0]]}
-    ratio = nearest / stats.typical
-    light = (brightness - stats.brightness) / stats.brightness_spread
-    return {
-        "distance": round(nearest, 5),
-        "ratio": round(ratio, 2),
-        "brightness": round(light, 2),
-        "fits": bool(ratio <= FIT_LIMIT and abs(light) <= BRIGHTNESS_LIMIT),
-        "nearest": [names[i] for i in order],
-    }
-
-
-def fit_warning(fit: dict[str, object]) -> str | None:
-    """The one-line warning for a query that does not fit its references, else None."""
-    if fit["fits"] is not False:
-        return None
-    ratio, light = float(fit["ratio"]), float(fit["brightness"])  # type: ignore[arg-type]
-    if ratio > FIT_LIMIT:
-        found = f"it is {ratio:.1f} times farther from the nearest one than the references are from each other"
-    else:
-        found = f"it is {abs(light):.1f} spreads {'brighter' if light > 0 else 'darker'} than they are"
-    return (
-        f"the image does not look like the good references ({found}): another product, design or lighting, or "
-        "a defect over much of it? The verdict compares it with references that do not fit"
-    )
+    return fit_of_distances(distance.cpu().numpy(), brightness, stats, names, shown)

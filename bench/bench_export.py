@@ -34,7 +34,7 @@ from anomalygpt.io import load_image, write_json_atomic
 from anomalygpt.runtime import RuntimeInspector
 from anomalygpt.runtime.bundle import read_bundle
 from anomalygpt.runtime.engines import openvino_model_engine
-from anomalygpt.runtime.scoring import standardized
+from anomalygpt.verdict import standardized
 from eval.datasets import ELPV_TYPES, elpv_half, load_split
 
 WARM_UP = 3

@@ -1,5 +1,5 @@
 """Huge images end to end: `anomalygpt detect` on one query and 3 references of each side, with and without the
-working-size cap (anomalygpt/inspection.py MAX_WORKING_SIDE), in a fresh process each: wall time, peak memory
+working-size cap (anomalygpt/verdict.py MAX_WORKING_SIDE), in a fresh process each: wall time, peak memory
 (the process's maximum resident set) and the size of the map the inspection keeps.
 
 The images are odd-numbered (dev half) ELPV cells upscaled to the side (bicubic), the query a defective one.
@@ -26,8 +26,8 @@ from eval.datasets import elpv_half, load_split
 
 CHILD = """
 import sys
-import anomalygpt.inspection as inspection
-inspection.MAX_WORKING_SIDE = int(sys.argv[1])
+import anomalygpt.verdict as verdict
+verdict.MAX_WORKING_SIDE = int(sys.argv[1])
 from anomalygpt.cli import main
 sys.exit(main(sys.argv[2:]))
 """

@@ -79,7 +79,7 @@ def test_inspect_many_matches_inspect_in_a_pool(small_backbone, queries):
 
 
 def test_inspect_many_decodes_files_and_records_downscaled_sizes(inspector, queries, tmp_path, monkeypatch):
-    monkeypatch.setattr("anomalygpt.inspection.MAX_WORKING_SIDE", 64)
+    monkeypatch.setattr("anomalygpt.verdict.MAX_WORKING_SIDE", 64)
     references = inspector.fit([cv2.resize(image, (64, 64), interpolation=cv2.INTER_AREA) for image in queries[:2]])
     paths = []
     for index, image in enumerate(queries):

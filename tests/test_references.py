@@ -12,16 +12,13 @@ from anomalygpt.inspection import InspectionError, Inspector
 from anomalygpt.memory import MemoryConfig
 from anomalygpt.references import (
     AUGMENT_GAIN,
-    BRIGHTNESS_LIMIT,
-    FIT_LIMIT,
-    FitStatistics,
     check_references,
     decide_augmentation,
     fit_statistics,
-    fit_warning,
     reference_fit,
     simulated_defects,
 )
+from anomalygpt.verdict import BRIGHTNESS_LIMIT, FIT_LIMIT, FitStatistics, fit_warning
 
 
 def grass_crops(n: int, seed: int = 0) -> list[np.ndarray]:

@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from anomalygpt.verdict import Calibration, FitStatistics
+
 RUNTIME_FORMAT = "anomalygpt-runtime"
 RUNTIME_VERSION = 1  # bump when the layout changes; a newer folder is refused by older code
 MANIFEST = "runtime.json"
@@ -47,6 +49,8 @@ class Bundle:
     manifest: dict[str, Any]
     arrays: dict[str, np.ndarray]
     memory: MemorySettings
+    calibration: Calibration
+    fit_stats: FitStatistics  # the references' own spacing and brightness, for the reference-fit check
 
     @property
     def engine(self) -> str:
@@ -145,9 +149,11 @@ def read_bundle(folder: str | Path) -> Bundle:
     missing = [key for key in (*MANIFEST_KEYS, "memory") if key not in manifest]
     try:
         settings = MemorySettings(**manifest["memory"])
+        calibration = Calibration(**manifest["calibration"])
+        fit_stats = FitStatistics(**manifest["fit_stats"])
         n_stages = len(manifest["outputs"]["features"])
     except (KeyError, TypeError) as error:
-        missing = missing or [f"valid memory and outputs sections ({error})"]
+        missing = missing or [f"valid memory, calibration, fit_stats and outputs sections ({error})"]
     if missing:
         raise RuntimeBundleError(f"{folder / MANIFEST}: lacks {', '.join(missing)}; export again")
     arrays = read_arrays(folder / MEMORY)
@@ -155,4 +161,4 @@ def read_bundle(folder: str | Path) -> Bundle:
     absent = [name for name in needed if name not in arrays]
     if absent:
         raise RuntimeBundleError(f"{folder / MEMORY}: lacks {', '.join(absent)}; export again")
-    return Bundle(folder, manifest, arrays, settings)
+    return Bundle(folder, manifest, arrays, settings, calibration, fit_stats)

@@ -15,6 +15,16 @@ from anomalygpt.regions import Region, map_cell_px
 from anomalygpt.runtime import scoring
 from anomalygpt.runtime.bundle import Bundle, read_bundle
 from anomalygpt.runtime.engines import Engine, open_engine
+from anomalygpt.verdict import (
+    confidence_word,
+    decide,
+    fit_of_distances,
+    fit_warning,
+    grey_thumbnail,
+    standardized,
+    top_mean,
+    working_image,
+)
 
 
 class RuntimeInspectionError(ValueError):
@@ -115,7 +125,7 @@ class RuntimeInspector:
     def decoded(self, image: ImageSource, source: str | None) -> tuple[np.ndarray, tuple[int, int]]:
         """The image at its working size, checked against the profile's, and the (H, W) of the file."""
         original = load_image(image)
-        pixels = scoring.working_image(original)
+        pixels = working_image(original)
         if pixels.shape[:2] != self.bundle.image_size:
             h, w = self.bundle.image_size
             raise RuntimeInspectionError(
@@ -127,7 +137,7 @@ class RuntimeInspector:
     def anomaly_maps(self, batch: Sequence[np.ndarray]) -> tuple[list[np.ndarray], np.ndarray]:
         """(H, W) anomaly maps of images at the profile's size (one engine call), and their (B, C, h, w)
         last-stage features."""
-        inputs = [scoring.standardized(pixels) if self.settings.standardize else pixels for pixels in batch]
+        inputs = [standardized(pixels) if self.settings.standardize else pixels for pixels in batch]
         outputs = self.engine(np.ascontiguousarray(np.stack(inputs)))
         n_features = self.n_outputs[0]
         feats, priors = outputs[:n_features], outputs[n_features:]
@@ -187,24 +197,22 @@ class RuntimeInspector:
         thresholds, verdict and regions."""
         start = time.perf_counter()
         manifest = self.bundle.manifest
-        brightness = float(scoring.grey_thumbnail(pixels).mean())
-        appearance = scoring.appearance(last)[0]
-        fit = scoring.reference_fit(
-            appearance, brightness, self.memory.appearances, manifest["fit_stats"], manifest["references"]
-        )
-        score = scoring.top_mean(anomaly_map, self.settings.top_fraction)
+        brightness = float(grey_thumbnail(pixels).mean())
+        distance = scoring.appearance_distance(scoring.appearance(last)[0], self.memory.appearances)
+        fit = fit_of_distances(distance, brightness, self.bundle.fit_stats, manifest["references"])
+        score = top_mean(anomaly_map, self.settings.top_fraction)
         backbone = manifest["backbone"]
         height, width = pixels.shape[:2]
         min_region_px = map_cell_px(height, width, min(backbone["strides"]), backbone["image_size"])
-        decision = scoring.decide(anomaly_map, pixels, score, manifest["calibration"], sensitivity, min_region_px)
+        decision = decide(anomaly_map, pixels, score, self.bundle.calibration, sensitivity, min_region_px)
         elapsed = map_ms + (time.perf_counter() - start) * 1000
-        warning = scoring.fit_warning(fit)
+        warning = fit_warning(fit)
         return RuntimeInspection(
             is_anomalous=decision.is_anomalous,
             score=score,
             threshold=decision.threshold,
             margin=decision.margin,
-            confidence=scoring.confidence_word(decision.margin),
+            confidence=confidence_word(decision.margin),
             pixel_threshold=decision.pixel_threshold,
             regions=decision.regions,
             mode="pool" if self.retrieval else "few-shot",

@@ -1,0 +1,175 @@
+"""The torch-free steps around the anomaly map, shared by the torch Inspector and the exported runtime (no torch):
+the working image, grey standardisation, the image score, the verdict with its thresholds and regions, and the
+reference-fit check. One definition each, so the two paths cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import NamedTuple
+
+import cv2
+import numpy as np
+
+from anomalygpt.regions import Region, find_regions
+
+MAX_WORKING_SIDE = 2048  # px: larger images are inspected downscaled (time and memory stay bounded)
+STANDARD_GREY = (128.0, 50.0)  # mean and spread of a standardised image's grey levels
+THUMB_SIDE = 32  # duplicate check and brightness on grey thumbnails of this side
+# A query whose nearest reference is more than FIT_LIMIT times as far as the references' typical spacing does not
+# fit (ELPV dev half, bench/bench_pools.py --parts fit --half dev: pools of good cells warn on 0.1-0.7 % of good
+# cells of their type and on every cell of the other type; 4 references, a poorer yardstick, on 12-24 % and
+# 67-97 %).
+FIT_LIMIT = 3.0
+# Brightness is checked apart, since standardised images hide it from the appearance: a query more than this many
+# spreads from the references' mean grey level does not fit (dev half: < 0.5 % of good cells of a pool's type).
+BRIGHTNESS_LIMIT = 4.0
+
+
+def working_image(pixels: np.ndarray) -> np.ndarray:
+    """The image downscaled (area interpolation) so that its longer side is at most MAX_WORKING_SIDE, else as is:
+    the backbone sees 320 px anyway, and maps, regions and overlays at the file's size grow without bound
+    (a 6000 x 6000 query took 14.9 GB before)."""
+    height, width = pixels.shape[:2]
+    scale = MAX_WORKING_SIDE / max(height, width)
+    if scale >= 1.0:
+        return pixels
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return cv2.resize(pixels, size, interpolation=cv2.INTER_AREA)
+
+
+def standardized(image: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8 with its grey levels (all channels together) moved to STANDARD_GREY's mean and spread."""
+    pixels = image.astype(np.float32)
+    mean, spread = STANDARD_GREY
+    scaled = (pixels - pixels.mean()) * (spread / max(float(pixels.std()), 1e-3)) + mean
+    return np.rint(scaled).clip(0, 255).astype(np.uint8)
+
+
+def grey_thumbnail(image: np.ndarray) -> np.ndarray:
+    """(THUMB_SIDE, THUMB_SIDE) float32 grey thumbnail of an (H, W, 3) uint8 image."""
+    grey = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
+    return cv2.resize(grey, (THUMB_SIDE, THUMB_SIDE), interpolation=cv2.INTER_AREA).astype(np.float32)
+
+
+def top_mean(values: np.ndarray, fraction: float) -> float:
+    """Mean of the highest `fraction` of values (at least one)."""
+    flat = values.ravel()
+    count = max(1, int(round(flat.size * fraction)))
+    return float(np.partition(flat, flat.size - count)[-count:].mean())
+
+
+@dataclass(frozen=True)
+class Calibration:
+    image_threshold: float
+    pixel_threshold: float
+    normal_mean: float  # mean held-out score of good references
+    normal_spread: float  # their spread (std with a floor): the unit of the margin
+    n_scores: int
+    method: str  # how the held-out scores were formed, in words
+    raw_spread: float = 0.0  # the held-out scores' own std, before the floor (0 with one score)
+
+    def margin(self, score: float) -> float:
+        """Distance of a score from the threshold in units of the normal spread (> 0: anomalous)."""
+        return (score - self.image_threshold) / self.normal_spread
+
+    def to_dict(self) -> dict[str, float | int | str]:
+        return asdict(self)
+
+
+def confidence_word(margin: float) -> str:
+    """How sure the verdict is, from the margin in units of the normal spread."""
+    distance = abs(margin)
+    if distance < 1.0:
+        return "low"
+    return "medium" if distance < 3.0 else "high"
+
+
+class Decision(NamedTuple):
+    is_anomalous: bool
+    margin: float
+    threshold: float
+    pixel_threshold: float
+    regions: list[Region]
+
+
+def decide(
+    anomaly_map: np.ndarray,
+    image: np.ndarray,
+    score: float,
+    calibration: Calibration,
+    sensitivity: float = 0.0,
+    min_region_px: int | None = None,
+) -> Decision:
+    """Verdict, margin, thresholds and regions; `sensitivity` > 0 lowers the thresholds by that many spreads.
+
+    A region is an area above the pixel threshold of at least min_region_px (see Inspection.min_region_px) whose
+    peak is above the image threshold: the pixel threshold is the good images' 99.9th percentile, so weaker areas
+    are what good images show too (bench/bench_regions.py, training pictures: count accuracy on flagged images
+    0.178 -> 0.370 with the split at SPLIT_DEPTH).
+
+    The pixel threshold moves by the same shift and stays at or below the image threshold (an anomalous image has
+    a region), but never below half its calibrated value: there good texture itself becomes regions, and below 0
+    (sensitivity 5 with a wide spread) the whole image was one region.
+    """
+    shift = sensitivity * calibration.normal_spread
+    threshold = calibration.image_threshold - shift
+    half = calibration.pixel_threshold / 2
+    floor = min(half, threshold) if threshold > 0 else half
+    pixel_threshold = max(min(calibration.pixel_threshold - shift, threshold), floor)
+    is_anomalous = bool(score > threshold)
+    margin = (score - threshold) / calibration.normal_spread
+    regions = (
+        find_regions(anomaly_map, pixel_threshold, image, min_region_px, min_peak=threshold) if is_anomalous else []
+    )
+    return Decision(is_anomalous, margin, threshold, pixel_threshold, regions)
+
+
+@dataclass(frozen=True)
+class FitStatistics:
+    """What good references look like to the reference-fit check."""
+
+    typical: float  # mean nearest-other-reference appearance distance (cosine): the unit of a query's distance
+    n: int  # references the statistics come from (0: one reference, nothing to compare)
+    brightness: float = 0.0  # mean grey level of the references
+    brightness_spread: float = 0.0  # its spread over the references (std with a floor): the unit of a query's
+
+    def to_dict(self) -> dict[str, float | int]:
+        return asdict(self)
+
+
+def fit_of_distances(
+    distance: np.ndarray, brightness: float, stats: FitStatistics, names: Sequence[str], shown: int = 3
+) -> dict[str, object]:
+    """How well one query matches the references, from its appearance's (R,) cosine distances to theirs: the
+    nearest distance, that over the references' typical spacing ("ratio"), its brightness in spreads from theirs
+    ("brightness"), whether it fits on both, and the nearest references' names."""
+    order = np.argsort(distance, kind="stable")[:shown].tolist()
+    nearest = float(distance[order[0]])
+    if stats.n == 0:
+        return {"distance": round(nearest, 5), "ratio": None, "brightness": None, "fits": None, "nearest": [names[0]]}
+    ratio = nearest / stats.typical
+    light = (brightness - stats.brightness) / stats.brightness_spread
+    return {
+        "distance": round(nearest, 5),
+        "ratio": round(ratio, 2),
+        "brightness": round(light, 2),
+        "fits": bool(ratio <= FIT_LIMIT and abs(light) <= BRIGHTNESS_LIMIT),
+        "nearest": [names[i] for i in order],
+    }
+
+
+def fit_warning(fit: dict[str, object]) -> str | None:
+    """The one-line warning for a query that does not fit its references, else None."""
+    if fit["fits"] is not False:
+        return None
+    ratio, light = float(fit["ratio"]), float(fit["brightness"])  # type: ignore[arg-type]
+    if ratio > FIT_LIMIT:
+        found = f"it is {ratio:.1f} times farther from the nearest one than the references are from each other"
+    else:
+        found = f"it is {abs(light):.1f} spreads {'brighter' if light > 0 else 'darker'} than they are"
+    return (
+        f"the image does not look like the good references ({found}): another product, design or lighting, or "
+        "a defect over much of it? The verdict compares it with references that do not fit"
+    )
