@@ -594,8 +594,8 @@ def inspect_all(job: DetectJob, options: DetectOptions) -> list[dict[str, Any]]:
                 image, job.references, class_name=options.class_name, source=str(path), sensitivity=options.sensitivity
             )
         if options.out is not None:
-            from anomalygpt.inspection import working_image  # imported already by the inspector
             from anomalygpt.profile import file_sha256
+            from anomalygpt.verdict import working_image  # imported already by the inspector
 
             write_outputs(options.out, stem, working_image(image), inspection, file_sha256(path))  # the map's size
         records.append(inspection.to_dict())

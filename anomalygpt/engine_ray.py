@@ -126,7 +126,7 @@ def inspect_rows(
     inspector: Inspector, references: References, job: ActorJob, out: Path, rows: Sequence[Row]
 ) -> list[Outcome]:
     """Reuse the rows whose complete record matches the file, inspect the others in one batch, write their files."""
-    from anomalygpt.inspection import working_image
+    from anomalygpt.verdict import working_image
 
     triaged = [triage(row, references, out, job.reuse) for row in rows]
     outcomes = [item for item in triaged if isinstance(item, Outcome)]
@@ -143,7 +143,8 @@ def inspect_rows(
 
 def triage(row: Row, references: References, out: Path, reuse: bool) -> Outcome | Ready:
     """A reused or failed row's outcome, or the row ready to inspect."""
-    from anomalygpt.inspection import check_query_size, working_image
+    from anomalygpt.inspection import check_query_size
+    from anomalygpt.verdict import working_image
 
     try:
         data = Path(row.path).read_bytes()

@@ -123,7 +123,7 @@ class FileImages(Mapping[str, np.ndarray]):
         self.paths = list(paths)
 
     def __getitem__(self, name: str) -> np.ndarray:
-        from anomalygpt.inspection import working_image  # the size the references were indexed at
+        from anomalygpt.verdict import working_image  # the size the references were indexed at
 
         if name not in self.paths:
             raise KeyError(name)

@@ -48,7 +48,7 @@ class Variant:
     name: str
     split_depth: float | None  # find_regions' split_depth
     peak_rule: str  # "all": every region over the minimum area; "strong": only those peaking above the image
-    # threshold; "shipped": the inspection's own regions (anomalygpt.inspection.decide)
+    # threshold; "shipped": the inspection's own regions (anomalygpt.verdict.decide)
     stride_area: bool = True  # minimum area from the map's resolution (else the old 0.01 % of the image)
 
 

@@ -3,7 +3,7 @@
 Everything one user uploads, sees or asks lives in their `Session` (a gr.State), so two browser tabs are two
 independent sessions; only the loaded models (the Inspector and the Answerer) are shared. A query is encoded once
 per reference set and product name: the sensitivity slider re-decides verdict, thresholds and regions from the
-cached anomaly map with `anomalygpt.inspection.decide`, without encoding anything again. Every input error
+cached anomaly map with `anomalygpt.verdict.decide`, without encoding anything again. Every input error
 becomes a one-line message in the page (a warning toast and the status box), never a traceback.
 """
 
@@ -44,12 +44,11 @@ from anomalygpt.inspection import (
     Inspector,
     References,
     build_inspector,
-    confidence_word,
-    decide,
     reference_name,
 )
 from anomalygpt.io import IMAGE_SUFFIXES, load_image, write_json_atomic, write_png_atomic
 from anomalygpt.regions import format_pct
+from anomalygpt.verdict import confidence_word, decide
 from anomalygpt.visualize import ANOMALOUS_COLOR, NORMAL_COLOR, evidence_pair, inspection_figure
 from chat.answerers import ANSWERER_CHOICES, Answerer, Turn, load_answerer
 from chat.uploads import UploadLog, discard, private_upload_folder

@@ -24,11 +24,12 @@ from tqdm import tqdm
 
 from anomalygpt.calibration import Calibration
 from anomalygpt.config import Preset, to_dict
-from anomalygpt.inspection import Inspector, decide
+from anomalygpt.inspection import Inspector
 from anomalygpt.io import load_image, write_json_atomic
 from anomalygpt.memory import embed_patches, fuse_maps, memory_inputs, top_mean
 from anomalygpt.mutual import batch_calibration
 from anomalygpt.regions import Region
+from anomalygpt.verdict import decide
 from eval.datasets import CategorySplit, Sample, draw_shots, load_mask
 from eval.metrics import PixelMetrics, image_metrics, verdict_metrics
 

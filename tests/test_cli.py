@@ -206,7 +206,7 @@ def test_detect_json_mode_and_sensitivity(
 )
 def test_sensitivity_keeps_the_pixel_threshold_sensible(spread: float, sensitivity: float, expected: float) -> None:
     from anomalygpt.calibration import Calibration
-    from anomalygpt.inspection import decide
+    from anomalygpt.verdict import decide
 
     calibration = Calibration(
         image_threshold=0.46, pixel_threshold=0.40, normal_mean=0.31, normal_spread=spread, n_scores=4, method="t"

@@ -6,7 +6,8 @@ import pytest
 from conftest import texture_crops, with_dark_blob
 
 from anomalygpt.config import ConfigError, Preset, load_preset
-from anomalygpt.inspection import InspectionError, Inspector, build_inspector, confidence_word
+from anomalygpt.inspection import InspectionError, Inspector, build_inspector
+from anomalygpt.verdict import confidence_word
 
 
 @pytest.fixture(scope="module")

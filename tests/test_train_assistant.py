@@ -20,9 +20,9 @@ from tiny_llm import save_chat_llm
 import train.assistant as trainer
 from anomalygpt.assistant import IGNORE_INDEX, ChatSession, build_assistant
 from anomalygpt.config import load_preset
-from anomalygpt.inspection import confidence_word
 from anomalygpt.io import load_image
 from anomalygpt.state import load_state
+from anomalygpt.verdict import confidence_word
 from simulation.writer import write_dataset
 from train.assistant import (
     AssistantTrainConfig,

@@ -64,7 +64,7 @@ LEGACY_CHECKPOINT, LEGACY_FEATURES = "checkpoint.pt", "features.pt"  # pickles o
 WEIGHTS = "assistant"  # <out>/assistant/: the trained parts, as build_assistant loads them
 # What a run writes atomically: temp files (and save_assistant's temp folder) a killed run left are removed on restart.
 RUN_FILES = (CHECKPOINT, FEATURES, LEGACY_CHECKPOINT, LEGACY_FEATURES, WEIGHTS, "history.json", "loss.png")
-# |margin| drawn per confidence word, inside the ranges inspection.confidence_word maps back to that word.
+# |margin| drawn per confidence word, inside the ranges verdict.confidence_word maps back to that word.
 MARGINS = {"low": (0.05, 0.95), "medium": (1.0, 2.95), "high": (3.0, 10.0)}
 THRESHOLD_RANGE = (0.05, 2.0)  # raw image thresholds differ by backbone and product; the facts print them
 MEAN_FRACTION = (0.3, 0.8)  # normal mean as a fraction of the threshold

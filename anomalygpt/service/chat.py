@@ -18,11 +18,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from anomalygpt.inspection import Inspection, Inspector, working_image
+from anomalygpt.inspection import Inspection, Inspector
 from anomalygpt.io import load_image
 from anomalygpt.regions import Region
 from anomalygpt.service.audit import BLOB_SUFFIXES, BlobStore, ChatRow, InspectionRow, iso_utc, utc_now
 from anomalygpt.service.core import InspectionService
+from anomalygpt.verdict import working_image
 
 if TYPE_CHECKING:
     from chat.answerers import Answerer

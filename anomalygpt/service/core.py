@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from anomalygpt.inspection import BATCH_SIZE, Inspection, Inspector, References, working_image
+from anomalygpt.inspection import BATCH_SIZE, Inspection, Inspector, References
 from anomalygpt.io import load_image
 from anomalygpt.profile import ProfileError, file_sha256, package_versions
 from anomalygpt.references import InspectionError
@@ -33,6 +33,7 @@ from anomalygpt.service.audit import (
     profile_json,
     utc_now,
 )
+from anomalygpt.verdict import working_image
 from anomalygpt.visualize import inspection_figure
 
 ID_PATTERN = re.compile(
