@@ -56,8 +56,9 @@ from anomalygpt.weights import load_into, load_module
 
 MAX_REFERENCES = 10_000
 BATCH_SIZE = 16  # images per batch in inspect_many (decoded together, searched together; a GPU pass)
-# Images per backbone pass on a CPU: its activations at 320 px outgrow the caches, and a pass of 8 or 16 costs
-# 2.3x the CPU time per image of a pass of 1 (24.8 vs 57-59 ms on this 2-core CPU, passive OpenMP waits).
+# Images per backbone pass on a CPU: activations of several 320 px images outgrow the caches, and a pass of 8 or 16
+# costs 2.3x the CPU time per image of a pass of 1 (24.8 vs 57-59 ms on this 2-core CPU, passive OpenMP waits);
+# passes of 2 against 1 were a draw in bench/bench_batch.py --cpu-passes 1,2 (bench/RESULTS.md, issue 22).
 CPU_PASS = 1
 DECODE_THREADS = min(16, os.cpu_count() or 1)  # image decoders running beside the backbone in inspect_many
 MAX_REFERENCES_IN_MEMORY = 64  # more references are decoded again when indexed instead of held as pixels

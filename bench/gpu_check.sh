@@ -21,7 +21,8 @@
 #   bench_batch_cuda.json  bench/bench_batch.py --device cuda (its docstring says what each figure is):
 #                            decode_images_per_s     load_image in 16 threads / 16 processes / the caller
 #                            cpu.*                   the same machine's CPU, 16 torch threads: one at a time
-#                                                    and inspect_many per batch size (images/s), parity
+#                                                    and inspect_many per batch size and CPU backbone pass
+#                                                    (1 or 16 images), images/s, parity
 #                            cuda.float32.images_per_s / cuda.half.images_per_s   per GPU batch size
 #                            cuda.max_score_difference_vs_cpu   GPU float32 vs CPU, same files (issue: 2.7e-4)
 #                            cuda.half_vs_float32    parity: max score difference, verdicts and boxes differing
@@ -54,7 +55,7 @@ run() {
         >"$OUT/pytest_cuda.log" 2>&1
     echo "pytest exit $?" >>"$OUT/pytest_cuda.log"
     timeout 330 python3 bench/bench_batch.py --device cuda --cells "$CARRY/elpv" --n 4000 --cpu-n 800 \
-        --single 100 --rounds 1 --batch-sizes 16,32,64 --gpu-batch-sizes 64,128,256,512 \
+        --single 100 --rounds 1 --batch-sizes 16,64 --cpu-passes 1,16 --gpu-batch-sizes 64,128,256,512 \
         --cpu-threads "$(nproc)" --out "$OUT/bench_batch_cuda.json" >"$OUT/bench_batch_cuda.log" 2>&1
     echo "bench exit $?" >>"$OUT/bench_batch_cuda.log"
     python3 - "$OUT/bench_batch_cuda.json" >"$OUT/summary.txt" 2>&1 <<'EOF'
