@@ -382,23 +382,32 @@ def number_word(count: int) -> str:
     return NUMBER_WORDS[count] if count < len(NUMBER_WORDS) else str(count)
 
 
-def where_phrase(regions: Sequence[Region]) -> str:
-    """Every region's location: 'in the top left', or 'two in the top left and one at the bottom'."""
-    places = [region.place() for region in regions]
+def where_phrase(regions: Sequence[Region], spans: bool = True) -> str:
+    """Every region's place: 'in the top left', 'from the left to the center', or 'two in the top left and one at
+    the bottom'; spans=False names each region's centroid cell only (the simulated training conversations' form,
+    which the shipped assistant learned)."""
+    places = [place_of(region, spans) for region in regions]
     groups = list(dict.fromkeys(places))  # first appearance, i.e. largest region first
     if len(groups) == len(places):
         return join_words(groups)
     return join_words([f"{number_word(places.count(place))} {place}" for place in groups])
 
 
-def size_details(regions: Sequence[Region]) -> str:
+def place_of(region: Region, spans: bool) -> str:
+    """Region.place(), or with spans=False the phrase of its centroid cell alone (see where_phrase)."""
+    return region.place() if spans else LOCATION_PHRASES[region.location]
+
+
+def size_details(regions: Sequence[Region], spans: bool = True) -> str:
     """Every region's size word and area, largest first: 'region 1 on the left is large at 6.1%; region 2 ...'."""
-    return "; ".join(f"region {r.index} {r.place()} is {r.size} at {format_pct(r.area_pct)}" for r in regions)
+    return "; ".join(f"region {r.index} {place_of(r, spans)} is {r.size} at {format_pct(r.area_pct)}" for r in regions)
 
 
-def appearance_details(regions: Sequence[Region]) -> str:
+def appearance_details(regions: Sequence[Region], spans: bool = True) -> str:
     """Every region's shape and contrast: 'region 1 on the left is compact and darker than its surroundings; ...'."""
-    return "; ".join(f"region {r.index} {r.place()} is {r.shape} and {CONTRAST_PHRASES[r.contrast]}" for r in regions)
+    return "; ".join(
+        f"region {r.index} {place_of(r, spans)} is {r.shape} and {CONTRAST_PHRASES[r.contrast]}" for r in regions
+    )
 
 
 # A box within 5% of the shorter side from a border is "near the edge": at 256 px that is 13 px, about where

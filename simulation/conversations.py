@@ -424,7 +424,8 @@ def where_answer(facts: Facts, rng: np.random.Generator) -> str:
     """A location word for every region."""
     if not facts.regions:
         return render("where", "normal", rng)
-    return render("where", case_of(facts), rng, where=where_phrase(facts.regions), count=len(facts.regions))
+    where = where_phrase(facts.regions, spans=False)
+    return render("where", case_of(facts), rng, where=where, count=len(facts.regions))
 
 
 def count_answer(facts: Facts, rng: np.random.Generator) -> str:
@@ -440,7 +441,9 @@ def size_answer(facts: Facts, rng: np.random.Generator) -> str:
     if len(regions) == 1:
         return render("size", "one", rng, size=regions[0].size, pct=format_pct(regions[0].area_pct))
     total = format_pct(sum(r.area_pct for r in regions))
-    return render("size", case_of(facts), rng, details=size_details(regions), total=total, count=len(regions))
+    return render(
+        "size", case_of(facts), rng, details=size_details(regions, spans=False), total=total, count=len(regions)
+    )
 
 
 def appearance_answer(facts: Facts, rng: np.random.Generator) -> str:
@@ -451,7 +454,7 @@ def appearance_answer(facts: Facts, rng: np.random.Generator) -> str:
     if len(regions) == 1:
         contrast = CONTRAST_PHRASES[regions[0].contrast]
         return render("appearance", "one", rng, look=look, shape=regions[0].shape, contrast=contrast)
-    details = appearance_details(regions)
+    details = appearance_details(regions, spans=False)
     return render("appearance", case_of(facts), rng, look=look, details=details, count=len(regions))
 
 
