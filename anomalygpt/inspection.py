@@ -9,9 +9,9 @@ import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple, overload
+from typing import NamedTuple, overload
 
 import numpy as np
 import torch
@@ -49,9 +49,17 @@ from anomalygpt.references import (
     fit_statistics,
     reference_fit,
 )
-from anomalygpt.regions import Region, map_cell_px, regions_summary
+from anomalygpt.regions import map_cell_px
 from anomalygpt.text import build_text_encoder
-from anomalygpt.verdict import confidence_word, decide, fit_warning, grey_thumbnail, top_mean, working_image
+from anomalygpt.verdict import (
+    Inspection,
+    confidence_word,
+    decide,
+    fit_warning,
+    grey_thumbnail,
+    top_mean,
+    working_image,
+)
 from anomalygpt.weights import load_into, load_module
 
 MAX_REFERENCES = 10_000
@@ -63,63 +71,6 @@ CPU_PASS = 1
 DECODE_THREADS = min(16, os.cpu_count() or 1)  # image decoders running beside the backbone in inspect_many
 MAX_REFERENCES_IN_MEMORY = 64  # more references are decoded again when indexed instead of held as pixels
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"  # trained parts of the offline default
-
-
-@dataclass
-class Inspection:
-    """What the detector decided about one image; the assistant explains it and never contradicts it."""
-
-    is_anomalous: bool
-    score: float
-    threshold: float
-    margin: float  # (score - threshold) / normal spread
-    confidence: str  # "low", "medium" or "high"
-    pixel_threshold: float
-    regions: list[Region]
-    mode: str  # "few-shot" or "pool" (references), "zero-shot-text" (the decoder) or "zero-shot-batch"
-    n_references: int
-    image_size: tuple[int, int]  # (H, W) the image was inspected at: the map, boxes and areas are in these pixels
-    calibration: dict[str, Any]
-    class_name: str | None = None
-    source: str | None = None
-    timings_ms: dict[str, float] = field(default_factory=dict)
-    # Why the inspection may not be trusted (references unlike the query, degenerate references...), one line
-    # each; every front end shows them before the verdict and the assistant says them first.
-    warnings: list[str] = field(default_factory=list)
-    # How well the query matches the references: {"distance", "units" (distance in units of the references'
-    # own spread), "fits" (bool), "nearest" (names of the nearest references)}; None in zero-shot mode.
-    reference_fit: dict[str, Any] | None = None
-    source_size: tuple[int, int] | None = None  # (H, W) of the file when it was inspected downscaled, else None
-    # Smallest region kept (px): one cell of the map's resolution, finer detail is interpolation; None: the default
-    min_region_px: int | None = None
-    anomaly_map: np.ndarray | None = field(default=None, repr=False)  # (H, W) float32; saved apart, not in JSON
-
-    @property
-    def verdict(self) -> str:
-        return "anomalous" if self.is_anomalous else "normal"
-
-    def to_dict(self) -> dict[str, Any]:
-        data = {key: value for key, value in asdict(self).items() if key not in ("anomaly_map", "regions")}
-        data["verdict"] = self.verdict
-        data["regions"] = [region.to_dict() for region in self.regions]
-        data["image_size"] = list(self.image_size)
-        data["source_size"] = None if self.source_size is None else list(self.source_size)
-        return data
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, allow_nan=False)
-
-    def facts(self) -> str:
-        """A short plain-text statement of the inspection, for the LLM's system turn and the CLI."""
-        thing = self.class_name or "the product"
-        verdict = "ANOMALOUS (defect found)" if self.is_anomalous else "NORMAL (no defect found)"
-        lines = [f"Warning: {warning}" for warning in self.warnings] + [
-            f"Verdict for {thing}: {verdict}, confidence {self.confidence}.",
-            f"Anomaly score {self.score:.4f} vs threshold {self.threshold:.4f} "
-            f"(margin {self.margin:+.1f} normal spreads; {self.mode}, {self.n_references} good references).",
-            regions_summary(self.regions) if self.is_anomalous else "No anomalous region.",
-        ]
-        return "\n".join(lines)
 
 
 @dataclass

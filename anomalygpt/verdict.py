@@ -5,14 +5,15 @@ reference-fit check. One definition each, so the two paths cannot drift apart.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
-from typing import NamedTuple
+from dataclasses import asdict, dataclass, field
+from typing import Any, NamedTuple
 
 import cv2
 import numpy as np
 
-from anomalygpt.regions import Region, find_regions
+from anomalygpt.regions import Region, find_regions, regions_summary
 
 MAX_WORKING_SIDE = 2048  # px: larger images are inspected downscaled (time and memory stay bounded)
 STANDARD_GREY = (128.0, 50.0)  # mean and spread of a standardised image's grey levels
@@ -84,6 +85,63 @@ def confidence_word(margin: float) -> str:
     if distance < 1.0:
         return "low"
     return "medium" if distance < 3.0 else "high"
+
+
+@dataclass
+class Inspection:
+    """What the detector decided about one image; the assistant explains it and never contradicts it."""
+
+    is_anomalous: bool
+    score: float
+    threshold: float
+    margin: float  # (score - threshold) / normal spread
+    confidence: str  # "low", "medium" or "high"
+    pixel_threshold: float
+    regions: list[Region]
+    mode: str  # "few-shot" or "pool" (references), "zero-shot-text" (the decoder) or "zero-shot-batch"
+    n_references: int
+    image_size: tuple[int, int]  # (H, W) the image was inspected at: the map, boxes and areas are in these pixels
+    calibration: dict[str, Any]
+    class_name: str | None = None
+    source: str | None = None
+    timings_ms: dict[str, float] = field(default_factory=dict)
+    # Why the inspection may not be trusted (references unlike the query, degenerate references...), one line
+    # each; every front end shows them before the verdict and the assistant says them first.
+    warnings: list[str] = field(default_factory=list)
+    # How well the query matches the references: {"distance", "units" (distance in units of the references'
+    # own spread), "fits" (bool), "nearest" (names of the nearest references)}; None in zero-shot mode.
+    reference_fit: dict[str, Any] | None = None
+    source_size: tuple[int, int] | None = None  # (H, W) of the file when it was inspected downscaled, else None
+    # Smallest region kept (px): one cell of the map's resolution, finer detail is interpolation; None: the default
+    min_region_px: int | None = None
+    anomaly_map: np.ndarray | None = field(default=None, repr=False)  # (H, W) float32; saved apart, not in JSON
+
+    @property
+    def verdict(self) -> str:
+        return "anomalous" if self.is_anomalous else "normal"
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {key: value for key, value in asdict(self).items() if key not in ("anomaly_map", "regions")}
+        data["verdict"] = self.verdict
+        data["regions"] = [region.to_dict() for region in self.regions]
+        data["image_size"] = list(self.image_size)
+        data["source_size"] = None if self.source_size is None else list(self.source_size)
+        return data
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, allow_nan=False)
+
+    def facts(self) -> str:
+        """A short plain-text statement of the inspection, for the LLM's system turn and the CLI."""
+        thing = self.class_name or "the product"
+        verdict = "ANOMALOUS (defect found)" if self.is_anomalous else "NORMAL (no defect found)"
+        lines = [f"Warning: {warning}" for warning in self.warnings] + [
+            f"Verdict for {thing}: {verdict}, confidence {self.confidence}.",
+            f"Anomaly score {self.score:.4f} vs threshold {self.threshold:.4f} "
+            f"(margin {self.margin:+.1f} normal spreads; {self.mode}, {self.n_references} good references).",
+            regions_summary(self.regions) if self.is_anomalous else "No anomalous region.",
+        ]
+        return "\n".join(lines)
 
 
 class Decision(NamedTuple):

@@ -6,6 +6,7 @@ and inspects images with the same score, threshold, verdict, map and regions as 
 """
 
 from anomalygpt.runtime.bundle import RuntimeBundleError
-from anomalygpt.runtime.inspector import RuntimeInspection, RuntimeInspectionError, RuntimeInspector
+from anomalygpt.runtime.inspector import RuntimeInspectionError, RuntimeInspector
+from anomalygpt.verdict import Inspection  # what RuntimeInspector returns: the torch Inspector's own record
 
-__all__ = ["RuntimeBundleError", "RuntimeInspection", "RuntimeInspectionError", "RuntimeInspector"]
+__all__ = ["Inspection", "RuntimeBundleError", "RuntimeInspectionError", "RuntimeInspector"]

@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from anomalygpt.io import ImageSource, load_image
-from anomalygpt.regions import Region, map_cell_px
+from anomalygpt.regions import map_cell_px
 from anomalygpt.runtime import scoring
 from anomalygpt.runtime.bundle import Bundle, read_bundle
 from anomalygpt.runtime.engines import Engine, open_engine
 from anomalygpt.verdict import (
+    Inspection,
     confidence_word,
     decide,
     fit_of_distances,
@@ -29,43 +29,6 @@ from anomalygpt.verdict import (
 
 class RuntimeInspectionError(ValueError):
     """A query the runtime cannot inspect (another size than the references); the message is one line."""
-
-
-@dataclass
-class RuntimeInspection:
-    """What the exported detector decided about one image: the fields and JSON of anomalygpt.inspection.Inspection."""
-
-    is_anomalous: bool
-    score: float
-    threshold: float
-    margin: float  # (score - threshold) / normal spread
-    confidence: str  # "low", "medium" or "high"
-    pixel_threshold: float
-    regions: list[Region]
-    mode: str  # "few-shot" or "pool"
-    n_references: int
-    image_size: tuple[int, int]  # (H, W) the image was inspected at
-    calibration: dict[str, Any]
-    class_name: str | None = None
-    source: str | None = None
-    timings_ms: dict[str, float] = field(default_factory=dict)
-    warnings: list[str] = field(default_factory=list)
-    reference_fit: dict[str, Any] | None = None
-    source_size: tuple[int, int] | None = None  # (H, W) of the file when it was inspected downscaled
-    min_region_px: int | None = None  # smallest region kept: one cell of the map's finest stage
-    anomaly_map: np.ndarray | None = field(default=None, repr=False)  # (H, W) float32
-
-    @property
-    def verdict(self) -> str:
-        return "anomalous" if self.is_anomalous else "normal"
-
-    def to_dict(self) -> dict[str, Any]:
-        data = {key: value for key, value in asdict(self).items() if key not in ("anomaly_map", "regions")}
-        data["verdict"] = self.verdict
-        data["regions"] = [region.to_dict() for region in self.regions]
-        data["image_size"] = list(self.image_size)
-        data["source_size"] = None if self.source_size is None else list(self.source_size)
-        return data
 
 
 @dataclass(frozen=True)
@@ -158,7 +121,7 @@ class RuntimeInspector:
 
     def inspect(
         self, image: ImageSource, class_name: str | None = None, source: str | None = None, sensitivity: float = 0.0
-    ) -> RuntimeInspection:
+    ) -> Inspection:
         """Inspect one image (a file, array or bytes) as Inspector.inspect does with the profile's references."""
         return next(self.inspect_many([image], class_name, [source], sensitivity))
 
@@ -169,7 +132,7 @@ class RuntimeInspector:
         sources: Sequence[str | None] | None = None,
         sensitivity: float = 0.0,
         batch_size: int = 16,
-    ) -> Iterator[RuntimeInspection]:
+    ) -> Iterator[Inspection]:
         """Inspect images in batches (one engine call per batch); yields what `inspect` gives each, in order."""
         names = list(sources) if sources is not None else [None] * len(images)
         for first in range(0, len(images), batch_size):
@@ -192,7 +155,7 @@ class RuntimeInspector:
         source: str | None,
         sensitivity: float,
         map_ms: float,
-    ) -> RuntimeInspection:
+    ) -> Inspection:
         """The inspection of one image from its map and (1, C, h, w) last-stage features: reference fit, score,
         thresholds, verdict and regions."""
         start = time.perf_counter()
@@ -207,7 +170,7 @@ class RuntimeInspector:
         decision = decide(anomaly_map, pixels, score, self.bundle.calibration, sensitivity, min_region_px)
         elapsed = map_ms + (time.perf_counter() - start) * 1000
         warning = fit_warning(fit)
-        return RuntimeInspection(
+        return Inspection(
             is_anomalous=decision.is_anomalous,
             score=score,
             threshold=decision.threshold,
