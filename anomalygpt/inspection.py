@@ -53,8 +53,6 @@ from anomalygpt.regions import map_cell_px
 from anomalygpt.text import build_text_encoder
 from anomalygpt.verdict import (
     Inspection,
-    confidence_word,
-    decide,
     fit_warning,
     grey_thumbnail,
     top_mean,
@@ -470,24 +468,18 @@ class Inspector:
         stride = mode.stride or min(self.backbone.strides)
         height, width = pixels.shape[:2]
         min_region_px = map_cell_px(height, width, stride, self.backbone.image_size)
-        decision = decide(anomaly_map, pixels, score, mode.calibration, sensitivity, min_region_px)
-        return Inspection(
-            is_anomalous=decision.is_anomalous,
-            score=score,
-            threshold=decision.threshold,
-            margin=decision.margin,
-            confidence=confidence_word(decision.margin),
-            pixel_threshold=decision.pixel_threshold,
-            regions=decision.regions,
+        return Inspection.decided(
+            pixels,
+            anomaly_map,
+            score,
+            mode.calibration,
+            sensitivity,
+            min_region_px,
             mode=mode.name,
             n_references=mode.n_references,
-            image_size=(int(pixels.shape[0]), int(pixels.shape[1])),
-            calibration=mode.calibration.to_dict(),
             class_name=class_name,
             source=source,
             timings_ms={key: round(value, 1) for key, value in timings.items()},
-            anomaly_map=anomaly_map,
-            min_region_px=min_region_px,
         )
 
 

@@ -143,6 +143,35 @@ class Inspection:
         ]
         return "\n".join(lines)
 
+    @classmethod
+    def decided(
+        cls,
+        pixels: np.ndarray,
+        anomaly_map: np.ndarray,
+        score: float,
+        calibration: Calibration,
+        sensitivity: float,
+        min_region_px: int,
+        **fields: Any,
+    ) -> Inspection:
+        """The Inspection of an image's map and score: decide()'s verdict, thresholds and regions, and `fields`
+        (mode, n_references, class_name, source, timings_ms, ...)."""
+        decision = decide(anomaly_map, pixels, score, calibration, sensitivity, min_region_px)
+        return cls(
+            is_anomalous=decision.is_anomalous,
+            score=score,
+            threshold=decision.threshold,
+            margin=decision.margin,
+            confidence=confidence_word(decision.margin),
+            pixel_threshold=decision.pixel_threshold,
+            regions=decision.regions,
+            image_size=(int(pixels.shape[0]), int(pixels.shape[1])),
+            calibration=calibration.to_dict(),
+            min_region_px=min_region_px,
+            anomaly_map=anomaly_map,
+            **fields,
+        )
+
 
 class Decision(NamedTuple):
     is_anomalous: bool

@@ -16,8 +16,6 @@ from anomalygpt.runtime.bundle import Bundle, read_bundle
 from anomalygpt.runtime.engines import Engine, open_engine
 from anomalygpt.verdict import (
     Inspection,
-    confidence_word,
-    decide,
     fit_of_distances,
     fit_warning,
     grey_thumbnail,
@@ -167,27 +165,21 @@ class RuntimeInspector:
         backbone = manifest["backbone"]
         height, width = pixels.shape[:2]
         min_region_px = map_cell_px(height, width, min(backbone["strides"]), backbone["image_size"])
-        decision = decide(anomaly_map, pixels, score, self.bundle.calibration, sensitivity, min_region_px)
         elapsed = map_ms + (time.perf_counter() - start) * 1000
         warning = fit_warning(fit)
-        return Inspection(
-            is_anomalous=decision.is_anomalous,
-            score=score,
-            threshold=decision.threshold,
-            margin=decision.margin,
-            confidence=confidence_word(decision.margin),
-            pixel_threshold=decision.pixel_threshold,
-            regions=decision.regions,
+        return Inspection.decided(
+            pixels,
+            anomaly_map,
+            score,
+            self.bundle.calibration,
+            sensitivity,
+            min_region_px,
             mode="pool" if self.retrieval else "few-shot",
             n_references=int(self.memory.descriptors.shape[0]),
-            image_size=(height, width),
-            calibration=dict(manifest["calibration"]),
             class_name=class_name or manifest["class_name"],
             source=source,
             timings_ms={"inspect": round(elapsed, 1), "index_references": round(float(manifest["index_ms"]), 1)},
             warnings=([warning] if warning else []) + list(manifest["warnings"]),
             reference_fit=fit,
             source_size=None if (height, width) == source_size else source_size,
-            min_region_px=min_region_px,
-            anomaly_map=anomaly_map,
         )
