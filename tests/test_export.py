@@ -168,6 +168,16 @@ def test_the_runtime_cli_prints_detects_records_without_importing_torch(fitted_p
         assert abs(record["score"] - expected["score"]) < SCORE_TOLERANCE
 
 
+def test_the_runtime_cli_refuses_an_out_of_range_sensitivity(runtimes, tmp_path, capsys):
+    from anomalygpt.runtime.__main__ import main as runtime_main
+
+    query = tmp_path / "q.png"
+    Image.fromarray(queries()[0]).save(query)
+    assert runtime_main([str(runtimes["onnx"]), str(query), "--sensitivity", "6"]) == 2
+    err = capsys.readouterr().err
+    assert err == "python -m anomalygpt.runtime: error: --sensitivity: must be a number from -5 to 5, got 6\n"
+
+
 def run_export(*argv: str) -> tuple[int, str]:
     """cli.main(["export", ...]) -> (exit code, stderr's one line)."""
     import contextlib

@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from collections.abc import Sequence
 
+from anomalygpt.cli import check_sensitivity
 from anomalygpt.io import list_images, safe_text
 from anomalygpt.runtime.inspector import RuntimeInspector
 
 PROG = "python -m anomalygpt.runtime"
-SENSITIVITY_RANGE = (-5.0, 5.0)  # as anomalygpt detect's
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,10 +31,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     except SystemExit as stop:
         return stop.code if isinstance(stop.code, int) else 0
-    low, high = SENSITIVITY_RANGE
     try:
-        if not (math.isfinite(args.sensitivity) and low <= args.sensitivity <= high):
-            raise ValueError(f"--sensitivity: must be a number from {low:g} to {high:g}, got {args.sensitivity:g}")
+        check_sensitivity(args.sensitivity)  # detect's bounds and message (a UsageError is a ValueError)
         queries = list_images(args.queries)
         runtime = RuntimeInspector.open(args.folder, args.threads)
         inspections = runtime.inspect_many(queries, sources=[str(p) for p in queries], sensitivity=args.sensitivity)
