@@ -167,14 +167,19 @@ def post_until(url: str, profile_id: str, queries: list[Path], offset: int, stop
     return outcomes
 
 
-def run_clients(url: str, profile_id: str, queries: list[Path], clients: int, seconds: float) -> list[Outcome]:
-    """`clients` threads posting for `seconds`; requests in flight at the deadline are waited for and counted."""
+def run_clients(urls: list[str], profile_id: str, queries: list[Path], clients: int, seconds: float) -> list[Outcome]:
+    """`clients` threads posting for `seconds`, client n to urls[n % len(urls)]; requests in flight at the deadline
+    are waited for and counted. With several urls (replicas) each outcome's error is tagged 'replica i|...'."""
     stop = threading.Event()
     results: list[list[Outcome]] = [[] for _ in range(clients)]
     spread = max(1, len(queries) // clients)
 
     def client(number: int) -> None:
-        results[number] = post_until(url, profile_id, queries, number * spread, stop)
+        replica = number % len(urls)
+        results[number] = post_until(urls[replica], profile_id, queries, number * spread, stop)
+        if len(urls) > 1:
+            for outcome in results[number]:
+                outcome.error = f"replica {replica}|{outcome.error}"
 
     threads = [threading.Thread(target=client, args=(n,)) for n in range(clients)]
     for thread in threads:
@@ -200,7 +205,7 @@ def server_errors(metrics_text: str) -> int:
 def load_row(server: Server, profile_id: str, queries: list[Path], clients: int, seconds: float) -> dict[str, Any]:
     before = batch_counts(server.metrics())
     began = time.perf_counter()
-    outcomes = run_clients(server.url, profile_id, queries, clients, seconds)
+    outcomes = run_clients([server.url], profile_id, queries, clients, seconds)
     elapsed = max(o.started + o.seconds for o in outcomes) - began
     after = batch_counts(server.metrics())
     batches = {size: after.get(size, 0) - before.get(size, 0) for size in after if after[size] != before.get(size, 0)}

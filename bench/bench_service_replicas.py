@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 import psycopg
-from bench_service import Outcome, Server, bad_blobs, bench_images, post_until, server_errors, temp_files
+from bench_service import Outcome, Server, bad_blobs, bench_images, run_clients, server_errors, temp_files
 
 from anomalygpt.client import Client
 from anomalygpt.io import write_json_atomic
@@ -55,28 +55,6 @@ def start_together(servers: list[Server]) -> list[float]:
     if errors:
         raise errors[0]
     return times
-
-
-def load(servers: list[Server], profile_id: str, queries: list[Path], clients: int, seconds: float) -> list[Outcome]:
-    """`clients` threads, alternately on each replica, posting for `seconds`; each outcome tagged by replica."""
-    stop = threading.Event()
-    results: list[list[Outcome]] = [[] for _ in range(clients)]
-    spread = max(1, len(queries) // clients)
-
-    def client(number: int) -> None:
-        server = servers[number % len(servers)]
-        results[number] = post_until(server.url, profile_id, queries, number * spread, stop)
-        for outcome in results[number]:
-            outcome.error = f"replica {number % len(servers)}|{outcome.error}"
-
-    threads = [threading.Thread(target=client, args=(n,)) for n in range(clients)]
-    for thread in threads:
-        thread.start()
-    time.sleep(seconds)
-    stop.set()
-    for thread in threads:
-        thread.join()
-    return [outcome for outcomes in results for outcome in outcomes]
 
 
 def replica_of(outcome: Outcome) -> int:
@@ -188,7 +166,7 @@ def serve_and_check(
         answers = [first.inspect(profile["id"], queries[0]), second.inspect(profile["id"], queries[0])]
     warm = [[answers[0]["id"]], [answers[1]["id"]]]
     began = time.perf_counter()
-    outcomes = load(servers, profile["id"], queries, cfg.clients, cfg.seconds)
+    outcomes = run_clients([server.url for server in servers], profile["id"], queries, cfg.clients, cfg.seconds)
     elapsed = max(o.started + o.seconds for o in outcomes) - began
     by_replica = [[str(o.inspection_id) for o in outcomes if o.status == 201 and replica_of(o) == r] for r in (0, 1)]
     acknowledged = [warm[r] + by_replica[r] for r in (0, 1)]
