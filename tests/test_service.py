@@ -6,6 +6,7 @@ import itertools
 import sqlite3
 import threading
 import time
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -463,10 +464,10 @@ def test_migrations_build_the_models_schema_and_adopt_a_database_made_before_the
                         "'a.profile', 'c', 4, 8, 8, 0.5, 'default', '[]', '[]', 1.0)"))  # fmt: skip
     store = AuditStore(url, tmp_path / "blobs")
     with store.engine.connect() as db:
-        assert db.execute(text("SELECT version_num FROM alembic_version")).scalar_one() == "0002"
+        assert db.execute(text("SELECT version_num FROM alembic_version")).scalar_one() == head_revision()
         assert compare_metadata(MigrationContext.configure(db), Base.metadata) == []
     assert [(p.id, p.name, p.version) for p in store.profiles()] == [("00000000000000aa", "old", 1)]
-    assert store.api_keys() == {}
+    assert store.api_keys() == []
     AuditStore(url, tmp_path / "blobs")  # a second start finds the head revision and changes nothing
     assert len(store.profiles()) == 1
 
@@ -482,7 +483,6 @@ def test_a_created_key_is_printed_once_stored_as_its_hash_and_then_required(requ
         assert key.startswith("agk_") and len(key) > 40
         stored = served_query(app, "SELECT name, key_sha256 FROM api_keys")
         assert stored == [("camera-3", hashlib.sha256(key.encode()).hexdigest())]
-        app.state.keyring.read_at = float("-inf")  # as KEY_REFRESH_S later
         assert http.get("/v1/profiles").status_code == 401
         assert http.get("/v1/profiles", headers={"Authorization": f"Bearer {key}"}).status_code == 200
         assert http.get("/healthz").status_code == 200
@@ -493,6 +493,56 @@ def test_a_created_key_is_printed_once_stored_as_its_hash_and_then_required(requ
     assert serve_main(["keys", "create", "x", "--profiles", str(tmp_path / "new"), "--db", "nonsense://"]) == 2
     assert "--db: 'nonsense://' is not a database URL" in capsys.readouterr().err and not (tmp_path / "new").exists()
     assert len(served_query(app, "SELECT name FROM api_keys")) == 1
+
+
+def head_revision() -> str:
+    from alembic.script import ScriptDirectory
+
+    from anomalygpt.service.audit import migration_config
+
+    return ScriptDirectory.from_config(migration_config()).get_current_head()
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_keys_are_listed_without_secrets_and_a_revoked_key_is_refused_by_every_replica(
+    request, inspector, tmp_path, capsys, kind
+):
+    url = fresh_database(request, tmp_path, kind)
+    with_db = ["--profiles", str(tmp_path), "--db", url]
+    assert serve_main(["keys", "list", "--profiles", str(tmp_path / "none")]) == 2  # never creates a database
+    assert "does not exist" in capsys.readouterr().err and not (tmp_path / "none").exists()
+    made = {}
+    for name in ("camera-3", "camera-4"):
+        assert serve_main(["keys", "create", name, *with_db]) == 0
+        made[name] = capsys.readouterr().out.strip()
+    replicas = [create_app(tmp_path / f"replica{i}", url, inspector=inspector) for i in range(2)]
+    with TestClient(replicas[0]) as first, TestClient(replicas[1]) as second:
+        bearer = {name: {"Authorization": f"Bearer {key}"} for name, key in made.items()}
+        assert first.get("/v1/profiles", headers=bearer["camera-3"]).status_code == 200
+        assert serve_main(["keys", "list", *with_db]) == 0
+        listed = capsys.readouterr().out
+        secrets = [*made.values(), *(hashlib.sha256(key.encode()).hexdigest() for key in made.values())]
+        assert not any(secret in listed for secret in secrets)
+        header, *table = [line.split() for line in listed.splitlines()]
+        assert header == ["name", "created", "last", "used", "revoked"] and [row[0] for row in table] == list(made)
+        created, used = (datetime.fromisoformat(cell.rstrip("Z")) for cell in table[0][1:3])
+        assert 0 <= (used - created).total_seconds() < 60 and table[0][3] == "-"  # camera-3: used, not revoked
+        assert table[1][2:] == ["-", "-"]  # camera-4: never used
+        assert serve_main(["keys", "revoke", "camera-3", *with_db]) == 0
+        assert "'camera-3' revoked at" in capsys.readouterr().err
+        for http in (first, second):  # from the next request on, on both replicas, without a restart
+            assert http.get("/v1/profiles", headers=bearer["camera-3"]).status_code == 401
+            assert http.get("/v1/profiles", headers=bearer["camera-4"]).status_code == 200
+        assert serve_main(["keys", "revoke", "camera-4", *with_db]) == 0
+        capsys.readouterr()
+        assert second.get("/v1/profiles").status_code == 401  # revoking every key leaves the service closed
+        assert second.get("/healthz").status_code == 200
+    assert serve_main(["keys", "list", *with_db]) == 0
+    table = [line.split() for line in capsys.readouterr().out.splitlines()[1:]]
+    assert [(row[0], row[-1].endswith("Z")) for row in table] == [("camera-3", True), ("camera-4", True)]
+    assert serve_main(["keys", "revoke", "camera-9", *with_db]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("anomalygpt serve keys: error: no API key named 'camera-9'")
 
 
 def served_query(app, sql: str) -> list[tuple]:

@@ -55,7 +55,6 @@ from anomalygpt.service.metrics import Metrics
 
 SENSITIVITY_RANGE = (-5.0, 5.0)  # as the CLI's --sensitivity, in normal spreads
 VERDICTS = ("normal", "anomalous")
-KEY_REFRESH_S = 2.0  # how stale the service's copy of the database's API keys may be
 
 
 @dataclass(frozen=True)
@@ -110,20 +109,23 @@ def read_api_keys(path: str | Path) -> dict[str, str]:
 
 class KeyRing:
     """The API keys a request may carry: those of --api-key-file and those in the database (`anomalygpt serve keys
-    create`), re-read every KEY_REFRESH_S so a key created while the service runs is taken within seconds."""
+    create`), looked up on every request, so a key created or revoked on any replica counts from the next one."""
 
     def __init__(self, file_keys: dict[str, str] | None, audit: AuditStore) -> None:
-        self.file_keys = dict(file_keys or {})
+        self.file_keys = dict(file_keys or {})  # {sha256 of key: name}
         self.audit = audit
-        self.keys: dict[str, str] = {}
-        self.read_at = -math.inf
+        self.guarded = bool(self.file_keys)  # once true it stays: keys are revoked, never deleted
 
-    def current(self) -> dict[str, str]:
-        """{sha256 of key: name}; empty: the service is open."""
-        if time.monotonic() - self.read_at > KEY_REFRESH_S:
-            self.keys = {**self.audit.api_keys(), **self.file_keys}
-            self.read_at = time.monotonic()
-        return self.keys
+    def required(self) -> bool:
+        """Whether requests need a key; not while no key was ever created (the service is open)."""
+        self.guarded = self.guarded or self.audit.has_keys()
+        return self.guarded
+
+    def name(self, token: str) -> str | None:
+        """The name of the valid key `token`; None for a wrong or revoked one."""
+        digest = hashlib.sha256(token.encode()).hexdigest()
+        named = next((n for d, n in self.file_keys.items() if hmac.compare_digest(d, digest)), None)
+        return named if named is not None else self.audit.use_key(digest)
 
 
 class QuestionLimiter:
@@ -314,16 +316,14 @@ async def in_worker(work: Awaitable[Any]) -> Any:
 
 def key_check(keyring: KeyRing, metrics: Metrics) -> Callable[[Request], str | None]:
     """The dependency every route but /healthz takes: the key's name (None when the service has no keys); 401
-    for a missing or wrong key, counted."""
+    for a missing, wrong or revoked key, counted."""
 
     def authenticate(request: Request) -> str | None:
-        api_keys = keyring.current()
-        if not api_keys:
+        if not keyring.required():
             return None
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        digest = hashlib.sha256(token.strip().encode()).hexdigest()
-        name = next((n for d, n in api_keys.items() if hmac.compare_digest(d, digest)), None)
-        if scheme.lower() != "bearer" or name is None:
+        name = keyring.name(token.strip()) if scheme.lower() == "bearer" else None
+        if name is None:
             metrics.observe_auth_failure()
             raise HTTPException(
                 401, "missing or wrong API key (send 'Authorization: Bearer <key>')", {"WWW-Authenticate": "Bearer"}

@@ -14,7 +14,7 @@ import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ MIGRATIONS = Path(__file__).with_name("migrations")
 FIRST_REVISION = "0001"  # the schema the first release made without Alembic
 MIGRATION_LOCK = 0x616E6F6D  # PostgreSQL advisory lock id: replicas starting together migrate one after another
 VERSION_TRIES = 5  # profile creations racing for the next version of one name
+LAST_USE_STEP = timedelta(minutes=1)  # a key's last use is written at most this often (not on every request)
 
 
 class Base(DeclarativeBase):
@@ -93,6 +94,8 @@ class ApiKeyRow(Base):
     name: Mapped[str] = mapped_column(String(200), primary_key=True)
     key_sha256: Mapped[str] = mapped_column(String(64), unique=True)  # the key itself is never stored
     created: Mapped[datetime] = mapped_column(DateTime())
+    last_used: Mapped[datetime | None] = mapped_column(DateTime(), nullable=True)  # to LAST_USE_STEP; None: never
+    revoked: Mapped[datetime | None] = mapped_column(DateTime(), nullable=True)  # when; a revoked key answers 401
 
 
 class ChatRow(Base):
@@ -258,10 +261,37 @@ class AuditStore:
         except IntegrityError as error:
             raise ValueError(f"an API key named {name!r} exists already") from error
 
-    def api_keys(self) -> dict[str, str]:
-        """{sha256 of key: name} of every key created with `anomalygpt serve keys create`."""
+    def has_keys(self) -> bool:
+        """Whether any key was ever created here (revoked ones count: revoking the last key must not open the
+        service)."""
         with self.sessions() as session:
-            return {row.key_sha256: row.name for row in session.scalars(select(ApiKeyRow))}
+            return session.scalar(select(ApiKeyRow.name).limit(1)) is not None
+
+    def use_key(self, key_sha256: str) -> str | None:
+        """The name of the unrevoked key with this hash, its use recorded; None when there is no such key."""
+        now = utc_now()
+        with self.sessions() as session:
+            valid = select(ApiKeyRow).where(ApiKeyRow.key_sha256 == key_sha256, ApiKeyRow.revoked.is_(None))
+            row = session.scalar(valid)
+            if row is not None and (row.last_used is None or now - row.last_used >= LAST_USE_STEP):
+                row.last_used = now
+                session.commit()
+        return None if row is None else row.name
+
+    def api_keys(self) -> list[ApiKeyRow]:
+        """Every key created here, revoked ones too, oldest first."""
+        with self.sessions() as session:
+            return list(session.scalars(select(ApiKeyRow).order_by(ApiKeyRow.created, ApiKeyRow.name)))
+
+    def revoke_key(self, name: str) -> datetime:
+        """Revoke the named key from now on (a key revoked before keeps its time); when it was revoked. ValueError
+        for an unknown name."""
+        with self.sessions.begin() as session:
+            row = session.get(ApiKeyRow, name, with_for_update=True)
+            if row is None:
+                raise ValueError(f"no API key named {name!r} ('anomalygpt serve keys list' shows them)")
+            row.revoked = row.revoked or utc_now()
+            return row.revoked
 
     def profile(self, profile_id: str) -> ProfileRow | None:
         with self.sessions() as session:

@@ -2,7 +2,7 @@
 
 `anomalygpt serve keys create NAME` makes an API key: it is printed once and only its sha256 is stored, in the
 audit database the service reads (--profiles/--db as for serving). Once any key exists, every route but /healthz
-needs one.
+needs one. `keys list` shows each key's name and times, `keys revoke NAME` refuses it from the next request on.
 """
 
 from __future__ import annotations
@@ -14,10 +14,15 @@ import re
 import secrets
 import sys
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from anomalygpt.devices import add_device_option, with_device
 from anomalygpt.io import safe_text
+
+if TYPE_CHECKING:
+    from anomalygpt.service.audit import AuditStore
 
 LOOPBACK_NAMES = ("localhost",)
 KEY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")  # a key's name lands in every audit row it signs
@@ -42,8 +47,8 @@ class ServeOptions:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="anomalygpt serve",
-        description="HTTP inspection service with an audit trail. 'anomalygpt serve keys create NAME' makes an "
-        "API key.",
+        description="HTTP inspection service with an audit trail. 'anomalygpt serve keys create|list|revoke' "
+        "manages API keys.",
     )
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
     parser.add_argument("--port", type=int, default=8080)
@@ -80,30 +85,67 @@ def keys_parser() -> argparse.ArgumentParser:
     verbs = parser.add_subparsers(dest="verb", required=True)
     create = verbs.add_parser("create", help="make a key, print it once")
     create.add_argument("name", help="the key's name, recorded with everything done with it (letters, digits, ._-)")
-    create.add_argument("--profiles", type=Path, default=Path("profiles"), help="the service's folder")
-    create.add_argument("--db", default=None, help="database URL (default: sqlite:///PROFILES/audit.db)")
+    listing = verbs.add_parser("list", help="name, created, last used and revoked time of every key (never the key)")
+    revoke = verbs.add_parser("revoke", help="refuse the named key from its next request on, on every replica")
+    revoke.add_argument("name", help="the key's name, as 'keys list' shows it")
+    for verb in (create, listing, revoke):
+        verb.add_argument("--profiles", type=Path, default=Path("profiles"), help="the service's folder")
+        verb.add_argument("--db", default=None, help="database URL (default: sqlite:///PROFILES/audit.db)")
     return parser
 
 
-def create_key(argv: list[str]) -> int:
-    """`anomalygpt serve keys create NAME`: the key on stdout, once; its hash in the database."""
+def keys_main(argv: list[str]) -> int:
+    """`anomalygpt serve keys create|list|revoke`; 2 with a one-line error for bad input."""
     args = keys_parser().parse_args(argv)
-    if not KEY_NAME.fullmatch(args.name):
+    if args.verb == "create" and not KEY_NAME.fullmatch(args.name):
         return fail(f"NAME: {args.name!r} must be 1-100 letters, digits, '.', '_' or '-'", "serve keys")
-    key = KEY_PREFIX + secrets.token_urlsafe(32)
     try:
         check_profiles_folder(args.profiles)
-        from anomalygpt.service.audit import AuditStore
-
-        if args.db is None:
-            args.profiles.mkdir(parents=True, exist_ok=True)
-        audit = AuditStore(args.db or f"sqlite:///{args.profiles / 'audit.db'}", args.profiles / "blobs")
-        audit.add_key(args.name, hashlib.sha256(key.encode()).hexdigest())
+        audit = key_store(args.profiles, args.db, create=args.verb == "create")
+        if args.verb == "create":
+            create_key(audit, args.name)
+        elif args.verb == "list":
+            list_keys(audit)
+        else:
+            revoked = audit.revoke_key(args.name)
+            print(f"anomalygpt serve keys: {args.name!r} revoked at {short_time(revoked)}", file=sys.stderr)
     except (ValueError, OSError) as error:
         return fail(str(error), "serve keys")
-    print(key)
-    print(f"anomalygpt serve keys: created {args.name!r}; only its hash is stored, so copy it now", file=sys.stderr)
     return 0
+
+
+def key_store(profiles: Path, db: str | None, create: bool) -> AuditStore:
+    """The audit database the keys live in; only `create` makes the default SQLite file (and its folder)."""
+    from anomalygpt.service.audit import AuditStore
+    from anomalygpt.service.export import database
+
+    if not create:
+        return AuditStore(database(db, profiles), profiles / "blobs")
+    if db is None:
+        profiles.mkdir(parents=True, exist_ok=True)
+    return AuditStore(db or f"sqlite:///{profiles / 'audit.db'}", profiles / "blobs")
+
+
+def create_key(audit: AuditStore, name: str) -> None:
+    """A new key on stdout, once; its hash in the database."""
+    key = KEY_PREFIX + secrets.token_urlsafe(32)
+    audit.add_key(name, hashlib.sha256(key.encode()).hexdigest())
+    print(key)
+    print(f"anomalygpt serve keys: created {name!r}; only its hash is stored, so copy it now", file=sys.stderr)
+
+
+def list_keys(audit: AuditStore) -> None:
+    """One line per key: name, created, last used, revoked ('-' for never); no key or hash."""
+    table = [("name", "created", "last used", "revoked")]
+    for row in audit.api_keys():
+        table.append((row.name, short_time(row.created), short_time(row.last_used), short_time(row.revoked)))
+    widths = [max(len(line[column]) for line in table) for column in range(4)]
+    for line in table:
+        print("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip())
+
+
+def short_time(moment: datetime | None) -> str:
+    return "-" if moment is None else moment.isoformat(timespec="seconds") + "Z"
 
 
 def fail(message: str, verb: str = "serve") -> int:
@@ -140,7 +182,7 @@ def check(options: ServeOptions) -> None:
 
 def main(argv: list[str]) -> int:
     if argv[:1] == ["keys"]:
-        return create_key(argv[1:])
+        return keys_main(argv[1:])
     args = build_parser().parse_args(argv)
     options = ServeOptions(
         args.host,

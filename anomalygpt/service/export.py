@@ -55,11 +55,11 @@ def since_option(text: str | None) -> datetime | None:
     return None if text is None else parse_time(text, "--since")
 
 
-def database(options: ExportOptions) -> str:
-    """The URL to read; a default SQLite file that does not exist is an error (never created by an export)."""
-    if options.db is not None:
-        return options.db
-    path = options.profiles / "audit.db"
+def database(db: str | None, profiles: Path) -> str:
+    """The URL to read; a default SQLite file that does not exist is an error (never created by reading)."""
+    if db is not None:
+        return db
+    path = profiles / "audit.db"
     if not path.is_file():
         raise ValueError(f"--profiles: {path} does not exist (give the service's --profiles folder, or --db URL)")
     return f"sqlite:///{path}"
@@ -71,7 +71,7 @@ def records(options: ExportOptions) -> tuple[list[str], Iterator[dict[str, Any]]
 
     from anomalygpt.service.audit import TABLES, AuditStore
 
-    store = AuditStore(database(options), options.profiles / "blobs")
+    store = AuditStore(database(options.db, options.profiles), options.profiles / "blobs")
     model = TABLES[options.table]
     columns = [column.name for column in model.__table__.columns]
     created, key = model.__table__.c.created, model.__table__.c.id
