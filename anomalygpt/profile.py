@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from anomalygpt.calibration import Calibration
-from anomalygpt.config import ConfigError, Preset, from_dict, to_dict
+from anomalygpt.config import DEFAULT_PRESET, ConfigError, Preset, from_dict, load_preset, to_dict
 from anomalygpt.memory import PatchMemory, StageBank
 from anomalygpt.references import AugmentationDecision, FitStatistics
 from anomalygpt.state import StateError, load_state, save_state
@@ -142,6 +142,13 @@ def profile_preset(header: dict[str, Any], path: str | Path) -> Preset:
         return from_dict(Preset, {**header["preset"], "device": "auto"}, where=f"{path}: preset")
     except (ConfigError, KeyError, TypeError) as error:
         raise ProfileError(f"{path}: unreadable preset in the profile ({error})") from error
+
+
+def chosen_preset(preset: str | None, profile: str | Path | None) -> Preset:
+    """--preset when given, else the preset the profile was fitted with, else the default preset."""
+    if preset is not None or profile is None:
+        return load_preset(preset or DEFAULT_PRESET)
+    return profile_preset(read_profile(profile)[0], profile)
 
 
 def check_preset(header: dict[str, Any], preset: Preset, path: str | Path) -> None:

@@ -129,7 +129,9 @@ def open_terminal(options: ChatOptions) -> Terminal:
     if len(references) > MAX_REFERENCES:
         raise UsageError(f"--ref: {len(references)} images given; at most {MAX_REFERENCES} are supported")
     reference_images = [load_image(path) for path in references]
-    preset = with_device(chosen_preset(options), options.device)  # torch and transformers: after the checks
+    from anomalygpt.profile import chosen_preset  # torch and transformers: after the checks
+
+    preset = with_device(chosen_preset(options.preset, options.profile), options.device)
     session = chat_session(preset, options)
     if options.profile is not None:
         session.use_profile(options.profile)
@@ -137,16 +139,6 @@ def open_terminal(options: ChatOptions) -> Terminal:
         session.set_references(reference_images, [str(path) for path in references])
     session.show(image, source=options.image)
     return Terminal(session)
-
-
-def chosen_preset(options: ChatOptions) -> Preset:
-    """--preset, else the preset the profile was fitted with, else the default."""
-    from anomalygpt.config import DEFAULT_PRESET, load_preset
-    from anomalygpt.profile import profile_preset, read_profile
-
-    if options.preset is not None or options.profile is None:
-        return load_preset(options.preset or DEFAULT_PRESET)
-    return profile_preset(read_profile(options.profile)[0], options.profile)
 
 
 def chat_session(preset: Preset, options: ChatOptions) -> ChatSession | AnswererSession:

@@ -35,7 +35,6 @@ import pandas as pd
 from anomalygpt.calibration import Calibration
 from anomalygpt.claims import CheckTally
 from anomalygpt.cli import SENSITIVITY_RANGE
-from anomalygpt.config import DEFAULT_PRESET, load_preset
 from anomalygpt.devices import add_device_option, with_device
 from anomalygpt.evidence import EvidenceSource, RegionEvidence, profile_evidence
 from anomalygpt.inspection import (
@@ -47,6 +46,7 @@ from anomalygpt.inspection import (
     reference_name,
 )
 from anomalygpt.io import IMAGE_SUFFIXES, load_image, write_json_atomic, write_png_atomic
+from anomalygpt.profile import chosen_preset
 from anomalygpt.regions import format_pct
 from anomalygpt.verdict import confidence_word, decide
 from anomalygpt.visualize import ANOMALOUS_COLOR, NORMAL_COLOR, evidence_pair, inspection_figure
@@ -801,7 +801,9 @@ def serve(blocks: gr.Blocks, host: str, port: int, *, block: bool = True) -> Non
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default=DEFAULT_PRESET, help="preset name or JSON path (default: 'default')")
+    parser.add_argument(
+        "--preset", default=None, help="preset name or JSON path (default: 'default', or the profile's own)"
+    )
     parser.add_argument("--host", default=DEFAULT_HOST, help="address to listen on (default: 127.0.0.1, this machine)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="port to listen on (default: 7860)")
     parser.add_argument(
@@ -832,25 +834,30 @@ def main(argv: Sequence[str]) -> int:
             file=sys.stderr,
         )
     try:
-        preset = with_device(load_preset(args.preset), args.device)
-        print(f"Loading preset {preset.name!r} ...", flush=True)
-        inspector = build_inspector(preset)
-        profile = inspector.load_profile(args.profile) if args.profile is not None else None
-        answerer = load_answerer(preset, args.answerer, inspector)
-    except USER_ERRORS as error:  # ConfigError, AnswererError; WeightsError is an OSError
+        app = loaded_app(args)
+    except USER_ERRORS as error:  # ConfigError, ProfileError, AnswererError; WeightsError is an OSError
         return fail(str(error))
     with private_upload_folder():  # uploads and gradio's cache: swept every minute, removed when this returns
-        blocks = build_blocks(WebApp(inspector, answerer, preset.name, profile))
+        blocks = build_blocks(app)
         try:
             serve(blocks, args.host, args.port, block=False)
         except OSError as error:  # the port is taken, or the address is not this machine's
             reason = one_line(str(error)).split(". ")[0]  # gradio goes on about its own environment variables
             return fail(f"--host/--port: cannot listen on {args.host}:{args.port} ({reason}); is the port taken?")
         shown = f"[{args.host}]" if ":" in args.host else args.host
-        print(f"Serving on http://{shown}:{args.port} with {type(answerer).__name__} (Ctrl+C to stop)", flush=True)
+        print(f"Serving on http://{shown}:{args.port} with {type(app.answerer).__name__} (Ctrl+C to stop)", flush=True)
         with stop_on_sigterm():
             blocks.block_thread()  # until Ctrl+C (or SIGTERM), which closes the server
     return 0
+
+
+def loaded_app(args: argparse.Namespace) -> WebApp:
+    """The app's shared models: --preset, else the profile's own preset, else the default; the profile's references."""
+    preset = with_device(chosen_preset(args.preset, args.profile), args.device)
+    print(f"Loading preset {preset.name!r} ...", flush=True)
+    inspector = build_inspector(preset)
+    profile = inspector.load_profile(args.profile) if args.profile is not None else None
+    return WebApp(inspector, load_answerer(preset, args.answerer, inspector), preset.name, profile)
 
 
 @contextlib.contextmanager

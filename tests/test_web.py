@@ -22,6 +22,7 @@ from PIL import Image
 from anomalygpt.config import load_preset
 from anomalygpt.inspection import MAX_REFERENCES, Inspection, Inspector, build_inspector
 from anomalygpt.io import load_image
+from anomalygpt.profile import ProfileError
 from anomalygpt.visualize import inspection_figure
 from chat.answerers import GroundedAnswerer, grounded_answer
 from chat.web import (
@@ -33,6 +34,7 @@ from chat.web import (
     badge_html,
     build_blocks,
     build_parser,
+    loaded_app,
     main,
     serve,
 )
@@ -356,6 +358,17 @@ def test_main_rejects_bad_options_in_one_line(scene: Scene) -> None:
     assert lines[0] == "anomalygpt ui: error: --port: must be from 1 to 65535, got 0"
     assert lines[1].startswith("anomalygpt ui: warning: --host 0.0.0.0 lets other machines reach this app")
     assert lines[2].startswith("anomalygpt ui: error: preset file not found:") and len(lines) == 3
+
+
+def test_a_profile_loads_with_its_own_preset_unless_another_is_given(
+    scene: Scene, inspector: Inspector, tmp_path: Path
+) -> None:
+    profile = inspector.save_profile(inspector.fit(scene.refs), tmp_path / "t.profile", scene.refs)
+    app = loaded_app(build_parser().parse_args(["--profile", str(profile), "--answerer", "grounded"]))
+    assert app.preset_name == "t" and app.inspector.preset.backbone.image_size == SIDE
+    assert app.profile is not None and app.profile.names == [str(path) for path in scene.refs]
+    with pytest.raises(ProfileError, match="fitted with preset 't', whose backbone.* differ from preset 'default'"):
+        loaded_app(build_parser().parse_args(["--profile", str(profile), "--preset", "default"]))
 
 
 # The page end to end ------------------------------------------------------------------------------------------
