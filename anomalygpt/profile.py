@@ -115,9 +115,23 @@ def save_profile(
 
 def read_profile(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """(header, tensors) of a profile file, checked: format, version and checksum."""
+    header, tree = checked_tree(path, with_tensors=True)
+    tensors = tree.get("tensors")
+    if not isinstance(tensors, dict) or tensors_checksum(tensors) != header.get("checksum"):
+        raise ProfileError(f"{path}: corrupted profile (its tensors do not match their checksum); fit it again")
+    return header, tensors
+
+
+def read_header(path: str | Path) -> dict[str, Any]:
+    """A profile's header, checked (format and version), read without its tensors."""
+    return checked_tree(path, with_tensors=False)[0]
+
+
+def checked_tree(path: str | Path, with_tensors: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(header, whole tree) of a profile file whose format and version this code reads."""
     path = Path(path)
     try:
-        tree = load_state(path)
+        tree = load_state(path, with_tensors=with_tensors)
     except StateError as error:
         raise ProfileError(str(error).replace("state file", "profile")) from error
     header = tree.get("header") if isinstance(tree, dict) else None
@@ -129,10 +143,7 @@ def read_profile(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tens
             f"{path}: profile format version {found} is newer than this anomalygpt reads ({PROFILE_VERSION}); "
             "upgrade anomalygpt or fit the profile again"
         )
-    tensors = tree.get("tensors")
-    if not isinstance(tensors, dict) or tensors_checksum(tensors) != header.get("checksum"):
-        raise ProfileError(f"{path}: corrupted profile (its tensors do not match their checksum); fit it again")
-    return header, tensors
+    return header, tree
 
 
 def profile_preset(header: dict[str, Any], path: str | Path) -> Preset:
@@ -145,10 +156,10 @@ def profile_preset(header: dict[str, Any], path: str | Path) -> Preset:
 
 
 def chosen_preset(preset: str | None, profile: str | Path | None) -> Preset:
-    """--preset when given, else the preset the profile was fitted with, else the default preset."""
+    """--preset when given, else the preset the profile was fitted with (read from its header), else the default."""
     if preset is not None or profile is None:
         return load_preset(preset or DEFAULT_PRESET)
-    return profile_preset(read_profile(profile)[0], profile)
+    return profile_preset(read_header(profile), profile)
 
 
 def check_preset(header: dict[str, Any], preset: Preset, path: str | Path) -> None:

@@ -53,8 +53,10 @@ def state_bytes(tree: Any) -> bytes:
     return save_safetensors(tensors, metadata=metadata)
 
 
-def load_state(path: str | Path) -> Any:
-    """The tree saved at path (tensors on the CPU); StateError when it is not a state file (never unpickled)."""
+def load_state(path: str | Path, *, with_tensors: bool = True) -> Any:
+    """The tree saved at path (tensors on the CPU); StateError when it is not a state file (never unpickled).
+
+    with_tensors=False reads the header alone and leaves None where each tensor was."""
     path = Path(path)
     if not path.is_file():
         raise StateError(f"{path}: state file not found")
@@ -63,7 +65,7 @@ def load_state(path: str | Path) -> Any:
             metadata = handle.metadata() or {}
             if metadata.get("format") != STATE_FORMAT:
                 raise StateError(f"{path}: not a state file written by anomalygpt (format {metadata.get('format')!r})")
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (not a dict)
+            tensors = {key: handle.get_tensor(key) if with_tensors else None for key in handle.keys()}  # noqa: SIM118
         return _decode(json.loads(metadata["tree"]), tensors)
     except StateError:
         raise
@@ -126,7 +128,7 @@ def _own_storage(tensor: torch.Tensor, storages: set[int]) -> torch.Tensor:
     return tensor
 
 
-def _decode(node: Any, tensors: dict[str, torch.Tensor]) -> Any:
+def _decode(node: Any, tensors: dict[str, torch.Tensor | None]) -> Any:
     if isinstance(node, list):
         return [_decode(item, tensors) for item in node]
     if not isinstance(node, dict):

@@ -8,7 +8,7 @@ from safetensors import safe_open
 
 from anomalygpt.config import load_preset
 from anomalygpt.inspection import Inspector
-from anomalygpt.profile import PROFILE_FORMAT, ProfileError, read_profile
+from anomalygpt.profile import PROFILE_FORMAT, ProfileError, chosen_preset, read_header, read_profile
 from anomalygpt.state import load_state, save_state
 
 
@@ -61,6 +61,52 @@ def test_a_profile_is_one_safetensors_file_with_its_json_header(saved):
     assert time.perf_counter() - start < 1.0
 
 
+class CountingOpen:
+    """safe_open, counting the tensors read through it."""
+
+    def __init__(self):
+        self.tensors = 0
+
+    def __call__(self, *args, **kwargs):
+        return CountedHandle(safe_open(*args, **kwargs), self)
+
+
+class CountedHandle:
+    def __init__(self, handle, counter):
+        self.handle, self.counter = handle, counter
+
+    def __enter__(self):
+        self.handle.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.handle.__exit__(*exc)
+
+    def metadata(self):
+        return self.handle.metadata()
+
+    def keys(self):
+        return self.handle.keys()
+
+    def get_tensor(self, key):
+        self.counter.tensors += 1
+        return self.handle.get_tensor(key)
+
+
+def test_the_preset_is_chosen_from_the_header_without_reading_tensors(saved, tmp_path, monkeypatch):
+    _, path = saved
+    counting = CountingOpen()
+    monkeypatch.setattr("anomalygpt.state.safe_open", counting)
+    assert chosen_preset(None, path).name == "default" and chosen_preset(None, path).device == "auto"
+    assert counting.tensors == 0
+    header, tensors = read_profile(path)
+    assert counting.tensors == len(tensors) > 0 and read_header(path) == header
+    flipped = bytearray(path.read_bytes())
+    flipped[-100] ^= 0xFF  # the tensors are not read, so only the full read sees it
+    (tmp_path / "flipped.profile").write_bytes(bytes(flipped))
+    assert read_header(tmp_path / "flipped.profile") == header
+
+
 def test_corrupt_newer_foreign_and_mismatched_profiles_get_one_line_errors(inspector, saved, tmp_path):
     _, path = saved
     data = bytearray(path.read_bytes())
@@ -69,18 +115,20 @@ def test_corrupt_newer_foreign_and_mismatched_profiles_get_one_line_errors(inspe
     with pytest.raises(ProfileError, match="corrupted profile"):
         inspector.load_profile(tmp_path / "flipped.profile")
     (tmp_path / "cut.profile").write_bytes(path.read_bytes()[:500])
-    with pytest.raises(ProfileError, match="not a readable profile"):
-        inspector.load_profile(tmp_path / "cut.profile")
     tree = load_state(path)
     tree["header"]["version"] = 99
     save_state(tmp_path / "newer.profile", tree)
-    with pytest.raises(ProfileError, match="version 99 is newer"):
-        inspector.load_profile(tmp_path / "newer.profile")
     save_state(tmp_path / "other.profile", {"header": {"format": "something"}})
-    with pytest.raises(ProfileError, match="not an anomalygpt profile"):
-        inspector.load_profile(tmp_path / "other.profile")
-    with pytest.raises(ProfileError, match="missing.profile: profile not found"):
-        inspector.load_profile(tmp_path / "missing.profile")
+    refusals = {
+        "cut": "not a readable profile",
+        "newer": "version 99 is newer",
+        "other": "not an anomalygpt profile",
+        "missing": "missing.profile: profile not found",
+    }
+    for name, problem in refusals.items():
+        for read in (inspector.load_profile, read_header, lambda p: chosen_preset(None, p)):
+            with pytest.raises(ProfileError, match=problem):
+                read(tmp_path / f"{name}.profile")
     preset = inspector.preset
     coarse = Inspector(
         inspector.backbone, dataclasses.replace(preset, memory=dataclasses.replace(preset.memory, sigma=8.0))

@@ -39,6 +39,8 @@ def test_round_trip_keeps_optimizer_state_tensors_and_plain_values(tmp_path: Pat
     assert all(torch.equal(restored["state"][0][k], saved["state"][0][k]) for k in saved["state"][0])
     fresh = torch.optim.AdamW(model.parameters(), lr=1e-3)
     fresh.load_state_dict(restored)  # loads as torch's own state dict
+    outline = load_state(tmp_path / "state.safetensors", with_tensors=False)
+    assert outline["views"] == [None, None, None] and outline["odd"]["big"] == 2**70
 
 
 def test_a_planted_pickle_is_refused_without_running(tmp_path: Path) -> None:
