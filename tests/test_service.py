@@ -582,7 +582,7 @@ def test_chat_streams_the_checked_grounded_answer_and_records_it(served, profile
     assert "".join(pieces) == streamed["answer"] and streamed["id"] != done["id"]
 
 
-def test_chat_refuses_bad_questions_in_one_line_and_limits_questions_per_key(inspector, served, profile, images):
+def test_chat_refuses_bad_questions_in_one_line(served, profile, images):
     http = served["http"]
     inspection = served["client"].inspect(profile["id"], images["good"])["id"]
     before = rows(served, "chat_answers")
@@ -602,12 +602,39 @@ def test_chat_refuses_bad_questions_in_one_line_and_limits_questions_per_key(ins
         response = http.post("/v1/chat", **kwargs)
         assert response.status_code == status, (what, response.text)
         assert list(response.json()) == ["error"] and "\n" not in response.json()["error"], what
-    limited = create_app(served["folder"], served["db"], inspector=inspector, limits=Limits(questions_per_minute=2))
-    with TestClient(limited) as tight:
-        asked = [tight.post("/v1/chat", json={"inspection": inspection, "question": "Is it ok?"}) for _ in range(3)]
-    assert [r.status_code for r in asked] == [200, 200, 429]
-    assert "2 questions per minute" in asked[2].json()["error"] and 0 < int(asked[2].headers["retry-after"]) <= 60
-    assert rows(served, "chat_answers") == before + 2
+    assert rows(served, "chat_answers") == before
+
+
+def test_the_question_limit_is_shared_by_replicas_on_one_database(inspector, served, profile, images):
+    inspection = served["client"].inspect(profile["id"], images["good"])["id"]
+    before = rows(served, "chat_answers")
+    clock = [29_000_000 * 60 + 45.25]  # 14.75 s before a minute ends
+    replicas = [
+        create_app(served["folder"], served["db"], inspector=inspector, limits=Limits(questions_per_minute=2))
+        for _ in range(2)
+    ]
+    for app in replicas:
+        app.state.limiter.clock = lambda: clock[0]
+    with TestClient(replicas[0]) as first, TestClient(replicas[1]) as second:
+
+        def ask(http: TestClient):
+            return http.post("/v1/chat", json={"inspection": inspection, "question": "Is it ok?"})
+
+        asked = [ask(first), ask(second), ask(first), ask(second)]
+        assert [r.status_code for r in asked] == [200, 200, 429, 429]  # 2 in all, not 2 per replica
+        assert "2 questions per minute" in asked[2].json()["error"] and asked[2].headers["retry-after"] == "15"
+        clock[0] += 15  # the next minute
+        assert ask(second).status_code == 200
+        statuses: list[int] = []
+        threads = [
+            threading.Thread(target=lambda h=h: statuses.append(ask(h).status_code)) for h in [first, second] * 3
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert sorted(statuses) == [200] + [429] * 5  # one left this minute, however the six race
+    assert rows(served, "chat_answers") == before + 4
 
 
 def test_audit_export_writes_csv_and_json_lines_from_a_time_on(served, profile, images, tmp_path, capsys):

@@ -11,9 +11,7 @@ import hashlib
 import hmac
 import json
 import math
-import threading
 import time
-from collections import defaultdict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -64,7 +62,7 @@ class Limits:
     max_profile_images: int = 256  # good images per POST /v1/profiles
     max_batch_images: int = 32  # images per POST /v1/inspect/batch
     max_page: int = 1000  # GET /v1/inspections?limit=
-    questions_per_minute: int = 30  # POST /v1/chat per API key (per process: each replica counts its own)
+    questions_per_minute: int = 30  # POST /v1/chat per API key and clock minute, all replicas together
     max_question_chars: int = 500  # as the assistant's own default limit
 
 
@@ -129,24 +127,20 @@ class KeyRing:
 
 
 class QuestionLimiter:
-    """At most `per_minute` questions per key name in any 60 s window (None, the keyless service, is one name)."""
+    """At most `per_minute` questions per key name in each clock minute, counted in the audit database, so that
+    replicas sharing it share the limit (None, the keyless service, is one name)."""
 
-    def __init__(self, per_minute: int) -> None:
+    def __init__(self, per_minute: int, audit: AuditStore, clock: Callable[[], float] = time.time) -> None:
         self.per_minute = per_minute
-        self.asked: dict[str | None, deque[float]] = defaultdict(deque)
-        self.lock = threading.Lock()
+        self.audit = audit
+        self.clock = clock  # Unix time; replicas' clocks are assumed in step (NTP)
 
     def take(self, key_name: str | None) -> None:
-        """Count one question, or RequestError 429 saying when the next one is allowed."""
-        now = time.monotonic()
-        with self.lock:
-            asked = self.asked[key_name]
-            while asked and now - asked[0] >= 60.0:
-                asked.popleft()
-            if len(asked) >= self.per_minute:
-                wait = math.ceil(60.0 - (now - asked[0]))
-                raise RateLimited(f"over {self.per_minute} questions per minute for this key; retry in {wait} s", wait)
-            asked.append(now)
+        """Count one question, or RateLimited (429) saying when the next one is allowed: when the minute ends."""
+        now = self.clock()
+        if self.audit.count_question(key_name or "", int(now // 60)) > self.per_minute:
+            wait = math.ceil(60.0 - now % 60.0)
+            raise RateLimited(f"over {self.per_minute} questions per minute for this key; retry in {wait} s", wait)
 
 
 class BodyLimit:
@@ -256,7 +250,8 @@ def create_app(
     install_error_handlers(app)
     keyring = app.state.keyring = KeyRing(api_keys, audit)
     app.include_router(v1_router(service, batcher, metrics, executor, limits, keyring))
-    app.include_router(chat_router(chats, limits, keyring, metrics))
+    limiter = app.state.limiter = QuestionLimiter(limits.questions_per_minute, audit)
+    app.include_router(chat_router(chats, limits, keyring, limiter, metrics))
 
     @app.get("/healthz")
     def healthz() -> dict[str, Any]:
@@ -427,11 +422,12 @@ def v1_router(
     return router
 
 
-def chat_router(chats: ChatService, limits: Limits, keyring: KeyRing, metrics: Metrics) -> APIRouter:
+def chat_router(
+    chats: ChatService, limits: Limits, keyring: KeyRing, limiter: QuestionLimiter, metrics: Metrics
+) -> APIRouter:
     """POST /v1/chat: {"inspection": id, "question": text} -> server-sent events: `piece` events with the checked
     answer's text, then `done` with the recorded answer (its audit id), or `error`."""
     authenticate = key_check(keyring, metrics)
-    limiter = QuestionLimiter(limits.questions_per_minute)
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="anomalygpt-chat")  # apart from inspections
     router = APIRouter(prefix="/v1")
 
@@ -441,7 +437,7 @@ def chat_router(chats: ChatService, limits: Limits, keyring: KeyRing, metrics: M
         row = chats.service.audit.inspection(inspection_id) if ID_PATTERN.fullmatch(inspection_id) else None
         if row is None:
             raise RequestError(404, f"inspection {inspection_id!r}: no such inspection")
-        limiter.take(key)
+        await asyncio.to_thread(limiter.take, key)  # a database write: off the event loop
         events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         loop = asyncio.get_running_loop()
 

@@ -20,7 +20,22 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import DateTime, Float, Index, Integer, String, Text, create_engine, event, func, inspect, select, text
+from sqlalchemy import (
+    DateTime,
+    Float,
+    Index,
+    Integer,
+    String,
+    Text,
+    create_engine,
+    delete,
+    event,
+    func,
+    inspect,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
@@ -96,6 +111,14 @@ class ApiKeyRow(Base):
     created: Mapped[datetime] = mapped_column(DateTime())
     last_used: Mapped[datetime | None] = mapped_column(DateTime(), nullable=True)  # to LAST_USE_STEP; None: never
     revoked: Mapped[datetime | None] = mapped_column(DateTime(), nullable=True)  # when; a revoked key answers 401
+
+
+class QuestionCountRow(Base):
+    __tablename__ = "question_counts"
+
+    key_name: Mapped[str] = mapped_column(String(200), primary_key=True)  # "": the keyless service
+    minute: Mapped[int] = mapped_column(Integer, primary_key=True)  # Unix time // 60
+    count: Mapped[int] = mapped_column(Integer)  # questions asked, refused ones included
 
 
 class ChatRow(Base):
@@ -292,6 +315,25 @@ class AuditStore:
                 raise ValueError(f"no API key named {name!r} ('anomalygpt serve keys list' shows them)")
             row.revoked = row.revoked or utc_now()
             return row.revoked
+
+    def count_question(self, key_name: str, minute: int) -> int:
+        """Count one question of the key in this minute, in the row every replica sharing the database increments;
+        how many it has asked in that minute, this one included."""
+        try:
+            return self.increment_questions(key_name, minute)
+        except IntegrityError:  # another replica added the minute's row first: increment that one
+            return self.increment_questions(key_name, minute)
+
+    def increment_questions(self, key_name: str, minute: int) -> int:
+        this = (QuestionCountRow.key_name == key_name, QuestionCountRow.minute == minute)
+        with self.sessions.begin() as session:
+            session.execute(update(QuestionCountRow).where(*this).values(count=QuestionCountRow.count + 1))
+            count = session.scalar(select(QuestionCountRow.count).where(*this))  # its row stays locked till commit
+            if count is not None:
+                return count
+            session.execute(delete(QuestionCountRow).where(QuestionCountRow.minute < minute - 1))  # minutes over
+            session.add(QuestionCountRow(key_name=key_name, minute=minute, count=1))
+        return 1
 
     def profile(self, profile_id: str) -> ProfileRow | None:
         with self.sessions() as session:
