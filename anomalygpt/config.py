@@ -17,13 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-import torch
-
 from anomalygpt.assistant import AssistantConfig
 from anomalygpt.backbones import BACKBONES, BackboneConfig
 from anomalygpt.calibration import CalibrationConfig
 from anomalygpt.decoder import DecoderConfig
-from anomalygpt.devices import DEVICE_PATTERN
+from anomalygpt.devices import DEVICE_PATTERN, gpus_lacking, resolve_device
 from anomalygpt.llm import DTYPES, LLMConfig, LoraConfig
 from anomalygpt.memory import THINNINGS, MemoryConfig
 from anomalygpt.prompt_learner import PromptLearnerConfig
@@ -219,21 +217,11 @@ class Device:
     def problem(self, value: Any) -> str | None:
         if not DEVICE_PATTERN.fullmatch(value):
             return f"must be 'auto', 'cpu', 'cuda' or 'cuda:N'; got {short_repr(value)}"
-        if not value.startswith("cuda"):
-            return None
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        index = int(value.partition(":")[2] or 0)
-        if index < count:
+        count = gpus_lacking(value)
+        if count is None:
             return None
         found = "no CUDA GPU" if count == 0 else f"{count} CUDA GPU(s), cuda:0 to cuda:{count - 1}"
         return f"{value!r} is not available: this machine has {found}; use 'cpu' or 'auto'"
-
-
-def resolve_device(device: str) -> str:
-    """'auto' -> 'cuda' when a CUDA GPU is present, else 'cpu'; any other device unchanged."""
-    if device != "auto":
-        return device
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 SEED = Range(0, 2**32 - 1)

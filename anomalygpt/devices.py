@@ -37,18 +37,31 @@ def add_device_option(parser: argparse.ArgumentParser) -> None:
 
 def available_device(device: str, option: str = "--device") -> str:
     """The device resolved ('auto' -> 'cuda' when CUDA is available, else 'cpu'), or DeviceError."""
+    count = gpus_lacking(device)
+    if count == 0:
+        raise DeviceError(f"{option} {device}: no CUDA device is available (torch.cuda.is_available() is False)")
+    if count is not None:
+        raise DeviceError(f"{option} {device}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+    return resolve_device(device)
+
+
+def gpus_lacking(device: str) -> int | None:
+    """None when this machine has the device (the CPU and 'auto' always), else how many CUDA GPUs it has."""
+    if not device.startswith("cuda"):
+        return None
     import torch
 
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if not device.startswith("cuda"):
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return None if int(device.partition(":")[2] or 0) < count else count
+
+
+def resolve_device(device: str) -> str:
+    """'auto' -> 'cuda' when a CUDA GPU is present, else 'cpu'; any other device unchanged."""
+    if device != "auto":
         return device
-    if not torch.cuda.is_available():
-        raise DeviceError(f"{option} {device}: no CUDA device is available (torch.cuda.is_available() is False)")
-    count = torch.cuda.device_count()
-    if int(device.partition(":")[2] or 0) >= count:
-        raise DeviceError(f"{option} {device}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
-    return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def with_device(preset: Preset, device: str | None) -> Preset:

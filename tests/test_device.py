@@ -14,7 +14,7 @@ import torch
 from conftest import texture_crops, with_dark_blob
 from PIL import Image
 
-from anomalygpt.config import Preset, load_preset
+from anomalygpt.config import Device, Preset, load_preset
 from anomalygpt.devices import DeviceError, available_device, device_name, with_device
 from anomalygpt.inspection import Inspector
 from anomalygpt.profile import profile_preset
@@ -66,6 +66,24 @@ def test_a_missing_gpu_index_names_the_ones_there(one_gpu: None) -> None:
     assert available_device("auto") == "cuda" and available_device("cuda:0") == "cuda:0"
     with pytest.raises(DeviceError, match=r"^--device cuda:1: this machine has 1 CUDA device\(s\), cuda:0 to cuda:0$"):
         available_device("cuda:1")
+
+
+@pytest.mark.parametrize("gpus", [0, 2])
+def test_a_preset_field_and_the_option_refuse_the_same_devices(gpus: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    devices = ("auto", "cpu", "cuda", "cuda:1", "cuda:2")
+    refused_in_preset = [device for device in devices if Device().problem(device) is not None]
+    assert [device for device in devices if option_refuses(device)] == refused_in_preset
+    assert refused_in_preset == (["cuda:2"] if gpus else ["cuda", "cuda:1", "cuda:2"])
+
+
+def option_refuses(device: str) -> bool:
+    try:
+        available_device(device)
+    except DeviceError:
+        return True
+    return False
 
 
 @pytest.mark.parametrize("text", ["gpu", "CUDA", "cuda:", "cuda:x", "cpu:0", ""])
