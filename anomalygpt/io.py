@@ -12,7 +12,7 @@ import sys
 import threading
 import warnings
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
@@ -544,6 +544,17 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
 def write_text_atomic(path: str | Path, text: str) -> Path:
     """Atomically replace path with UTF-8 text."""
     return write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_lines_atomic(path: str | Path, lines: Iterable[str]) -> Path:
+    """Atomically replace path with UTF-8 text written piece by piece as `lines` yields it (memory stays bounded
+    however long the text); an error while iterating leaves path as it was."""
+
+    def write(handle: IO[bytes]) -> None:
+        for line in lines:
+            handle.write(line.encode("utf-8"))
+
+    return _write_atomic(path, write)
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> Path:

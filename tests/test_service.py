@@ -3,10 +3,11 @@
 import hashlib
 import io
 import itertools
+import json
 import sqlite3
 import threading
 import time
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -662,6 +663,87 @@ def test_audit_export_writes_csv_and_json_lines_from_a_time_on(served, profile, 
     assert "--since: 'yesterday' is not an ISO 8601 time" in capsys.readouterr().err
     assert anomalygpt_main(["audit", "export", "--profiles", str(tmp_path / "none")]) == 2
     assert "does not exist" in capsys.readouterr().err and not (tmp_path / "none").exists()
+
+
+def inspection_rows(count: int, start: datetime) -> list[dict]:
+    """Audit rows as the service writes them, one a second from start, with a 2 kB answer each."""
+    answer = json.dumps({"verdict": "normal", "note": "é" + "x" * 2000})
+    return [
+        {
+            "id": f"{i:016x}",
+            "created": start + timedelta(seconds=i),
+            "key_name": "line-1",
+            "profile_id": "a" * 16,
+            "profile_version": 1,
+            "profile_checksum": "c" * 64,
+            "image_name": f"cell, {i}.png",  # a comma: CSV must quote it
+            "image_sha256": hashlib.sha256(str(i).encode()).hexdigest(),
+            "image_bytes": i,
+            "image_height": 300,
+            "image_width": 300,
+            "verdict": "anomalous" if i % 3 == 0 else "normal",
+            "score": i / 7,
+            "threshold": 0.5,
+            "margin": i / 7 - 0.5,
+            "sensitivity": 0.0,
+            "regions_json": "[]",
+            "result_json": answer,
+            "overlay_sha256": "0" * 64,
+            "map_sha256": "1" * 64,
+            "preset": "default",
+            "versions_json": "{}",
+            "latency_ms": 1.5,
+        }
+        for i in range(count)
+    ]
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_a_large_export_is_streamed_whole_and_a_failed_one_leaves_no_file(request, tmp_path, capsys, kind):
+    import csv
+    import tracemalloc
+
+    from sqlalchemy import insert
+
+    from anomalygpt.cli import main as anomalygpt_main
+    from anomalygpt.service.audit import AuditStore, InspectionRow
+
+    url = fresh_database(request, tmp_path, kind)
+    store = AuditStore(url, tmp_path / "blobs")
+    stored = inspection_rows(10_000, datetime(2026, 12, 1))
+    with store.sessions.begin() as session:
+        session.execute(insert(InspectionRow), stored)
+    base = ["audit", "export", "--db", url, "--profiles", str(tmp_path), "--out"]
+    out = tmp_path / "all.jsonl"
+    tracemalloc.start()
+    assert anomalygpt_main([*base, str(out)]) == 0
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    size = out.stat().st_size
+    assert size > 20_000_000 and peak < size / 2  # 1,000 rows at a time; the export built in memory held 2x size
+    assert "wrote 10000 rows" in capsys.readouterr().err
+    with out.open(encoding="utf-8") as handle:
+        exported = [json.loads(line) for line in handle]
+    assert [row["id"] for row in exported] == [row["id"] for row in stored]  # every row, once, oldest first
+    assert exported[-1]["score"] == stored[-1]["score"] and exported[-1]["created"] == "2026-12-01T02:46:39.000000Z"
+    assert exported[7]["result_json"] == stored[7]["result_json"] and exported[7]["image_name"] == "cell, 7.png"
+    assert anomalygpt_main([*base, str(tmp_path / "all.csv"), "--format", "csv"]) == 0
+    capsys.readouterr()
+    with (tmp_path / "all.csv").open(encoding="utf-8", newline="") as handle:
+        table = list(csv.DictReader(handle))
+    assert [(row["id"], row["image_name"], float(row["score"])) for row in table] == [
+        (row["id"], row["image_name"], row["score"]) for row in stored
+    ]
+    with store.sessions.begin() as session:  # a row JSON cannot hold: the export fails after 2,001 rows (4 MB)
+        session.execute(insert(InspectionRow), {**stored[0], "id": "f" * 16, "created": stored[2000]["created"],
+                                                "score": float("inf")})  # fmt: skip
+    out.write_text("the previous export\n")
+    before = sorted(tmp_path.iterdir())
+    assert anomalygpt_main([*base, str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"error: row '{'f' * 16}'" in err
+    assert anomalygpt_main([*base, str(tmp_path / "new.jsonl")]) == 2
+    assert sorted(tmp_path.iterdir()) == before and out.read_text() == "the previous export\n"  # no file, no temp
 
 
 @pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated")  # transformers, inside peft

@@ -3,8 +3,9 @@
     anomalygpt audit export --since 2026-12-01T00:00:00Z --format csv --out december.csv
     anomalygpt audit export --table chats --db postgresql://line@db-host/audit --format jsonl
 
-Every column of the table, as stored (the *_json columns stay JSON text); times are ISO 8601 UTC. Written
-atomically to --out, or to stdout.
+Every column of the table, as stored (the *_json columns stay JSON text); times are ISO 8601 UTC. Rows are
+streamed from the database to the output as they are read (memory stays bounded however large the table),
+atomically to --out (a temp file renamed at the end; nothing is left on an error), or to stdout.
 """
 
 from __future__ import annotations
@@ -14,13 +15,13 @@ import csv
 import io
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from anomalygpt.io import safe_text, write_text_atomic
+from anomalygpt.io import safe_text, write_lines_atomic
 
 FORMATS = ("csv", "jsonl")
 PROG = "anomalygpt audit"
@@ -68,6 +69,7 @@ def database(db: str | None, profiles: Path) -> str:
 def records(options: ExportOptions) -> tuple[list[str], Iterator[dict[str, Any]]]:
     """The table's column names and its rows (oldest first) as plain values."""
     from sqlalchemy import select
+    from sqlalchemy.exc import DBAPIError
 
     from anomalygpt.service.audit import TABLES, AuditStore
 
@@ -79,10 +81,14 @@ def records(options: ExportOptions) -> tuple[list[str], Iterator[dict[str, Any]]
     if options.since is not None:
         query = query.where(created >= options.since)
 
-    def rows() -> Iterator[dict[str, Any]]:
-        with store.sessions() as session:
-            for row in session.scalars(query.execution_options(yield_per=1000)):
-                yield {name: plain(getattr(row, name)) for name in columns}
+    def rows() -> Iterator[dict[str, Any]]:  # read 1,000 at a time (a server-side cursor on PostgreSQL)
+        try:
+            with store.sessions() as session:
+                for row in session.scalars(query.execution_options(yield_per=1000)):
+                    yield {name: plain(getattr(row, name)) for name in columns}
+        except DBAPIError as error:  # e.g. the connection lost midway
+            reason = str(error.orig or error).strip().splitlines()[0]
+            raise ConnectionError(f"--db: reading the {options.table} table failed: {reason}") from error
 
     return columns, rows()
 
@@ -91,20 +97,47 @@ def plain(value: Any) -> Any:
     return value.isoformat(timespec="microseconds") + "Z" if isinstance(value, datetime) else value
 
 
-def export_text(columns: list[str], rows: Iterator[dict[str, Any]], form: str) -> tuple[str, int]:
-    """The whole export and its number of rows."""
+@dataclass
+class Counted:
+    """Rows passed on one at a time, counted as they go."""
+
+    rows: Iterator[dict[str, Any]]
+    count: int = 0
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for row in self.rows:
+            self.count += 1
+            yield row
+
+
+def export_lines(columns: list[str], rows: Iterable[dict[str, Any]], form: str) -> Iterator[str]:
+    """The export piece by piece as the rows are read: one piece per row (after the CSV header)."""
+    return map(json_line, rows) if form == "jsonl" else csv_lines(columns, rows)
+
+
+def csv_lines(columns: list[str], rows: Iterable[dict[str, Any]]) -> Iterator[str]:
     buffer = io.StringIO()
-    count = 0
     writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
-    if form == "csv":
-        writer.writeheader()
+    writer.writeheader()
     for row in rows:
-        if form == "csv":
-            writer.writerow(row)
-        else:
-            buffer.write(json.dumps(row, allow_nan=False, ensure_ascii=False) + "\n")
-        count += 1
-    return buffer.getvalue(), count
+        yield taken(buffer)
+        writer.writerow(row)
+    yield taken(buffer)
+
+
+def taken(buffer: io.StringIO) -> str:
+    """What the buffer holds, leaving it empty."""
+    text = buffer.getvalue()
+    buffer.seek(0)
+    buffer.truncate()
+    return text
+
+
+def json_line(row: dict[str, Any]) -> str:
+    try:
+        return json.dumps(row, allow_nan=False, ensure_ascii=False) + "\n"
+    except ValueError as error:  # NaN or infinity, which JSON cannot hold
+        raise ValueError(f"row {row.get('id')!r}: {error}") from error
 
 
 def fail(message: str) -> int:
@@ -119,7 +152,12 @@ def main(argv: list[str]) -> int:
         if options.out is not None and options.out.is_dir():
             raise ValueError(f"--out: {options.out} is a folder")
         columns, rows = records(options)
-        text, count = export_text(columns, rows, options.format)
+        counted = Counted(rows)
+        lines = export_lines(columns, counted, options.format)
+        if options.out is None:
+            sys.stdout.writelines(lines)
+        else:
+            write_lines_atomic(options.out, lines)
     except ModuleNotFoundError as error:
         print(
             f"{PROG}: error: needs the Python package {error.name} (pip install 'anomalygpt[serve]')", file=sys.stderr
@@ -127,9 +165,6 @@ def main(argv: list[str]) -> int:
         return 2
     except (ValueError, OSError) as error:
         return fail(str(error))
-    if options.out is None:
-        sys.stdout.write(text)
-    else:
-        write_text_atomic(options.out, text)
-        print(f"{PROG}: wrote {count} rows to {options.out}", file=sys.stderr)
+    if options.out is not None:
+        print(f"{PROG}: wrote {counted.count} rows to {options.out}", file=sys.stderr)
     return 0
