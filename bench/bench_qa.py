@@ -23,10 +23,10 @@ from typing import Any
 
 import numpy as np
 
+from anomalygpt.answerers import AssistantAnswerer, GroundedAnswerer
 from anomalygpt.config import load_preset
 from anomalygpt.guard import answer_claims
 from anomalygpt.io import load_image, write_json_atomic
-from chat.answerers import AssistantAnswerer, GroundedAnswerer
 from eval.qa import asker, evaluate, read_records
 from simulation.normals import VALIDATION_PICTURES, write_normals
 from simulation.writer import write_dataset

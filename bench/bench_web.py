@@ -9,7 +9,7 @@ the first non-empty text of the answer in the DOM (both clocks in the page); "di
 empty history. Answerers: the grounded templates; SmolLM2-135M answering from the Inspection's facts text (a
 plain LLM with a real first-token latency; --no-llm skips it); and with --assistant the project's assistant
 (anomalygpt.assistant: SmolLM2 + LoRA + visual tokens + guard, untrained parts unless the preset names weights)
-behind chat.answerers.AssistantAnswerer.
+behind anomalygpt.answerers.AssistantAnswerer.
 
     OMP_NUM_THREADS=2 .venv/bin/python bench/bench_web.py
 """
@@ -40,10 +40,10 @@ import torch
 from PIL import Image
 from playwright.sync_api import Page, sync_playwright
 
+from anomalygpt.answerers import Answerer, AssistantAnswerer, GroundedAnswerer, Turn
 from anomalygpt.config import load_preset
 from anomalygpt.inspection import Inspection, build_inspector
 from anomalygpt.io import load_image
-from chat.answerers import Answerer, AssistantAnswerer, GroundedAnswerer, Turn
 from chat.web import WebApp, build_blocks, serve
 
 CHROMIUM = "/usr/bin/chromium"

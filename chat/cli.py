@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from anomalygpt.answerers import CHAT_ANSWERERS
 from anomalygpt.cli import MAX_REFERENCES, CliParser, UsageError, check_sensitivity, one_line
 from anomalygpt.devices import add_device_option, with_device
 from anomalygpt.io import list_images, load_image
-from chat.answerers import CHAT_ANSWERERS
 from chat.terminal import PROG, Terminal, interactive_lines
 
 if TYPE_CHECKING:
@@ -36,7 +36,7 @@ class ChatOptions:
     class_name: str | None
     questions: list[str]  # --ask, in order; empty: the REPL
     sensitivity: float
-    answerer: str = "llm"  # one of chat.answerers.CHAT_ANSWERERS
+    answerer: str = "llm"  # one of anomalygpt.answerers.CHAT_ANSWERERS
     as_json: bool = False  # print one JSON document at the end instead of the conversation
     profile: Path | None = None  # a fitted product profile, instead of refs
     device: str | None = None  # --device: overrides the preset's
@@ -146,8 +146,8 @@ def chat_session(preset: Preset, options: ChatOptions) -> ChatSession | Answerer
     from anomalygpt.assistant import ChatSession, build_assistant
 
     if options.answerer == "grounded":
+        from anomalygpt.answerers import GroundedAnswerer
         from anomalygpt.inspection import build_inspector
-        from chat.answerers import GroundedAnswerer
         from chat.session import AnswererSession
 
         answerer = GroundedAnswerer(preset.assistant.defect_types)

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from anomalygpt.answerers import ANSWERER_CHOICES, Answerer, AnswererError, GroundedAnswerer, load_answerer
 from anomalygpt.claims import CheckReport
 from anomalygpt.cli import verdict_table, write_outputs
 from anomalygpt.config import load_preset
@@ -28,7 +29,6 @@ from anomalygpt.devices import add_device_option, with_device
 from anomalygpt.evidence import EvidenceSource, RegionEvidence
 from anomalygpt.inspection import Inspection, build_inspector, reference_name
 from anomalygpt.io import load_image, write_json_atomic
-from chat.answerers import ANSWERER_CHOICES, Answerer, AnswererError, GroundedAnswerer, load_answerer
 from eval.datasets import CategorySplit, draw_shots, load_split
 
 DEMO_QUESTIONS = ("Is there any defect in this cell?", "Where is it, and how large?", "Compare it with the good cells.")

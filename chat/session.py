@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from anomalygpt.answerers import Answerer
 from anomalygpt.assistant import QuestionError, Turn
 from anomalygpt.claims import CheckReport, CheckTally
 from anomalygpt.evidence import (
@@ -20,7 +21,6 @@ from anomalygpt.evidence import (
 )
 from anomalygpt.inspection import Inspection, Inspector, References
 from anomalygpt.io import ImageSource, load_image
-from chat.answerers import Answerer
 
 
 class AnswererSession(ChoosesReferences):

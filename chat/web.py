@@ -32,6 +32,7 @@ import gradio as gr
 import numpy as np
 import pandas as pd
 
+from anomalygpt.answerers import ANSWERER_CHOICES, Answerer, Turn, load_answerer
 from anomalygpt.calibration import Calibration
 from anomalygpt.claims import CheckTally
 from anomalygpt.cli import SENSITIVITY_RANGE
@@ -50,7 +51,6 @@ from anomalygpt.profile import chosen_preset
 from anomalygpt.regions import format_pct
 from anomalygpt.verdict import confidence_word, decide
 from anomalygpt.visualize import ANOMALOUS_COLOR, NORMAL_COLOR, evidence_pair, inspection_figure
-from chat.answerers import ANSWERER_CHOICES, Answerer, Turn, load_answerer
 from chat.uploads import UploadLog, discard, private_upload_folder
 
 log = logging.getLogger(__name__)

@@ -196,7 +196,7 @@ def evaluate(
 
 
 def asker(answerer: Any) -> Ask:
-    """An Answerer (chat.answerers) as a plain question -> answer function."""
+    """An Answerer (anomalygpt.answerers) as a plain question -> answer function."""
 
     def ask(question: str, history: Sequence[tuple[str, str]], inspection: Inspection, image: np.ndarray) -> str:
         return "".join(answerer.stream(question, history, inspection, image)).strip()

@@ -1,4 +1,4 @@
-"""Tests for chat/answerers.py: intents, grounded answers that agree with the Inspection, and the loader."""
+"""Tests for anomalygpt/answerers.py: intents, grounded answers that agree with the Inspection, and the loader."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from conftest import texture_crops, with_dark_blob
 
+from anomalygpt.answerers import AnswererError, AssistantAnswerer, GroundedAnswerer, grounded_answer, load_answerer
 from anomalygpt.assistant import AssistantConfig
 from anomalygpt.backbones import BackboneConfig
 from anomalygpt.claims import CheckReport
@@ -21,7 +22,6 @@ from anomalygpt.inspection import Inspection
 from anomalygpt.llm import LLMConfig
 from anomalygpt.memory import MemoryConfig
 from anomalygpt.regions import LOCATION_PHRASES, find_regions
-from chat.answerers import AnswererError, AssistantAnswerer, GroundedAnswerer, grounded_answer, load_answerer
 
 SIDE = 90
 SIDE_IMAGE = np.zeros((SIDE, SIDE, 3), np.uint8)

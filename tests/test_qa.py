@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from anomalygpt.answerers import GroundedAnswerer
 from anomalygpt.inspection import Inspection
-from chat.answerers import GroundedAnswerer
 from eval.qa import (
     GUARDED_INTENTS,
     asker,

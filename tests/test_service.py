@@ -561,7 +561,7 @@ def events_of(text: str) -> list[tuple[str, dict]]:
 
 
 def test_chat_streams_the_checked_grounded_answer_and_records_it(served, profile, inspector, images):
-    from chat.answerers import grounded_answer
+    from anomalygpt.answerers import grounded_answer
 
     http, client = served["http"], served["client"]
     answer = client.inspect(profile["id"], images["defect"])
@@ -752,6 +752,7 @@ def test_chat_with_the_llm_answerer_sends_what_the_claim_checker_passed(tmp_path
 
     from tiny_llm import save_chat_llm
 
+    from anomalygpt.answerers import AssistantAnswerer
     from anomalygpt.assistant import AssistantConfig
     from anomalygpt.backbones import BackboneConfig
     from anomalygpt.config import Preset
@@ -759,7 +760,6 @@ def test_chat_with_the_llm_answerer_sends_what_the_claim_checker_passed(tmp_path
     from anomalygpt.llm import LLMConfig
     from anomalygpt.memory import MemoryConfig
     from anomalygpt.service.chat import stored_inspection
-    from chat.answerers import AssistantAnswerer
 
     preset = Preset(
         name="tiny",

@@ -19,12 +19,12 @@ import pytest
 import skimage.data
 from PIL import Image
 
+from anomalygpt.answerers import GroundedAnswerer, grounded_answer
 from anomalygpt.config import load_preset
 from anomalygpt.inspection import MAX_REFERENCES, Inspection, Inspector, build_inspector
 from anomalygpt.io import load_image
 from anomalygpt.profile import ProfileError
 from anomalygpt.visualize import inspection_figure
-from chat.answerers import GroundedAnswerer, grounded_answer
 from chat.web import (
     MAX_UPLOAD_MB,
     STALE_MARK,

@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 import chat.uploads as uploads
-from chat.answerers import GroundedAnswerer
+from anomalygpt.answerers import GroundedAnswerer
 from chat.uploads import (
     ABANDONED_S,
     MAX_WINDOW_MB,

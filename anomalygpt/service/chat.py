@@ -1,7 +1,7 @@
 """POST /v1/chat's work, without HTTP: an acknowledged inspection rebuilt from the audit trail, a question answered
 about it by the verified answerer, and the answer recorded.
 
-The answerers are the chat front end's (chat.answerers), the same `anomalygpt chat` and the web app use: "llm" is
+The answerers are anomalygpt.answerers, the same `anomalygpt chat` and the web app use: "llm" is
 the preset's LLM assistant (grounded opening, every sentence it adds checked against the inspection), "grounded"
 the template answers (no language model). Either way what is streamed is what the claim checker passed, never
 the model's raw text, and the audit row holds exactly the text that was sent.
@@ -14,10 +14,11 @@ import json
 import secrets
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
+from anomalygpt.answerers import CHAT_ANSWERERS, Answerer, AnswererError, GroundedAnswerer, load_answerer
 from anomalygpt.inspection import Inspection, Inspector
 from anomalygpt.io import load_image
 from anomalygpt.regions import Region
@@ -25,10 +26,6 @@ from anomalygpt.service.audit import BLOB_SUFFIXES, BlobStore, ChatRow, Inspecti
 from anomalygpt.service.core import InspectionService
 from anomalygpt.verdict import working_image
 
-if TYPE_CHECKING:
-    from chat.answerers import Answerer
-
-ANSWERERS = ("llm", "grounded")  # as `anomalygpt chat --answerer`, whose default (llm) `serve` follows
 INSPECTION_FIELDS = {field.name for field in dataclasses.fields(Inspection)}
 
 
@@ -38,12 +35,10 @@ class ImageMissing(LookupError):
 
 def build_answerer(name: str, inspector: Inspector) -> Answerer:
     """The named answerer over the service's Inspector; ValueError for an unknown name or an LLM that cannot load."""
-    from chat.answerers import AnswererError, GroundedAnswerer, load_answerer
-
     if name == "grounded":
         return GroundedAnswerer(inspector.preset.assistant.defect_types)
     if name != "llm":
-        raise ValueError(f"--answerer: unknown {name!r}; known: {', '.join(ANSWERERS)}")
+        raise ValueError(f"--answerer: unknown {name!r}; known: {', '.join(CHAT_ANSWERERS)}")
     try:
         return load_answerer(inspector.preset, "assistant", inspector)
     except AnswererError as error:
