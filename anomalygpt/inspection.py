@@ -117,6 +117,10 @@ class Inspector:
         self.backbone = backbone
         self.preset = preset
         self._prior = prior
+        # inspect_many's device path (one backbone pass per batch, float16 when asked, maps smoothed and scored where
+        # they were made): None takes it on a GPU only; True takes it on the CPU too, which is how the tests and
+        # bench/bench_batch.py --rehearse run the GPU's code on a machine without one.
+        self.device_path: bool | None = None
 
     @property
     def prior(self) -> TextPrior | None:
@@ -259,9 +263,10 @@ class Inspector:
     ) -> Iterator[Inspection]:
         """Inspect many images against one indexed reference set, in batches; yields what `inspect` gives each
         image, in order. Images are decoded (and standardised) in threads a batch ahead of the backbone; on a GPU
-        the maps are smoothed and scored there, and only the results come back. `half`: on a GPU, the backbone
-        under float16 autocast and the nearest-patch search in float16 (ignored on the CPU). A file that does not
-        decode, or a query whose size is not the references', raises when its batch is reached."""
+        (the device path) the maps are smoothed and scored there, and only the results come back. `half`: on the
+        device path, the backbone under float16 autocast and the nearest-patch search in float16 (else ignored).
+        A file that does not decode, or a query whose size is not the references', raises when its batch is
+        reached."""
         if sources is not None and len(sources) != len(images):
             raise InspectionError(f"{len(sources)} sources given for {len(images)} images")
         if batch_size < 1:
@@ -332,11 +337,13 @@ class Inspector:
     def batch_maps(
         self, inputs: Sequence[np.ndarray], memory: PatchMemory, half: bool
     ) -> tuple[np.ndarray, list[float | None], torch.Tensor]:
-        """(B, H, W) maps of same-size memory inputs, their scores (on a GPU, None where `inspection` computes
-        them as on the CPU) and (B, C) appearances on the CPU."""
+        """(B, H, W) maps of same-size memory inputs, their scores (on the device path; None where `inspection`
+        computes them) and (B, C) appearances on the CPU."""
         cfg = memory.cfg
-        gpu = self.backbone.mean.is_cuda
-        with torch.autocast("cuda", torch.float16) if half and gpu else contextlib.nullcontext():
+        device = self.backbone.mean.device
+        gpu = device.type != "cpu" if self.device_path is None else self.device_path
+        half = half and gpu
+        with torch.autocast(device.type, torch.float16) if half else contextlib.nullcontext():
             patches = self.backbone.encode(inputs, len(inputs) if gpu else CPU_PASS).patches
         feats = embed_patches(patches, cfg.neighbourhood)  # float32
         stage_maps = memory.stage_maps(feats, half)

@@ -89,7 +89,7 @@ def original_positions(size: int, index: int) -> torch.Tensor:
 
 def nearest_distance(queries: torch.Tensor, bank: torch.Tensor, chunk_elements: int) -> torch.Tensor:
     """Cosine distance (Q,) float32 from each normalised query (Q, C) to its nearest bank row (N, C), in bounded
-    chunks, computed in the bank's dtype (float16 only on a GPU) on the bank's device."""
+    chunks, computed in the bank's dtype on the bank's device."""
     queries = queries.to(bank.device, bank.dtype)
     if bank.is_cuda:
         chunk_elements = max(chunk_elements, CUDA_CHUNK_ELEMENTS)
@@ -310,8 +310,8 @@ class PatchMemory:
     @torch.inference_mode()
     def stage_maps(self, feats: Sequence[torch.Tensor], half: bool = False) -> list[torch.Tensor]:
         """Per stage (B, h, w) anomaly maps of queries: against every reference, or each against its nearest.
-        `half`: similarities in float16 when the banks are on a GPU (never on the CPU)."""
-        dtype = torch.float16 if half and self.banks[0].features.is_cuda else torch.float32
+        `half`: similarities in float16 (Inspector.batch_maps asks for it on its device path only)."""
+        dtype = torch.float16 if half else torch.float32
         if not self.retrieval:
             return self.with_prior(feats, self.stage_distances(feats, self.search_banks(dtype)))
         nearest = self.nearest_references(global_descriptor(feats[-1], self.cfg.descriptor_grid))

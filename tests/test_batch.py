@@ -12,7 +12,7 @@ from scipy.ndimage import gaussian_filter
 
 from anomalygpt.config import load_preset
 from anomalygpt.inspection import Inspection, InspectionError, Inspector
-from anomalygpt.memory import gaussian_smooth, top_mean, top_means
+from anomalygpt.memory import fused_tensor, gaussian_smooth, top_mean, top_means
 
 
 @pytest.fixture(scope="module")
@@ -154,6 +154,46 @@ def test_search_banks_are_made_once(inspector):
     first = memory.search_banks()
     assert memory.search_banks() is first and first[0].dtype == torch.float32
     assert torch.equal(first[1], memory.banks[1].features.float())
+
+
+@pytest.fixture
+def on_device_path(inspector, monkeypatch):
+    """The inspector taking its GPU code path on this CPU; counts the batches whose maps that path smoothed."""
+    smoothed = []
+
+    def counted(*args, **kwargs):
+        smoothed.append(args[0][0].shape[0])
+        return fused_tensor(*args, **kwargs)
+
+    monkeypatch.setattr("anomalygpt.inspection.fused_tensor", counted)
+    monkeypatch.setattr(inspector, "device_path", True)
+    return smoothed
+
+
+def test_the_gpu_code_path_run_on_the_cpu_matches_inspect(inspector, queries, on_device_path):
+    """The device path (a backbone pass per batch, maps smoothed and scored by torch) gives `inspect`'s results."""
+    references = inspector.fit(texture_crops(4, seed=11))
+    single = [inspector.inspect(image, references, source=f"q{i}") for i, image in enumerate(queries)]
+    batched = list(inspector.inspect_many(queries, references, sources=[f"q{i}" for i in range(5)], batch_size=3))
+    assert on_device_path == [3, 2]
+    for b, s in zip(batched, single, strict=True):
+        assert_same(b, s)
+
+
+def test_half_precision_keeps_verdicts_and_is_ignored_off_the_device_path(inspector, queries, monkeypatch):
+    """half=True (float16 autocast and search, here on the CPU) moves scores a little and no verdict; off the device
+    path it changes nothing."""
+    references = inspector.fit(texture_crops(4, seed=11))
+    runs = {}
+    for path in (None, True):
+        monkeypatch.setattr(inspector, "device_path", path)
+        for half in (False, True):
+            runs[path, half] = list(inspector.inspect_many(queries, references, batch_size=4, half=half))
+    assert [i.score for i in runs[None, True]] == [i.score for i in runs[None, False]]
+    full, half = runs[True, False], runs[True, True]
+    assert [h.is_anomalous for h in half] == [f.is_anomalous for f in full] == [False, False, True, True, True]
+    differences = [abs(h.score - f.score) for h, f in zip(half, full, strict=True)]
+    assert 0 < max(differences) < 5e-3
 
 
 @pytest.mark.cuda
