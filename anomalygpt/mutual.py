@@ -21,7 +21,7 @@ n x MAX_OTHERS patch-set comparisons and its memory stays at the stage features 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -51,16 +51,21 @@ def mutual_maps(
     max_others: int = MAX_OTHERS,
     seed: int = 0,
     on_image: Callable[[], None] | None = None,
+    rows: Sequence[int] | None = None,
 ) -> torch.Tensor:
-    """(N, C, h, w) L2-normalised patch features of a batch -> (N, h, w) patch scores against the other images."""
+    """(N, C, h, w) L2-normalised patch features of a batch -> (N, h, w) patch scores against the other images;
+    with rows, only those images' (len(rows), h, w), each as the whole batch's scoring makes it."""
     n, _, h, w = feats.shape
     if n < 2:
         raise ValueError(f"mutual scoring needs at least 2 images, got {n}")
     points = feats.flatten(2).transpose(1, 2).contiguous()  # (N, P, C)
     generator = torch.Generator().manual_seed(seed)
-    scores = torch.empty(n, h * w)
+    place = {index: row for row, index in enumerate(range(n) if rows is None else rows)}
+    scores = torch.empty(len(place), h * w)
     for index in range(n):
-        others = others_of(index, n, max_others, generator)
+        others = others_of(index, n, max_others, generator)  # drawn for every image: a row's draw is the batch's
+        if index not in place:
+            continue
         query = points[index].float()
         nearest = []
         for first in range(0, len(others), OTHERS_PER_CHUNK):
@@ -68,10 +73,10 @@ def mutual_maps(
             nearest.append(torch.cdist(query.expand(len(bank), -1, -1), bank).amin(dim=2))  # (K, P)
         distances = torch.cat(nearest)  # (others, P)
         keep = max(1, int(fraction * len(others)))
-        scores[index] = distances.topk(keep, dim=0, largest=False).values.mean(dim=0)
+        scores[place[index]] = distances.topk(keep, dim=0, largest=False).values.mean(dim=0)
         if on_image is not None:
             on_image()
-    return scores.view(n, h, w)
+    return scores.view(len(place), h, w)
 
 
 def batch_calibration(scores: np.ndarray) -> Calibration:

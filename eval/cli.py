@@ -328,11 +328,8 @@ def run(job: EvalJob) -> str:
     inspector = build_inspector(job.config.preset)
     outcome = run_eval(inspector, job.config, job.splits, encoder(job.ray))
     shown = {category: r for category, r in showcase(outcome.results).items() if r.method == INSPECTOR}
-    if job.config.zero_shot == "batch":  # a batch map exists only inside its whole batch's scoring
-        print(f"{PROG}: no example pictures for --zero-shot batch", file=sys.stderr)
-        shown = {}
     examples = {
-        category: example_panels(inspector, job.splits[category], result)
+        category: example_panels(inspector, job.splits[category], result, job.config.zero_shot)
         for category, result in tqdm(shown.items(), desc="examples", unit="category", disable=None)
     }
     document = results_document({"args": job.args, "preset": to_dict(job.config.preset)}, outcome, examples)

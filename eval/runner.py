@@ -27,7 +27,7 @@ from anomalygpt.config import Preset, to_dict
 from anomalygpt.inspection import Inspector
 from anomalygpt.io import load_image, write_json_atomic
 from anomalygpt.memory import embed_patches, fuse_maps, memory_inputs, top_mean
-from anomalygpt.mutual import batch_calibration
+from anomalygpt.mutual import batch_calibration, mutual_maps
 from anomalygpt.regions import Region
 from anomalygpt.verdict import decide
 from eval.datasets import CategorySplit, Sample, draw_shots, load_mask
@@ -427,12 +427,8 @@ def run_batch_setting(inspector: Inspector, split: CategorySplit, cache: PatchCa
     threshold from their own scores; the `k = 0` row of `eval --zero-shot batch`."""
     _, test = draw_shots(split, 0, 0)
     labels = np.array([sample.label for sample in test])
-    rows = torch.tensor([cache.index[sample.path] for sample in test])
-    neighbourhood = inspector.preset.memory.neighbourhood
     start = time.perf_counter()
-    feats = torch.cat(
-        [embed_patches([cache.stages[-1][chunk].float()], neighbourhood)[0].half() for chunk in rows.split(64)]
-    )
+    feats = batch_features(cache, [sample.path for sample in test], inspector.preset.memory.neighbourhood)
     maps, scores = inspector.batch_scores(feats, cache.image_size)
     elapsed = (time.perf_counter() - start) * 1000
     calibration = batch_calibration(scores)
@@ -452,6 +448,14 @@ def run_batch_setting(inspector: Inspector, split: CategorySplit, cache: PatchCa
         defects=[sample.defect for sample in test],
         scores=scores.tolist(),
         calibration=calibration.to_dict(),
+    )
+
+
+def batch_features(cache: PatchCache, paths: Sequence[Path], neighbourhood: int) -> torch.Tensor:
+    """(N, C, h, w) float16 embedded deepest-stage features of a batch's images, as mutual scoring reads them."""
+    rows = torch.tensor([cache.index[path] for path in paths])
+    return torch.cat(
+        [embed_patches([cache.stages[-1][chunk].float()], neighbourhood)[0].half() for chunk in rows.split(64)]
     )
 
 
@@ -568,19 +572,19 @@ def colour_scale(calibration: Calibration) -> tuple[float, float]:
 
 
 @torch.inference_mode()
-def example_panels(inspector: Inspector, split: CategorySplit, result: SettingResult) -> list[ExamplePanel]:
+def example_panels(
+    inspector: Inspector, split: CategorySplit, result: SettingResult, zero_shot: str = ""
+) -> list[ExamplePanel]:
     """Maps of the picked images, recomputed (the run keeps no maps) from float16 patches as the run scored them."""
     picks = example_picks(result)
-    fitted = fit_setting(inspector, [Path(path) for path in result.references])
-    calibration = fitted.calibration
     images = [load_image(result.paths[index]) for _, index in picks]  # each (H, W, 3) uint8
-    shown = memory_inputs(images, inspector.preset.memory) if result.k > 0 else images
-    patches = [p.half().float() for p in inspector.backbone.encode(shown, batch_size=ENCODE_BATCH).patches]
-    maps = fitted.scorer.maps_from_patches(patches, images[0].shape[:2])  # (P, H, W)
+    if zero_shot == "batch":
+        maps, scores, calibration = batch_example_maps(inspector, result, [index for _, index in picks])
+    else:
+        maps, scores, calibration = fitted_example_maps(inspector, result, images)
     samples = {str(sample.path): sample for sample in split.test}
     panels = []
-    for (caption, index), image, anomaly_map in zip(picks, images, maps, strict=True):
-        score = fitted.scorer.image_score(anomaly_map)
+    for (caption, index), image, anomaly_map, score in zip(picks, images, maps, scores, strict=True):
         path = result.paths[index]
         panels.append(
             ExamplePanel(
@@ -598,3 +602,27 @@ def example_panels(inspector: Inspector, split: CategorySplit, result: SettingRe
             )
         )
     return panels
+
+
+def fitted_example_maps(
+    inspector: Inspector, result: SettingResult, images: Sequence[np.ndarray]
+) -> tuple[np.ndarray, list[float], Calibration]:
+    """(P, H, W) maps of the picked images against the setting's references (or the decoder's), scores, thresholds."""
+    fitted = fit_setting(inspector, [Path(path) for path in result.references])
+    shown = memory_inputs(images, inspector.preset.memory) if result.k > 0 else images
+    patches = [p.half().float() for p in inspector.backbone.encode(shown, batch_size=ENCODE_BATCH).patches]
+    maps = fitted.scorer.maps_from_patches(patches, images[0].shape[:2])
+    return maps, [fitted.scorer.image_score(m) for m in maps], fitted.calibration
+
+
+def batch_example_maps(
+    inspector: Inspector, result: SettingResult, indices: Sequence[int]
+) -> tuple[np.ndarray, list[float], Calibration]:
+    """(P, H, W) maps of the picked images of a zero-shot batch, scores and the run's thresholds: each map is made
+    against the other images, so the whole batch is encoded again, but only the picked images' maps are made."""
+    cfg = inspector.preset.memory
+    paths = [Path(path) for path in result.paths]
+    cache = encode_category(inspector, paths, "examples", True)
+    small = mutual_maps(batch_features(cache, paths, cfg.neighbourhood), seed=cfg.seed, rows=indices)
+    maps = fuse_maps([small], cache.image_size, cfg.sigma)
+    return maps, [top_mean(m, cfg.top_fraction) for m in maps], Calibration(**result.calibration)

@@ -310,6 +310,15 @@ def test_zero_shot_batch_scores_each_test_set_against_itself(tmp_path: Path) -> 
     assert metrics["pixel_auroc"] > 0.9
     cached = json.loads((out / "cache" / "tile" / "k0_seed0.json").read_text())["result"]
     assert cached["references"] == [] and "zero-shot batch" in cached["calibration"]["method"]
+    # Example pictures as the other modes get them: the picked images' batch maps, made again, score as in the run.
+    examples = json.loads((out / "results.json").read_text())["examples"]["tile"]
+    run_scores = dict(zip(cached["paths"], cached["scores"], strict=True))
+    assert [e["caption"] for e in examples][:2] == ["highest-scoring defective", "lowest-scoring defective"]
+    for example in examples:
+        assert example["score"] == pytest.approx(run_scores[example["path"]], rel=1e-4, abs=1e-6)
+        assert example["threshold"] == cached["calibration"]["image_threshold"]
+    with Image.open(out / "examples" / "tile.png") as picture:
+        assert np.asarray(picture.convert("L")).std() > 5
     text = run_eval("--dataset", "mvtec", "--root", root, "--zero-shot", "--preset", preset, "--out", out)
     assert text.code == 2 and "--zero-shot: preset 't' has no trained decoder" in text.stderr
     few = tmp_path / "few"

@@ -46,6 +46,12 @@ def test_each_image_meets_at_most_max_others() -> None:
         mutual_maps(torch.ones(1, 4, 2, 2))
 
 
+def test_chosen_rows_are_the_whole_batchs_maps_of_those_images() -> None:
+    feats = F.normalize(torch.randn(12, 8, 3, 3, generator=torch.Generator().manual_seed(2)), dim=1)
+    whole = mutual_maps(feats, max_others=5, seed=4)  # each image meets a seeded sample of 5 of the 11 others
+    assert torch.equal(mutual_maps(feats, max_others=5, seed=4, rows=[7, 2]), whole[[7, 2]])
+
+
 def test_the_batch_threshold_ignores_an_anomalous_minority() -> None:
     rng = np.random.default_rng(0)
     good = rng.normal(1.0, 0.1, 60)
