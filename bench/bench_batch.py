@@ -4,16 +4,24 @@ End to end from PNG files: --n cells of ELPV's test half (even-numbered; --cell-
 come, cycled when --n is larger) are copied to a temporary folder, 4 references are drawn from the development half
 (odd-numbered) of the same type, and both paths inspect the files: `inspect` in a loop over --single of them, and
 `inspect_many` over all of them at each --batch-sizes. Reported: images/s, the batched/one-at-a-time ratio, and
-parity (largest score difference, verdicts and region boxes that differ) on the files both paths saw. The
+parity (largest score difference, verdicts, region counts and boxes that differ) on the files both paths saw. The
 temporary copies are removed at the end (ELPV's licence: never copied into the repository).
 
 With --device cuda (bench/gpu_check.sh runs this on a GPU machine) it also measures, on the same files: the GPU
 path in float32 and with half=True (float16 autocast and search) at each batch size, the effect of half precision
 on scores and verdicts, the largest score difference between the GPU and the CPU, and the same machine's CPU
-throughput with every core (--cpu-threads, default all) for the ratio the issue asks (>= 20x).
+throughput with every core (--cpu-threads, default all) for the ratio the issue asks (>= 20x), and how many
+images/s the per-image tail (reference fit, verdict, regions: CPU work) sustains alone in 1 and in --cpu-threads
+threads on --tail-n files, which bounds the device path. These figures go under "device_path" in the JSON.
+
+With --rehearse the same GPU measurements run on this CPU (the Inspector's device path forced: a backbone pass per
+batch, float16 autocast and search with half=True, maps smoothed and scored by torch): bench/gpu_check.sh rehearse
+uses it to try the GPU script end to end before device time is spent, and its half_vs_float32 is half precision's
+effect on verdicts with the CPU's float16 kernels (a GPU's round differently; gpu_check measures those).
 
     OMP_NUM_THREADS=2 .venv/bin/python bench/bench_batch.py --out runs/bench_batch.json
     .venv/bin/python bench/bench_batch.py --device cuda --n 4000 --out $OUT/bench_batch_cuda.json
+    OMP_NUM_THREADS=2 .venv/bin/python bench/bench_batch.py --rehearse --n 400 --out runs/bench_batch_rehearse.json
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ import platform
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -102,13 +110,22 @@ def batched(
 
 
 def parity(ours: list[Inspection], theirs: list[Inspection]) -> dict[str, Any]:
-    """How two runs over the same files differ: score, verdicts, region boxes."""
+    """How two runs over the same files differ: score, verdicts, region counts and boxes (how far each box of the
+    images with as many regions in both moved: its largest coordinate change in pixels)."""
     pairs = list(zip(ours, theirs, strict=False))
+    same_count = [(a, b) for a, b in pairs if len(a.regions) == len(b.regions)]
+    shifts = [
+        max(abs(p - q) for p, q in zip(r.box, s.box, strict=True))
+        for a, b in same_count
+        for r, s in zip(a.regions, b.regions, strict=True)
+    ]
     return {
         "compared": len(pairs),
         "max_score_difference": max(abs(a.score - b.score) for a, b in pairs),
         "verdicts_differing": sum(a.is_anomalous != b.is_anomalous for a, b in pairs),
+        "region_counts_differing": len(pairs) - len(same_count),
         "region_boxes_differing": sum([r.box for r in a.regions] != [r.box for r in b.regions] for a, b in pairs),
+        "box_shift_px_median_p95_max": [float(np.percentile(shifts, q)) if shifts else 0.0 for q in (50, 95, 100)],
         "anomalous": sum(b.is_anomalous for _, b in pairs),
     }
 
@@ -126,6 +143,31 @@ def decode_figures(files: list[Path], workers: int) -> dict[str, float]:
     for path in files:
         load_image(path)
     rates["caller"] = len(files) / (time.perf_counter() - start)
+    return rates
+
+
+def tail_figures(inspector: Inspector, references: References, files: list[Path], threads: int) -> dict[str, float]:
+    """Images/s of the per-image tail of inspect_many alone (reference fit, verdict, regions: CPU work however fast
+    the device is), in one thread and in `threads`, on maps the device made beforehand: a ceiling on the device
+    path's images/s. Regions of defective images cost most of it (h_maxima sorting large components)."""
+    refs = references
+    images = [inspection.decoded(path, str(path), refs.memory.cfg) for path in files]
+    maps, scores, looks = inspector.batch_maps([d.memory_input for d in images], refs.memory, False)
+    mode = inspection.Mode(refs.mode, refs.memory.n_references, refs.calibration)
+    appearances = refs.memory.appearances.cpu()
+    rates = {}
+    for n in (1, threads):
+        with ThreadPoolExecutor(n) as pool:
+            shared = inspection.BatchContext(refs, None, 0.0, pool)
+
+            def tail(i: int, shared: inspection.BatchContext = shared) -> Inspection:
+                return inspector.batch_inspection(
+                    images[i], None, maps[i], scores[i], looks[i], appearances, mode, shared, {}
+                )
+
+            start = time.perf_counter()
+            list(pool.map(tail, range(len(images))))
+            rates[f"{n}_threads"] = len(images) / (time.perf_counter() - start)
     return rates
 
 
@@ -151,6 +193,7 @@ def cpu_figures(args: argparse.Namespace, files: list[Path], refs: list[Path]) -
             if index == 0:
                 out[f"parity_{name}_vs_one_at_a_time"] = parity(results, single)
                 out.setdefault("scores_one_at_a_time", [r.score for r in single])
+                out.setdefault("verdicts", [r.is_anomalous for r in single])
         rounds.append(rates)
         print(
             f"cpu round {index} (images/s; process CPU ms/image): "
@@ -182,36 +225,66 @@ def batch_settings(args: argparse.Namespace) -> Iterator[tuple[int, str]]:
     inspection.CPU_PASS = default
 
 
-def cuda_figures(args: argparse.Namespace, files: list[Path], refs: list[Path], cpu: dict[str, Any]) -> dict[str, Any]:
-    """The GPU path in float32 and half precision, against this machine's CPU figures."""
-    inspector = inspector_on(args.device, args.cpu_threads)
+def device_figures(
+    args: argparse.Namespace, files: list[Path], refs: list[Path], cpu: dict[str, Any], out: dict[str, Any], save: Save
+) -> None:
+    """The GPU path in float32 and half precision (on the CPU with --rehearse), against this machine's CPU figures,
+    into `out`; saved after each step, so that a run stopped by its time limit still reports what it measured."""
+    inspector = inspector_on("cpu" if args.rehearse else args.device, args.cpu_threads)
+    if args.rehearse:
+        inspector.device_path = True
     start = time.perf_counter()
     references = inspector.fit(refs)
-    out: dict[str, Any] = {"gpu": torch.cuda.get_device_name(), "index_references_s": time.perf_counter() - start}
-    full: dict[str, list[Inspection]] = {}
+    out["device"] = "the CPU (rehearsal)" if args.rehearse else torch.cuda.get_device_name()
+    out["index_references_s"] = time.perf_counter() - start
+    out["cpu_best_images_per_s"] = best_cpu = cpu["best_batched_images_per_s"]
+    full: dict[bool, list[Inspection]] = {}
     for half in (False, True):
-        rates = {}
+        name, rates = "half" if half else "float32", {}
         for size in args.gpu_batch_sizes:
-            rate, results, _ = batched(inspector, references, files, size, half)
-            rates[size] = rate
-            full[f"{half}"] = results
-            print(f"{args.device} half={half} batch {size}: {rate:.0f} images/s", flush=True)
-        out["half" if half else "float32"] = {"images_per_s": rates, "best": max(rates.values())}
-    n_single = len(cpu["scores_one_at_a_time"])
-    cpu_scores = np.array(cpu["scores_one_at_a_time"])
-    gpu_scores = np.array([r.score for r in full["False"][:n_single]])
-    out["max_score_difference_vs_cpu"] = float(np.abs(gpu_scores - cpu_scores).max())
-    out["half_vs_float32"] = parity(full["True"], full["False"])
-    best_cpu = cpu["best_batched_images_per_s"]
-    out["cpu_best_images_per_s"] = best_cpu
-    out["float32_vs_cpu"] = out["float32"]["best"] / best_cpu
-    out["half_vs_cpu"] = out["half"]["best"] / best_cpu
-    return out
+            rates[size], full[half], _ = batched(inspector, references, files, size, half)
+            print(f"{out['device']} {name} batch {size}: {rates[size]:.1f} images/s", flush=True)
+            out[name] = {"images_per_s": rates, "best": max(rates.values())}
+            out[f"{name}_vs_cpu"] = out[name]["best"] / best_cpu
+            save()
+        if not half:
+            on_device = full[False][: len(cpu["verdicts"])]  # the files the CPU inspected one at a time
+            scores = np.array([r.score for r in on_device])
+            out["max_score_difference_vs_cpu"] = float(np.abs(scores - cpu["scores_one_at_a_time"]).max())
+            out["verdicts_differing_vs_cpu"] = sum(
+                r.is_anomalous != verdict for r, verdict in zip(on_device, cpu["verdicts"], strict=True)
+            )
+    out["half_vs_float32"] = parity(full[True], full[False])
+    save()
+    out["tail_images_per_s"] = tail_figures(inspector, references, files[: args.tail_n], args.cpu_threads)
+    print(f"per-image tail alone: {out['tail_images_per_s']} images/s", flush=True)
+
+
+Save = Callable[[], None]
+
+
+def public(cpu: dict[str, Any]) -> dict[str, Any]:
+    """The CPU figures without the per-file lists kept for the device's parity."""
+    return {key: value for key, value in cpu.items() if key not in ("scores_one_at_a_time", "verdicts")}
+
+
+def setup(args: argparse.Namespace, refs: list[Path], load: tuple[float, float, float]) -> dict[str, Any]:
+    """What was measured, on what (save() adds the seconds and load average so far)."""
+    return {
+        "n_files": args.n,
+        "one_at_a_time_files": min(args.single, args.n),
+        "cells": str(args.cells) if args.cells else f"ELPV test half, {args.cell_type}",
+        "references": [str(p) for p in refs],
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "load_average_before": load,
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", help="cpu, or cuda / cuda:N for the GPU figures as well")
+    parser.add_argument("--rehearse", action="store_true", help="the GPU figures' code, run on the CPU")
+    parser.add_argument("--tail-n", type=int, default=256, help="files whose per-image tail is timed alone")
     parser.add_argument("--n", type=int, default=200, help="test files (cycled over the test half's cells)")
     parser.add_argument("--cpu-n", type=int, default=0, help="files the CPU inspects in batches (0: all --n)")
     parser.add_argument("--single", type=int, default=100, help="files inspected one at a time (the first ones)")
@@ -239,24 +312,21 @@ def main() -> None:
         else:
             cells, refs = test_cells(args.cell_type), reference_files(args.cell_type, args.seed)
         files = test_files(Path(folder), cells, args.n)
-        figures: dict[str, Any] = {"decode_images_per_s": decode_figures(files[:1000], os.cpu_count() or 1)}
+        figures: dict[str, Any] = {"setup": setup(args, refs, load)}
+
+        def save() -> None:
+            figures["setup"]["seconds"] = time.time() - started
+            figures["setup"]["load_average_after"] = os.getloadavg()
+            if args.out is not None:
+                write_json_atomic(args.out, {**figures, "cpu": public(figures.get("cpu", {}))})
+
+        figures["decode_images_per_s"] = decode_figures(files[:1000], os.cpu_count() or 1)
         print(f"decode: {figures['decode_images_per_s']}", flush=True)
         figures["cpu"] = cpu_figures(args, files, refs)
-        if args.device.startswith("cuda"):
-            figures["cuda"] = cuda_figures(args, files, refs, figures["cpu"])
-    figures["cpu"].pop("scores_one_at_a_time")
-    figures["setup"] = {
-        "n_files": args.n,
-        "one_at_a_time_files": min(args.single, args.n),
-        "cells": str(args.cells) if args.cells else f"ELPV test half, {args.cell_type}",
-        "references": [str(p) for p in refs],
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-        "load_average_before": load,
-        "load_average_after": os.getloadavg(),
-        "seconds": time.time() - started,
-    }
-    if args.out is not None:
-        write_json_atomic(args.out, figures)
+        if args.device.startswith("cuda") or args.rehearse:
+            device_figures(args, files, refs, figures["cpu"], figures.setdefault("device_path", {}), save)
+        save()
+    figures["cpu"] = public(figures["cpu"])
     print(json.dumps(figures, indent=1))
 
 

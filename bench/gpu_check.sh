@@ -23,14 +23,25 @@
 #                            cpu.*                   the same machine's CPU, 16 torch threads: one at a time
 #                                                    and inspect_many per batch size and CPU backbone pass
 #                                                    (1 or 16 images), images/s, parity
-#                            cuda.float32.images_per_s / cuda.half.images_per_s   per GPU batch size
-#                            cuda.max_score_difference_vs_cpu   GPU float32 vs CPU, same files (issue: 2.7e-4)
-#                            cuda.half_vs_float32    parity: max score difference, verdicts and boxes differing
-#                            cuda.float32_vs_cpu / cuda.half_vs_cpu   GPU best over CPU best (asked >= 20)
-#                            cuda.float32.best / cuda.half.best       images/s end to end from PNG (asked
+#                            device_path.float32.images_per_s / .half.images_per_s   per GPU batch size
+#                            device_path.max_score_difference_vs_cpu   GPU float32 vs CPU, same files (issue:
+#                                                    2.7e-4); .verdicts_differing_vs_cpu
+#                            device_path.half_vs_float32    parity: max score difference, verdicts and boxes
+#                                                    differing
+#                            device_path.float32_vs_cpu / .half_vs_cpu   GPU best over CPU best (asked >= 20)
+#                            device_path.float32.best / .half.best       images/s end to end from PNG (asked
 #                                                                     >= 2,000 for 4-shot 300x300)
+#                            device_path.tail_images_per_s   the per-image CPU tail alone (fit check, verdict,
+#                                                    regions) in 1 and 16 threads: the ceiling of the above
 #   bench_batch_cuda.log   the bench's progress lines
 #   summary.txt            the headline numbers pulled from the JSON
+#
+# 3. Before spending device time, here:
+#        bash bench/gpu_check.sh rehearse
+#    runs the same steps on this CPU (the project's venv, the carried wheels installed the same way, the GPU's code
+#    path forced on the CPU by bench_batch.py --rehearse, a small --n) into runs/gpu_rehearsal/, so that a mistake
+#    in the script costs no device time. Its summary.txt has the shape the GPU run's will have; bench/RESULTS.md
+#    shows one (CUDA tests skip there).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 CARRY=runs/gpu_carry
@@ -46,31 +57,54 @@ prepare() {
 
 run() {
     : "${OUT:?run on the device machine, where OUT names the folder that comes back}"
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
+    local py=${PY:-python3} site=${SITE:-/tmp/site}
+    "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" \
         "$CARRY"/wheels/*.whl || exit 1
-    export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
-    { nvidia-smi; python3 -c "import torch; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name())"
+    export PYTHONPATH=$site:$PWD PYTHONUNBUFFERED=1
+    { nvidia-smi; "$py" -c "import torch; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name())"
       nproc; } >"$OUT/gpu.txt" 2>&1
-    timeout 150 python3 -m pytest -p no:cacheprovider -m cuda -rs tests/test_batch.py tests/test_device.py \
+    timeout 150 "$py" -m pytest -p no:cacheprovider -m cuda -rs tests/test_batch.py tests/test_device.py \
         >"$OUT/pytest_cuda.log" 2>&1
     echo "pytest exit $?" >>"$OUT/pytest_cuda.log"
-    timeout 330 python3 bench/bench_batch.py --device cuda --cells "$CARRY/elpv" --n 4000 --cpu-n 800 \
-        --single 100 --rounds 1 --batch-sizes 16,64 --cpu-passes 1,16 --gpu-batch-sizes 64,128,256,512 \
-        --cpu-threads "$(nproc)" --out "$OUT/bench_batch_cuda.json" >"$OUT/bench_batch_cuda.log" 2>&1
+    local bench="--device cuda --n 4000 --cpu-n 800 --single 100 --rounds 1 --batch-sizes 16,64 --cpu-passes 1,16
+        --gpu-batch-sizes 64,128,256,512 --cpu-threads $(nproc)"
+    # shellcheck disable=SC2086 # a list of options
+    timeout 330 "$py" bench/bench_batch.py --cells "$CARRY/elpv" ${BENCH:-$bench} --out "$OUT/bench_batch_cuda.json" \
+        >"$OUT/bench_batch_cuda.log" 2>&1
     echo "bench exit $?" >>"$OUT/bench_batch_cuda.log"
-    python3 - "$OUT/bench_batch_cuda.json" >"$OUT/summary.txt" 2>&1 <<'EOF'
+    "$py" - "$OUT/bench_batch_cuda.json" >"$OUT/summary.txt" 2>&1 <<'EOF'
 import json, sys
-d = json.load(open(sys.argv[1]))
-c, g = d["cpu"], d["cuda"]
-print(f"CPU one at a time {c['one_at_a_time_images_per_s']:.1f} images/s; best batched {g['cpu_best_images_per_s']:.1f}")
-print(f"GPU float32 {g['float32']['best']:.0f} images/s ({g['float32_vs_cpu']:.1f}x CPU); half {g['half']['best']:.0f} ({g['half_vs_cpu']:.1f}x)")
-print(f"max score difference GPU vs CPU {g['max_score_difference_vs_cpu']:.2e}; half vs float32 {g['half_vs_float32']}")
+try:
+    d = json.load(open(sys.argv[1]))
+except OSError:
+    sys.exit("no figures: the bench stopped before its first save (see bench_batch_cuda.log)")
+c, g = d.get("cpu", {}), d.get("device_path", {})
+def n(key, part, spec=".1f"):
+    return format(part[key], spec) if key in part else "not measured"
+print(f"on {g.get('device', 'no device')}; CPU ({c.get('threads')} threads) one at a time "
+      f"{n('one_at_a_time_images_per_s', c)} images/s, best batched {n('best_batched_images_per_s', c)}")
+for p in ("float32", "half"):
+    print(f"device path {p}: {g.get(p, 'not measured')}; best over the CPU's best {n(p + '_vs_cpu', g, '.2f')}x")
+print(f"float32 vs the CPU: max score difference {n('max_score_difference_vs_cpu', g, '.2e')}, "
+      f"{n('verdicts_differing_vs_cpu', g, 'd')} verdicts differing")
+print(f"half vs float32: {g.get('half_vs_float32', 'not measured')}")
+print(f"per-image tail alone (images/s, by threads): {g.get('tail_images_per_s', 'not measured')}")
+print(f"seconds {n('seconds', d.get('setup', {}), '.0f')}")
 EOF
-    tail -n 3 "$OUT"/pytest_cuda.log "$OUT"/summary.txt
+    tail -n 3 "$OUT"/pytest_cuda.log; cat "$OUT"/summary.txt
+}
+
+rehearse() {
+    { [ -d "$CARRY/wheels" ] && [ -d "$CARRY/elpv" ]; } || prepare || exit 1
+    rm -rf runs/gpu_rehearsal /tmp/gpu-rehearsal-site && mkdir -p runs/gpu_rehearsal
+    OUT=$PWD/runs/gpu_rehearsal PY=.venv/bin/python SITE=/tmp/gpu-rehearsal-site \
+        BENCH="--rehearse --n 64 --cpu-n 32 --single 16 --rounds 1 --batch-sizes 16 --cpu-passes 1
+        --gpu-batch-sizes 16 --tail-n 32 --cpu-threads 2" run
 }
 
 case "${1:-}" in
     prepare) prepare ;;
     run) run ;;
-    *) echo "usage: bash bench/gpu_check.sh prepare|run" >&2; exit 2 ;;
+    rehearse) rehearse ;;
+    *) echo "usage: bash bench/gpu_check.sh prepare|run|rehearse" >&2; exit 2 ;;
 esac
