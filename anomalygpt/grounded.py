@@ -54,6 +54,11 @@ CONFIDENCE_REASONS = {
     "medium": "The evidence is moderate, so a second look may help.",
     "low": "The evidence is weak, so please check it by eye.",
 }
+# With a trust warning (references that do not fit, one reference, duplicates) no word may vouch for the margin.
+UNTRUSTED_MARGIN = (
+    "But the warning above applies to the references that margin is measured against, so it does not make the "
+    "verdict reliable: please check it by eye."
+)
 GREY_SAME = 2.0  # grey levels (0-255) within which a region is "about as bright as" its good match
 
 
@@ -370,7 +375,7 @@ def confidence_answer(question: Question, grounds: Grounds) -> list[str]:
             f"my confidence is {inspection.confidence} that the image is {inspection.verdict}: the anomaly score is "
             f"{abs(inspection.margin):.1f} normal spreads {side(inspection.margin)} the threshold"
         ),
-        CONFIDENCE_REASONS[inspection.confidence],
+        UNTRUSTED_MARGIN if inspection.warnings else CONFIDENCE_REASONS[inspection.confidence],
     ]
 
 
@@ -576,7 +581,9 @@ def next_check_answer(question: Question, grounds: Grounds) -> list[str]:
     """Where to look first, then the rest, border contact, and what the confidence and warnings ask for."""
     inspection, regions = grounds.inspection, grounds.regions
     lines = []
-    if not inspection.is_anomalous:
+    if not inspection.is_anomalous and (inspection.confidence == "low" or inspection.warnings):
+        lines.append("The detector found no anomalous region, but do not pass the part on this verdict alone.")
+    elif not inspection.is_anomalous:
         lines.append("Nothing here needs a closer look: the part can pass; inspect the next one as usual.")
     elif not regions:
         lines.append(sentence(f"look where the heat map is hottest: {NO_REGION}"))

@@ -129,3 +129,23 @@ def test_why_says_where_this_mode_s_threshold_comes_from(mode: str, n_references
     assert ("good references alone" in why) == (n_references > 0)
     compare = answer_text(read_question("Compare it with the good references."), Grounds(inspection))
     assert ("no good references to compare with" in compare) == (n_references == 0)
+
+
+def test_a_trust_warning_keeps_the_confidence_answer_from_vouching_for_the_verdict() -> None:
+    sure = replace(MANY, margin=4.7, confidence="high")
+    unfit = replace(sure, warnings=["the image does not look like the good references"])
+    for text in ("Are you sure?", "Should I trust this result?"):
+        assert answer_text(read_question(text), Grounds(sure)).endswith("The evidence is clear.")
+        answer = answer_text(read_question(text), Grounds(unfit))
+        assert answer.startswith("Warning: the image does not look like the good references.")
+        assert "My confidence is high" in answer and "The evidence is clear" not in answer
+        assert answer.endswith("does not make the verdict reliable: please check it by eye.")
+
+
+def test_a_normal_verdict_that_cannot_be_trusted_does_not_pass_the_part() -> None:
+    ask = read_question("What should I check next?")
+    assert answer_text(ask, Grounds(NORMAL)).startswith("Nothing here needs a closer look: the part can pass")
+    for doubtful in (replace(NORMAL, margin=-0.6, confidence="low"), replace(NORMAL, warnings=["one reference"])):
+        answer = answer_text(ask, Grounds(doubtful))
+        assert "the part can pass" not in answer and "Nothing here needs a closer look" not in answer
+        assert "do not pass the part on this verdict alone" in answer
