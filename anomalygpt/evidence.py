@@ -119,15 +119,13 @@ class EvidenceSource:
 class FileImages(Mapping[str, np.ndarray]):
     """Reference pixels read from their files when first asked for (a profile keeps names, not pixels)."""
 
-    def __init__(self, paths: Sequence[str]) -> None:
-        self.paths = list(paths)
+    def __init__(self, paths: Mapping[str, Path]) -> None:
+        self.paths = dict(paths)  # reference name -> the file it is read from
 
     def __getitem__(self, name: str) -> np.ndarray:
         from anomalygpt.verdict import working_image  # the size the references were indexed at
 
-        if name not in self.paths:
-            raise KeyError(name)
-        return working_image(load_image(name))
+        return working_image(load_image(self.paths[name]))
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.paths)
@@ -136,11 +134,32 @@ class FileImages(Mapping[str, np.ndarray]):
         return len(self.paths)
 
 
-def profile_evidence(references: References) -> EvidenceSource | None:
-    """Evidence for references loaded from a profile, when every file they were fitted from is still there."""
-    if not all(Path(name).is_file() for name in references.names):
+def profile_evidence(references: References, profile: str | Path) -> EvidenceSource | None:
+    """Evidence for references loaded from a profile, when the files it was fitted from are still there, unchanged.
+
+    A reference is named as `fit` was given it; relative names are looked for from here, then beside the profile.
+    The files evidence reads must have a sha256 the profile recorded, so a changed file, or another folder's file
+    of the same name, is never described as the good reference."""
+    from anomalygpt.profile import file_sha256, read_header
+
+    names, recorded = references.names, list(read_header(profile).get("reference_sha256") or ())
+    found = [reference_file(name, Path(profile).parent) for name in names]
+    if not recorded or any(path is None for path in found):
         return None
-    return EvidenceSource(references, FileImages(references.names))
+    paths = dict(zip(names, (path for path in found if path is not None), strict=True))
+    # One hash per name; when fit dropped duplicate pictures the hashes (of every file given) no longer line up.
+    allowed = [{h} for h in recorded] if len(recorded) == len(names) else [set(recorded)] * len(names)
+    if any(file_sha256(paths[names[i]]) not in allowed[i] for i in searched(len(names))):
+        return None
+    return EvidenceSource(references, FileImages(paths))
+
+
+def reference_file(name: str, profile_folder: Path) -> Path | None:
+    """The file a profile's reference name points to: as given, else beside the profile; None when neither is."""
+    for path in (Path(name), profile_folder / name):
+        if path.is_file():
+            return path
+    return None
 
 
 @dataclass
@@ -170,7 +189,7 @@ def fitted_references(
 def profile_references(inspector: Inspector, path: str | Path) -> ChatReferences:
     """A saved profile's references for a chat (no indexing); evidence when their files are still there."""
     references = inspector.load_profile(path)
-    return ChatReferences(references, list(references.names), profile_evidence(references))
+    return ChatReferences(references, list(references.names), profile_evidence(references, path))
 
 
 class ChoosesReferences:

@@ -210,13 +210,18 @@ class WebApp:
     """The page's event handlers; each takes the tab's Session first and returns (or yields) a Screen."""
 
     def __init__(
-        self, inspector: Inspector, answerer: Answerer, preset_name: str, profile: References | None = None
+        self,
+        inspector: Inspector,
+        answerer: Answerer,
+        preset_name: str,
+        profile: References | None = None,
+        evidence: EvidenceSource | None = None,
     ) -> None:
         self.inspector = inspector
         self.answerer = answerer
         self.preset_name = preset_name
         self.profile = profile  # `ui --profile`: the references of a tab that uploaded none
-        self.profile_evidence = profile_evidence(profile) if profile is not None else None
+        self.profile_evidence = evidence  # the profile's reference files, when they are at hand and unchanged
 
     @guarded
     def load_query(self, session: Session, path: str | None) -> Screen:
@@ -228,7 +233,7 @@ class WebApp:
         if path is not None:
             session.query = decode(path)
         status = "Query cleared." if path is None else f"Query {escape_markdown(session.query.name)} loaded."
-        return screen(session, status + next_step(session), results=True, chat=True)
+        return screen(session, status + next_step(session, self.profile), results=True, chat=True)
 
     @guarded
     def add_references(self, session: Session, paths: Sequence[str] | None) -> Screen:
@@ -241,7 +246,7 @@ class WebApp:
                 problems.append(str(error))
         if len(session.references) > before:
             forget_inspection(session)
-        status = f"{len(session.references)} good reference(s)." + next_step(session)
+        status = f"{len(session.references)} good reference(s)." + next_step(session, self.profile)
         if problems:
             gr.Warning("; ".join(problems))
             status = "\n".join([f"- **Error:** {escape_markdown(p)}" for p in problems] + ["", status])
@@ -272,13 +277,14 @@ class WebApp:
         session.selected = None
         forget_inspection(session)
         status = f"Removed {escape_markdown(removed.name)}; {len(session.references)} good reference(s) left."
-        return screen(session, status + next_step(session), results=True, chat=True, gallery=True)
+        return screen(session, status + next_step(session, self.profile), results=True, chat=True, gallery=True)
 
     @guarded
     def clear_references(self, session: Session) -> Screen:
         session.references, session.selected = [], None
         forget_inspection(session)
-        return screen(session, "References cleared." + next_step(session), results=True, chat=True, gallery=True)
+        status = "References cleared." + next_step(session, self.profile)
+        return screen(session, status, results=True, chat=True, gallery=True)
 
     @guarded
     def inspect(self, session: Session, product: str, sensitivity: float) -> Screen:
@@ -366,7 +372,7 @@ class WebApp:
         session.close()
         session.history = []  # an answer still streaming into the old chat stops
         fresh = Session()
-        return screen(fresh, "Reset: upload a query image and good references.", results=True, chat=True, gallery=True)
+        return screen(fresh, f"Reset. {welcome(self.profile)}", results=True, chat=True, gallery=True)
 
     def ensure_inspection(self, session: Session, product: str, sensitivity: float) -> bool:
         """Inspect the query unless the current inspection is for these inputs; True when a new one was made."""
@@ -594,12 +600,26 @@ def inspection_status(session: Session) -> str:
     )
 
 
-def next_step(session: Session) -> str:
+def next_step(session: Session, profile: References | None = None) -> str:
+    """What to do next; with `ui --profile` a tab needs no references of its own."""
     if session.query is None:
         return " Next: upload a query image."
+    if not session.references and profile is not None:
+        return f" Next: press Inspect or ask a question ({profile_words(profile)})."
     if not session.references:
         return " Next: add good reference images of the same product."
     return " Next: press Inspect or ask a question."
+
+
+def profile_words(profile: References) -> str:
+    return f"against the profile's {len(profile.names)} good references unless you add your own"
+
+
+def welcome(profile: References | None) -> str:
+    """The status a new tab starts with."""
+    if profile is None:
+        return "Upload a query image and good references."
+    return f"Upload a query image; it is inspected {profile_words(profile)}."
 
 
 def chat_messages(history: Sequence[Turn], stale: int = 0) -> list[dict[str, str]]:
@@ -666,7 +686,7 @@ def build_blocks(app: WebApp) -> gr.Blocks:
                     info="In normal spreads: > 0 lowers the threshold (more alarms), < 0 raises it.",
                     elem_id="sensitivity",
                 )
-                status = gr.Markdown("Upload a query image and good references.", elem_id="status")
+                status = gr.Markdown(welcome(app.profile), elem_id="status")
             with gr.Column(scale=5):
                 chatbot = gr.Chatbot(
                     label="Assistant", height=480, feedback_options=None, buttons=["copy", "copy_all"], elem_id="chat"
@@ -856,8 +876,11 @@ def loaded_app(args: argparse.Namespace) -> WebApp:
     preset = with_device(chosen_preset(args.preset, args.profile), args.device)
     print(f"Loading preset {preset.name!r} ...", flush=True)
     inspector = build_inspector(preset)
-    profile = inspector.load_profile(args.profile) if args.profile is not None else None
-    return WebApp(inspector, load_answerer(preset, args.answerer, inspector), preset.name, profile)
+    if args.profile is None:
+        return WebApp(inspector, load_answerer(preset, args.answerer, inspector), preset.name)
+    profile = inspector.load_profile(args.profile)
+    evidence = profile_evidence(profile, args.profile)
+    return WebApp(inspector, load_answerer(preset, args.answerer, inspector), preset.name, profile, evidence)
 
 
 @contextlib.contextmanager

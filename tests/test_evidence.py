@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,8 +11,17 @@ from conftest import texture_crops, with_dark_blob
 
 from anomalygpt.backbones import BackboneConfig
 from anomalygpt.config import Preset
-from anomalygpt.evidence import EvidenceIndex, crop, luma, region_evidence, region_masks, searched
+from anomalygpt.evidence import (
+    EvidenceIndex,
+    crop,
+    luma,
+    profile_evidence,
+    region_evidence,
+    region_masks,
+    searched,
+)
 from anomalygpt.inspection import build_inspector
+from anomalygpt.io import write_png_atomic
 from anomalygpt.memory import MemoryConfig
 
 
@@ -63,3 +73,29 @@ def test_the_images_must_match_the_references(case: dict[str, object]) -> None:
     fitted = inspector.fit(references)
     with pytest.raises(ValueError, match="1 images for 2 references"):
         EvidenceIndex.build(fitted, references[:1])
+
+
+def test_a_profile_s_evidence_reads_its_own_unchanged_files_from_any_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    inspector = build_inspector(
+        Preset(name="t", backbone=BackboneConfig(image_size=64), memory=MemoryConfig(augment=False))
+    )
+    product, elsewhere = tmp_path / "product", tmp_path / "elsewhere"
+    (product / "good").mkdir(parents=True)
+    (elsewhere / "good").mkdir(parents=True)
+    images = texture_crops(3, size=64, seed=11)
+    names = [f"good/ref{i}.png" for i in range(3)]
+    for name, image in zip(names, images, strict=True):
+        write_png_atomic(product / name, image)
+    monkeypatch.chdir(product)  # fitted as `anomalygpt fit good/ --out solar.profile` from the product's folder
+    profile = inspector.save_profile(inspector.fit(names), "solar.profile", names)
+    query = with_dark_blob(images[1], center=(44, 20), radius=9)
+    monkeypatch.chdir(elsewhere)  # `chat`/`ui --profile ../product/solar.profile` from another folder
+    found = profile_evidence(inspector.load_profile(product / profile), product / profile)
+    assert found is not None
+    inspection = inspector.inspect(query, found.references)
+    assert found.evidence(query, inspection)[0].reference_name == "ref1.png"
+    # another folder's file of the same name is not the good reference the profile was fitted from
+    write_png_atomic(elsewhere / names[1], images[0])
+    assert profile_evidence(inspector.load_profile(product / profile), product / profile) is None

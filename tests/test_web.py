@@ -371,6 +371,29 @@ def test_a_profile_loads_with_its_own_preset_unless_another_is_given(
         loaded_app(build_parser().parse_args(["--profile", str(profile), "--preset", "default"]))
 
 
+def test_a_profile_tab_needs_no_references_and_compares_with_the_profile_s_files(
+    scene: Scene, inspector: Inspector, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    product, elsewhere = tmp_path / "product", tmp_path / "elsewhere"
+    product.mkdir(), elsewhere.mkdir()
+    for path in scene.refs:
+        (product / path.name).write_bytes(path.read_bytes())
+    monkeypatch.chdir(product)  # fitted as `anomalygpt fit ref0.png ref1.png --out t.profile` in the product's folder
+    names = [path.name for path in scene.refs]
+    profile = inspector.save_profile(inspector.fit(names), product / "t.profile", names)
+    monkeypatch.chdir(elsewhere)  # `ui --profile ../product/t.profile`: the files are found beside the profile
+    app = loaded_app(build_parser().parse_args(["--profile", str(profile), "--answerer", "grounded"]))
+    upload = elsewhere / "bad.png"
+    upload.write_bytes(scene.bad.read_bytes())
+    loaded = app.load_query(Session(), str(upload))
+    assert "add good reference" not in loaded.status
+    assert "against the profile's 2 good references unless you add your own" in loaded.status
+    screens = list(app.ask(loaded.session, "Compare it with the good references.", "", 0.0))
+    answer = screens[-1].session.history[-1][1]
+    assert answer.startswith("Compared with the 2 good references, 1 anomalous region differs from them.")
+    assert "best matches reference" in answer and "(ref" in answer  # the good crop's file, not only the region
+
+
 # The page end to end ------------------------------------------------------------------------------------------
 
 
