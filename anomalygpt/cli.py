@@ -49,6 +49,7 @@ BATCH_NOTE = (
 SUMMARY_STEM = "summary"  # summary.json shares --out with the per-image files; no image may take its name
 TABLE_COLUMNS = ("file", "verdict", "score", "threshold", "margin", "regions", "locations", "fit")
 NUMBER_OPTIONS = ("--sensitivity",)  # their values may look like options to argparse: -1e9, -inf
+SHOWN_IMAGE_WARNINGS = 5  # images whose own warnings detect prints before its table; the others are counted
 
 
 @dataclass(frozen=True)
@@ -118,7 +119,7 @@ class DetectJob:
     preset: Preset
     inspector: Inspector
     references: References | None  # None: zero-shot
-    reference_paths: list[Path]
+    reference_paths: list[Path]  # with a profile: its references' names (the files may be elsewhere)
     queries: list[Path]
     stems: list[str]  # unique output name per query
     profile: Path | None = None
@@ -373,8 +374,26 @@ def run_detect(options: DetectOptions) -> int:
         records = inspect_all(job, options)
     except (ImageError, OSError) as error:  # a file changed or a disk filled after the checks
         return fail("detect", error, code=1)
+    for line in image_warnings(records, job.references.warnings if job.references else []):  # before the table
+        print(f"{PROG} detect: warning: {safe_text(line)}", file=sys.stderr)
     print(json.dumps(records, indent=2, allow_nan=False) if options.as_json else verdict_table(records))
     return 0
+
+
+def image_warnings(records: Sequence[dict[str, Any]], set_warnings: Sequence[str]) -> list[str]:
+    """Each image's own warnings (a query unlike the references...) as '<file>: <warning>' lines, for the first
+    SHOWN_IMAGE_WARNINGS such images, then one line counting the others; the reference set's warnings, printed
+    once already, are left out."""
+    warned = [(record["source"], [w for w in record["warnings"] if w not in set_warnings]) for record in records]
+    warned = [(source, own) for source, own in warned if own]
+    lines = [f"{source}: {warning}" for source, own in warned[:SHOWN_IMAGE_WARNINGS] for warning in own]
+    if len(warned) > SHOWN_IMAGE_WARNINGS:
+        more = len(warned) - SHOWN_IMAGE_WARNINGS
+        lines.append(
+            f"{more} more {'image carries' if more == 1 else 'images carry'} a warning; each record's "
+            "'warnings' says which ('fit: NO' in the table: unlike the good references)"
+        )
+    return lines
 
 
 def prepare_detect(options: DetectOptions) -> DetectJob:
@@ -427,7 +446,8 @@ def prepare_profile_detect(options: DetectOptions, profile: Path, queries: list[
     inspector, references = open_profile(profile, preset, options.device)
     query_sizes = [load_image(path).shape[:2] for path in queries]
     check_query_sizes(queries, query_sizes, references.memory.image_size)
-    return DetectJob(inspector.preset, inspector, references, [], queries, stems, profile)
+    names = [Path(name) for name in references.names]
+    return DetectJob(inspector.preset, inspector, references, names, queries, stems, profile)
 
 
 def check_sensitivity(value: float) -> None:
@@ -483,7 +503,7 @@ def file_identity(path: Path) -> tuple[int, int] | None:
 
 def lossy_note(queries: Sequence[Path], references: Sequence[Path]) -> str | None:
     """A note when queries are stored lossily (JPEG, lossy WebP) but the references losslessly."""
-    if not references or any(lossy_encoding(path) for path in references):
+    if not references or not all(map(stored_losslessly, references)):
         return None
     lossy = [(path, kind) for path in queries if (kind := lossy_encoding(path))]
     if not lossy:
@@ -494,6 +514,13 @@ def lossy_note(queries: Sequence[Path], references: Sequence[Path]) -> str | Non
         "losslessly; compression artefacts can score as defects: inspect lossless files (PNG, TIFF, lossless WebP) "
         "or references saved the same way"
     )
+
+
+def stored_losslessly(path: Path) -> bool:
+    """A lossless file; for a name whose file is not here (a profile's reference), a lossless-only suffix."""
+    if path.is_file():
+        return lossy_encoding(path) is None
+    return path.suffix.lower() in (".png", ".bmp")
 
 
 def reference_files(refs: Sequence[str]) -> list[Path]:
@@ -640,7 +667,7 @@ def summary_image(record: dict[str, Any], stem: str) -> dict[str, Any]:
 def summary_of(job: DetectJob, options: DetectOptions, images: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return {
         "preset": job.preset.name,
-        "class_name": options.class_name,
+        "class_name": options.class_name or (job.references.class_name if job.references else None),
         "sensitivity": options.sensitivity,
         "profile": None if job.profile is None else str(job.profile),
         "references": list(job.references.names) if job.references else [],

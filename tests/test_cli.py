@@ -557,3 +557,44 @@ def test_sixteen_queries_without_references_are_inspected_as_one_batch(scene: Sc
     code, stdout, stderr = run(["detect", str(folder), "--preset", str(scene.preset)])
     assert code == 2 and stdout == "" and len(stderr.strip().splitlines()) == 1
     assert "one batch without references must have one size" in stderr
+
+
+def test_a_query_unlike_the_references_is_warned_about_before_the_table(scene: Scene, tmp_path: Path) -> None:
+    other = save(tmp_path / "brick.png", np.ascontiguousarray(skimage.data.brick()[:SIDE, :SIDE]))
+    code, stdout, stderr = run(
+        ["detect", str(other), str(scene.good), "--ref", str(scene.refs), "--preset", str(scene.preset)]
+    )
+    assert code == 0, stderr
+    rows = {line.split()[0]: line.split()[-1] for line in stdout.splitlines()[1:]}
+    assert rows == {str(other): "NO", str(scene.good): "yes"}
+    assert stderr.startswith(f"anomalygpt detect: warning: {other}: the image does not look like the good references (")
+    assert len(stderr.splitlines()) == 1  # the good crop fits: nothing about it
+
+
+def test_image_warnings_leave_out_the_reference_set_and_count_past_the_first_five() -> None:
+    shared = "one reference: ..."
+    records = [{"source": f"q{i}.png", "warnings": [f"unlike {i}", shared] if i != 1 else [shared]} for i in range(8)]
+    lines = cli.image_warnings(records, [shared])
+    assert lines[:5] == [
+        "q0.png: unlike 0",
+        "q2.png: unlike 2",
+        "q3.png: unlike 3",
+        "q4.png: unlike 4",
+        "q5.png: unlike 5",
+    ]
+    assert len(lines) == 6 and lines[5].startswith("2 more images carry a warning")
+    assert cli.image_warnings(records[1:2], [shared]) == []
+
+
+def test_detect_with_a_profile_keeps_its_class_name_and_notes_lossy_queries(scene: Scene, tmp_path: Path) -> None:
+    profile = tmp_path / "grass.profile"
+    fit = ["fit", str(scene.refs), "--out", str(profile), "--preset", str(scene.preset), "--class-name", "grass"]
+    assert run(fit)[0] == 0
+    jpeg = tmp_path / "q.jpg"
+    Image.fromarray(crop(*GOOD_CROP)).save(jpeg, quality=90)
+    code, _, stderr = run(["detect", str(jpeg), "--profile", str(profile), "--out", str(tmp_path / "out")])
+    assert code == 0 and stderr.startswith("anomalygpt detect: note: 1 of 1 queries are stored lossily")
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["class_name"] == json.loads((tmp_path / "out" / "q.json").read_text())["class_name"] == "grass"
+    # The profile's references are named, not read: a name whose file is gone counts as lossless by its suffix only.
+    assert cli.stored_losslessly(tmp_path / "gone.png") and not cli.stored_losslessly(tmp_path / "gone.tif")
