@@ -1,4 +1,5 @@
-"""Pictures of an inspection: heat map over the image, numbered region boxes and a verdict banner.
+"""Pictures of an inspection: heat map over the image, numbered region boxes, a verdict banner (and a warning strip
+for a query unlike its references).
 
 Colour scale: `overlay` maps vmin -> the colormap's low end and vmax -> its high end, clipping outside.
 `inspection_scale` fixes both from the references alone: vmin = their normal mean score and
@@ -16,7 +17,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
@@ -24,6 +25,7 @@ from matplotlib import colormaps
 
 from anomalygpt.io import write_png_atomic
 from anomalygpt.regions import Region
+from anomalygpt.verdict import FIT_LIMIT
 
 if TYPE_CHECKING:  # inspection imports torch; pictures need only its fields
     from anomalygpt.inspection import Inspection
@@ -34,6 +36,7 @@ LABEL_TEXT = (255, 255, 255)
 LABEL_BACKGROUND = (0, 0, 0)
 ANOMALOUS_COLOR = (200, 30, 30)
 NORMAL_COLOR = (30, 130, 60)
+WARNING_COLOR = (245, 190, 40)  # amber strip under the banner: the query does not look like its references
 FONT = cv2.FONT_HERSHEY_SIMPLEX
 # Pictures narrower than this are enlarged by a whole factor (nearest neighbour) before drawing, so that
 # box labels and the banner stay legible on 64-256 px crops without blurring the pixels.
@@ -247,7 +250,30 @@ def inspection_figure(image: np.ndarray, inspection: Inspection, cmap: str = "je
         margin=inspection.margin,
         n_regions=len(inspection.regions),
     )
-    return np.concatenate([banner, picture, legend], axis=0)
+    warning = fit_line(inspection.reference_fit)
+    strips = [banner] if warning is None else [banner, warning_strip(picture.shape[1], warning)]
+    return np.concatenate([*strips, picture, legend], axis=0)
+
+
+def fit_line(reference_fit: dict[str, Any] | None) -> str | None:
+    """The figure's short form of the reference-fit warning (verdict.fit_warning), or None when the query fits."""
+    if reference_fit is None or reference_fit.get("fits") is not False:
+        return None
+    ratio, light = float(reference_fit["ratio"]), float(reference_fit["brightness"])
+    found = f"{ratio:.1f}x their spacing" if ratio > FIT_LIMIT else f"{abs(light):.1f} spreads off their brightness"
+    return f"WARNING: does not look like the good references ({found})"
+
+
+def warning_strip(width: int, text: str) -> np.ndarray:
+    """(h, width, 3) uint8 strip: the warning in black on amber, as wide as the picture."""
+    pen = pen_for(width, width)
+    pad = max(4, round(0.02 * width))
+    scale = fitted_scale(text, pen.font_scale, pen.text_thickness, width - 2 * pad)
+    (_, text_h), base = cv2.getTextSize(text, FONT, scale, pen.text_thickness)
+    strip = np.empty((pad + text_h + base + pad, width, 3), dtype=np.uint8)
+    strip[:] = WARNING_COLOR
+    cv2.putText(strip, text, (pad, pad + text_h), FONT, scale, (0, 0, 0), pen.text_thickness, cv2.LINE_AA)
+    return strip
 
 
 def legend_strip(width: int, vmin: float, vmax: float, threshold: float, cmap: str = "jet") -> np.ndarray:

@@ -17,10 +17,12 @@ from anomalygpt.visualize import (
     EVIDENCE_GAP,
     FONT,
     NORMAL_COLOR,
+    WARNING_COLOR,
     banner_lines,
     draw_region,
     enlarged,
     evidence_pair,
+    fit_line,
     heat_colors,
     inspection_figure,
     inspection_scale,
@@ -30,6 +32,7 @@ from anomalygpt.visualize import (
     pen_for,
     save_overlay,
     verdict_banner,
+    warning_strip,
 )
 
 
@@ -259,3 +262,23 @@ def test_evidence_pair_puts_the_defect_beside_its_good_match_at_one_scale() -> N
     left, right = pair[:, :96], pair[:, 96 + EVIDENCE_GAP :]
     assert (left == 20).all(axis=2).sum() > 0 and not (right == 20).all(axis=2).any()  # the defect is on the left
     assert (left == 255).all(axis=2).sum() == (right == 255).all(axis=2).sum() > 0  # the same box on both sides
+
+
+def test_a_query_unlike_its_references_gets_a_warning_strip_under_the_banner() -> None:
+    inspection = make_inspection(64, 64, (8, 40, 24, 56), is_anomalous=True)
+    image = np.full((64, 64, 3), 90, dtype=np.uint8)
+    fitting = inspection_figure(image, inspection)
+    inspection.reference_fit = {"fits": True, "ratio": 1.2, "brightness": 0.3}
+    assert np.array_equal(inspection_figure(image, inspection), fitting)
+    inspection.reference_fit = {"fits": False, "ratio": 7.25, "brightness": 0.3}
+    figure = inspection_figure(image, inspection)
+    banner = verdict_banner(512, is_anomalous=True, score=0.9, threshold=0.5, margin=4.0, n_regions=1)
+    strip = warning_strip(512, "WARNING: does not look like the good references (7.2x their spacing)")
+    assert figure.shape[0] == fitting.shape[0] + strip.shape[0]
+    assert np.array_equal(figure[: banner.shape[0]], banner)
+    assert np.array_equal(figure[banner.shape[0] : banner.shape[0] + strip.shape[0]], strip)
+    assert np.all(strip[:, :4] == WARNING_COLOR) and np.any(strip == 0)  # amber, with black text
+    assert np.array_equal(figure[banner.shape[0] + strip.shape[0] :], fitting[banner.shape[0] :])
+    darker = {"fits": False, "ratio": 1.5, "brightness": -5.04}
+    assert fit_line(darker) == "WARNING: does not look like the good references (5.0 spreads off their brightness)"
+    assert fit_line(None) is None and fit_line({"fits": None, "ratio": None, "brightness": None}) is None
