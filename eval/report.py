@@ -218,6 +218,10 @@ def speed_rows(document: dict[str, Any]) -> list[str]:
     return rows
 
 
+# ELPV's halves, named in the title: a dev-half table must never pass for a test-half figure
+HALF_TITLES = {"dev": ", development half (odd-numbered cells)", "test": ", test half (even-numbered cells)"}
+
+
 def markdown_report(document: dict[str, Any]) -> str:
     """results.md: the per-category table, the mean rows, speed, and how the numbers were made."""
     args, env = document["config"]["args"], document["machine"]
@@ -225,7 +229,7 @@ def markdown_report(document: dict[str, Any]) -> str:
     baselines = list(args.get("methods", [INSPECTOR])) != [INSPECTOR]
     first, fit_title = ("k or method", "fit") if baselines else ("k", "reference indexing")
     lines = [
-        f"# anomalygpt eval: {args['dataset']}",
+        f"# anomalygpt eval: {args['dataset']}{HALF_TITLES.get(args.get('half', 'all'), '')}",
         "",
         f"Preset `{document['config']['preset']['name']}`; shots {args['shots']}; seeds {args['seeds']}; "
         f"{document['date']}; {document['seconds']:.0f} s ({document['settings_computed']} settings computed, "
@@ -351,8 +355,14 @@ def examples_picture(category: str, panels: Sequence[ExamplePanel]) -> np.ndarra
             axes.contour(mask, levels=[0.5], colors="cyan", linewidths=0.8)
         axes.set_title(panel_title(panel), fontsize=8)
         axes.set_axis_off()
-    figure.suptitle(f"{category}: examples (white boxes: detected regions; cyan: ground truth)", fontsize=10)
+    figure.suptitle(examples_title(category, panels), fontsize=10)
     return figure_pixels(figure)
+
+
+def examples_title(category: str, panels: Sequence[ExamplePanel]) -> str:
+    """The examples' title; cyan is named only when a panel has a ground-truth mask (ELPV has none)."""
+    masks = any(panel.mask is not None for panel in panels)
+    return f"{category}: examples (white boxes: detected regions{'; cyan: ground truth' if masks else ''})"
 
 
 def speed_picture(results: Sequence[SettingResult]) -> np.ndarray:

@@ -83,3 +83,27 @@ def test_example_picks_best_worst_and_borderline() -> None:
 
 def test_flat_names_nested_keys() -> None:
     assert flat({"a": 1, "b": {"c": 2, "d": {"e": [3]}}}) == {"a": 1, "b.c": 2, "b.d.e": [3]}
+
+
+def test_the_markdown_title_names_the_elpv_half() -> None:
+    run = EvalRun([setting("mono", 4, 0, 0.8)], computed=[("mono", 4, 0)], reused=[], seconds=1.0)
+    for half, title in [
+        ("dev", "# anomalygpt eval: elpv, development half (odd-numbered cells)"),
+        ("test", "# anomalygpt eval: elpv, test half (even-numbered cells)"),
+        ("all", "# anomalygpt eval: elpv"),
+    ]:
+        config = {"args": {"dataset": "elpv", "shots": [4], "seeds": [0], "half": half}, "preset": {"name": "t"}}
+        assert markdown_report(results_document(config, run, examples={})).splitlines()[0] == title
+
+
+def test_the_examples_title_names_cyan_only_when_there_is_ground_truth() -> None:
+    from eval.report import examples_title
+    from eval.runner import ExamplePanel
+
+    def panel(mask: np.ndarray | None) -> ExamplePanel:
+        image, scores = np.zeros((8, 8, 3), np.uint8), np.zeros((8, 8), np.float32)
+        return ExamplePanel("highest-scoring good", "a.png", 0, "good", 0.1, 0.5, image, scores, mask, [], (0.0, 1.0))
+
+    assert examples_title("mono", [panel(None)]) == "mono: examples (white boxes: detected regions)"
+    with_mask = examples_title("bottle", [panel(None), panel(np.ones((8, 8), bool))])
+    assert with_mask == "bottle: examples (white boxes: detected regions; cyan: ground truth)"
