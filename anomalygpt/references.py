@@ -149,7 +149,7 @@ def decide_augmentation(
     if cfg.augment is not None:
         return AugmentationDecision(cfg.augment, "set by the preset"), {}
     if len(images) < 2:
-        return AugmentationDecision(True, "one reference: kept on (nothing to hold out)"), {}
+        return AugmentationDecision(True, "one reference: nothing to hold out, so kept on"), {}
     subset = sorted(rng.choice(len(images), min(AUGMENT_SUBSET, len(images)), replace=False).tolist())
     views = {i: encode_views(backbone, images[i], True, cfg) for i in subset}
     ratios: dict[bool, list[float]] = {True: [], False: []}
@@ -165,7 +165,7 @@ def decide_augmentation(
     augment = on >= AUGMENT_GAIN * off
     reason = (
         f"decided from {len(subset)} references with simulated defects: defect/good score ratio "
-        f"{on:.2f} with rotations/flips, {off:.2f} without"
+        f"{on:.2f} with rotations/flips, {off:.2f} without; kept when {AUGMENT_GAIN:g} times as high or more"
     )
     return AugmentationDecision(augment, reason, on, off), views
 

@@ -93,6 +93,8 @@ def test_augmentation_is_decided_from_the_references_or_set_by_the_preset(small_
     assert sorted(views) == [0, 1, 2, 3] and all(v.shape[0] == 8 for v in views[0])
     assert decided.separation_on > 1 and decided.separation_off > 1  # simulated defects score above good
     assert decided.augment == (decided.separation_on >= AUGMENT_GAIN * decided.separation_off)
+    ratios = f"{decided.separation_on:.2f} with rotations/flips, {decided.separation_off:.2f} without"
+    assert decided.reason.endswith(f"{ratios}; kept when 1.3 times as high or more")  # fit prints the rule too
 
 
 def test_fit_statistics_are_the_mean_nearest_other_reference_distance_and_the_brightness():
