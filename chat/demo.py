@@ -23,7 +23,7 @@ import numpy as np
 
 from anomalygpt.answerers import ANSWERER_CHOICES, Answerer, AnswererError, GroundedAnswerer, load_answerer
 from anomalygpt.claims import CheckReport
-from anomalygpt.cli import verdict_table, write_outputs
+from anomalygpt.cli import image_warnings, verdict_table, write_outputs
 from anomalygpt.config import load_preset
 from anomalygpt.devices import add_device_option, with_device
 from anomalygpt.evidence import EvidenceSource, RegionEvidence
@@ -81,6 +81,8 @@ def main(argv: list[str]) -> int:
         images.append(image)
         records.append(inspection.to_dict() | {"label": "defective" if sample.label else "good"})
     print()
+    for line in image_warnings(records, references.warnings):  # what 'fit: NO' in the table means, first
+        print(f"warning: {line}")
     print(verdict_table(records))
     agree = sum(r["is_anomalous"] == (r["label"] == "defective") for r in records)
     print(f"\nLabels (ELPV experts): {', '.join(r['label'] for r in records)}")

@@ -59,6 +59,13 @@ def test_demo_grounded_chat_answers_from_the_inspection(tmp_path, capsys):
     chat = json.loads((tmp_path / "demo" / "chat.json").read_text())
     assert "reference" in chat["transcript"][2]["answer"] and chat["evidence"]  # compared with a good cell
     assert all(check["paths"] == {} for check in chat["checks"])  # grounded answers need no repair
+    # A cell unlike the references is named, with why, before the table shows its 'fit: NO'.
+    records = json.loads((tmp_path / "demo" / "summary.json").read_text())["records"]
+    unfit = [r["source"] for r in records if r["reference_fit"]["fits"] is False]
+    assert unfit and all(
+        0 <= printed.find(f"warning: {source}: the image does not look like") < printed.index("\nfile ")
+        for source in unfit
+    )
 
 
 def test_demo_rejects_out_of_range_options(tmp_path, capsys):
