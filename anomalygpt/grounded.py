@@ -54,11 +54,9 @@ CONFIDENCE_REASONS = {
     "medium": "The evidence is moderate, so a second look may help.",
     "low": "The evidence is weak, so please check it by eye.",
 }
-# With a trust warning (references that do not fit, one reference, duplicates) no word may vouch for the margin.
-UNTRUSTED_MARGIN = (
-    "But the warning above applies to the references that margin is measured against, so it does not make the "
-    "verdict reliable: please check it by eye."
-)
+# With a trust warning (references that do not fit, one reference, duplicates, none at all) no word may vouch for
+# the margin.
+UNTRUSTED_MARGIN = "But the warning above means that this margin does not make the verdict reliable: check it by eye."
 GREY_SAME = 2.0  # grey levels (0-255) within which a region is "about as bright as" its good match
 
 
@@ -604,7 +602,7 @@ def next_check_answer(question: Question, grounds: Grounds) -> list[str]:
             lines.append("A region reaches the image border, so make sure the part is fully in view there.")
     if inspection.confidence == "low":
         lines.append("My confidence is low, so confirm the verdict by eye before acting on it.")
-    if inspection.warnings:
+    if inspection.warnings and inspection.n_references:
         lines.append("Check that the references are good parts of the same product, seen the same way.")
     return lines
 

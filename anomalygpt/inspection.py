@@ -20,6 +20,7 @@ from tqdm import tqdm
 from anomalygpt.backbones import VisionBackbone, WeightsError, build_backbone
 from anomalygpt.calibration import (
     ONE_REFERENCE_CAVEAT,
+    ZERO_SHOT_TEXT_CAVEAT,
     Calibration,
     calibrate,
     fixed_calibration,
@@ -372,9 +373,11 @@ class Inspector:
         anomaly_map = self.zero_shot_maps(self.backbone.encode([pixels]).patches, pixels.shape[:2], class_name)[0]
         calibration = self.zero_shot_calibration()
         timings = {"inspect": (time.perf_counter() - start) * 1000}
-        return self.inspection(
+        inspection = self.inspection(
             pixels, anomaly_map, Mode("zero-shot-text", 0, calibration), class_name, source, sensitivity, timings
         )
+        inspection.warnings = [ZERO_SHOT_TEXT_CAVEAT]
+        return inspection
 
     def inspect_batch(
         self,

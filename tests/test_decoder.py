@@ -13,8 +13,11 @@ from conftest import texture_crops, with_dark_blob
 from PIL import Image
 
 from anomalygpt.backbones import WeightsError
+from anomalygpt.calibration import ZERO_SHOT_TEXT_CAVEAT
 from anomalygpt.config import load_preset
 from anomalygpt.decoder import AnomalyDecoder, DecoderSpec, anchor_cosines, projection
+from anomalygpt.grounded import Grounds, answer_text
+from anomalygpt.guard import read_question
 from anomalygpt.inspection import InspectionError, build_inspector
 from anomalygpt.state import load_state
 from anomalygpt.weights import load_module
@@ -112,6 +115,10 @@ def test_zero_shot_inspection_uses_the_stored_threshold(trained, tmp_path):
     assert result.threshold == pytest.approx(stats["normal_mean"] + 3.0 * stats["normal_spread"])
     assert "zero-shot" in result.calibration["method"] and "simulated validation" in result.calibration["method"]
     assert result.is_anomalous == (result.score > result.threshold)
+    # the decoder alone is much weaker on real products: every front end shows that first
+    assert result.warnings == [ZERO_SHOT_TEXT_CAVEAT] and result.facts().startswith(f"Warning: {ZERO_SHOT_TEXT_CAVEAT}")
+    answer = answer_text(read_question("Are you sure?"), Grounds(result))
+    assert answer.startswith(f"Warning: {ZERO_SHOT_TEXT_CAVEAT}.") and "The evidence is" not in answer
 
 
 def test_fusion_adds_the_weighted_decoder_map(trained, tmp_path):

@@ -139,7 +139,7 @@ def test_a_trust_warning_keeps_the_confidence_answer_from_vouching_for_the_verdi
         answer = answer_text(read_question(text), Grounds(unfit))
         assert answer.startswith("Warning: the image does not look like the good references.")
         assert "My confidence is high" in answer and "The evidence is clear" not in answer
-        assert answer.endswith("does not make the verdict reliable: please check it by eye.")
+        assert answer.endswith("this margin does not make the verdict reliable: check it by eye.")
 
 
 def test_a_normal_verdict_that_cannot_be_trusted_does_not_pass_the_part() -> None:
