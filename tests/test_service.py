@@ -746,6 +746,27 @@ def test_a_large_export_is_streamed_whole_and_a_failed_one_leaves_no_file(reques
     assert sorted(tmp_path.iterdir()) == before and out.read_text() == "the previous export\n"  # no file, no temp
 
 
+def test_an_export_piped_into_a_reader_that_stops_early_ends_quietly(request, tmp_path):
+    import subprocess
+    import sys
+
+    from sqlalchemy import insert
+
+    from anomalygpt.service.audit import AuditStore, InspectionRow
+
+    url = fresh_database(request, tmp_path, "sqlite")
+    with AuditStore(url, tmp_path / "blobs").sessions.begin() as session:
+        session.execute(insert(InspectionRow), inspection_rows(2_000, datetime(2026, 12, 1)))  # 4 MB: fills the pipe
+    code = "import sys; from anomalygpt.cli import main; sys.exit(main(sys.argv[1:]))"
+    command = [sys.executable, "-c", code, "audit", "export", "--db", url, "--profiles", str(tmp_path)]
+    export = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert export.stdout is not None and export.stderr is not None
+    first = export.stdout.read(100)  # `anomalygpt audit export ... | head -c 100`
+    export.stdout.close()
+    assert export.wait(timeout=60) == 0 and first.startswith(b'{"id": "0000000000000000"')
+    assert export.stderr.read() == b""  # no "error: [Errno 32] Broken pipe", no traceback
+
+
 @pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated")  # transformers, inside peft
 def test_chat_with_the_llm_answerer_sends_what_the_claim_checker_passed(tmp_path):
     import json

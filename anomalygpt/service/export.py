@@ -14,6 +14,7 @@ import argparse
 import csv
 import io
 import json
+import os
 import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -145,6 +146,13 @@ def fail(message: str) -> int:
     return 2
 
 
+def stop_writing_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's final flush into the closed pipe is not an error."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -156,8 +164,12 @@ def main(argv: list[str]) -> int:
         lines = export_lines(columns, counted, options.format)
         if options.out is None:
             sys.stdout.writelines(lines)
+            sys.stdout.flush()
         else:
             write_lines_atomic(options.out, lines)
+    except BrokenPipeError:  # the reader stopped early (`| head`): what it read is what it asked for
+        stop_writing_stdout()
+        return 0
     except ModuleNotFoundError as error:
         print(
             f"{PROG}: error: needs the Python package {error.name} (pip install 'anomalygpt[serve]')", file=sys.stderr
