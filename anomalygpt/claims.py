@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from anomalygpt.grounded import (
     GENERIC_DEFECT_TYPES,
     GREY_SAME,
+    UNTRUSTED_MARGIN,
     DefectType,
     Grounds,
     anomaly_answer,
@@ -67,6 +68,7 @@ FACTS = (
     "edge",
     "box",
 )
+UNTRUSTED = "not reliable: the Inspection carries a trust warning"  # the truth a vouching sentence contradicts
 PATHS = ("replaced", "dropped", "repeat", "off_topic", "unfinished")  # what the checker did with a sentence
 NUMBER = "|".join(NUMBER_WORDS)
 LOCATION_SYNONYMS = {"centre": "center", "middle": "center", "upper left": "top left", "upper right": "top right"}
@@ -136,6 +138,13 @@ PLACE_COUNT = re.compile(
 CONFIDENCE = re.compile(
     r"\b(?P<a>low|medium|high)\s+confidence\b|\bconfidence\b[^.;]{0,30}?\b(?:is|was|:|of)\s+(?P<b>low|medium|high)\b"
     r"|\b(?P<adverb>very|highly|fairly|quite|somewhat|not very|not)\s+(?:sure|confident|certain)\b",
+    re.IGNORECASE,
+)
+# Words that vouch for a verdict: wrong whatever the confidence word when the Inspection carries a trust warning.
+VOUCH = re.compile(
+    r"\b(?:evidence is (?:clear|strong|conclusive)|(?:is|are|looks|seems) (?:reliable|dependable|trustworthy)"
+    r"|(?:can|may|should) (?:safely )?(?:trust|rely on)|(?:very|highly|completely|absolutely|fully) "
+    r"(?:sure|confident|certain)|no doubt|definitely|certainly)\b",
     re.IGNORECASE,
 )
 ADVERB_CONFIDENCE = {"very": "high", "highly": "high", "fairly": "medium", "quite": "medium", "somewhat": "medium"}
@@ -377,6 +386,9 @@ def confidence_conflicts(text: str, inspection: Inspection) -> list[Conflict]:
         word = found.group("a") or found.group("b") or ADVERB_CONFIDENCE[found.group("adverb").lower()]
         if word.lower() != inspection.confidence:
             out.append(Conflict("confidence", found.group(0), None, inspection.confidence))
+    if inspection.warnings:
+        vouched = [found for found in VOUCH.finditer(text) if not negated(text, found.start())]
+        out += [Conflict("confidence", found.group(0), None, UNTRUSTED) for found in vouched]
     return out
 
 
@@ -759,7 +771,7 @@ def replacement(conflict: Conflict, grounds: Grounds, question: Question | None)
     builders: dict[str, Callable[[], str]] = {
         "count": lambda: count_answer(plain, grounds)[0],
         "region": lambda: count_answer(plain, grounds)[0],
-        "confidence": lambda: confidence_answer(plain, grounds)[0],
+        "confidence": lambda: UNTRUSTED_MARGIN if conflict.truth == UNTRUSTED else confidence_answer(plain, grounds)[0],
         "score": lambda: score_answer(plain, grounds)[0],
         "rank": lambda: rank_sentence(conflict, grounds, question),
         "family": lambda: kind_answer(Question("", "kind", conflict.region), grounds)[0],

@@ -199,3 +199,21 @@ def test_the_issue_s_wrong_answers_are_all_caught() -> None:
         shown = "".join(checker.stream([" " + answer], answer_text(asked, GROUNDS)))
         assert checker.report.repairs, question
         assert check_answer(shown, GROUNDS, asked) == [], (question, shown)
+
+
+def test_with_a_trust_warning_no_sentence_may_vouch_for_the_verdict() -> None:
+    grounds = Grounds(LOW, evidence_for(LOW))  # the references do not fit; confidence low
+    vouching = ("The evidence is clear.", "You can trust this result.", "I am absolutely certain.", "It is reliable.")
+    for text in vouching:
+        assert facts(text, grounds) == {"confidence"}, text
+        assert facts(text, GROUNDS) == set(), text  # the same words without a warning state no wrong fact
+    for text in ("It is not reliable, so check it by eye.", "I can't say that the evidence is clear."):
+        assert facts(text, grounds) == set(), text
+    question = read_question("Where is it?")
+    opening = answer_text(question, grounds)
+    checker = ClaimChecker(grounds, question)
+    shown = "".join(checker.stream(iter([" You can safely trust this verdict."]), opening))
+    assert shown.endswith(
+        "But the warning above means that this margin does not make the verdict reliable: check it by eye."
+    )
+    assert [(r.path, r.facts) for r in checker.report.repairs] == [("replaced", ("confidence",))]
