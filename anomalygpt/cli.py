@@ -17,7 +17,7 @@ import sys
 import tempfile
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -124,6 +124,7 @@ class DetectJob:
     stems: list[str]  # unique output name per query
     profile: Path | None = None
     batch: bool = False  # no references and at least MIN_BATCH queries: zero-shot from the batch itself
+    skipped: list[Path] = field(default_factory=list)  # overlays an earlier detect wrote among the queries
 
 
 class CliParser(argparse.ArgumentParser):
@@ -367,6 +368,13 @@ def run_detect(options: DetectOptions) -> int:
         return fail("detect", error)
     for warning in job.references.warnings if job.references else []:  # about the references: once, up front
         print(f"{PROG} detect: warning: {safe_text(warning)}", file=sys.stderr)
+    if job.skipped:
+        first = safe_text(job.skipped[0])
+        print(
+            f"{PROG} detect: note: not inspecting {len(job.skipped)} overlay picture(s) written by an earlier "
+            f"detect (first: {first})",
+            file=sys.stderr,
+        )
     lossy = lossy_note(job.queries, job.reference_paths)
     if lossy:
         print(f"{PROG} detect: note: {safe_text(lossy)}", file=sys.stderr)
@@ -374,7 +382,12 @@ def run_detect(options: DetectOptions) -> int:
         records = inspect_all(job, options)
     except (ImageError, OSError) as error:  # a file changed or a disk filled after the checks
         return fail("detect", error, code=1)
-    for line in image_warnings(records, job.references.warnings if job.references else []):  # before the table
+    from anomalygpt.calibration import ZERO_SHOT_TEXT_CAVEAT  # torch is loaded by now
+
+    if any(ZERO_SHOT_TEXT_CAVEAT in record["warnings"] for record in records):  # every such record's: once
+        print(f"{PROG} detect: warning: {ZERO_SHOT_TEXT_CAVEAT}", file=sys.stderr)
+    set_warnings = [*(job.references.warnings if job.references else []), ZERO_SHOT_TEXT_CAVEAT]
+    for line in image_warnings(records, set_warnings):  # before the table
         print(f"{PROG} detect: warning: {safe_text(line)}", file=sys.stderr)
     print(json.dumps(records, indent=2, allow_nan=False) if options.as_json else verdict_table(records))
     return 0
@@ -406,11 +419,11 @@ def prepare_detect(options: DetectOptions) -> DetectJob:
     if options.profile is not None and not options.profile.is_file():
         raise UsageError(f"{options.profile}: --profile file not found")
     reference_paths = reference_files(options.refs)
-    queries = unique_paths(list_images(options.queries))
+    queries, skipped = query_files(options.queries)
     stems = output_stems(queries)
     check_outputs(options.out, stems, [*reference_paths, *queries], options.overwrite)
     if options.profile is not None:
-        return prepare_profile_detect(options, options.profile, queries, stems)
+        return prepare_profile_detect(options, options.profile, queries, stems, skipped)
     from anomalygpt.config import DEFAULT_PRESET, load_preset  # imports torch: after the instant checks
     from anomalygpt.inspection import build_inspector
     from anomalygpt.mutual import MIN_BATCH
@@ -434,10 +447,31 @@ def prepare_detect(options: DetectOptions) -> DetectJob:
         inspector.zero_shot_prior()  # loaded now: a missing weight file fails before any output
     names = [str(path) for path in reference_paths]
     references = inspector.fit(reference_images, options.class_name, names=names) if reference_images else None
-    return DetectJob(preset, inspector, references, reference_paths, queries, stems, batch=batch)
+    return DetectJob(preset, inspector, references, reference_paths, queries, stems, batch=batch, skipped=skipped)
 
 
-def prepare_profile_detect(options: DetectOptions, profile: Path, queries: list[Path], stems: list[str]) -> DetectJob:
+def query_files(queries: Sequence[str]) -> tuple[list[Path], list[Path]]:
+    """The query images, and apart from them the overlays an earlier detect wrote among them (--out may be the
+    query folder: a second run would take them for queries); only such overlays is an error."""
+    listed = unique_paths(list_images(queries))
+    skipped = [path for path in listed if written_overlay(path)]
+    if skipped and len(skipped) == len(listed):
+        raise UsageError(f"{skipped[0]}: only overlays written by an earlier detect were given; nothing to inspect")
+    return [path for path in listed if path not in skipped], skipped
+
+
+def written_overlay(path: Path) -> bool:
+    """<stem>_overlay.png beside the <stem>.json and <stem>_map.npy that detect writes with it."""
+    stem = path.name.removesuffix("_overlay.png")
+    files = output_files(stem)
+    return path.name == files["overlay"] and all(
+        (path.parent / files[kind]).is_file() for kind in ("inspection", "anomaly_map")
+    )
+
+
+def prepare_profile_detect(
+    options: DetectOptions, profile: Path, queries: list[Path], stems: list[str], skipped: list[Path]
+) -> DetectJob:
     """detect --profile: the profile's inspector and references, queries checked against its image size."""
     from anomalygpt.config import load_preset
     from anomalygpt.profile import open_profile
@@ -447,7 +481,7 @@ def prepare_profile_detect(options: DetectOptions, profile: Path, queries: list[
     query_sizes = [load_image(path).shape[:2] for path in queries]
     check_query_sizes(queries, query_sizes, references.memory.image_size)
     names = [Path(name) for name in references.names]
-    return DetectJob(inspector.preset, inspector, references, names, queries, stems, profile)
+    return DetectJob(inspector.preset, inspector, references, names, queries, stems, profile, skipped=skipped)
 
 
 def check_sensitivity(value: float) -> None:
@@ -694,7 +728,10 @@ def verdict_table(records: Sequence[dict[str, Any]]) -> str:
 
 
 def table_row(record: dict[str, Any]) -> tuple[str, ...]:
-    locations = ", ".join(region["location"] for region in record["regions"]) or "-"
+    from anomalygpt.regions import where_words  # the overlay's label words: 'top to center', not just 'center'
+
+    places = [where_words(region["location"], region.get("span", ())) for region in record["regions"]]
+    locations = ", ".join(places) or "-"
     return (
         safe_text(record["source"]),
         record["verdict"],

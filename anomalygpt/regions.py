@@ -120,8 +120,7 @@ class Region:
 
     def where(self) -> str:
         """Its place in a few words: 'top left', 'top left to center' or 'widespread' (labels, tables)."""
-        ends = span_ends(self.span)
-        return self.location if self.location == WIDESPREAD or ends is None else f"{ends[0]} to {ends[1]}"
+        return where_words(self.location, self.span)
 
     def place(self) -> str:
         """Its place as a phrase: 'in the top left', 'from the top left to the center', 'across most of the
@@ -135,6 +134,12 @@ class Region:
         """Short phrase, e.g. 'a small elongated darker region in the top left (0.8% of the image)'."""
         words = [self.size, self.shape] + ([self.contrast] if self.contrast != "similar" else [])
         return f"a {' '.join(words)} region {self.place()} ({format_pct(self.area_pct)} of the image)"
+
+
+def where_words(location: str, span: Sequence[str]) -> str:
+    """Region.where() from a region's location and span words, as its JSON record holds them."""
+    ends = span_ends(span)
+    return location if location == WIDESPREAD or ends is None else f"{ends[0]} to {ends[1]}"
 
 
 def span_ends(span: Sequence[str]) -> tuple[str, str] | None:

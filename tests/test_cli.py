@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -571,6 +572,19 @@ def test_a_query_unlike_the_references_is_warned_about_before_the_table(scene: S
     assert len(stderr.splitlines()) == 1  # the good crop fits: nothing about it
 
 
+def test_queries_without_references_or_batch_warn_once_that_the_decoder_alone_is_weak(
+    scene: Scene, tmp_path: Path
+) -> None:
+    from anomalygpt.calibration import ZERO_SHOT_TEXT_CAVEAT
+
+    code, stdout, stderr = run(["detect", str(scene.good), str(scene.bad), "--json"])  # the shipped decoder
+    assert code == 0, stderr
+    assert {r["mode"] for r in json.loads(stdout)} == {"zero-shot-text"}
+    assert all(r["warnings"] == [ZERO_SHOT_TEXT_CAVEAT] for r in json.loads(stdout))
+    warned = [line for line in stderr.splitlines() if "warning:" in line]
+    assert warned == [f"anomalygpt detect: warning: {ZERO_SHOT_TEXT_CAVEAT}"]  # once, not once per image
+
+
 def test_image_warnings_leave_out_the_reference_set_and_count_past_the_first_five() -> None:
     shared = "one reference: ..."
     records = [{"source": f"q{i}.png", "warnings": [f"unlike {i}", shared] if i != 1 else [shared]} for i in range(8)]
@@ -598,3 +612,31 @@ def test_detect_with_a_profile_keeps_its_class_name_and_notes_lossy_queries(scen
     assert summary["class_name"] == json.loads((tmp_path / "out" / "q.json").read_text())["class_name"] == "grass"
     # The profile's references are named, not read: a name whose file is gone counts as lossless by its suffix only.
     assert cli.stored_losslessly(tmp_path / "gone.png") and not cli.stored_losslessly(tmp_path / "gone.tif")
+
+
+def test_the_table_names_each_region_as_its_overlay_label_does() -> None:
+    from anomalygpt.regions import Region
+
+    spanning = Region(
+        1, (107, 59, 201, 145), 4000, 4.4, (150.0, 100.0), "center", 0.3, 0.2, "compact", "similar", "large"
+    )
+    spanning = dataclasses.replace(spanning, span=("top", "center"))
+    record = {"source": "q.png", "verdict": "anomalous", "score": 0.3, "threshold": 0.2, "margin": 1.5}
+    row = cli.table_row(record | {"regions": [spanning.to_dict(), {"location": "widespread", "span": ["top", "left"]}]})
+    assert spanning.where() == "top to center" and row[6] == "top to center, widespread"
+
+
+def test_a_second_run_into_the_query_folder_leaves_the_first_runs_overlays_alone(scene: Scene, tmp_path: Path) -> None:
+    folder = tmp_path / "cells"
+    save(folder / "q.png", crop(*GOOD_CROP))
+    argv = ["detect", str(folder), "--ref", str(scene.refs), "--preset", str(scene.preset), "--out", str(folder)]
+    assert run(argv)[0] == 0 and (folder / "q_overlay.png").is_file()
+    code, stdout, stderr = run([*argv, "--overwrite"])  # the overlay (another size) was taken for a query
+    assert code == 0, stderr
+    note = f"not inspecting 1 overlay picture(s) written by an earlier detect (first: {folder / 'q_overlay.png'})"
+    assert stderr == f"anomalygpt detect: note: {note}\n"
+    assert [line.split()[0] for line in stdout.splitlines()[1:]] == [str(folder / "q.png")]
+    code, _, stderr = run([*argv[:1], str(folder / "q_overlay.png"), *argv[2:]])
+    assert code == 2 and "only overlays written by an earlier detect were given" in stderr
+    (folder / "q_map.npy").unlink()  # without its record and map beside it, a *_overlay.png is an image like any
+    assert cli.query_files([str(folder)]) == ([folder / "q.png", folder / "q_overlay.png"], [])
