@@ -506,7 +506,7 @@ def check_query_size(pixels: np.ndarray, refs: References, source: str | None) -
         h, w = refs.memory.image_size
         raise InspectionError(
             f"{source or 'query'}: {pixels.shape[1]}x{pixels.shape[0]} px but the references "
-            f"are {w}x{h} px; use references of the query's size"
+            f"are {w}x{h} px; queries and references must have the same size"
         )
 
 

@@ -122,6 +122,24 @@ def test_bad_start_inputs_are_one_line(files: dict[str, Path], capsys: pytest.Ca
         assert last.startswith("anomalygpt chat: error: ") and message in last, err
 
 
+def test_a_query_of_another_size_than_the_profile_is_one_line_without_advice_about_references(
+    files: dict[str, Path], capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    from anomalygpt.cli import main as anomalygpt
+
+    profile = tmp_path / "tiny.profile"
+    assert anomalygpt(["fit", *refs(files), "--out", str(profile), "--preset", str(files["preset"])]) == 0
+    small = tmp_path / "small.png"
+    Image.open(files["good"]).resize((48, 48)).save(small)
+    capsys.readouterr()
+    assert main([str(small), "--profile", str(profile), "--answerer", "grounded", "--ask", "Is it defective?"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"anomalygpt chat: error: {small}: 48x48 px but the references are 64x64 px; queries and references must "
+        "have the same size"
+    ]
+
+
 @pytest.fixture(scope="module")
 def session(files: dict[str, Path]) -> ChatSession:
     chat = ChatSession(build_assistant(load_preset(str(files["preset"]))))

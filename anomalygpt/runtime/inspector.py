@@ -91,7 +91,7 @@ class RuntimeInspector:
             h, w = self.bundle.image_size
             raise RuntimeInspectionError(
                 f"{source or 'query'}: {pixels.shape[1]}x{pixels.shape[0]} px but the references "
-                f"are {w}x{h} px; use references of the query's size"
+                f"are {w}x{h} px; queries and references must have the same size"
             )
         return pixels, (int(original.shape[0]), int(original.shape[1]))
 
