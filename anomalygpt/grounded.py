@@ -98,7 +98,7 @@ class DefectType:
 # Families for any product, by the region descriptors they fit; a preset's defect_types come first. Every
 # combination of shape, contrast and size fits at least one of them (tests/test_grounded.py checks).
 GENERIC_DEFECT_TYPES = (
-    DefectType("crack", "a thin dark line", shapes=("elongated",), contrasts=("darker", "similar")),
+    DefectType("crack", "a thin break in the material", shapes=("elongated",), contrasts=("darker", "similar")),
     DefectType("scratch", "a thin line in the surface", shapes=("elongated",)),
     DefectType("spot", "a small dark or bright mark", ("compact",), ("darker", "brighter"), ("small", "medium")),
     DefectType("contamination", "foreign material on the surface", ("compact",), ("darker", "brighter")),
@@ -453,7 +453,7 @@ def kind_sentence(group: Sequence[Region], hedge: str, grounds: Grounds) -> str:
 
 
 def type_phrase(kind: DefectType) -> str:
-    """'crack (a thin dark line)'."""
+    """'crack (a thin break in the material)'."""
     return f"{kind.name} ({kind.description})" if kind.description else kind.name
 
 

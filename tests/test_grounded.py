@@ -149,3 +149,15 @@ def test_a_normal_verdict_that_cannot_be_trusted_does_not_pass_the_part() -> Non
         answer = answer_text(ask, Grounds(doubtful))
         assert "the part can pass" not in answer and "Nothing here needs a closer look" not in answer
         assert "do not pass the part on this verdict alone" in answer
+
+
+def test_a_generic_family_s_description_names_no_shade_its_regions_may_lack() -> None:
+    """'crack (a thin dark line)' was said of regions 'about as bright as their surroundings'."""
+    shades = {"darker": "dark", "brighter": "bright"}
+    for kind in GENERIC_DEFECT_TYPES:
+        named = {word for word in ("dark", "bright") if word in kind.description.split()}
+        for contrast in kind.contrasts or CONTRASTS:
+            assert not named or shades.get(contrast) in named, (kind.name, contrast)
+    line = replace(MANY.regions[2], shape="elongated", contrast="similar")
+    answer = answer_text(read_question("What kind of defect is it?"), Grounds(replace(MANY, regions=[line])))
+    assert "about as bright as its surroundings" in answer and "crack (a thin break in the material)" in answer
