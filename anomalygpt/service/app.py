@@ -125,6 +125,12 @@ class KeyRing:
         named = next((n for d, n in self.file_keys.items() if hmac.compare_digest(d, digest)), None)
         return named if named is not None else self.audit.use_key(digest)
 
+    def refusal(self, token: str) -> str:
+        """Why a request with `token` is refused: a revoked key is told so (its holder cannot fix it by retyping)."""
+        if token and self.audit.key_revoked(hashlib.sha256(token.encode()).hexdigest()):
+            return "this API key was revoked; ask for a new one ('anomalygpt serve keys create')"
+        return "missing or wrong API key (send 'Authorization: Bearer <key>')"
+
 
 class QuestionLimiter:
     """At most `per_minute` questions per key name in each clock minute, counted in the audit database, so that
@@ -317,12 +323,11 @@ def key_check(keyring: KeyRing, metrics: Metrics) -> Callable[[Request], str | N
         if not keyring.required():
             return None
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        name = keyring.name(token.strip()) if scheme.lower() == "bearer" else None
+        token = token.strip() if scheme.lower() == "bearer" else ""
+        name = keyring.name(token) if token else None
         if name is None:
             metrics.observe_auth_failure()
-            raise HTTPException(
-                401, "missing or wrong API key (send 'Authorization: Bearer <key>')", {"WWW-Authenticate": "Bearer"}
-            )
+            raise HTTPException(401, keyring.refusal(token), {"WWW-Authenticate": "Bearer"})
         return name
 
     return authenticate

@@ -301,6 +301,12 @@ class AuditStore:
                 session.commit()
         return None if row is None else row.name
 
+    def key_revoked(self, key_sha256: str) -> bool:
+        """Whether the key with this hash was created here and revoked since."""
+        with self.sessions() as session:
+            revoked = select(ApiKeyRow.name).where(ApiKeyRow.key_sha256 == key_sha256, ApiKeyRow.revoked.is_not(None))
+            return session.scalar(revoked) is not None
+
     def api_keys(self) -> list[ApiKeyRow]:
         """Every key created here, revoked ones too, oldest first."""
         with self.sessions() as session:
