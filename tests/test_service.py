@@ -422,22 +422,45 @@ def test_the_client_works_over_a_real_uvicorn_server(inspector, served, profile,
 
 
 def test_serve_warns_when_it_listens_beyond_this_machine(monkeypatch, capsys, tmp_path):
+    import socket
+
     import uvicorn
 
     import anomalygpt.service.app as service_app
 
     calls = []
+
+    def run(server, sockets):
+        calls.append((server.config.app, *sockets[0].getsockname()[:2]))
+        sockets[0].close()
+
     monkeypatch.setattr(service_app, "create_app", lambda *args, answerer, inference_batch: args)
-    monkeypatch.setattr(uvicorn, "run", lambda app, host, port, log_level: calls.append((app, host, port)))
-    assert serve_main(["--host", "0.0.0.0", "--port", "9001", "--profiles", str(tmp_path), "--batch-wait-ms", "2"]) == 0
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "warning: listening on 0.0.0.0" in err and "without API keys" in err
-    ((app_args, host, port),) = calls
+    monkeypatch.setattr(uvicorn.Server, "run", run)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    argv = ["--host", "0.0.0.0", "--port", str(port), "--profiles", str(tmp_path), "--batch-wait-ms", "2"]
+    assert serve_main(argv) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and "warning: listening on 0.0.0.0" in err[0] and "without API keys" in err[0]
+    assert err[1] == f"anomalygpt serve: listening on http://0.0.0.0:{port} (Ctrl+C stops it)"
+    ((app_args, host, bound),) = calls
     folder, db, preset, keys, wait = app_args[:5]
-    assert (host, port, folder, db, keys, wait) == ("0.0.0.0", 9001, tmp_path, None, None, 2.0)
+    assert (host, bound, folder, db, keys, wait) == ("0.0.0.0", port, tmp_path, None, None, 2.0)
     assert (preset if isinstance(preset, str) else preset.name) == "default"
     assert app_args[5] == Limits(questions_per_minute=30)
-    assert serve_main(["--profiles", str(tmp_path)]) == 0 and capsys.readouterr().err == ""
+    assert serve_main(["--profiles", str(tmp_path), "--port", str(port)]) == 0
+    assert capsys.readouterr().err == f"anomalygpt serve: listening on http://127.0.0.1:{port} (Ctrl+C stops it)\n"
+    with socket.socket() as taken:  # another service holds the port: one line, exit 2, uvicorn never started
+        taken.bind(("127.0.0.1", port))
+        taken.listen()
+        assert serve_main(["--profiles", str(tmp_path), "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"anomalygpt serve: error: --host/--port: cannot listen on 127.0.0.1:{port} (Address already in use); "
+        "is the port taken?\n"
+    )
+    assert len(calls) == 2
 
 
 def fresh_database(request, tmp_path: Path, kind: str) -> str:

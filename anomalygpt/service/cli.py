@@ -12,6 +12,7 @@ import hashlib
 import ipaddress
 import re
 import secrets
+import socket
 import sys
 from dataclasses import dataclass
 from datetime import datetime
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
 LOOPBACK_NAMES = ("localhost",)
 KEY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")  # a key's name lands in every audit row it signs
 KEY_PREFIX = "agk_"  # recognisable in a leaked config file
+LISTEN_BACKLOG = 2048  # connections queued before uvicorn accepts them (its default)
 
 
 @dataclass(frozen=True)
@@ -199,6 +201,7 @@ def main(argv: list[str]) -> int:
     )
     try:
         check(options)
+        listening = listening_socket(options.host, options.port)  # before the models load: a taken port fails now
         from anomalygpt.config import DEFAULT_PRESET, load_preset
         from anomalygpt.service.app import Limits, create_app, read_api_keys
 
@@ -225,7 +228,29 @@ def main(argv: list[str]) -> int:
             + ("" if keys else " without API keys (--api-key-file)"),
             file=sys.stderr,
         )
+    shown = f"[{options.host}]" if ":" in options.host else options.host
+    print(f"anomalygpt serve: listening on http://{shown}:{options.port} (Ctrl+C stops it)", file=sys.stderr)
     import uvicorn
 
-    uvicorn.run(app, host=options.host, port=options.port, log_level="warning")
+    uvicorn.Server(uvicorn.Config(app, host=options.host, port=options.port, log_level="warning")).run([listening])
     return 0
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port for uvicorn: a taken port is a one-line error before the models load, and the
+    service says it listens only once the address is its own (uvicorn, at log level warning, says nothing)."""
+    try:
+        found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError as error:
+        raise OSError(f"--host: {host} is not an address of this machine ({error.strerror or error})") from error
+    family, kind, proto, _, address = found[0]
+    listening = socket.socket(family, kind, proto)
+    try:
+        listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listening.bind(address)
+        listening.listen(LISTEN_BACKLOG)  # connections wait in the queue until uvicorn serves them
+    except OSError as error:
+        listening.close()
+        reason = error.strerror or str(error)
+        raise OSError(f"--host/--port: cannot listen on {host}:{port} ({reason}); is the port taken?") from error
+    return listening
