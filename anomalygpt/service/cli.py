@@ -201,13 +201,13 @@ def main(argv: list[str]) -> int:
     )
     try:
         check(options)
-        listening = listening_socket(options.host, options.port)  # before the models load: a taken port fails now
         from anomalygpt.config import DEFAULT_PRESET, load_preset
         from anomalygpt.service.app import Limits, create_app, read_api_keys
 
         keys = read_api_keys(options.api_key_file) if options.api_key_file is not None else None
         limits = Limits(questions_per_minute=options.questions_per_minute)
         preset = with_device(load_preset(options.preset or DEFAULT_PRESET), options.device)
+        listening = listening_socket(options.host, options.port)  # before the models load: a taken port fails now
         app = create_app(
             options.profiles,
             options.db,
