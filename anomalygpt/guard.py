@@ -156,8 +156,11 @@ SUBJECT = r"(image|part|it|this|product|sample|surface|item|picture|everything|c
 DEFECT_ADJECTIVE = r"(defective|anomalous|abnormal|damaged|faulty)"
 NORMAL_CLAIMS = re.compile(
     rf"\b{SUBJECT}\s+(looks|appears|is|seems)\s+(to be\s+)?(normal|fine|ok|okay|good|defect-free|flawless|intact)\b"
-    r"|\bno (anomal\w*|defects?|flaws?|damage)\b"
+    r"|\bno ((visible|obvious|apparent|significant|noticeable|real) )?(anomal\w*|defects?|flaws?|damage)\b"
     r"(?!(\s+regions?)?\s+(is\s+|are\s+)?(at|near|on|along|in)\s+(the|an?|any)\b)"  # "none at the top": a place
+    r"|\b(cannot|can't|could not|couldn't|do not|don't|did not|didn't)\s+(find|see|detect|spot|identify)\s+"
+    r"(any|an?)\s+((visible|obvious|clear) )?(anomal\w*|defects?|flaws?|damage)\b"
+    r"|\b(part|cell|product|it) can (safely )?pass\b|\bpasses (the )?inspection\b"
     r"|\bnothing (looks|is|seems|appears) (defective|wrong|anomalous|abnormal|unusual)\b"
     r"|\b(0|zero) (separate )?anomalous regions?\b"
     r"|(?<![\d.])\b0% of the image\b"  # not the end of "1.0%"
@@ -176,7 +179,11 @@ ANOMALOUS_CLAIMS = re.compile(
     r"|\b(shows?|has|contains?|found|detected)\s+(an?\s+|some\s+)?(anomal(y|ies)|defects?|flaws?)\b"
     rf"|\b{COUNT} (separate )?(anomalous regions?|anomalies|defects)\b"
     r"|\bregions? looks? abnormal\b"
-    r"|\bverdict (is|was) anomalous\b|\b(regions?|it|image|part|cell) differs? from (the (good )?references|them)\b",
+    r"|\bverdict (is|was) anomalous\b|\b(regions?|it|image|part|cell) differs? from (the (good )?references|them)\b"
+    r"|\bthere (is|are) (an?|some|several|a few|one|two|three|[1-9]\d*) ((visible|clear|small|large|real) )?"
+    r"(anomal(y|ies)|defects?|flaws?)\b"
+    r"|\b(should|must) be rejected\b|\bfails? (the )?inspection\b"
+    r"|\b(part|cell|product|it) (cannot|can't|must not|should not|shouldn't) pass\b",
     re.IGNORECASE,
 )
 

@@ -122,6 +122,36 @@ def test_on_a_normal_image_any_region_fact_is_wrong() -> None:
     assert facts("Nothing is at the top; the part looks fine.", grounds) == set()
 
 
+@pytest.mark.parametrize(
+    ("inspection", "sentence"),
+    [
+        (MANY, "I cannot find any defect in this image."),
+        (MANY, "I can't see any anomaly here."),
+        (MANY, "There are no visible defects."),
+        (MANY, "The part can pass."),
+        (NORMAL, "I cannot say it is normal; there is a defect."),
+        (NORMAL, "There are two small flaws."),
+        (NORMAL, "The part should be rejected."),
+        (NORMAL, "The cell cannot pass."),
+    ],
+)
+def test_a_verdict_said_in_other_words_is_caught(inspection: Inspection, sentence: str) -> None:
+    assert "verdict" in facts(sentence, Grounds(inspection, evidence_for(inspection))), sentence
+
+
+@pytest.mark.parametrize(
+    ("inspection", "sentence"),
+    [
+        (MANY, "There are three defects; the part should be rejected."),
+        (MANY, "I cannot pass this part."),
+        (NORMAL, "I cannot find any defect, so the part can pass."),
+        (NORMAL, "There is no visible defect."),
+    ],
+)
+def test_the_same_words_agreeing_with_the_verdict_pass(inspection: Inspection, sentence: str) -> None:
+    assert "verdict" not in facts(sentence, Grounds(inspection, evidence_for(inspection))), sentence
+
+
 def test_a_pronoun_follows_the_region_named_before() -> None:
     assert facts("Region 3 is at the bottom. It is elongated.") == set()
     assert facts("Region 3 is at the bottom. It is compact.") == {"shape"}
