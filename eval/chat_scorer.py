@@ -468,6 +468,10 @@ def useful_why(text: str, case: Case, polarity: str | None, focus: str | None) -
 
 
 def useful_next(text: str, case: Case, polarity: str | None, focus: str | None) -> str | None:
+    if not case.inspection.is_anomalous and (case.inspection.warnings or case.inspection.confidence == "low"):
+        # a normal verdict that cannot be trusted alone: the useful advice is to confirm it, never to pass the part
+        said = re.search(r"\bby eye\b|\bcheck (that )?the references\b", text, re.I)
+        return None if said else "does not say to confirm the verdict by eye"
     if not case.inspection.is_anomalous:
         return None if re.search(r"can pass|nothing", text, re.I) else "does not say it can pass"
     if not case.regions:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from chat_cases import LOW, MANY, NORMAL, ONE, SPANNING, WIDESPREAD, evidence_for
 
@@ -123,6 +125,18 @@ def test_a_right_answer_is_not_a_contradiction(answer: str) -> None:
 )
 def test_usefulness_rules(kind: str, answer: str, useful: bool, focus: str | None) -> None:
     assert score_answer(answer, kind, CASE, focus=focus).useful is useful, answer
+
+
+@pytest.mark.parametrize(
+    "normal",
+    [dataclasses.replace(NORMAL, confidence="low"), dataclasses.replace(NORMAL, warnings=["references unlike it"])],
+    ids=["low confidence", "warning"],
+)
+def test_a_normal_verdict_that_cannot_be_trusted_alone_is_usefully_answered_by_confirming_it(normal) -> None:
+    case = Case(normal)
+    grounded = answer_text(read_question("What should I do next?"), Grounds(normal))
+    assert score_answer(grounded, "next_check", case).useful, grounded
+    assert not score_answer("Nothing needs a closer look: the part can pass.", "next_check", case).useful
 
 
 def test_the_trust_warnings_are_not_scored() -> None:
