@@ -394,7 +394,20 @@ def where_phrase(regions: Sequence[Region], spans: bool = True) -> str:
     groups = list(dict.fromkeys(places))  # first appearance, i.e. largest region first
     if len(groups) == len(places):
         return join_words(groups)
+    if spans and counts_would_mislead(regions, places):
+        return join_words([f"region {region.index} {place}" for region, place in zip(regions, places, strict=True)])
     return join_words([f"{number_word(places.count(place))} {place}" for place in groups])
+
+
+def counts_would_mislead(regions: Sequence[Region], places: Sequence[str]) -> bool:
+    """Whether counting regions by phrase could undercount a place ('two in the bottom left' while a region from the
+    left to the bottom left reaches it too): two regions described by different phrases share a cell. Each region
+    is then named by number."""
+    for region, place in zip(regions, places, strict=True):
+        for other, other_place in zip(regions, places, strict=True):
+            if other_place != place and set(region.places) & set(other.places):
+                return True
+    return False
 
 
 def place_of(region: Region, spans: bool) -> str:

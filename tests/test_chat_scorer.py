@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-from chat_cases import LOW, MANY, NORMAL, ONE, SPANNING, WIDESPREAD, evidence_for
+from chat_cases import LOW, MANY, NORMAL, ONE, SPANNING, WIDESPREAD, evidence_for, inspection_with
 
 from anomalygpt.grounded import Grounds, answer_text
 from anomalygpt.guard import read_question
@@ -137,6 +137,21 @@ def test_a_normal_verdict_that_cannot_be_trusted_alone_is_usefully_answered_by_c
     grounded = answer_text(read_question("What should I do next?"), Grounds(normal))
     assert score_answer(grounded, "next_check", case).useful, grounded
     assert not score_answer("Nothing needs a closer look: the part can pass.", "next_check", case).useful
+
+
+def test_regions_listed_by_place_are_never_undercounted() -> None:
+    """A bar across the top and two blobs at the top: 'two at the top' would say two where three reach the top, so
+    the listing names each region by number, and the scorer reads no wrong count."""
+    bars = ((5, 2, 80, 6, 0.9, 40), (35, 15, 5, 5, 0.8, 40), (50, 15, 5, 5, 0.8, 40))
+    inspection = inspection_with(bars)
+    assert [r.place() for r in inspection.regions] == ["from the top left to the top right", "at the top", "at the top"]
+    case = Case(inspection, evidence_for(inspection))
+    counted = "There are 3 anomalous regions: one from the top left to the top right and two at the top."
+    assert score_answer(counted, "count", case).contradictions, "the count-at-a-place reading this guards against"
+    for question in ("How many defects are there?", "Where are the defects?", "Is there any defect?"):
+        text = answer_text(read_question(question), Grounds(inspection, case.evidence))
+        assert "region 2 at the top and region 3 at the top" in text, text
+        assert score_answer(text, "count", case).contradictions == [], text
 
 
 def test_the_trust_warnings_are_not_scored() -> None:
