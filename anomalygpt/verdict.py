@@ -247,15 +247,25 @@ def fit_of_distances(
     }
 
 
-def fit_warning(fit: dict[str, object]) -> str | None:
-    """The one-line warning for a query that does not fit its references, else None."""
-    if fit["fits"] is not False:
+def fit_miss(fit: dict[str, object] | None) -> tuple[str, float] | None:
+    """Why a query does not fit its references: ("spacing", its distance ratio) or ("brightness", its signed
+    brightness in spreads); None when it fits, or when the fit is unknown."""
+    if fit is None or fit.get("fits") is not False:
         return None
     ratio, light = float(fit["ratio"]), float(fit["brightness"])  # type: ignore[arg-type]
-    if ratio > FIT_LIMIT:
-        found = f"it is {ratio:.1f} times farther from the nearest one than the references are from each other"
+    return ("spacing", ratio) if ratio > FIT_LIMIT else ("brightness", light)
+
+
+def fit_warning(fit: dict[str, object]) -> str | None:
+    """The one-line warning for a query that does not fit its references, else None."""
+    miss = fit_miss(fit)
+    if miss is None:
+        return None
+    reason, value = miss
+    if reason == "spacing":
+        found = f"it is {value:.1f} times farther from the nearest one than the references are from each other"
     else:
-        found = f"it is {abs(light):.1f} spreads {'brighter' if light > 0 else 'darker'} than they are"
+        found = f"it is {abs(value):.1f} spreads {'brighter' if value > 0 else 'darker'} than they are"
     return (
         f"the image does not look like the good references ({found}): another product, design or lighting, or "
         "a defect over much of it? The verdict compares it with references that do not fit"

@@ -25,7 +25,7 @@ from matplotlib import colormaps
 
 from anomalygpt.io import write_png_atomic
 from anomalygpt.regions import Region
-from anomalygpt.verdict import FIT_LIMIT
+from anomalygpt.verdict import fit_miss
 
 if TYPE_CHECKING:  # inspection imports torch; pictures need only its fields
     from anomalygpt.inspection import Inspection
@@ -257,10 +257,11 @@ def inspection_figure(image: np.ndarray, inspection: Inspection, cmap: str = "je
 
 def fit_line(reference_fit: dict[str, Any] | None) -> str | None:
     """The figure's short form of the reference-fit warning (verdict.fit_warning), or None when the query fits."""
-    if reference_fit is None or reference_fit.get("fits") is not False:
+    miss = fit_miss(reference_fit)
+    if miss is None:
         return None
-    ratio, light = float(reference_fit["ratio"]), float(reference_fit["brightness"])
-    found = f"{ratio:.1f}x their spacing" if ratio > FIT_LIMIT else f"{abs(light):.1f} spreads off their brightness"
+    reason, value = miss
+    found = f"{value:.1f}x their spacing" if reason == "spacing" else f"{abs(value):.1f} spreads off their brightness"
     return f"WARNING: does not look like the good references ({found})"
 
 

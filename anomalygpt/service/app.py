@@ -7,7 +7,6 @@ names (profiles and inspections are found by ids this service issued).
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import hmac
 import json
 import math
@@ -36,6 +35,7 @@ from anomalygpt.service.audit import (
     AuditStore,
     InspectionFilter,
     inspection_json,
+    key_digest,
     parse_time,
     profile_json,
 )
@@ -99,7 +99,7 @@ def read_api_keys(path: str | Path) -> dict[str, str]:
         name, sep, key = text.partition(":")
         if not sep or not name.strip() or len(key.strip()) < 8:
             raise ValueError(f"{path}:{number}: expected 'name:key' with a key of at least 8 characters")
-        keys[hashlib.sha256(key.strip().encode()).hexdigest()] = name.strip()
+        keys[key_digest(key.strip())] = name.strip()
     if not keys:
         raise ValueError(f"{path}: no 'name:key' line; an empty key file would leave the service open")
     return keys
@@ -121,13 +121,13 @@ class KeyRing:
 
     def name(self, token: str) -> str | None:
         """The name of the valid key `token`; None for a wrong or revoked one."""
-        digest = hashlib.sha256(token.encode()).hexdigest()
+        digest = key_digest(token)
         named = next((n for d, n in self.file_keys.items() if hmac.compare_digest(d, digest)), None)
         return named if named is not None else self.audit.use_key(digest)
 
     def refusal(self, token: str) -> str:
         """Why a request with `token` is refused: a revoked key is told so (its holder cannot fix it by retyping)."""
-        if token and self.audit.key_revoked(hashlib.sha256(token.encode()).hexdigest()):
+        if token and self.audit.key_revoked(key_digest(token)):
             return "this API key was revoked; ask for a new one ('anomalygpt serve keys create')"
         return "missing or wrong API key (send 'Authorization: Bearer <key>')"
 

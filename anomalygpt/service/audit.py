@@ -150,6 +150,11 @@ class InspectionFilter:
     offset: int = 0
 
 
+def key_digest(key: str) -> str:
+    """What is stored of an API key and compared with a request's: its sha256 (the key itself never is)."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
 def utc_now() -> datetime:
     """Naive UTC: every dialect stores and compares it the same way (SQLite drops offsets)."""
     return datetime.now(timezone.utc).replace(tzinfo=None)

@@ -8,7 +8,6 @@ needs one. `keys list` shows each key's name and times, `keys revoke NAME` refus
 from __future__ import annotations
 
 import argparse
-import hashlib
 import ipaddress
 import re
 import secrets
@@ -130,8 +129,10 @@ def key_store(profiles: Path, db: str | None, create: bool) -> AuditStore:
 
 def create_key(audit: AuditStore, name: str) -> None:
     """A new key on stdout, once; its hash in the database."""
+    from anomalygpt.service.audit import key_digest
+
     key = KEY_PREFIX + secrets.token_urlsafe(32)
-    audit.add_key(name, hashlib.sha256(key.encode()).hexdigest())
+    audit.add_key(name, key_digest(key))
     print(key)
     print(f"anomalygpt serve keys: created {name!r}; only its hash is stored, so copy it now", file=sys.stderr)
 
