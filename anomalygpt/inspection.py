@@ -429,13 +429,18 @@ class Inspector:
         return inspections()
 
     def batch_scores(
-        self, feats: torch.Tensor, size: tuple[int, int], on_image: Callable[[], None] | None = None
+        self,
+        feats: torch.Tensor,
+        size: tuple[int, int],
+        on_image: Callable[[], None] | None = None,
+        rows: Sequence[int] | None = None,
     ) -> tuple[torch.Tensor, np.ndarray]:
-        """Mutual maps (N, h, w) of a batch's embedded deepest-stage features (N, C, h, w) and each image's score.
-        Each full-size map is made twice, here for its score and again when it is shown: keeping them all would
-        hold N x H x W floats (16 GB for 1,000 images of 2,048 px); the small maps are kept instead."""
+        """Mutual maps (N, h, w) of a batch's embedded deepest-stage features (N, C, h, w) and each image's score
+        (with rows, those images' only, as the whole batch's scoring makes them). Each full-size map is made twice,
+        here for its score and again when it is shown: keeping them all would hold N x H x W floats (16 GB for
+        1,000 images of 2,048 px); the small maps are kept instead."""
         cfg = self.preset.memory
-        maps = mutual_maps(feats, seed=cfg.seed, on_image=on_image)
+        maps = mutual_maps(feats, seed=cfg.seed, on_image=on_image, rows=rows)
         scores = np.array([top_mean(fuse_maps([m[None]], size, cfg.sigma)[0], cfg.top_fraction) for m in maps])
         return maps, scores
 

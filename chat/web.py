@@ -876,10 +876,8 @@ def loaded_app(args: argparse.Namespace) -> WebApp:
     preset = with_device(chosen_preset(args.preset, args.profile), args.device)
     print(f"Loading preset {preset.name!r} ...", flush=True)
     inspector = build_inspector(preset)
-    if args.profile is None:
-        return WebApp(inspector, load_answerer(preset, args.answerer, inspector), preset.name)
-    profile = inspector.load_profile(args.profile)
-    evidence = profile_evidence(profile, args.profile)
+    profile = inspector.load_profile(args.profile) if args.profile is not None else None
+    evidence = profile_evidence(profile, args.profile) if profile is not None else None
     return WebApp(inspector, load_answerer(preset, args.answerer, inspector), preset.name, profile, evidence)
 
 

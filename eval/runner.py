@@ -27,7 +27,7 @@ from anomalygpt.config import Preset, to_dict
 from anomalygpt.inspection import Inspector
 from anomalygpt.io import load_image, write_json_atomic
 from anomalygpt.memory import embed_patches, fuse_maps, memory_inputs, top_mean
-from anomalygpt.mutual import batch_calibration, mutual_maps
+from anomalygpt.mutual import batch_calibration
 from anomalygpt.regions import Region
 from anomalygpt.verdict import decide
 from eval.datasets import CategorySplit, Sample, draw_shots, load_mask
@@ -623,6 +623,6 @@ def batch_example_maps(
     cfg = inspector.preset.memory
     paths = [Path(path) for path in result.paths]
     cache = encode_category(inspector, paths, "examples", True)
-    small = mutual_maps(batch_features(cache, paths, cfg.neighbourhood), seed=cfg.seed, rows=indices)
-    maps = fuse_maps([small], cache.image_size, cfg.sigma)
-    return maps, [top_mean(m, cfg.top_fraction) for m in maps], Calibration(**result.calibration)
+    feats = batch_features(cache, paths, cfg.neighbourhood)
+    small, scores = inspector.batch_scores(feats, cache.image_size, rows=indices)
+    return fuse_maps([small], cache.image_size, cfg.sigma), scores.tolist(), Calibration(**result.calibration)
