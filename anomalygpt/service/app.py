@@ -34,6 +34,7 @@ from anomalygpt.service.audit import (
     BLOB_SUFFIXES,
     AuditStore,
     InspectionFilter,
+    default_database,
     inspection_json,
     key_digest,
     parse_time,
@@ -236,7 +237,7 @@ def create_app(
     folder = Path(profiles_dir)
     folder.mkdir(parents=True, exist_ok=True)
     limits = limits or Limits()
-    audit = AuditStore(db_url or f"sqlite:///{folder / 'audit.db'}", folder / "blobs")
+    audit = AuditStore(db_url or default_database(folder), folder / "blobs")
     inspector = inspector or build_inspector(preset)
     service = InspectionService(inspector, folder, audit, inference_batch or inference_batch_size(inspector))
     chats = ChatService(service, build_answerer(answerer, service.inspector), answerer)

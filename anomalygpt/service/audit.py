@@ -44,6 +44,7 @@ from anomalygpt.io import write_bytes_atomic
 
 BLOB_SUFFIXES = {"overlay": ".png", "map": ".npy", "image": ".img"}  # image: the upload's bytes as received
 MIGRATIONS = Path(__file__).with_name("migrations")
+AUDIT_FILE = "audit.db"  # the default database's file in the --profiles folder
 FIRST_REVISION = "0001"  # the schema the first release made without Alembic
 MIGRATION_LOCK = 0x616E6F6D  # PostgreSQL advisory lock id: replicas starting together migrate one after another
 VERSION_TRIES = 5  # profile creations racing for the next version of one name
@@ -181,6 +182,11 @@ def sqlite_pragmas(connection: Any, _record: Any) -> None:
     cursor.execute("PRAGMA synchronous=FULL")
     cursor.execute("PRAGMA busy_timeout=10000")
     cursor.close()
+
+
+def default_database(profiles: Path) -> str:
+    """The audit database when no --db is given: SQLite in the service's --profiles folder."""
+    return f"sqlite:///{profiles / AUDIT_FILE}"
 
 
 def database_url(url: str) -> str:

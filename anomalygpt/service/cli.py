@@ -117,14 +117,14 @@ def keys_main(argv: list[str]) -> int:
 
 def key_store(profiles: Path, db: str | None, create: bool) -> AuditStore:
     """The audit database the keys live in; only `create` makes the default SQLite file (and its folder)."""
-    from anomalygpt.service.audit import AuditStore
+    from anomalygpt.service.audit import AuditStore, default_database
     from anomalygpt.service.export import database
 
     if not create:
         return AuditStore(database(db, profiles), profiles / "blobs")
     if db is None:
         profiles.mkdir(parents=True, exist_ok=True)
-    return AuditStore(db or f"sqlite:///{profiles / 'audit.db'}", profiles / "blobs")
+    return AuditStore(db or default_database(profiles), profiles / "blobs")
 
 
 def create_key(audit: AuditStore, name: str) -> None:

@@ -59,12 +59,15 @@ def since_option(text: str | None) -> datetime | None:
 
 def database(db: str | None, profiles: Path) -> str:
     """The URL to read; a default SQLite file that does not exist is an error (never created by reading)."""
+    from anomalygpt.service.audit import AUDIT_FILE, default_database
+
     if db is not None:
         return db
-    path = profiles / "audit.db"
-    if not path.is_file():
-        raise ValueError(f"--profiles: {path} does not exist (give the service's --profiles folder, or --db URL)")
-    return f"sqlite:///{path}"
+    if not (profiles / AUDIT_FILE).is_file():
+        raise ValueError(
+            f"--profiles: {profiles / AUDIT_FILE} does not exist (give the service's --profiles folder, or --db URL)"
+        )
+    return default_database(profiles)
 
 
 def records(options: ExportOptions) -> tuple[list[str], Iterator[dict[str, Any]]]:
