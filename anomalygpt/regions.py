@@ -11,9 +11,9 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import cv2
 import numpy as np
 from scipy import ndimage
-from skimage.morphology import h_maxima
 from skimage.segmentation import watershed
 
 WIDESPREAD = "widespread"  # the location of a region covering WIDESPREAD_PCT or more of the image: no one place
@@ -245,13 +245,45 @@ def split_at_peaks(
         if areas[label] >= 2 * min_area:
             crop = np.where(component, scores[box], threshold)  # (h, w); outside the component: the threshold
             height = depth * float(crop.max() - threshold)
-            markers, n_peaks = ndimage.label(h_maxima(crop, height) & component, structure=EIGHT_CONNECTED)
+            markers, n_peaks = ndimage.label(h_maxima(crop, height, component), structure=EIGHT_CONNECTED)
             if n_peaks > 1:
                 parts = watershed(-crop, markers, mask=component, connectivity=2)
                 n_parts = n_peaks
         out[box][component] = parts[component] + next_label
         next_label += n_parts
     return out, next_label
+
+
+def h_maxima(image: np.ndarray, h: float, within: np.ndarray | None = None) -> np.ndarray:
+    """skimage.morphology.h_maxima(image, h) of a float64 (H, W) image, 8-connected, pixel for pixel (and only
+    those in the boolean mask `within`, when given): the pixels x with image[x] - R[x] >= h, R the grey
+    reconstruction by dilation of image - h - resolution under image.
+
+    skimage sorts every pixel (11 ms per defective ELPV cell, half of its regions' time); this tests only the
+    near-local maxima, since a pixel with a higher neighbour is never one. Pixel x is not one exactly when a pixel
+    y whose marker stands within h of image[x] reaches x through pixels that all stand within h of image[x]
+    (float subtraction is monotone, so the test is the reconstruction's to the last bit): one 8-connected
+    labelling per distinct candidate value."""
+    out = np.zeros(image.shape, np.uint8)  # (H, W)
+    if h > np.ptp(image):
+        return out
+    marker = image - h - 2 * np.finfo(image.dtype).resolution * np.abs(image)  # as skimage's, (H, W)
+    # A neighbour higher by more than rounding (~1e-15 relative) rules a pixel out; 1e-9 keeps every near-tie.
+    slack = 1e-9 * max(float(np.abs(image).max()), h)
+    candidates = image >= cv2.dilate(image, np.ones((3, 3), np.uint8)) - slack  # (H, W)
+    rows, cols = np.nonzero(candidates if within is None else candidates & within)
+    values = image[rows, cols]
+    for value in np.unique(values):
+        pick = values == value
+        high = value - marker < h  # (H, W): markers within h of value
+        kept = np.ones(int(pick.sum()), bool)
+        if high.any():  # (none for the top value, as a rule)
+            n_labels, labels = cv2.connectedComponents((value - image < h).view(np.uint8), connectivity=8)
+            reached = np.zeros(n_labels, bool)
+            reached[labels[high]] = True
+            kept = ~reached[labels[rows[pick], cols[pick]]]
+        out[rows[pick][kept], cols[pick][kept]] = 1
+    return out
 
 
 def _checked_scores(score_map: np.ndarray) -> np.ndarray:
@@ -347,8 +379,10 @@ def _contrast_word(grey: np.ndarray, labels: np.ndarray, label: int, box: tuple[
         slice(max(cols_slice.start - radius, 0), min(cols_slice.stop + radius, grey.shape[1])),
     )
     component = labels[window] == label  # (h, w)
-    # Distance to the component <= radius is a disk dilation at O(pixels) cost.
-    ring = (ndimage.distance_transform_edt(~component) <= radius) & ~mask[window]  # (h, w)
+    # Distance to the component <= radius is a disk dilation at O(pixels) cost (OpenCV's exact Euclidean distance:
+    # scipy's distance_transform_edt's, 4x faster).
+    distance = cv2.distanceTransform((~component).view(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)  # (h, w)
+    ring = (distance <= radius) & ~mask[window]  # (h, w)
     if not ring.any():
         return "similar"
     difference = grey[window][component].mean() - grey[window][ring].mean()

@@ -149,7 +149,7 @@ def decode_figures(files: list[Path], workers: int) -> dict[str, float]:
 def tail_figures(inspector: Inspector, references: References, files: list[Path], threads: int) -> dict[str, float]:
     """Images/s of the per-image tail of inspect_many alone (reference fit, verdict, regions: CPU work however fast
     the device is), in one thread and in `threads`, on maps the device made beforehand: a ceiling on the device
-    path's images/s. Regions of defective images cost most of it (h_maxima sorting large components)."""
+    path's images/s. Regions of defective images cost most of it (splitting large components at their peaks)."""
     refs = references
     images = [inspection.decoded(path, str(path), refs.memory.cfg) for path in files]
     maps, scores, looks = inspector.batch_maps([d.memory_input for d in images], refs.memory, False)

@@ -7,6 +7,8 @@ import json
 import cv2
 import numpy as np
 import pytest
+from scipy import ndimage
+from skimage import morphology
 
 from anomalygpt.regions import (
     LOCATION_WORDS,
@@ -14,6 +16,7 @@ from anomalygpt.regions import (
     default_min_area_px,
     find_regions,
     format_pct,
+    h_maxima,
     location_word,
     map_cell_px,
     regions_summary,
@@ -271,6 +274,39 @@ def test_an_area_with_two_separate_peaks_is_two_regions() -> None:
     # A shallow dip (0.9, 0.05 below the lower peak) is one defect's ripple: one region.
     (ridge,) = find_regions(two_peak_map(valley=0.9), threshold=0.2)
     assert ridge.place() == "from the left to the right"
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_h_maxima_is_skimages_pixel_for_pixel(seed: int) -> None:
+    # Smoothed noise has many peaks at every height; rounding to a grid makes plateaus and exact ties, a
+    # constant frame is the outside of a component as split_at_peaks crops it, the offset puts the values where
+    # rounding of (image - h) differs from that of the image (and with seed 0 the top at exactly 0, where
+    # skimage's resolution term vanishes), and a neighbour one float step above the top is a near tie.
+    rng = np.random.default_rng(seed)
+    image = ndimage.gaussian_filter(rng.normal(size=(70, 90)), sigma=seed % 3 + 1.5)
+    if seed % 2:
+        image = np.round(image, 2)
+    image[:, :6] = image.min()
+    image += 7.0 * seed if seed else -image.max()
+    row, col = np.unravel_index(int(image[1:-1, 7:-1].argmax()), (68, 82))
+    image[row + 2, col + 7] = np.nextafter(image[row + 1, col + 7], np.inf)
+    for share in (0.02, 0.1, 0.3, 0.7, 1.5):
+        h = share * float(np.ptp(image))
+        ours, theirs = h_maxima(image, h), morphology.h_maxima(image, h)
+        assert ours.dtype == theirs.dtype and np.array_equal(ours, theirs), (seed, share)
+        within = image > np.median(image)  # as split_at_peaks asks: only a component's pixels
+        assert np.array_equal(h_maxima(image, h, within), theirs * within), (seed, share)
+        assert (share > 1) == (ours.sum() == 0)  # a real test: maxima found for every h within the range
+
+
+def test_the_contrast_rings_distance_is_scipys_euclidean_distance() -> None:
+    # _contrast_word's ring is OpenCV's exact distance transform <= radius; scipy's is the reference.
+    rng = np.random.default_rng(0)
+    for share in (0.01, 0.2, 0.6):
+        field = ndimage.gaussian_filter(rng.normal(size=(80, 110)), 3)
+        outside = field <= np.quantile(field, 1 - share)  # components of `share` of the pixels
+        ours = cv2.distanceTransform(outside.view(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+        assert np.allclose(ours, ndimage.distance_transform_edt(outside), atol=1e-4)
 
 
 def test_min_peak_keeps_only_regions_peaking_above_it() -> None:
