@@ -242,7 +242,7 @@ def prepare(options: DetectOptions) -> RayDetect:
         "engine": ENGINE,
         "profile_sha256": file_sha256(options.profile),
         "preset": inspector.preset.name,
-        "class_name": options.class_name,
+        "class_name": options.class_name or references.class_name,  # as the single-process summary says
         "sensitivity": options.sensitivity,
     }
     resumed = not options.overwrite and earlier_run(options.out, key)

@@ -66,7 +66,8 @@ def scene(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         )
     )
     profile = root / "grass.profile"
-    code, _, stderr = run(["fit", str(root / "refs"), "--preset", str(preset), "--out", str(profile)])
+    argv = ["fit", str(root / "refs"), "--preset", str(preset), "--out", str(profile), "--class-name", "grass"]
+    code, _, stderr = run(argv)
     assert code == 0, stderr
     return {"root": root, "queries": root / "queries", "profile": profile}
 
@@ -113,6 +114,7 @@ def test_ray_writes_the_single_process_records(scene: dict[str, Path], local_out
     summary = json.loads((out / "summary.json").read_text())
     assert summary["images"] == local_summary["images"]
     assert summary["n_anomalous"] == local_summary["n_anomalous"] == 4
+    assert summary["class_name"] == local_summary["class_name"] == "grass"  # the profile's
     assert summary["complete"] is True and summary["failed"] == [] and summary["engine"] == "ray"
 
 
