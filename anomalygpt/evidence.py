@@ -13,7 +13,7 @@ large pool it looks at MAX_REFERENCES of them, evenly spaced.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -71,15 +71,20 @@ class EvidenceIndex:
 
     @classmethod
     def build(
-        cls, references: References, reference_images: Sequence[np.ndarray], labels: Sequence[str] | None = None
+        cls,
+        references: References,
+        reference_images: Sequence[np.ndarray] | Callable[[int], np.ndarray],
+        labels: Sequence[str] | None = None,
     ) -> EvidenceIndex:
-        """reference_images: one per `references.names`, in that order (the pixels the good crops come from);
+        """reference_images: one per `references.names`, in that order (the pixels the good crops come from), or
+        the function that reads reference i (only the searched ones are read: a large pool stays on disk);
         labels: how answers name them (default: the names), shown as file names."""
-        if len(reference_images) != len(references.names):
+        if not callable(reference_images) and len(reference_images) != len(references.names):
             raise ValueError(f"evidence: {len(reference_images)} images for {len(references.names)} references")
+        image = reference_images if callable(reference_images) else reference_images.__getitem__
         memory = references.memory
-        chosen = searched(len(reference_images))
-        images = [reference_images[i] for i in chosen]
+        chosen = searched(len(references.names))
+        images = [image(i) for i in chosen]
         features = query_features(memory.backbone.encode(images).patches, memory.cfg.neighbourhood)
         labels = list(labels) if labels is not None else list(references.names)
         names = tuple(Path(labels[i]).name for i in chosen)
@@ -110,7 +115,7 @@ class EvidenceSource:
         if self.index is None:
             names = self.references.names
             labels = [self.labels_by_name.get(name, name) for name in names]
-            self.index = EvidenceIndex.build(self.references, [self.images_by_name[name] for name in names], labels)
+            self.index = EvidenceIndex.build(self.references, lambda i: self.images_by_name[names[i]], labels)
         if patches is None:
             patches = list(self.references.memory.backbone.encode([pixels]).patches)
         return region_evidence(pixels, inspection, self.index, patches)

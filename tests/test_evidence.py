@@ -13,6 +13,7 @@ from anomalygpt.backbones import BackboneConfig
 from anomalygpt.config import Preset
 from anomalygpt.evidence import (
     EvidenceIndex,
+    EvidenceSource,
     crop,
     luma,
     profile_evidence,
@@ -63,6 +64,26 @@ def test_crops_and_the_searched_references() -> None:
     assert searched(4) == [0, 1, 2, 3]
     many = searched(1000)
     assert len(many) == 16 and many[0] == 0 and many[-1] == 999
+
+
+def test_a_large_pool_s_evidence_reads_only_the_searched_references() -> None:
+    inspector = build_inspector(
+        Preset(name="t", backbone=BackboneConfig(image_size=64), memory=MemoryConfig(augment=False))
+    )
+    references = texture_crops(20, size=64, seed=11)
+    fitted = inspector.fit(references)
+    query = with_dark_blob(references[5], center=(44, 20), radius=9)
+    read: list[str] = []
+
+    class Counted(dict[str, np.ndarray]):
+        def __getitem__(self, name: str) -> np.ndarray:
+            read.append(name)
+            return super().__getitem__(name)
+
+    source = EvidenceSource(fitted, Counted(zip(fitted.names, references, strict=True)))
+    (found,) = source.evidence(query, inspector.inspect(query, fitted))
+    assert sorted(read) == sorted(fitted.names[i] for i in searched(20)) and len(read) == 16  # 4 stay unread
+    assert found.reference in searched(20)
 
 
 def test_the_images_must_match_the_references(case: dict[str, object]) -> None:
