@@ -27,7 +27,9 @@ effect on verdicts with the CPU's float16 kernels (a GPU's round differently; gp
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import multiprocessing
 import os
 import platform
 import shutil
@@ -148,8 +150,9 @@ def decode_figures(files: list[Path], workers: int) -> dict[str, float]:
 
 def tail_figures(inspector: Inspector, references: References, files: list[Path], threads: int) -> dict[str, float]:
     """Images/s of the per-image tail of inspect_many alone (reference fit, verdict, regions: CPU work however fast
-    the device is), in one thread and in `threads`, on maps the device made beforehand: a ceiling on the device
-    path's images/s. Regions of defective images cost most of it (splitting large components at their peaks)."""
+    the device is), in one thread, in `threads` threads (as inspect_many runs it) and in `threads` processes (what
+    the GIL costs the threads), on maps the device made beforehand: a ceiling on the device path's images/s.
+    Regions of defective images cost most of it (splitting large components at their peaks)."""
     refs = references
     images = [inspection.decoded(path, str(path), refs.memory.cfg) for path in files]
     maps, scores, looks = inspector.batch_maps([d.memory_input for d in images], refs.memory, False)
@@ -166,9 +169,37 @@ def tail_figures(inspector: Inspector, references: References, files: list[Path]
                 )
 
             start = time.perf_counter()
-            list(pool.map(tail, range(len(images))))
+            threaded = list(pool.map(tail, range(len(images))))
             rates[f"{n}_threads"] = len(images) / (time.perf_counter() - start)
+    light = dataclasses.replace(refs, memory=None)  # what the tail reads of the references: no bank, no backbone
+    context = multiprocessing.get_context("spawn")  # torch and CUDA stay out of forked children
+    initargs = (light, mode, appearances)
+    with ProcessPoolExecutor(threads, context, initializer=start_tail_worker, initargs=initargs) as pool:
+        list(pool.map(time.sleep, [1.0] * threads))  # every process started (one per task held) before timing
+        start = time.perf_counter()
+        found = list(pool.map(tail_in_worker, zip(images, maps, scores, looks, strict=True), chunksize=4))
+        rates[f"{threads}_processes"] = len(images) / (time.perf_counter() - start)
+    differing = parity(found, threaded)
+    if differing["verdicts_differing"] or differing["region_boxes_differing"] or differing["max_score_difference"]:
+        raise RuntimeError(f"the tail in processes differs from the tail in threads: {differing}")
     return rates
+
+
+TAIL_WORKER: dict[str, Any] = {}
+
+
+def start_tail_worker(refs: References, mode: inspection.Mode, appearances: torch.Tensor) -> None:
+    """A tail process: a CPU inspector of the default preset (the bench's), one thread, the references' light part."""
+    shared = inspection.BatchContext(refs, None, 0.0, ThreadPoolExecutor(1))  # (the tail submits nothing)
+    TAIL_WORKER.update(inspector=inspector_on("cpu", 1), shared=shared, mode=mode, appearances=appearances)
+
+
+def tail_in_worker(item: tuple[inspection.Decoded, np.ndarray, float | None, torch.Tensor]) -> Inspection:
+    image, anomaly_map, score, look = item
+    worker = TAIL_WORKER
+    return worker["inspector"].batch_inspection(
+        image, None, anomaly_map, score, look, worker["appearances"], worker["mode"], worker["shared"], {}
+    )
 
 
 def inspector_on(device: str, threads: int) -> Inspector:
