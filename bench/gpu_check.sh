@@ -32,7 +32,8 @@
 #                            device_path.float32.best / .half.best       images/s end to end from PNG (asked
 #                                                                     >= 2,000 for 4-shot 300x300)
 #                            device_path.tail_images_per_s   the per-image CPU tail alone (fit check, verdict,
-#                                                    regions) in 1 and 16 threads: the ceiling of the above
+#                                                    regions) in 1 and 16 threads and in 16 processes: the
+#                                                    ceiling of the above, and what the GIL costs threads
 #   bench_batch_cuda.log   the bench's progress lines
 #   summary.txt            the headline numbers pulled from the JSON
 #
@@ -88,7 +89,7 @@ for p in ("float32", "half"):
 print(f"float32 vs the CPU: max score difference {n('max_score_difference_vs_cpu', g, '.2e')}, "
       f"{n('verdicts_differing_vs_cpu', g, 'd')} verdicts differing")
 print(f"half vs float32: {g.get('half_vs_float32', 'not measured')}")
-print(f"per-image tail alone (images/s, by threads): {g.get('tail_images_per_s', 'not measured')}")
+print(f"per-image tail alone (images/s, threads or processes): {g.get('tail_images_per_s', 'not measured')}")
 print(f"seconds {n('seconds', d.get('setup', {}), '.0f')}")
 EOF
     tail -n 3 "$OUT"/pytest_cuda.log; cat "$OUT"/summary.txt
