@@ -850,7 +850,7 @@ class ClaimChecker:
 
     def check_opening(self, opening: str) -> None:
         """Read the grounded opening for the report (its trust warnings are the Inspection's own words: skipped)."""
-        warnings = " ".join(preamble(self.grounds.inspection))
+        warnings = " ".join(preamble(self.grounds.inspection, self.grounds.warned))
         self.said += [normalised(text) for text in split_sentences(warnings)]
         if warnings and opening.startswith(warnings):
             opening = opening[len(warnings) :]

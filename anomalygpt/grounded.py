@@ -11,6 +11,7 @@ reads them.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -56,6 +57,7 @@ CONFIDENCE_REASONS = {
 }
 # With a trust warning (references that do not fit, one reference, duplicates, none at all) no word may vouch for
 # the margin.
+REMINDER = "Warning (as above)"  # how a later answer of a conversation recalls the warnings given in full
 UNTRUSTED_MARGIN = "But the warning above means that this margin does not make the verdict reliable: check it by eye."
 GREY_SAME = 2.0  # grey levels (0-255) within which a region is "about as bright as" its good match
 
@@ -137,6 +139,7 @@ class Grounds:
     evidence: tuple[RegionEvidence, ...] | None = None  # None: not computed (no references at hand)
     defect_types: tuple[DefectType, ...] = ()
     reference_names: tuple[str, ...] = ()  # one per good reference, as the answers name them
+    warned: bool = False  # an earlier answer of this conversation gave the Inspection's trust warnings in full
 
     @property
     def regions(self) -> list[Region]:
@@ -207,9 +210,14 @@ def empty_sentence(inspection: Inspection) -> str:
 # ---------------------------------------------------------------- what every answer opens with
 
 
-def preamble(inspection: Inspection) -> list[str]:
-    """The trust warnings every answer opens with: the Inspection's own, then a low-confidence note."""
-    lines = [sentence(f"Warning: {warning}") for warning in inspection.warnings]
+def preamble(inspection: Inspection, warned: bool = False) -> list[str]:
+    """The trust warnings every answer opens with: the Inspection's own, then a low-confidence note. `warned`
+    (an earlier answer gave them in full): one sentence recalls each warning by its head instead, so that a
+    conversation does not bury its answers under the same paragraph."""
+    if warned and inspection.warnings:
+        lines = [sentence(f"{REMINDER}: " + "; ".join(warning_head(warning) for warning in inspection.warnings))]
+    else:
+        lines = warning_sentences(inspection)
     if inspection.confidence == "low":
         lines.append(
             f"Note: my confidence in this verdict is low, because the anomaly score is only "
@@ -218,15 +226,36 @@ def preamble(inspection: Inspection) -> list[str]:
     return lines
 
 
+def warning_sentences(inspection: Inspection) -> list[str]:
+    return [sentence(f"Warning: {warning}") for warning in inspection.warnings]
+
+
+def warning_head(warning: str) -> str:
+    """What a reminder says of a warning: its words before the first ':' or ' (' ('the image does not look like
+    the good references', 'one reference', 'no good references', '2 references are the same picture')."""
+    return re.split(r":| \(", warning, maxsplit=1)[0]
+
+
+def warned_before(inspection: Inspection, answers: Sequence[str]) -> bool:
+    """True when one of a conversation's earlier answers opened with this Inspection's trust warnings in full
+    (the same words: warnings that changed, with the sensitivity or the references, are given in full again)."""
+    full = " ".join(warning_sentences(inspection))
+    return bool(full) and any(answer.startswith(full) for answer in answers)
+
+
 def without_preamble(text: str, inspection: Inspection) -> str:
-    """An answer without the trust warnings it opens with (they are the Inspection's words, not claims)."""
-    opening = " ".join(preamble(inspection))
-    return text[len(opening) :].lstrip() if opening and text.startswith(opening) else text
+    """An answer without the trust warnings it opens with, in full or recalled (they are the Inspection's words,
+    not claims)."""
+    for warned in (False, True):
+        opening = " ".join(preamble(inspection, warned))
+        if opening and text.startswith(opening):
+            return text[len(opening) :].lstrip()
+    return text
 
 
 def answer_sentences(question: Question, grounds: Grounds) -> list[str]:
     """The grounded answer to a question, sentence by sentence, the trust warnings first."""
-    return preamble(grounds.inspection) + BUILDERS[question.kind](question, grounds)
+    return preamble(grounds.inspection, grounds.warned) + BUILDERS[question.kind](question, grounds)
 
 
 def answer_text(question: Question, grounds: Grounds) -> str:

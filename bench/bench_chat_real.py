@@ -34,7 +34,7 @@ import numpy as np
 
 from anomalygpt.claims import ClaimChecker
 from anomalygpt.evidence import RegionEvidence
-from anomalygpt.grounded import DefectType, Grounds, answer_text
+from anomalygpt.grounded import DefectType, Grounds, answer_text, warned_before
 from anomalygpt.guard import read_question
 from anomalygpt.inspection import Inspection
 from anomalygpt.io import write_json_atomic
@@ -147,11 +147,12 @@ def score(records: list[dict[str, Any]]) -> dict[str, Any]:
     failures: list[dict[str, Any]] = []
     for record in records:
         case = Case(inspection_from(record["inspection"]), evidence_from(record["evidence"]), SOLAR_CELL_TYPES)
-        for answer in record["answers"]:
+        for turn, answer in enumerate(record["answers"]):
             kind = answer["kind"]
             shown = score_answer(answer["answer"], kind, case, answer["polarity"], answer["focus"])
             raw = score_answer(answer["raw"], kind, case, answer["polarity"], answer["focus"])
-            final = score_answer(rechecked(answer, case), kind, case, answer["polarity"], answer["focus"])
+            earlier = [a["answer"] for a in record["answers"][:turn]]
+            final = score_answer(rechecked(answer, case, earlier), kind, case, answer["polarity"], answer["focus"])
             row = rows[kind]
             row["answers"] += 1
             row["contradicting before checker"] += bool(raw.contradictions)
@@ -168,11 +169,13 @@ def score(records: list[dict[str, Any]]) -> dict[str, Any]:
     return {"per_kind": {kind: dict(rows[kind]) for kind in KINDS}, "total": dict(total), "failures": failures}
 
 
-def rechecked(answer: dict[str, Any], case: Case) -> str:
+def rechecked(answer: dict[str, Any], case: Case, earlier: list[str]) -> str:
     """The answer as the current claim checker shows it, re-applied to what the model generated in the run (the
-    grounded opening is rebuilt; a cut-off last sentence was cut when the run dropped one as unfinished)."""
+    grounded opening is rebuilt, after the chat's `earlier` answers; a cut-off last sentence was cut when the run
+    dropped one as unfinished)."""
     question = read_question(answer["text"], SOLAR_CELL_TYPES)
-    grounds = Grounds(case.inspection, case.evidence, SOLAR_CELL_TYPES)
+    warned = warned_before(case.inspection, earlier)
+    grounds = Grounds(case.inspection, case.evidence, SOLAR_CELL_TYPES, warned=warned)
     opening = answer_text(question, grounds)
     raw = answer["raw"]
     generated = raw[len(opening) :] if raw.startswith(opening) else raw

@@ -7,8 +7,9 @@ clauses (";" and ":"); within a clause every word that states a fact is bound to
 "some region" (or "no region" after a negation). Facts read: the verdict, counts (overall and per place), places,
 size words, areas, shape and contrast words, confidence words, region and reference numbers, scores, thresholds,
 margins, peak scores, grey-level differences against the best good match, border gaps, pixel boxes, defect types,
-and which region is the biggest / most severe. The trust warnings an answer opens with are the Inspection's own
-words and are skipped.
+and which region is the biggest / most severe. The trust warnings an answer opens with (in full, or recalled in one
+sentence later in a chat) are the Inspection's own words and are skipped; an answer about an Inspection with
+warnings that does not open with one is not useful, whatever it says.
 
 Usefulness, per question kind (KINDS), by the rules in USEFUL: how many -> the first count stated is the number
 of regions; where -> every region's place is named; biggest -> exactly one region is named, the right one; what
@@ -150,6 +151,8 @@ def score_answer(answer: str, kind: str, case: Case, polarity: str | None = None
     text = without_preamble(answer.strip(), case.inspection)
     scored = Scored(contradictions=fact_errors(text, case, polarity if kind == "anomaly" else None))
     rule = USEFUL[kind](text, case, polarity, focus)
+    if case.inspection.warnings and not answer.strip().startswith("Warning"):
+        rule = "does not say first that the inspection carries a trust warning"
     scored.useful, scored.why_not = rule is None, rule or ""
     return scored
 

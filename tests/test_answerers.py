@@ -83,6 +83,12 @@ def test_warnings_and_low_confidence_open_every_answer() -> None:
     for question in ("Is there an anomaly?", "Where is it?", "What kind of defect is it?", "Tell me a joke"):
         answer = grounded_answer(question, inspection)
         assert answer.startswith(f"Warning: references unlike it. {note}"), answer
+    # In a conversation, once given in full, the warnings are recalled in a sentence (the note stays whole).
+    answerer, first = GroundedAnswerer(), grounded_answer("Where is it?", inspection)
+    later = "".join(answerer.stream("What kind of defect is it?", [("Where is it?", first)], inspection, SIDE_IMAGE))
+    assert later.startswith(f"Warning (as above): references unlike it. {note}"), later
+    again = "".join(answerer.stream("What kind of defect is it?", [("Hi", "Hello.")], inspection, SIDE_IMAGE))
+    assert again.startswith("Warning: references unlike it. ")  # not given yet in this conversation
 
 
 def test_an_unknown_question_gets_the_verdict_and_what_can_be_asked() -> None:
@@ -189,6 +195,10 @@ def test_the_assistant_answerer_streams_guarded_answers_without_re_encoding(tmp_
             assert answer.startswith("Yes" if inspection.is_anomalous else "No"), answer
             if sensitivity != 0.0:
                 assert len(calls) == before  # the embedding was cached on the first question
+        warned = replace(inspection, warnings=["references unlike it"])
+        first = "".join(answerer.stream("Where is it?", [], warned, image))
+        later = "".join(answerer.stream("Is there an anomaly?", [("Where is it?", first)], warned, image))
+        assert first.startswith("Warning: references unlike it. ") and later.startswith("Warning (as above): ")
         with pytest.raises(ValueError):
             list(answerer.stream("   ", [], inspection, image))
     finally:

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 from chat_cases import LOW, MANY, NORMAL, ONE, SPANNING, WIDESPREAD, evidence_for, inspection_with
 
-from anomalygpt.grounded import Grounds, answer_text
+from anomalygpt.grounded import Grounds, answer_text, without_preamble
 from anomalygpt.guard import read_question
 from anomalygpt.inspection import Inspection
 from eval.chat_scorer import BANK, KINDS, Case, score_answer
@@ -159,3 +159,7 @@ def test_the_trust_warnings_are_not_scored() -> None:
     assert text.startswith("Warning: the references do not fit this image.")
     scored = score_answer(text, "count", Case(LOW))
     assert scored.useful and scored.contradictions == []
+    recalled = answer_text(read_question("How many defects are there?"), Grounds(LOW, warned=True))
+    assert recalled.startswith("Warning (as above): ") and score_answer(recalled, "count", Case(LOW)).useful
+    unwarned = score_answer(without_preamble(text, LOW), "count", Case(LOW))  # the right count, no warning first
+    assert not unwarned.useful and "trust warning" in unwarned.why_not

@@ -23,6 +23,8 @@ from anomalygpt.grounded import (
     fitting_types,
     most_severe,
     preamble,
+    warned_before,
+    without_preamble,
 )
 from anomalygpt.guard import read_question
 
@@ -107,6 +109,32 @@ def test_warnings_and_low_confidence_come_first_in_every_kind() -> None:
     for text in ("Is there a defect?", "Where is it?", "What should I do next?", "Compare it with the references."):
         assert answer_text(read_question(text), Grounds(LOW)).startswith(opening + " "), text
     assert preamble(NORMAL) == [] and preamble(MANY) == []
+
+
+def test_later_answers_recall_the_warnings_in_one_sentence_until_they_change() -> None:
+    fit = (
+        "the image does not look like the good references (it is 3.2 times farther from the nearest one than the "
+        "references are from each other): another product, design or lighting, or a defect over much of it? The "
+        "verdict compares it with references that do not fit"
+    )
+    inspection = replace(LOW, warnings=[fit, "one reference: its threshold cannot see how good parts vary"])
+    question = read_question("Where is it?")
+    first = answer_text(question, Grounds(inspection))
+    assert first.startswith(f"Warning: {fit}. Warning: one reference: its threshold")
+    assert warned_before(inspection, ["Hello.", first]) and not warned_before(inspection, ["Hello."])
+    later = answer_text(question, Grounds(inspection, warned=True))
+    assert later.startswith(
+        "Warning (as above): the image does not look like the good references; one reference. Note: my confidence"
+    )
+    assert len(later) < len(first) - 200 and later.endswith(first[-60:])  # the same answer after the reminder
+    for text in (first, later):
+        assert without_preamble(text, inspection) == without_preamble(first, inspection) != text
+    # Other warnings (the sensitivity or the references changed) are given in full again; none, no reminder.
+    moved = replace(inspection, warnings=[fit.replace("3.2", "4.1")])
+    assert not warned_before(moved, [first]) and not warned_before(NORMAL, [first])
+    assert preamble(NORMAL, warned=True) == [] and preamble(LOW, warned=True)[0] == (
+        "Warning (as above): the references do not fit this image."
+    )
 
 
 def test_generic_types_are_valid() -> None:
