@@ -55,9 +55,9 @@ CONFIDENCE_REASONS = {
     "medium": "The evidence is moderate, so a second look may help.",
     "low": "The evidence is weak, so please check it by eye.",
 }
+REMINDER = "Warning (as above)"  # how a later answer of a conversation recalls the warnings given in full
 # With a trust warning (references that do not fit, one reference, duplicates, none at all) no word may vouch for
 # the margin.
-REMINDER = "Warning (as above)"  # how a later answer of a conversation recalls the warnings given in full
 UNTRUSTED_MARGIN = "But the warning above means that this margin does not make the verdict reliable: check it by eye."
 GREY_SAME = 2.0  # grey levels (0-255) within which a region is "about as bright as" its good match
 
