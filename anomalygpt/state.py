@@ -70,7 +70,11 @@ def load_state(path: str | Path, *, with_tensors: bool = True) -> Any:
     except StateError:
         raise
     except (SafetensorError, OSError, ValueError, KeyError, TypeError) as error:
-        raise StateError(f"{path}: not a readable state file ({_one_line(error)})") from error
+        if path.stat().st_size == 0:
+            raise StateError(f"{path}: an empty file, not a state file") from error
+        raise StateError(
+            f"{path}: not a readable state file (cut short, or not written by anomalygpt: {_one_line(error)})"
+        ) from error
 
 
 def load_cache(path: str | Path) -> Any | None:

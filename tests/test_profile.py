@@ -115,12 +115,14 @@ def test_corrupt_newer_foreign_and_mismatched_profiles_get_one_line_errors(inspe
     with pytest.raises(ProfileError, match="corrupted profile"):
         inspector.load_profile(tmp_path / "flipped.profile")
     (tmp_path / "cut.profile").write_bytes(path.read_bytes()[:500])
+    (tmp_path / "empty.profile").write_bytes(b"")
     tree = load_state(path)
     tree["header"]["version"] = 99
     save_state(tmp_path / "newer.profile", tree)
     save_state(tmp_path / "other.profile", {"header": {"format": "something"}})
     refusals = {
-        "cut": "not a readable profile",
+        "cut": "not a readable profile \\(cut short, or not written by anomalygpt: ",
+        "empty": "empty.profile: an empty file, not a profile",
         "newer": "version 99 is newer",
         "other": "not an anomalygpt profile",
         "missing": "missing.profile: profile not found",
