@@ -389,8 +389,24 @@ def run_detect(options: DetectOptions) -> int:
     set_warnings = [*(job.references.warnings if job.references else []), ZERO_SHOT_TEXT_CAVEAT]
     for line in image_warnings(records, set_warnings):  # before the table
         print(f"{PROG} detect: warning: {safe_text(line)}", file=sys.stderr)
+    hint = unfit_hint(records, options.profile)
+    if hint:
+        print(f"{PROG} detect: hint: {hint}", file=sys.stderr)
     print(json.dumps(records, indent=2, allow_nan=False) if options.as_json else verdict_table(records))
     return 0
+
+
+def unfit_hint(records: Sequence[dict[str, Any]], profile: Path | None) -> str | None:
+    """What to do when queries do not fit the references: None when every one fits (or none was compared)."""
+    unfit = sum(fit_cell(record.get("reference_fit")) == "NO" for record in records)
+    if not unfit:
+        return None
+    where = f"anomalygpt fit with them added, --out {profile} --overwrite" if profile else "pass them with --ref"
+    return (
+        f"{unfit} of {len(records)} images do not look like the good references (fit: NO), and their verdicts are "
+        f"not dependable: if they are good parts of another design, product or lighting, add good examples of "
+        f"them to the references ({where}) and inspect again"
+    )
 
 
 def image_warnings(records: Sequence[dict[str, Any]], set_warnings: Sequence[str]) -> list[str]:

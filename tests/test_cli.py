@@ -569,7 +569,11 @@ def test_a_query_unlike_the_references_is_warned_about_before_the_table(scene: S
     rows = {line.split()[0]: line.split()[-1] for line in stdout.splitlines()[1:]}
     assert rows == {str(other): "NO", str(scene.good): "yes"}
     assert stderr.startswith(f"anomalygpt detect: warning: {other}: the image does not look like the good references (")
-    assert len(stderr.splitlines()) == 1  # the good crop fits: nothing about it
+    warning, hint = stderr.splitlines()  # the good crop fits: nothing about it
+    assert hint.startswith("anomalygpt detect: hint: 1 of 2 images do not look like the good references (fit: NO)")
+    assert hint.endswith("add good examples of them to the references (pass them with --ref) and inspect again")
+    code, stdout, stderr = run(["detect", str(scene.good), "--ref", str(scene.refs), "--preset", str(scene.preset)])
+    assert code == 0 and "hint" not in stderr  # every query fits: no advice
 
 
 def test_queries_without_references_or_batch_warn_once_that_the_decoder_alone_is_weak(
@@ -598,6 +602,14 @@ def test_image_warnings_leave_out_the_reference_set_and_count_past_the_first_fiv
     ]
     assert len(lines) == 6 and lines[5].startswith("2 more images carry a warning")
     assert cli.image_warnings(records[1:2], [shared]) == []
+
+
+def test_the_unfit_hint_counts_the_queries_unlike_the_references_and_says_how_to_add_them() -> None:
+    records = [{"reference_fit": {"fits": fits}} for fits in (False, True, False)] + [{"reference_fit": None}]
+    hint = cli.unfit_hint(records, Path("cells.profile"))
+    assert hint is not None and hint.startswith("2 of 4 images do not look like the good references")
+    assert "(anomalygpt fit with them added, --out cells.profile --overwrite)" in hint
+    assert cli.unfit_hint(records[1:2] + records[3:], None) is None
 
 
 def test_detect_with_a_profile_keeps_its_class_name_and_notes_lossy_queries(scene: Scene, tmp_path: Path) -> None:
