@@ -10,6 +10,7 @@ import pytest
 from scipy import ndimage
 from skimage import morphology
 
+from anomalygpt import regions
 from anomalygpt.regions import (
     LOCATION_WORDS,
     Region,
@@ -276,8 +277,10 @@ def test_an_area_with_two_separate_peaks_is_two_regions() -> None:
     assert ridge.place() == "from the left to the right"
 
 
+@pytest.mark.parametrize("labellings", [10**6, 0], ids=["labelled", "sorted"])
 @pytest.mark.parametrize("seed", range(6))
-def test_h_maxima_is_skimages_pixel_for_pixel(seed: int) -> None:
+def test_h_maxima_is_skimages_pixel_for_pixel(seed: int, labellings: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(regions, "MAX_LABELLINGS", labellings)  # each way of computing it, on every map
     # Smoothed noise has many peaks at every height; rounding to a grid makes plateaus and exact ties, a
     # constant frame is the outside of a component as split_at_peaks crops it, the offset puts the values where
     # rounding of (image - h) differs from that of the image (and with seed 0 the top at exactly 0, where
