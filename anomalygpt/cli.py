@@ -710,6 +710,7 @@ def summary_image(record: dict[str, Any], stem: str) -> dict[str, Any]:
     """One image's entry in summary.json."""
     return {key: record[key] for key in ("source", "verdict", "score", "threshold", "margin")} | {
         "n_regions": len(record["regions"]),
+        "fits": (record.get("reference_fit") or {}).get("fits"),  # False: unlike the references (None: not compared)
         "files": output_files(stem),
     }
 
@@ -724,6 +725,7 @@ def summary_of(job: DetectJob, options: DetectOptions, images: Sequence[dict[str
         "reference_warnings": list(job.references.warnings) if job.references else [],
         "n_images": len(images),
         "n_anomalous": sum(image["verdict"] == "anomalous" for image in images),
+        "n_unfit": sum(image.get("fits") is False for image in images),  # verdicts against unlike references
         "images": list(images),
     }
 

@@ -415,9 +415,11 @@ def report(
         print(f"{PROG} detect: error: {len(failed) - SHOWN_FAILURES} more images failed", file=sys.stderr)
     counts = {status: sum(o.status == status for o in outcomes) for status in ("inspected", "reused", "failed")}
     n_anomalous = sum(image["verdict"] == "anomalous" for image in images)
+    n_unfit = sum(image.get("fits") is False for image in images)
+    unfit = f"; {n_unfit} unlike the good references (fit: NO, their verdicts not dependable)" if n_unfit else ""
     print(
         f"{len(outcomes)} images: {counts['inspected']} inspected, {counts['reused']} reused from an earlier run, "
-        f"{counts['failed']} failed; {n_anomalous} anomalous; summary: {safe_text(path)}"
+        f"{counts['failed']} failed; {n_anomalous} anomalous{unfit}; summary: {safe_text(path)}"
     )
     return 1 if failed else 0
 

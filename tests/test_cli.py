@@ -574,6 +574,11 @@ def test_a_query_unlike_the_references_is_warned_about_before_the_table(scene: S
     assert hint.endswith("add good examples of them to the references (pass them with --ref) and inspect again")
     code, stdout, stderr = run(["detect", str(scene.good), "--ref", str(scene.refs), "--preset", str(scene.preset)])
     assert code == 0 and "hint" not in stderr  # every query fits: no advice
+    out = tmp_path / "out"
+    argv = ["detect", str(other), str(scene.good), "--ref", str(scene.refs), "--preset", str(scene.preset)]
+    assert run([*argv, "--out", str(out)])[0] == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_unfit"] == 1 and [image["fits"] for image in summary["images"]] == [False, True]
 
 
 def test_queries_without_references_or_batch_warn_once_that_the_decoder_alone_is_weak(

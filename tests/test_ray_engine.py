@@ -115,6 +115,7 @@ def test_ray_writes_the_single_process_records(scene: dict[str, Path], local_out
     assert summary["images"] == local_summary["images"]
     assert summary["n_anomalous"] == local_summary["n_anomalous"] == 4
     assert summary["class_name"] == local_summary["class_name"] == "grass"  # the profile's
+    assert summary["n_unfit"] == local_summary["n_unfit"]
     assert summary["complete"] is True and summary["failed"] == [] and summary["engine"] == "ray"
 
 
@@ -270,3 +271,15 @@ def test_an_image_the_encoders_refuse_is_named_as_the_local_run_names_it(tmp_pat
     )
     paths[1].write_bytes(paths[1].read_bytes()[:200])
     assert refused_image(paths).startswith(f"{paths[1]}: corrupt or truncated image")
+
+
+def test_the_ray_line_counts_the_images_unlike_the_references(capsys: pytest.CaptureFixture[str]) -> None:
+    from anomalygpt.engine_ray import Outcome, report
+
+    images = [{"verdict": "anomalous", "fits": False}, {"verdict": "normal", "fits": True}, {"verdict": "normal"}]
+    outcomes = [Outcome(i, "inspected", json.dumps(image)) for i, image in enumerate(images)]
+    assert report(outcomes, images, [], Path("out/summary.json")) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("3 images: 3 inspected, 0 reused from an earlier run, 0 failed; 1 anomalous; 1 unlike the")
+    assert report(outcomes[1:], images[1:], [], Path("s.json")) == 0  # an earlier run's entry without "fits" too
+    assert "unlike" not in capsys.readouterr().out
