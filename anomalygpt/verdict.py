@@ -104,6 +104,8 @@ class Inspection:
     calibration: dict[str, Any]
     class_name: str | None = None
     source: str | None = None
+    # "inspect": this image's time; "index_references": what indexing its reference set took, once, when it was
+    # fitted (a profile's: at `anomalygpt fit`, not in this run).
     timings_ms: dict[str, float] = field(default_factory=dict)
     # Why the inspection may not be trusted (references unlike the query, degenerate references...), one line
     # each; every front end shows them before the verdict and the assistant says them first.
