@@ -725,9 +725,15 @@ def summary_of(job: DetectJob, options: DetectOptions, images: Sequence[dict[str
         "reference_warnings": list(job.references.warnings) if job.references else [],
         "n_images": len(images),
         "n_anomalous": sum(image["verdict"] == "anomalous" for image in images),
-        "n_unfit": sum(image.get("fits") is False for image in images),  # verdicts against unlike references
+        "n_unfit": unfit_count(images),
         "images": list(images),
     }
+
+
+def unfit_count(images: Sequence[dict[str, Any]]) -> int:
+    """summary.json entries whose verdict was given against references they do not look like (an earlier run's
+    entries, without "fits", count as fitting)."""
+    return sum(image.get("fits") is False for image in images)
 
 
 def verdict_table(records: Sequence[dict[str, Any]]) -> str:

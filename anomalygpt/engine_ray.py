@@ -43,6 +43,7 @@ from anomalygpt.cli import (
     output_stems,
     summary_image,
     summary_of,
+    unfit_count,
     unique_paths,
     write_outputs,
 )
@@ -415,7 +416,7 @@ def report(
         print(f"{PROG} detect: error: {len(failed) - SHOWN_FAILURES} more images failed", file=sys.stderr)
     counts = {status: sum(o.status == status for o in outcomes) for status in ("inspected", "reused", "failed")}
     n_anomalous = sum(image["verdict"] == "anomalous" for image in images)
-    n_unfit = sum(image.get("fits") is False for image in images)
+    n_unfit = unfit_count(images)
     unfit = f"; {n_unfit} unlike the good references (fit: NO, their verdicts not dependable)" if n_unfit else ""
     print(
         f"{len(outcomes)} images: {counts['inspected']} inspected, {counts['reused']} reused from an earlier run, "
