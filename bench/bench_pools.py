@@ -3,17 +3,23 @@ warning, and speed. Figures on the test half (even-numbered cells) unless --half
 behind the defaults was made on the dev half (odd-numbered cells).
 
 Parts (each resumable: the eval runs cache finished settings under --out):
-- kshot:  `anomalygpt eval --shots 4`, seeds 0-4: random draws of 4 good cells of the type.
+- kshot:  `anomalygpt eval --shots 4`, seeds 0-4 (--shots, --seeds): random draws of k good cells of the type.
 - pool:   `anomalygpt eval --method pool,patchcore`, seeds 0-4: references = a seeded 70 % of the good cells of the
           type, test = the other 30 % and the defective cells; PatchCore trains on the same 70 % in the same run.
 - memory: the pool's memory on seed 0: retrieval of the nearest 8 (default) against every reference at the
           same cap, thinned by greedy coreset or at random.
 - fit:    the reference-fit warning: a type's references (4 drawn, or the pool) against good cells of the same
           type, defective cells of that type, and every cell of the other type.
+- trust:  the verdicts of the kshot and pool runs (run those parts first) split by the reference-fit check: false
+          alarms and recall on the queries that fit their references and on those warned of, how many are warned,
+          and per draw (one operator's references) how often false alarms pass 5 %, on all queries and on those that
+          fit.
 - speed:  ms per inspection (decode included) with 4 references and with a 1,000-image pool, fit and profile
           load times, on this machine.
 
     OMP_NUM_THREADS=2 .venv/bin/python bench/bench_pools.py --parts kshot,pool,memory,fit,speed --out runs/bench_pools
+    OMP_NUM_THREADS=2 .venv/bin/python bench/bench_pools.py --parts kshot,pool,trust --shots 4,8,16 \
+        --seeds 0,1,2,3,4,5,6,7,8,9 --out runs/bench_pools_trust
 """
 
 from __future__ import annotations
@@ -81,11 +87,14 @@ def table(title: str, rows: dict, keys: tuple[str, ...]) -> str:
 KEYS = ("auroc", "false_alarm_rate", "recall", "ms_per_image")
 
 
-def part_kshot(out: Path, half: str) -> dict:
-    evaluate(["--half", half, "--shots", "4", "--seeds", ",".join(map(str, SEEDS))], out / "kshot")
-    rows = summary(cached(out / "kshot", "k4"), KEYS)
-    print(table(f"4-shot random draws, ELPV {half} half, seeds 0-4", rows, KEYS), flush=True)
-    return rows
+def part_kshot(out: Path, half: str, shots: str, seeds: str) -> dict:
+    """`anomalygpt eval --shots` (default 4) over seeds (default 0-4), nested draws per seed."""
+    evaluate(["--half", half, "--shots", shots, "--seeds", seeds], out / "kshot")
+    rows = {}
+    for k in shots.split(","):
+        rows[k] = summary(cached(out / "kshot", f"k{k}"), KEYS)
+        print(table(f"{k}-shot random draws, ELPV {half} half, seeds {seeds}", rows[k], KEYS), flush=True)
+    return rows if len(rows) > 1 else rows[shots]
 
 
 def part_pool(out: Path, half: str) -> dict:
@@ -177,6 +186,92 @@ def part_fit(out: Path, half: str) -> dict:
     return rows
 
 
+def settings(folder: Path, name: str) -> list[dict]:
+    """Every cached setting of one method under an eval run's folder (both cell types, every seed)."""
+    return [json.loads(path.read_text())["result"] for path in sorted(folder.glob(f"cache/*/{name}_seed*.json"))]
+
+
+def part_trust(out: Path, half: str) -> dict:
+    """Can an operator lean on a verdict that carries no fit warning? The kshot and pool runs' verdicts (at their
+    automatic thresholds) split by the reference-fit check of each query against that setting's references, pooled
+    over the draws, and each draw's false alarms (what one operator with those references would see)."""
+    inspector = build_inspector("default")
+    kshot = settings(out / "kshot", "k*")
+    runs = {f"{k} references": [r for r in kshot if r["k"] == k] for k in sorted({r["k"] for r in kshot})}
+    runs["pool"] = settings(out / "pool", "pool")
+    if not kshot or not runs["pool"]:
+        raise SystemExit(f"bench_pools: trust reads the kshot and pool parts' runs under {out}: run those parts first")
+    splits = {cell: elpv_half(load_split("elpv", None, cell), half) for cell in ELPV_TYPES}
+    for result in runs["pool"]:  # a pool run stores its split's seed, not its references: the training part
+        train, _ = full_shot_split(splits[result["category"]], result["seed"], 0.3)
+        result["references"] = [str(path) for path in train]
+        if len(train) != result["k"] or set(result["references"]) & set(result["paths"]):
+            raise SystemExit(f"bench_pools: the pool run's split of {result['category']} is not the one rebuilt")
+    paths = sorted({p for found in runs.values() for r in found for p in [*r["references"], *r["paths"]]})
+    looked = looks(inspector, [Path(p) for p in paths])
+    row_of = {p: i for i, p in enumerate(paths)}
+    rows: dict = {}
+    for label, found in runs.items():
+        for cell in ELPV_TYPES:
+            counts = np.zeros((2, 2, 2), dtype=np.int64)  # [fits][label][flagged], all draws together
+            draws = []  # per draw: false alarms on every good query, and on those that fit
+            for result in (r for r in found if r["category"] == cell):
+                refs = [row_of[p] for p in result["references"]]
+                a, b = looked[0][refs], [looked[1][i] for i in refs]
+                stats = fit_statistics(a, b)
+                threshold = result["calibration"]["image_threshold"]
+                draw = np.zeros_like(counts)
+                for path, truth, score in zip(result["paths"], result["labels"], result["scores"], strict=True):
+                    i = row_of[path]
+                    fits = reference_fit(looked[0][i], looked[1][i], a, stats, result["references"])["fits"]
+                    draw[int(fits is not False), truth, int(score > threshold)] += 1
+                counts += draw
+                draws.append((draw[:, 0, 1].sum() / draw[:, 0].sum(), draw[1, 0, 1] / max(1, draw[1, 0].sum())))
+            rows[f"{cell}, {label}"] = trust_row(counts) | per_draw(np.array(draws))
+    print(f"\nverdicts split by the reference-fit check, ELPV {half} half (good: false alarms; defective: recall)\n")
+    print(
+        "| references | good warned | defective warned | false alarms: fit / warned | recall: fit / warned "
+        "| draws over 5 % false alarms: all / fit | worst draw: all / fit |\n|---|---|---|---|---|---|---|"
+    )
+    for label, r in rows.items():
+        print(
+            f"| {label} | {r['good_warned']:.3f} | {r['defective_warned']:.3f} | {r['false_alarms_fit']:.3f} / "
+            f"{r['false_alarms_warned']:.3f} | {r['recall_fit']:.3f} / {r['recall_warned']:.3f} | "
+            f"{r['draws_over_5pct']} / {r['draws_over_5pct_fit']} of {r['draws']} | "
+            f"{r['worst_false_alarms']:.3f} / {r['worst_false_alarms_fit']:.3f} |"
+        )
+    return rows
+
+
+def trust_row(counts: np.ndarray) -> dict:
+    """Shares from counts[fits][label][flagged] (fits: 1 fit or unknown, 0 warned; label 1 defective)."""
+
+    def share(part: np.ndarray) -> float:
+        return float(part[1] / part.sum()) if part.sum() else float("nan")
+
+    return {
+        "good_warned": float(counts[0, 0].sum() / counts[:, 0].sum()),
+        "defective_warned": float(counts[0, 1].sum() / counts[:, 1].sum()),
+        "false_alarms_fit": share(counts[1, 0]),
+        "false_alarms_warned": share(counts[0, 0]),
+        "recall_fit": share(counts[1, 1]),
+        "recall_warned": share(counts[0, 1]),
+        "counts": counts.tolist(),
+    }
+
+
+def per_draw(false_alarms: np.ndarray) -> dict:
+    """From (draws, 2) false-alarm rates (every good query, the good queries that fit): how many draws exceed 5 %
+    and the worst draw, each way."""
+    return {
+        "draws": len(false_alarms),
+        "draws_over_5pct": int((false_alarms[:, 0] > 0.05).sum()),
+        "draws_over_5pct_fit": int((false_alarms[:, 1] > 0.05).sum()),
+        "worst_false_alarms": float(false_alarms[:, 0].max()),
+        "worst_false_alarms_fit": float(false_alarms[:, 1].max()),
+    }
+
+
 def part_speed(out: Path, n_pool: int) -> dict:
     """4 references and an n_pool-image pool (good cells of both types and halves: speed only, no figure of
     quality), 60 queries each (defective cells), decode included."""
@@ -222,16 +317,19 @@ def part_speed(out: Path, n_pool: int) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--parts", default="kshot,pool,memory,fit,speed")
+    parser.add_argument("--parts", default="kshot,pool,memory,fit,trust,speed")
     parser.add_argument("--half", default="test", choices=("dev", "test", "all"))
+    parser.add_argument("--shots", default="4", help="kshot part: comma-separated k values")
+    parser.add_argument("--seeds", default="0,1,2,3,4", help="kshot part: comma-separated draw seeds")
     parser.add_argument("--pool-size", type=int, default=1000, help="references of the speed part's pool")
     parser.add_argument("--out", type=Path, default=Path("runs/bench_pools"))
     args = parser.parse_args()
     parts = {
-        "kshot": lambda: part_kshot(args.out, args.half),
+        "kshot": lambda: part_kshot(args.out, args.half, args.shots, args.seeds),
         "pool": lambda: part_pool(args.out, args.half),
         "memory": lambda: part_memory(args.out, args.half),
         "fit": lambda: part_fit(args.out, args.half),
+        "trust": lambda: part_trust(args.out, args.half),
         "speed": lambda: part_speed(args.out, args.pool_size),
     }
     report_path = args.out / f"bench_pools_{args.half}.json"
