@@ -366,8 +366,8 @@ def run_detect(options: DetectOptions) -> int:
         job = prepare_detect(options)
     except (ValueError, OSError) as error:  # Image-, Inspection-, Config-, UsageError; WeightsError is an OSError
         return fail("detect", error)
-    for warning in job.references.warnings if job.references else []:  # about the references: once, up front
-        print(f"{PROG} detect: warning: {safe_text(warning)}", file=sys.stderr)
+    if job.references:  # about the references: once, up front
+        reference_notes("detect", job.references)
     if job.skipped:
         first = safe_text(job.skipped[0])
         print(
@@ -394,6 +394,17 @@ def run_detect(options: DetectOptions) -> int:
         print(f"{PROG} detect: hint: {hint}", file=sys.stderr)
     print(json.dumps(records, indent=2, allow_nan=False) if options.as_json else verdict_table(records))
     return 0
+
+
+def reference_notes(command: str, references: References) -> None:
+    """The reference set's warnings (duplicates, one reference), then the note on few references, on stderr."""
+    from anomalygpt.verdict import few_references_note
+
+    for warning in references.warnings:
+        print(f"{PROG} {command}: warning: {safe_text(warning)}", file=sys.stderr)
+    note = few_references_note(references.memory.n_references)
+    if note:
+        print(f"{PROG} {command}: note: {note}", file=sys.stderr)
 
 
 def unfit_hint(records: Sequence[dict[str, Any]], profile: Path | None) -> str | None:
@@ -797,8 +808,7 @@ def run_fit(options: FitOptions) -> int:
         inspector.save_profile(references, options.out, goods)
     except OSError as error:
         return fail("fit", error, code=1)
-    for warning in references.warnings:
-        print(f"{PROG} fit: warning: {safe_text(warning)}", file=sys.stderr)
+    reference_notes("fit", references)
     print(fit_summary(options.out, references, len(goods)))
     return 0
 

@@ -28,6 +28,7 @@ from anomalygpt.regions import (
     size_details,
     where_phrase,
 )
+from anomalygpt.verdict import few_references_note
 
 if TYPE_CHECKING:
     from anomalygpt.evidence import RegionEvidence
@@ -403,7 +404,14 @@ def confidence_answer(question: Question, grounds: Grounds) -> list[str]:
             f"{abs(inspection.margin):.1f} normal spreads {side(inspection.margin)} the threshold"
         ),
         UNTRUSTED_MARGIN if inspection.warnings else CONFIDENCE_REASONS[inspection.confidence],
+        *threshold_note(inspection),
     ]
+
+
+def threshold_note(inspection: Inspection) -> list[str]:
+    """The sentence on a threshold from few references (verdict.few_references_note), when it applies."""
+    note = few_references_note(inspection.n_references)
+    return [sentence(note)] if note else []
 
 
 # Where each mode's threshold comes from ("why" answers): a sentence that is true of the inspection's own mode.
@@ -425,6 +433,7 @@ def why_answer(question: Question, grounds: Grounds) -> list[str]:
         sentence(f"{score_clause(inspection)}, so the verdict is {inspection.verdict} ({inspection.confidence} "
                  "confidence)"),
         THRESHOLD_SOURCES.get(inspection.mode, THRESHOLD_SOURCES["few-shot"]),
+        *threshold_note(inspection),
     ]  # fmt: skip
     if not inspection.is_anomalous:
         return lines

@@ -26,6 +26,20 @@ FIT_LIMIT = 3.0
 # Brightness is checked apart, since standardised images hide it from the appearance: a query more than this many
 # spreads from the references' mean grey level does not fit (dev half: < 0.5 % of good cells of a pool's type).
 BRIGHTNESS_LIMIT = 4.0
+# A threshold from a few references moves with which ones they are. ELPV dev half, draws of k good cells, seeds 0 to
+# 19 per cell type (bench/bench_pools.py --parts trust --half dev): draws whose false alarms on the queries that fit
+# their references passed 5 %: 3 of 40 at k = 4 (worst 47 %), 6 of 40 at k = 8 (worst 9 %), none at k = 16.
+STEADY_REFERENCES = 16
+
+
+def few_references_note(n_references: int) -> str | None:
+    """What to know about a threshold from 2 to STEADY_REFERENCES - 1 references (one has its own caveat)."""
+    if not 2 <= n_references < STEADY_REFERENCES:
+        return None
+    return (
+        f"a threshold from {n_references} good references is rough: which {n_references} they are can move it "
+        f"enough to flag many good parts or to miss most defects; {STEADY_REFERENCES} or more make it steadier"
+    )
 
 
 def working_image(pixels: np.ndarray) -> np.ndarray:

@@ -29,6 +29,7 @@ from anomalygpt.devices import add_device_option, with_device
 from anomalygpt.evidence import EvidenceSource, RegionEvidence
 from anomalygpt.inspection import Inspection, build_inspector, reference_name
 from anomalygpt.io import load_image, write_json_atomic
+from anomalygpt.verdict import few_references_note
 from eval.datasets import CategorySplit, draw_shots, load_split
 
 DEMO_QUESTIONS = ("Is there any defect in this cell?", "Where is it, and how large?", "Compare it with the good cells.")
@@ -71,6 +72,9 @@ def main(argv: list[str]) -> int:
     print(
         f"  threshold {cal.image_threshold:.4f} from the references alone ({cal.method}); {references.index_ms:.0f} ms"
     )
+    note = few_references_note(references.memory.n_references)
+    if note:
+        print(f"  note: {note}")
     records, inspections, images = [], [], []
     args.out.mkdir(parents=True, exist_ok=True)
     for sample in queries:

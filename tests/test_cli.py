@@ -20,6 +20,7 @@ from PIL import Image
 
 from anomalygpt import cli
 from anomalygpt.cli import LazyCommand, main, output_stems, unique_paths, verdict_table
+from anomalygpt.verdict import few_references_note
 
 SIDE = 128
 # Crops (row, col) of skimage's 512x512 grass texture. Grass is isotropic and fine-grained, so any crop
@@ -27,6 +28,7 @@ SIDE = 128
 # threshold and the blob 6-7 above it.
 REFERENCE_CROPS = ((0, 0), (0, 256))
 GOOD_CROP = (384, 384)
+FEW_TWO = few_references_note(2)  # the scene's two references get the note on few references
 BAD_CROP = (200, 300)
 BLOB_CENTRE, BLOB_RADIUS, BLOB_GREY = (40, 80), 14, 20  # (x, y) px: the left third, middle row -> "left"
 
@@ -140,7 +142,8 @@ def test_one_reference_gets_a_warning_on_stderr_and_still_inspects(
     assert code == 0 and stderr.strip() == f"anomalygpt detect: warning: {ONE_REFERENCE_CAVEAT}"
     record = json.loads(stdout)[0]  # stdout stays pure JSON
     assert record["n_references"] == 1 and record["calibration"]["method"].startswith("k=1")
-    assert ONE_REFERENCE_CAVEAT not in table_run[2]  # two references: no note
+    assert ONE_REFERENCE_CAVEAT not in table_run[2]  # two references: not this caveat, the note on few references
+    assert table_run[2].splitlines() == [f"anomalygpt detect: note: {FEW_TWO}"]
 
 
 def test_detect_prints_a_verdict_table(table_run: tuple[int, str, str, Path], scene: Scene) -> None:
@@ -530,9 +533,10 @@ def test_lossy_queries_against_lossless_references_get_a_note(
     assert main(argv) == 0
     notes = capsys.readouterr().err.splitlines()
     assert notes == [
+        f"anomalygpt detect: note: {FEW_TWO}",
         f"anomalygpt detect: note: 1 of 2 queries are stored lossily (first: {jpeg}, JPEG) but the references "
         "losslessly; compression artefacts can score as defects: inspect lossless files (PNG, TIFF, lossless WebP) "
-        "or references saved the same way"
+        "or references saved the same way",
     ]
 
 
@@ -568,8 +572,9 @@ def test_a_query_unlike_the_references_is_warned_about_before_the_table(scene: S
     assert code == 0, stderr
     rows = {line.split()[0]: line.split()[-1] for line in stdout.splitlines()[1:]}
     assert rows == {str(other): "NO", str(scene.good): "yes"}
-    assert stderr.startswith(f"anomalygpt detect: warning: {other}: the image does not look like the good references (")
-    warning, hint = stderr.splitlines()  # the good crop fits: nothing about it
+    note, warning, hint = stderr.splitlines()  # the good crop fits: nothing about it
+    assert note == f"anomalygpt detect: note: {FEW_TWO}"
+    assert warning.startswith(f"anomalygpt detect: warning: {other}: the image does not look like the good references")
     assert hint.startswith("anomalygpt detect: hint: 1 of 2 images do not look like the good references (fit: NO)")
     assert hint.endswith("add good examples of them to the references (pass them with --ref) and inspect again")
     code, stdout, stderr = run(["detect", str(scene.good), "--ref", str(scene.refs), "--preset", str(scene.preset)])
@@ -620,11 +625,14 @@ def test_the_unfit_hint_counts_the_queries_unlike_the_references_and_says_how_to
 def test_detect_with_a_profile_keeps_its_class_name_and_notes_lossy_queries(scene: Scene, tmp_path: Path) -> None:
     profile = tmp_path / "grass.profile"
     fit = ["fit", str(scene.refs), "--out", str(profile), "--preset", str(scene.preset), "--class-name", "grass"]
-    assert run(fit)[0] == 0
+    code, _, stderr = run(fit)
+    assert code == 0 and stderr.splitlines() == [f"anomalygpt fit: note: {FEW_TWO}"]  # the profile's 2 references
     jpeg = tmp_path / "q.jpg"
     Image.fromarray(crop(*GOOD_CROP)).save(jpeg, quality=90)
     code, _, stderr = run(["detect", str(jpeg), "--profile", str(profile), "--out", str(tmp_path / "out")])
-    assert code == 0 and stderr.startswith("anomalygpt detect: note: 1 of 1 queries are stored lossily")
+    note, lossy = stderr.splitlines()
+    assert code == 0 and note == f"anomalygpt detect: note: {FEW_TWO}"
+    assert lossy.startswith("anomalygpt detect: note: 1 of 1 queries are stored lossily")
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["class_name"] == json.loads((tmp_path / "out" / "q.json").read_text())["class_name"] == "grass"
     # The profile's references are named, not read: a name whose file is gone counts as lossless by its suffix only.
@@ -651,7 +659,7 @@ def test_a_second_run_into_the_query_folder_leaves_the_first_runs_overlays_alone
     code, stdout, stderr = run([*argv, "--overwrite"])  # the overlay (another size) was taken for a query
     assert code == 0, stderr
     note = f"not inspecting 1 overlay picture(s) written by an earlier detect (first: {folder / 'q_overlay.png'})"
-    assert stderr == f"anomalygpt detect: note: {note}\n"
+    assert stderr == f"anomalygpt detect: note: {FEW_TWO}\nanomalygpt detect: note: {note}\n"
     assert [line.split()[0] for line in stdout.splitlines()[1:]] == [str(folder / "q.png")]
     code, _, stderr = run([*argv[:1], str(folder / "q_overlay.png"), *argv[2:]])
     assert code == 2 and "only overlays written by an earlier detect were given" in stderr

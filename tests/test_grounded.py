@@ -155,6 +155,9 @@ def test_why_says_where_this_mode_s_threshold_comes_from(mode: str, n_references
     why = answer_text(read_question("Why do you think so?"), Grounds(inspection))
     assert source in why
     assert ("good references alone" in why) == (n_references > 0)
+    assert (f"from {n_references} good references is rough" in why) == (mode == "few-shot")  # 4: a rough threshold
+    sure = answer_text(read_question("How sure are you?"), Grounds(inspection))
+    assert (f"from {n_references} good references is rough" in sure) == (mode == "few-shot")
     compare = answer_text(read_question("Compare it with the good references."), Grounds(inspection))
     assert ("no good references to compare with" in compare) == (n_references == 0)
 
@@ -163,11 +166,11 @@ def test_a_trust_warning_keeps_the_confidence_answer_from_vouching_for_the_verdi
     sure = replace(MANY, margin=4.7, confidence="high")
     unfit = replace(sure, warnings=["the image does not look like the good references"])
     for text in ("Are you sure?", "Should I trust this result?"):
-        assert answer_text(read_question(text), Grounds(sure)).endswith("The evidence is clear.")
+        assert "The evidence is clear." in answer_text(read_question(text), Grounds(sure))
         answer = answer_text(read_question(text), Grounds(unfit))
         assert answer.startswith("Warning: the image does not look like the good references.")
         assert "My confidence is high" in answer and "The evidence is clear" not in answer
-        assert answer.endswith("this margin does not make the verdict reliable: check it by eye.")
+        assert "this margin does not make the verdict reliable: check it by eye." in answer
 
 
 def test_a_normal_verdict_that_cannot_be_trusted_does_not_pass_the_part() -> None:

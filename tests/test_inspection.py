@@ -7,7 +7,7 @@ from conftest import texture_crops, with_dark_blob
 
 from anomalygpt.config import ConfigError, Preset, load_preset
 from anomalygpt.inspection import InspectionError, Inspector, build_inspector
-from anomalygpt.verdict import confidence_word
+from anomalygpt.verdict import STEADY_REFERENCES, confidence_word, few_references_note
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +77,13 @@ def test_bad_inputs_get_clear_errors(inspector, references):
         inspector.fit([crops[0][:64, :64], crops[1][:64]])
     with pytest.raises(InspectionError, match="reference 2: blank reference"):
         inspector.fit([crops[0], np.zeros((128, 128, 3), np.uint8)])
+
+
+def test_only_two_to_fifteen_references_get_the_note_on_a_rough_threshold():
+    assert STEADY_REFERENCES == 16
+    notes = {n: few_references_note(n) for n in (0, 1, 2, 4, 15, 16, 300)}
+    assert [n for n, note in notes.items() if note] == [2, 4, 15]  # one reference has its own caveat
+    assert notes[4] is not None and notes[4].startswith("a threshold from 4 good references is rough")
 
 
 def test_confidence_words_follow_the_margin():
