@@ -41,6 +41,7 @@ from anomalygpt.cli import (
     fail,
     output_files,
     output_stems,
+    reference_notes,
     summary_image,
     summary_of,
     unfit_count,
@@ -194,6 +195,8 @@ def run_detect(options: DetectOptions) -> int:
         started = connect(options.ray.address)
     except (ValueError, OSError) as error:
         return fail("detect", error)
+    if plan.job.references:  # always, from the profile
+        reference_notes("detect", plan.job.references)  # as the single-process run prints them
     path = Path(plan.actor_job.out) / f"{SUMMARY_STEM}.json"
     if plan.resumed:
         print(f"{PROG} detect: note: {safe_text(path)} is this job's: complete records are reused", file=sys.stderr)

@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 from anomalygpt.cli import main
+from anomalygpt.verdict import few_references_note
 
 ray = pytest.importorskip("ray", reason="the ray extra is not installed (pip install 'anomalygpt[ray]')")
 
@@ -130,7 +131,9 @@ def test_a_failed_image_is_retried_alone_and_done_ones_are_reused(
     argv = ["detect", str(queries), "--profile", str(scene["profile"]), "--out", str(out), "--engine", "ray"]
     argv += ["--batch-size", "4", "--ray-actors", "1"]  # 2 chunks on one 1-thread actor (other float sums)
     code, stdout, stderr = run(argv)
-    assert code == 1 and stderr.startswith(f"anomalygpt detect: error: {broken}: ") and len(stderr.splitlines()) == 1
+    note, error = stderr.splitlines()  # the profile's few references get their note first
+    assert note == f"anomalygpt detect: note: {few_references_note(len(REFERENCE_CROPS))}"
+    assert code == 1 and error.startswith(f"anomalygpt detect: error: {broken}: ")
     assert "7 inspected, 0 reused from an earlier run, 1 failed" in stdout
     summary = json.loads((out / "summary.json").read_text())
     assert summary["complete"] is False and [f["source"] for f in summary["failed"]] == [str(broken)]
