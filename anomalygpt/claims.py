@@ -565,7 +565,11 @@ def attribute_conflicts(text: str, segment: Segment, chosen: Sequence[Region], g
     claims = list(read_attributes(region_part))
     for fact, value, said, position in claims:
         values = [has_attribute(region, fact, value) for region in chosen]
-        if not holds(values, bound, negated(region_part, position)):
+        negative = negated(region_part, position)
+        # A negation after the word ("at the bottom and dark, so it is not ...") can be read as denying it: the
+        # claim must hold both ways, so such a sentence is replaced unless the word is already negated.
+        later = not negative and NEGATION.search(region_part, position) is not None
+        if not holds(values, bound, negative) or (later and not holds(values, bound, True)):
             out.append(Conflict(fact, said, where, truth_of(fact, chosen)))
     out += percent_conflicts(region_part, segment, chosen, grounds.inspection)
     out += peak_conflicts(region_part, chosen, where)

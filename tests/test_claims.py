@@ -78,6 +78,9 @@ def test_a_region_is_in_every_cell_it_spans() -> None:
         ("The image looks normal.", "verdict"),
         ("They fit the image perfectly.", "verdict"),
         ("Region 3 is small and compact, so it is not noticeable.", "verdict"),  # a flagged region played down
+        # True words, then a "not" that a reader can take as denying them: replaced (the chat bench's cell2439)
+        ("Region 1 in the top left is rough and darker, so it is not well labelled.", "location"),
+        ("Region 1 in the top left is rough and darker, so it is not well labelled.", "contrast"),
         ("The region at the bottom is negligible.", "verdict"),
         ("Region 1 best matches reference 1 at the top left.", "reference"),
         ("Region 1 is 30 grey levels darker than that good area.", "reference"),
