@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from anomalygpt.claims import CheckReport, ClaimChecker
-from anomalygpt.grounded import DefectType, Grounds, answer_text, warned_before
+from anomalygpt.grounded import DefectType, answer_text, chat_grounds
 from anomalygpt.guard import read_question
 
 if TYPE_CHECKING:
@@ -79,8 +79,7 @@ class GroundedAnswerer:
 
         question = check_question(question, 100_000)  # QuestionError (a ValueError) when empty
         asked = read_question(question, self.defect_types)
-        warned = warned_before(inspection, [said for _, said in history])
-        grounds = Grounds(inspection, None if evidence is None else tuple(evidence), self.defect_types, warned=warned)
+        grounds = chat_grounds(inspection, evidence, self.defect_types, history)
         checker = ClaimChecker(grounds, asked)  # reads the opening too: a grounded answer never needs a repair
         text = "".join(checker.stream([], answer_text(asked, grounds)))
         if on_report is not None:
@@ -95,7 +94,7 @@ def grounded_answer(
     defect_types: Sequence[DefectType] = (),
 ) -> str:
     """The grounded answer to one question (what GroundedAnswerer says)."""
-    grounds = Grounds(inspection, None if evidence is None else tuple(evidence), tuple(defect_types))
+    grounds = chat_grounds(inspection, evidence, tuple(defect_types), ())
     return answer_text(read_question(question, defect_types), grounds)
 
 

@@ -33,7 +33,7 @@ from torch import nn
 from anomalygpt.backbones import WeightsError
 from anomalygpt.claims import SENTENCE_END, CheckReport, CheckTally, ClaimChecker, check_answer
 from anomalygpt.evidence import ChoosesReferences
-from anomalygpt.grounded import DefectType, Grounds, answer_text, warned_before
+from anomalygpt.grounded import DefectType, Grounds, answer_text, chat_grounds
 from anomalygpt.guard import Question, read_question
 from anomalygpt.io import ImageSource, load_image
 from anomalygpt.llm import attach_lora, chat_prompt_ids, load_llm, quantize_llm
@@ -375,9 +375,7 @@ class Assistant(nn.Module):
         checked against the inspection (check); None takes the preset's setting. Iterate it for the pieces."""
         question = check_question(question, self.cfg.max_question_chars)
         asked = read_question(question, self.cfg.defect_types)
-        found = None if evidence is None else tuple(evidence)
-        warned = warned_before(inspection, [said for _, said in history])
-        grounds = Grounds(inspection, found, self.cfg.defect_types, warned=warned)
+        grounds = chat_grounds(inspection, evidence, self.cfg.defect_types, history)
         opening = answer_text(asked, grounds) if (self.cfg.guard if guard is None else guard) else None
         prompt = self.prompt_ids(system_text(inspection), history, question)
         checker = ClaimChecker(grounds, asked) if (self.cfg.check_claims if check is None else check) else None

@@ -244,6 +244,19 @@ def warned_before(inspection: Inspection, answers: Sequence[str]) -> bool:
     return bool(full) and any(answer.startswith(full) for answer in answers)
 
 
+def chat_grounds(
+    inspection: Inspection,
+    evidence: Sequence[RegionEvidence] | None,
+    defect_types: tuple[DefectType, ...],
+    history: Sequence[tuple[str, str]],
+) -> Grounds:
+    """The grounds of one chat answer, after the conversation's (question, answer) history: its trust warnings are
+    recalled when an earlier answer gave them in full (warned_before)."""
+    found = None if evidence is None else tuple(evidence)
+    warned = warned_before(inspection, [said for _, said in history])
+    return Grounds(inspection, found, defect_types, warned=warned)
+
+
 def without_preamble(text: str, inspection: Inspection) -> str:
     """An answer without the trust warnings it opens with, in full or recalled (they are the Inspection's words,
     not claims)."""

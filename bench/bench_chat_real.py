@@ -34,7 +34,7 @@ import numpy as np
 
 from anomalygpt.claims import ClaimChecker
 from anomalygpt.evidence import RegionEvidence
-from anomalygpt.grounded import DefectType, Grounds, answer_text, warned_before
+from anomalygpt.grounded import DefectType, answer_text, chat_grounds
 from anomalygpt.guard import read_question
 from anomalygpt.inspection import Inspection
 from anomalygpt.io import write_json_atomic
@@ -151,7 +151,7 @@ def score(records: list[dict[str, Any]]) -> dict[str, Any]:
             kind = answer["kind"]
             shown = score_answer(answer["answer"], kind, case, answer["polarity"], answer["focus"])
             raw = score_answer(answer["raw"], kind, case, answer["polarity"], answer["focus"])
-            earlier = [a["answer"] for a in record["answers"][:turn]]
+            earlier = [(a["text"], a["answer"]) for a in record["answers"][:turn]]
             final = score_answer(rechecked(answer, case, earlier), kind, case, answer["polarity"], answer["focus"])
             row = rows[kind]
             row["answers"] += 1
@@ -169,13 +169,12 @@ def score(records: list[dict[str, Any]]) -> dict[str, Any]:
     return {"per_kind": {kind: dict(rows[kind]) for kind in KINDS}, "total": dict(total), "failures": failures}
 
 
-def rechecked(answer: dict[str, Any], case: Case, earlier: list[str]) -> str:
+def rechecked(answer: dict[str, Any], case: Case, earlier: list[tuple[str, str]]) -> str:
     """The answer as the current claim checker shows it, re-applied to what the model generated in the run (the
     grounded opening is rebuilt, after the chat's `earlier` answers; a cut-off last sentence was cut when the run
     dropped one as unfinished)."""
     question = read_question(answer["text"], SOLAR_CELL_TYPES)
-    warned = warned_before(case.inspection, earlier)
-    grounds = Grounds(case.inspection, case.evidence, SOLAR_CELL_TYPES, warned=warned)
+    grounds = chat_grounds(case.inspection, case.evidence, SOLAR_CELL_TYPES, earlier)
     opening = answer_text(question, grounds)
     raw = answer["raw"]
     generated = raw[len(opening) :] if raw.startswith(opening) else raw
