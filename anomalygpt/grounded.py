@@ -28,7 +28,6 @@ from anomalygpt.regions import (
     size_details,
     where_phrase,
 )
-from anomalygpt.verdict import few_references_note
 
 if TYPE_CHECKING:
     from anomalygpt.evidence import RegionEvidence
@@ -422,9 +421,8 @@ def confidence_answer(question: Question, grounds: Grounds) -> list[str]:
 
 
 def threshold_note(inspection: Inspection) -> list[str]:
-    """The sentence on a threshold from few references (verdict.few_references_note), when it applies."""
-    note = few_references_note(inspection.n_references)
-    return [sentence(note)] if note else []
+    """The inspection's notes (a threshold from few references, verdict.few_references_note) as sentences."""
+    return [sentence(note) for note in inspection.notes]
 
 
 # Where each mode's threshold comes from ("why" answers): a sentence that is true of the inspection's own mode.

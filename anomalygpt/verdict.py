@@ -136,9 +136,17 @@ class Inspection:
     def verdict(self) -> str:
         return "anomalous" if self.is_anomalous else "normal"
 
+    @property
+    def notes(self) -> list[str]:
+        """What to know about how the verdict was reached, short of a warning (few_references_note), one line
+        each: in the record beside the warnings; the front ends show them after the verdict."""
+        note = few_references_note(self.n_references)
+        return [note] if note else []
+
     def to_dict(self) -> dict[str, Any]:
         data = {key: value for key, value in asdict(self).items() if key not in ("anomaly_map", "regions")}
         data["verdict"] = self.verdict
+        data["notes"] = self.notes
         data["regions"] = [region.to_dict() for region in self.regions]
         data["image_size"] = list(self.image_size)
         data["source_size"] = None if self.source_size is None else list(self.source_size)

@@ -49,7 +49,7 @@ from anomalygpt.inspection import (
 from anomalygpt.io import IMAGE_SUFFIXES, load_image, write_json_atomic, write_png_atomic
 from anomalygpt.profile import chosen_preset
 from anomalygpt.regions import format_pct
-from anomalygpt.verdict import confidence_word, decide, few_references_note
+from anomalygpt.verdict import confidence_word, decide
 from anomalygpt.visualize import ANOMALOUS_COLOR, NORMAL_COLOR, evidence_pair, inspection_figure
 from chat.uploads import UploadLog, discard, private_upload_folder
 
@@ -594,11 +594,10 @@ def inspection_status(session: Session) -> str:
     noun = "region" if len(inspection.regions) == 1 else "regions"
     # Why the inspection may not be trusted comes first: references unlike the query, one reference, duplicates.
     warnings = "".join(f"**Warning:** {escape_markdown(warning)}. " for warning in inspection.warnings)
-    note = few_references_note(inspection.n_references)
+    notes = "".join(f" Note: {escape_markdown(note)}." for note in inspection.notes)
     return warnings + (
         f"Verdict **{inspection.verdict}** at sensitivity {session.sensitivity:+.1f} "
-        f"({len(inspection.regions)} {noun}); ask about it in the chat."
-        + (f" Note: {escape_markdown(note)}." if note else "")
+        f"({len(inspection.regions)} {noun}); ask about it in the chat.{notes}"
     )
 
 

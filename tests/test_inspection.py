@@ -63,6 +63,10 @@ def test_inspection_serialises_to_json_without_the_map(inspector, references):
     assert data["verdict"] == insp.verdict and data["source"] == "q.png"
     assert "anomaly_map" not in data and data["image_size"] == [128, 128]
     assert data["calibration"]["image_threshold"] == pytest.approx(insp.threshold)
+    # 4 references: the record carries the note on a rough threshold beside its warnings, as the front ends show it
+    assert data["notes"] == insp.notes == [few_references_note(4)] and data["n_references"] == 4
+    assert dataclasses.replace(insp, n_references=16).to_dict()["notes"] == []
+    assert dataclasses.replace(insp, mode="zero-shot-batch", n_references=0).notes == []
 
 
 def test_bad_inputs_get_clear_errors(inspector, references):

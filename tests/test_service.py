@@ -124,6 +124,7 @@ def test_the_service_answers_what_the_inspector_computes_on_the_same_profile(ser
         assert answer["verdict"] == direct.verdict == verdict
         assert answer["score"] == direct.score and answer["threshold"] == direct.threshold
         assert answer["margin"] == direct.margin and len(answer["regions"]) == len(direct.regions)
+        assert answer["warnings"] == direct.warnings and answer["notes"] == direct.notes and len(direct.notes) == 1
         assert answer["profile"] == profile["id"] and answer["profile_version"] == 1
         assert answer["image_sha256"] == hashlib.sha256(images[kind].read_bytes()).hexdigest()
         assert client.inspection(answer["id"]) == answer
