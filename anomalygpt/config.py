@@ -247,6 +247,7 @@ FIELD_RULES: dict[type, dict[str, Rule]] = {
     CalibrationConfig: {
         "z": Range(0, 20),  # in normal spreads above the mean
         "spread_prior": Range(0, 5),  # relative to the mean held-out score
+        "false_alarm_rate": Range(0, 0.5, open_low=True),  # of the conformal threshold (enough held-out references)
         "pixel_quantile": Range(0.5, 1),
         "max_held_out": Range(1, 100_000),
         "seed": SEED,

@@ -50,6 +50,7 @@ class FitReport:
     threshold: float  # image-score threshold: above it, an image is called anomalous
     threshold_rule: str  # how the threshold was formed, in words
     resumed: bool = False  # training continued from a checkpoint in the work folder
+    reference_scores: tuple[float, ...] = ()  # the Inspector's held-out reference scores (Calibration's)
 
 
 class Detector(Protocol):
@@ -243,7 +244,8 @@ class FewShotDetector:
         self.references = self.inspector.fit(normals)
         calibration = self.references.calibration
         self.threshold = float(calibration.image_threshold)
-        return FitReport(len(normals), watch.seconds, self.threshold, calibration.method)
+        scores = calibration.reference_scores
+        return FitReport(len(normals), watch.seconds, self.threshold, calibration.method, reference_scores=scores)
 
     @torch.inference_mode()
     def predict(self, images: Sequence[np.ndarray]) -> Prediction:

@@ -102,7 +102,7 @@ def save_profile(
         "image_size": list(references.memory.image_size),
         "augment": references.memory.augment,
         "augmentation": references.augmentation.to_dict(),
-        "calibration": references.calibration.to_dict(),
+        "calibration": references.calibration.to_dict(scores=True),
         "fit_stats": references.fit_stats.to_dict(),
         "warnings": list(references.warnings),
         "references": list(references.names),

@@ -84,13 +84,24 @@ class Calibration:
     n_scores: int
     method: str  # how the held-out scores were formed, in words
     raw_spread: float = 0.0  # the held-out scores' own std, before the floor (0 with one score)
+    # Each held-out reference's score as a query is scored (one per reference, in their order): kept in profiles
+    # and eval results, left out of inspection records (up to 512 numbers each).
+    reference_scores: tuple[float, ...] = field(default=(), repr=False)
+
+    def __post_init__(self) -> None:  # a JSON list (profiles, eval results) compares equal to what was saved
+        object.__setattr__(self, "reference_scores", tuple(float(value) for value in self.reference_scores))
 
     def margin(self, score: float) -> float:
         """Distance of a score from the threshold in units of the normal spread (> 0: anomalous)."""
         return (score - self.image_threshold) / self.normal_spread
 
-    def to_dict(self) -> dict[str, float | int | str]:
-        return asdict(self)
+    def to_dict(self, scores: bool = False) -> dict[str, Any]:
+        """Its fields as JSON values; with the reference scores only when `scores`."""
+        data = asdict(self)
+        data["reference_scores"] = list(self.reference_scores)
+        if not scores:
+            del data["reference_scores"]
+        return data
 
 
 def confidence_word(margin: float) -> str:

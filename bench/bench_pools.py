@@ -14,6 +14,10 @@ Parts (each resumable: the eval runs cache finished settings under --out):
           alarms and recall on the queries that fit their references and on those warned of, how many are warned,
           and per draw (one operator's references) how often false alarms pass 5 %, on all queries and on those that
           fit.
+- rule:   the pool runs' thresholds (run the pool part first) under other rules, recomputed from each run's
+          held-out reference scores: mean + 3 spreads of 32 of them (the default before), mean + z spreads of all,
+          the conformal quantile at 1, 2 and 3 % (2 %: the default); false alarms (mean, worst draw, draws over 5 %)
+          and recall per cell type. The row of the default must give the run's own threshold (checked).
 - speed:  ms per inspection (decode included) with 4 references and with a 1,000-image pool, fit and profile
           load times, on this machine.
 
@@ -37,6 +41,7 @@ import numpy as np
 import torch
 from bench_elpv import inspection_times
 
+from anomalygpt.calibration import CalibrationConfig, held_out_choice, threshold_rule
 from anomalygpt.config import load_preset, to_dict
 from anomalygpt.inspection import build_inspector
 from anomalygpt.io import load_image, write_json_atomic
@@ -243,6 +248,52 @@ def part_trust(out: Path, half: str) -> dict:
     return rows
 
 
+def part_rule(out: Path, half: str) -> dict:
+    """The pool runs' verdicts under each threshold rule, from their stored held-out reference scores."""
+    cfg = load_preset("default").calibration
+    # At 0.1 % the conformal rule needs 999 held-out references: below that, mean + z spreads (pools here: <= 319)
+    before = dataclasses.replace(cfg, max_held_out=32, false_alarm_rate=1e-3)
+    rules = {"mean + 3 spreads of 32 (before)": before}
+    rules |= {f"mean + {z:g} spreads of all": dataclasses.replace(cfg, z=z, false_alarm_rate=1e-3) for z in (2, 2.5)}
+    rules |= {f"conformal {rate:.0%}": dataclasses.replace(cfg, false_alarm_rate=rate) for rate in (0.01, 0.02, 0.03)}
+    runs = settings(out / "pool", "pool")
+    if not runs or any(len(r["calibration"].get("reference_scores", ())) != r["k"] for r in runs):
+        raise SystemExit(f"bench_pools: rule reads pool runs under {out} with every reference's held-out score")
+    rows: dict = {}
+    for name, rule in rules.items():
+        for cell in ELPV_TYPES:
+            found = [r for r in runs if r["category"] == cell]
+            rates = np.array([rule_rates(r, rule) for r in found])  # (draws, 2): false alarms, recall
+            rows[f"{cell}, {name}"] = {
+                "false_alarms": float(rates[:, 0].mean()),
+                "worst_false_alarms": float(rates[:, 0].max()),
+                "draws_over_5pct": int((rates[:, 0] > 0.05).sum()),
+                "recall": float(rates[:, 1].mean()),
+                "draws": len(found),
+            }
+    for r in runs:  # the default rule must reproduce what the run itself decided
+        scores = np.array(r["calibration"]["reference_scores"])
+        if abs(threshold_rule(scores, scores, r["k"], cfg)[0] - r["calibration"]["image_threshold"]) > 1e-9:
+            raise SystemExit(f"bench_pools: the default rule misses {r['category']} seed {r['seed']}'s threshold")
+    print(f"\npool thresholds by rule, ELPV {half} half (false alarms on good test cells, recall on defective)\n")
+    print("| pool, rule | false alarms | worst draw | draws over 5 % | recall |\n|---|---|---|---|---|")
+    for label, row in rows.items():
+        print(
+            f"| {label} | {row['false_alarms']:.3f} | {row['worst_false_alarms']:.3f} | "
+            f"{row['draws_over_5pct']} of {row['draws']} | {row['recall']:.3f} |"
+        )
+    return rows
+
+
+def rule_rates(result: dict, cfg: CalibrationConfig) -> tuple[float, float]:
+    """False alarms and recall of one pool run at the threshold `cfg` gives from its held-out reference scores
+    (one per reference, in reference order, so the seeded sample of `max_held_out` is the one fit would take)."""
+    scores = np.array(result["calibration"]["reference_scores"])[held_out_choice(result["k"], cfg)]
+    threshold, _ = threshold_rule(scores, scores, result["k"], cfg)
+    labels, flagged = np.array(result["labels"]), np.array(result["scores"]) > threshold
+    return float(flagged[labels == 0].mean()), float(flagged[labels == 1].mean())
+
+
 def trust_row(counts: np.ndarray) -> dict:
     """Shares from counts[fits][label][flagged] (fits: 1 fit or unknown, 0 warned; label 1 defective)."""
 
@@ -330,6 +381,7 @@ def main() -> int:
         "memory": lambda: part_memory(args.out, args.half),
         "fit": lambda: part_fit(args.out, args.half),
         "trust": lambda: part_trust(args.out, args.half),
+        "rule": lambda: part_rule(args.out, args.half),
         "speed": lambda: part_speed(args.out, args.pool_size),
     }
     report_path = args.out / f"bench_pools_{args.half}.json"

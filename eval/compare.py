@@ -184,7 +184,12 @@ def run_setting(
         labels=labels.tolist(),
         defects=[sample.defect for sample in test],
         scores=scored.scores.tolist(),
-        calibration={"image_threshold": fit.threshold, "method": fit.threshold_rule, "resumed": fit.resumed},
+        calibration={
+            "image_threshold": fit.threshold,
+            "method": fit.threshold_rule,
+            "resumed": fit.resumed,
+            "reference_scores": list(fit.reference_scores),
+        },
         held_out_scores=held.tolist(),
         method=setting.method,
     )

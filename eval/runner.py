@@ -416,7 +416,7 @@ def run_setting(
         labels=labels.tolist(),
         defects=[sample.defect for sample in test],
         scores=scored.scores.tolist(),
-        calibration=fitted.calibration.to_dict(),
+        calibration=fitted.calibration.to_dict(scores=True),
         held_out_scores=held.tolist(),
     )
 

@@ -38,6 +38,7 @@ def test_a_loaded_profile_inspects_exactly_as_the_fitted_references(inspector, s
     references, path = saved
     loaded = inspector.load_profile(path)
     assert loaded.names == references.names and loaded.calibration == references.calibration
+    assert len(loaded.calibration.reference_scores) == len(references.names) >= 2  # saved with the thresholds
     assert loaded.augmentation == references.augmentation and loaded.fit_stats == references.fit_stats
     assert loaded.class_name == "brick wall" and loaded.memory.augment == references.memory.augment
     for query in queries():
