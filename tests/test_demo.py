@@ -27,7 +27,7 @@ def test_demo_inspects_real_elpv_cells_and_writes_overlays(tmp_path, capsys, mon
     summary = json.loads((out / "summary.json").read_text())
     records = summary["records"]
     assert [r["label"] for r in records] == ["good", "defective"]
-    assert len(summary["references"]) == 4
+    assert len(summary["references"]) == demo.DEMO_REFERENCES == 64
     for record in records:
         stem = record["source"].removesuffix(".png")
         assert (out / f"{stem}_overlay.png").stat().st_size > 1000
@@ -71,6 +71,9 @@ def test_demo_grounded_chat_answers_from_the_inspection(tmp_path, capsys):
 def test_demo_rejects_out_of_range_options(tmp_path, capsys):
     assert main(["--per-class", "0", "--out", str(tmp_path / "d")]) == 2
     assert capsys.readouterr().err == "anomalygpt demo: error: --per-class must be from 1 to 50\n"
+    for wrong in ("0", "257"):
+        assert main(["--references", wrong, "--out", str(tmp_path / "d")]) == 2
+        assert capsys.readouterr().err == "anomalygpt demo: error: --references must be from 1 to 256\n"
     assert not (tmp_path / "d").exists()
 
 
