@@ -127,7 +127,7 @@ def calibrate(memory: PatchMemory, held_out: dict[int, list[torch.Tensor]], cfg:
     # One score per held-out reference, as a query is scored (with k = 1 the quadrants are one image's: none).
     as_queries = scores[::views] if memory.n_references >= 2 else np.empty(0)
     mean, spread, raw = normal_statistics(scores, memory.n_references, cfg)
-    image_threshold, rule = threshold_rule(scores, as_queries, memory.n_references, cfg)
+    image_threshold, rule, rate = threshold_rule(scores, as_queries, memory.n_references, cfg)
     # Regions of an anomalous image must exist: the pixel threshold never exceeds the image threshold.
     pixel_threshold = min(float(np.quantile(np.concatenate(pixels), cfg.pixel_quantile)), image_threshold)
     return Calibration(
@@ -139,6 +139,7 @@ def calibrate(memory: PatchMemory, held_out: dict[int, list[torch.Tensor]], cfg:
         f"{method}; threshold: {rule}",
         raw,
         tuple(as_queries.tolist()),
+        rate,
     )
 
 
@@ -151,17 +152,19 @@ def normal_statistics(scores: np.ndarray, n_references: int, cfg: CalibrationCon
 
 def threshold_rule(
     scores: np.ndarray, as_queries: np.ndarray, n_references: int, cfg: CalibrationConfig
-) -> tuple[float, str]:
-    """The image threshold and its rule in words: the conformal quantile of the per-reference scores (as_queries)
-    when there are enough of them, else mean + z spreads of every held-out score."""
+) -> tuple[float, str, float | None]:
+    """The image threshold, its rule in words and the conformal rate when that rule set it: the conformal quantile
+    of the per-reference scores (as_queries) when there are enough of them, else mean + z spreads of every
+    held-out score (rate None)."""
     rank = conformal_rank(as_queries.size, cfg.false_alarm_rate)
     if rank is None:
         mean, spread, _ = normal_statistics(scores, n_references, cfg)
-        return mean + cfg.z * spread, f"mean + {cfg.z:g} spreads of the held-out scores"
-    return float(np.sort(as_queries)[rank - 1]), (
+        return mean + cfg.z * spread, f"mean + {cfg.z:g} spreads of the held-out scores", None
+    rule = (
         f"held-out score {rank} of {as_queries.size} from the lowest (expected false alarms at most "
         f"{cfg.false_alarm_rate:.1%} on good parts like them)"
     )
+    return float(np.sort(as_queries)[rank - 1]), rule, cfg.false_alarm_rate
 
 
 def fixed_calibration(

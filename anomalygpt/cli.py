@@ -48,6 +48,8 @@ BATCH_NOTE = (
 )
 SUMMARY_STEM = "summary"  # summary.json shares --out with the per-image files; no image may take its name
 TABLE_COLUMNS = ("file", "verdict", "score", "threshold", "margin", "regions", "locations", "fit")
+# With a conformal threshold (a pool of 49 or more references) the table adds each image's p-value after the margin
+P_TABLE_COLUMNS = ("file", "verdict", "score", "threshold", "margin", "p", "regions", "locations", "fit")
 NUMBER_OPTIONS = ("--sensitivity",)  # their values may look like options to argparse: -1e9, -inf
 SHOWN_IMAGE_WARNINGS = 5  # images whose own warnings detect prints before its table; the others are counted
 
@@ -749,34 +751,37 @@ def unfit_count(images: Sequence[dict[str, Any]]) -> int:
 
 def verdict_table(records: Sequence[dict[str, Any]]) -> str:
     """Aligned text table, one row per inspection; numbers right-aligned."""
-    rows = [TABLE_COLUMNS] + [table_row(record) for record in records]
-    widths = [max(len(row[column]) for row in rows) for column in range(len(TABLE_COLUMNS))]
-    numeric = {"score", "threshold", "margin", "regions"}
+    columns = P_TABLE_COLUMNS if any(record.get("p_value") is not None for record in records) else TABLE_COLUMNS
+    rows = [columns] + [table_row(record, columns) for record in records]
+    widths = [max(len(row[column]) for row in rows) for column in range(len(columns))]
+    numeric = {"score", "threshold", "margin", "p", "regions"}
     lines = [
         "  ".join(
             cell.rjust(width) if name in numeric else cell.ljust(width)
-            for cell, width, name in zip(row, widths, TABLE_COLUMNS, strict=True)
+            for cell, width, name in zip(row, widths, columns, strict=True)
         ).rstrip()
         for row in rows
     ]
     return "\n".join(lines)
 
 
-def table_row(record: dict[str, Any]) -> tuple[str, ...]:
+def table_row(record: dict[str, Any], columns: Sequence[str] = TABLE_COLUMNS) -> tuple[str, ...]:
     from anomalygpt.regions import where_words  # the overlay's label words: 'top to center', not just 'center'
 
     places = [where_words(region["location"], region.get("span", ())) for region in record["regions"]]
-    locations = ", ".join(places) or "-"
-    return (
-        safe_text(record["source"]),
-        record["verdict"],
-        f"{record['score']:.4f}",
-        f"{record['threshold']:.4f}",
-        f"{record['margin']:+.1f}",
-        str(len(record["regions"])),
-        locations,
-        fit_cell(record.get("reference_fit")),
-    )
+    p_value = record.get("p_value")
+    cells = {
+        "file": safe_text(record["source"]),
+        "verdict": record["verdict"],
+        "score": f"{record['score']:.4f}",
+        "threshold": f"{record['threshold']:.4f}",
+        "margin": f"{record['margin']:+.1f}",
+        "p": "-" if p_value is None else f"{p_value:.3f}",
+        "regions": str(len(record["regions"])),
+        "locations": ", ".join(places) or "-",
+        "fit": fit_cell(record.get("reference_fit")),
+    }
+    return tuple(cells[name] for name in columns)
 
 
 def fit_cell(fit: dict[str, Any] | None) -> str:

@@ -303,7 +303,7 @@ def runtime_manifest(
         },
         "augment": references.memory.augment,
         "class_name": references.class_name,
-        "calibration": references.calibration.to_dict(),
+        "calibration": references.calibration.to_dict(scores=True),
         "fit_stats": references.fit_stats.to_dict(),
         "references": list(references.names),
         "warnings": list(references.warnings),

@@ -87,6 +87,8 @@ class Calibration:
     # Each held-out reference's score as a query is scored (one per reference, in their order): kept in profiles
     # and eval results, left out of inspection records (up to 512 numbers each).
     reference_scores: tuple[float, ...] = field(default=(), repr=False)
+    # The rate of the conformal threshold when it set image_threshold (enough held-out references), else None
+    false_alarm_rate: float | None = None
 
     def __post_init__(self) -> None:  # a JSON list (profiles, eval results) compares equal to what was saved
         object.__setattr__(self, "reference_scores", tuple(float(value) for value in self.reference_scores))
@@ -94,6 +96,15 @@ class Calibration:
     def margin(self, score: float) -> float:
         """Distance of a score from the threshold in units of the normal spread (> 0: anomalous)."""
         return (score - self.image_threshold) / self.normal_spread
+
+    def p_value(self, score: float) -> float | None:
+        """The share of held-out good references scoring at least `score`, counting the query as one of them:
+        (1 + count) / (n + 1), the chance that a good part like them scores this high; None unless the conformal
+        rule set the threshold (with fewer references the share is too coarse to read)."""
+        if self.false_alarm_rate is None or not self.reference_scores:
+            return None
+        as_high = sum(value >= score for value in self.reference_scores)
+        return (1 + as_high) / (len(self.reference_scores) + 1)
 
     def to_dict(self, scores: bool = False) -> dict[str, Any]:
         """Its fields as JSON values; with the reference scores only when `scores`."""
@@ -141,6 +152,10 @@ class Inspection:
     source_size: tuple[int, int] | None = None  # (H, W) of the file when it was inspected downscaled, else None
     # Smallest region kept (px): one cell of the map's resolution, finer detail is interpolation; None: the default
     min_region_px: int | None = None
+    # With a conformal threshold (49 or more held-out references): the share of good references scoring at least
+    # as high as this image (Calibration.p_value); at sensitivity 0 the verdict is anomalous exactly where it is at
+    # or below the calibration's false_alarm_rate. None otherwise.
+    p_value: float | None = None
     anomaly_map: np.ndarray | None = field(default=None, repr=False)  # (H, W) float32; saved apart, not in JSON
 
     @property
@@ -203,6 +218,7 @@ class Inspection:
             image_size=(int(pixels.shape[0]), int(pixels.shape[1])),
             calibration=calibration.to_dict(),
             min_region_px=min_region_px,
+            p_value=calibration.p_value(score),
             anomaly_map=anomaly_map,
             **fields,
         )

@@ -595,10 +595,16 @@ def inspection_status(session: Session) -> str:
     # Why the inspection may not be trusted comes first: references unlike the query, one reference, duplicates.
     warnings = "".join(f"**Warning:** {escape_markdown(warning)}. " for warning in inspection.warnings)
     notes = "".join(f" Note: {escape_markdown(note)}." for note in inspection.notes)
+    rarity = "" if inspection.p_value is None else f" {p_value_words(inspection.p_value)}."
     return warnings + (
         f"Verdict **{inspection.verdict}** at sensitivity {session.sensitivity:+.1f} "
-        f"({len(inspection.regions)} {noun}); ask about it in the chat.{notes}"
+        f"({len(inspection.regions)} {noun}); ask about it in the chat.{rarity}{notes}"
     )
+
+
+def p_value_words(p_value: float) -> str:
+    """'p = 0.012: 1.2 % of good references (held out, the query counted) score as high'."""
+    return f"p = {p_value:.3f}: {p_value:.1%} of good references (held out, the query counted) score as high"
 
 
 def next_step(session: Session, profile: References | None = None) -> str:

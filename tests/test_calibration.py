@@ -99,10 +99,17 @@ def test_a_pool_with_enough_references_takes_the_conformal_threshold(small_backb
     assert cal.image_threshold == pytest.approx(scores[4])  # ceil(7 * 0.7) = 5th of 6 from the lowest
     assert "held-out score 5 of 6 from the lowest (expected false alarms at most 30.0%" in cal.method
     assert cal.normal_mean == pytest.approx(scores.mean()) and 0 < cal.pixel_threshold <= cal.image_threshold
+    # The p-value: the share of the 6 references scoring as high, the query counted; anomalous exactly at <= 30 %.
+    assert cal.false_alarm_rate == 0.3 and cal.p_value(scores[-1] + 1) == pytest.approx(1 / 7)
+    assert cal.p_value(scores[0]) == pytest.approx(1.0) and cal.p_value(scores[2]) == pytest.approx(5 / 7)
+    for score in np.linspace(scores[0] - 0.1, scores[-1] + 0.1, 101):
+        p_value = cal.p_value(float(score))
+        assert p_value is not None and (p_value <= 0.3) == (score > cal.image_threshold)
     # Two held-out references are too few at 30 %: mean + z spreads, as with a few references.
     few = calibrate(memory, {i: views[i] for i in (0, 1)}, cfg)
     assert "mean + 3 spreads" in few.method
     assert few.image_threshold == pytest.approx(few.normal_mean + 3 * few.normal_spread)
+    assert few.false_alarm_rate is None and few.p_value(few.image_threshold + 1) is None
 
 
 def test_with_every_view_held_out_the_conformal_rank_counts_references_not_views(memories):

@@ -651,6 +651,15 @@ def test_the_table_names_each_region_as_its_overlay_label_does() -> None:
     assert spanning.where() == "top to center" and row[6] == "top to center, widespread"
 
 
+def test_the_table_shows_p_values_only_when_a_conformal_threshold_gave_them() -> None:
+    record = {"source": "q.png", "verdict": "anomalous", "score": 0.3, "threshold": 0.2, "margin": 1.5, "regions": []}
+    without = cli.verdict_table([record | {"p_value": None}]).splitlines()
+    assert without[0].split() == list(cli.TABLE_COLUMNS) and "p" not in without[0].split()
+    lines = cli.verdict_table([record | {"p_value": 0.0123}, record | {"source": "r.png", "p_value": None}])
+    header, first, second = (line.split() for line in lines.splitlines())
+    assert header[4:6] == ["margin", "p"] and first[5] == "0.012" and second[5] == "-"
+
+
 def test_a_second_run_into_the_query_folder_leaves_the_first_runs_overlays_alone(scene: Scene, tmp_path: Path) -> None:
     folder = tmp_path / "cells"
     save(folder / "q.png", crop(*GOOD_CROP))

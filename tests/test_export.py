@@ -76,7 +76,8 @@ def assert_same_inspection(torch_result, runtime_result) -> None:
     assert np.abs(runtime_result.anomaly_map - torch_result.anomaly_map).max() < SCORE_TOLERANCE
     assert [r["box"] for r in found["regions"]] == [r["box"] for r in expected["regions"]]
     assert abs(found["reference_fit"]["distance"] - expected["reference_fit"]["distance"]) <= 2e-5
-    same = ("confidence", "mode", "n_references", "image_size", "calibration", "class_name", "warnings")
+    same = ("confidence", "mode", "n_references", "image_size", "calibration", "class_name", "warnings", "notes")
+    same += ("p_value",)
     assert {key: found[key] for key in same} == {key: expected[key] for key in same}
     assert found["reference_fit"]["nearest"] == expected["reference_fit"]["nearest"]
 

@@ -65,8 +65,30 @@ def test_inspection_serialises_to_json_without_the_map(inspector, references):
     assert data["calibration"]["image_threshold"] == pytest.approx(insp.threshold)
     # 4 references: the record carries the note on a rough threshold beside its warnings, as the front ends show it
     assert data["notes"] == insp.notes == [few_references_note(4)] and data["n_references"] == 4
+    assert data["p_value"] is None  # 4 references: no conformal threshold, no p-value
     assert dataclasses.replace(insp, n_references=16).to_dict()["notes"] == []
     assert dataclasses.replace(insp, mode="zero-shot-batch", n_references=0).notes == []
+
+
+def test_a_pool_with_a_conformal_threshold_gives_each_inspection_its_p_value(small_backbone):
+    preset = load_preset("default")
+    preset = dataclasses.replace(
+        preset,
+        memory=dataclasses.replace(preset.memory, retrieve=2),
+        calibration=dataclasses.replace(preset.calibration, false_alarm_rate=0.25),  # 3 held out are enough
+    )
+    inspector = Inspector(small_backbone, preset)
+    pool = inspector.fit(texture_crops(7, seed=30))
+    assert pool.mode == "pool" and pool.calibration.false_alarm_rate == 0.25
+    good, defect = texture_crops(1, seed=31)[0], with_dark_blob(texture_crops(1, seed=32)[0], (64, 64), 14)
+    found = [inspector.inspect(image, pool) for image in (good, defect)]
+    assert [i.verdict for i in found] == ["normal", "anomalous"]
+    scores = pool.calibration.reference_scores
+    for inspection in found:  # the share of the 7 references scoring as high, the query counted
+        assert inspection.p_value == pytest.approx((1 + sum(s >= inspection.score for s in scores)) / 8)
+        assert (inspection.p_value <= 0.25) == inspection.is_anomalous
+        assert json.loads(inspection.to_json())["p_value"] == inspection.p_value
+    assert found[1].p_value == pytest.approx(1 / 8)
 
 
 def test_bad_inputs_get_clear_errors(inspector, references):

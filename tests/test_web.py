@@ -8,7 +8,7 @@ import json
 import socket
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ from chat.web import (
     badge_html,
     build_blocks,
     build_parser,
+    inspection_status,
     loaded_app,
     main,
     serve,
@@ -276,6 +277,15 @@ def test_one_or_few_references_get_a_note_in_the_status(app: WebApp, scene: Scen
     status = app.inspect(loaded(app, scene), "", 0.0).status.replace("\\", "")  # markdown escapes
     assert ONE_REFERENCE_CAVEAT not in status  # two references: the note on few references instead, after the verdict
     assert status.index("Verdict") < status.index(f"Note: {few_references_note(2)}.")
+
+
+def test_a_conformal_p_value_follows_the_verdict_in_the_status(app: WebApp, scene: Scene) -> None:
+    session = loaded(app, scene)
+    app.inspect(session, "", 0.0)
+    assert session.inspection is not None and "p = " not in inspection_status(session)  # 2 references: none
+    session.inspection = replace(session.inspection, p_value=0.012)
+    status = inspection_status(session).replace("\\", "")
+    assert status.index("Verdict") < status.index("p = 0.012: 1.2% of good references (held out, the query counted)")
 
 
 def test_a_query_unlike_the_references_is_warned_before_the_verdict(app: WebApp, scene: Scene, tmp_path: Path) -> None:
