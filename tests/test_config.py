@@ -53,6 +53,14 @@ BAD_PRESETS = {
         '{"calibration": {"spread_prior": 1e308}}',
         "calibration:spread_prior: must be a number from 0 to 5, got 1e+308",
     ),
+    "false_alarm_rate 0": (
+        '{"calibration": {"false_alarm_rate": 0}}',
+        "calibration:false_alarm_rate: must be a number above 0 and at most 0.5, got 0.0",
+    ),
+    "false_alarm_rate 0.6": (
+        '{"calibration": {"false_alarm_rate": 0.6}}',
+        "calibration:false_alarm_rate: must be a number above 0 and at most 0.5, got 0.6",
+    ),
     "pixel_quantile 1.5": (
         '{"calibration": {"pixel_quantile": 1.5}}',
         "calibration:pixel_quantile: must be a number from 0.5 to 1, got 1.5",
