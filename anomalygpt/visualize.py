@@ -167,22 +167,32 @@ def overlaps(a: Rect, b: Rect) -> bool:
     return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
 
 
-def banner_lines(is_anomalous: bool, score: float, threshold: float, margin: float, n_regions: int) -> list[str]:
-    """The banner's text: the verdict first, then the numbers behind it."""
+def banner_lines(
+    is_anomalous: bool, score: float, threshold: float, margin: float, n_regions: int, p_value: float | None = None
+) -> list[str]:
+    """The banner's text: the verdict first, then the numbers behind it (the p-value when there is one)."""
     if is_anomalous:
         noun = "region" if n_regions == 1 else "regions"
         headline = f"ANOMALOUS - {n_regions} {noun}"
     else:
         headline = "NORMAL"
     relation = ">" if score > threshold else "<="
-    return [headline, f"score {score:.4f} {relation} threshold {threshold:.4f}, margin {margin:+.1f}"]
+    rarity = "" if p_value is None else f", p {p_value:.3f}"
+    return [headline, f"score {score:.4f} {relation} threshold {threshold:.4f}, margin {margin:+.1f}{rarity}"]
 
 
 def verdict_banner(
-    width: int, *, is_anomalous: bool, score: float, threshold: float, margin: float, n_regions: int
+    width: int,
+    *,
+    is_anomalous: bool,
+    score: float,
+    threshold: float,
+    margin: float,
+    n_regions: int,
+    p_value: float | None = None,
 ) -> np.ndarray:
     """(h, width, 3) uint8 strip: verdict in large letters on red (anomalous) or green (normal), numbers below."""
-    headline, details = banner_lines(is_anomalous, score, threshold, margin, n_regions)
+    headline, details = banner_lines(is_anomalous, score, threshold, margin, n_regions, p_value)
     pen = pen_for(width, width)
     pad = max(4, round(0.02 * width))
     big = fitted_scale(headline, 1.6 * pen.font_scale, 2 * pen.text_thickness, width - 2 * pad)
@@ -249,6 +259,7 @@ def inspection_figure(image: np.ndarray, inspection: Inspection, cmap: str = "je
         threshold=inspection.threshold,
         margin=inspection.margin,
         n_regions=len(inspection.regions),
+        p_value=inspection.p_value,
     )
     warning = fit_line(inspection.reference_fit)
     strips = [banner] if warning is None else [banner, warning_strip(picture.shape[1], warning)]

@@ -153,6 +153,8 @@ def test_banner_lines_put_the_verdict_first() -> None:
         "score 0.6123 > threshold 0.5000, margin +2.3",
     ]
     assert banner_lines(False, 0.25, 0.5, -3.0, 0) == ["NORMAL", "score 0.2500 <= threshold 0.5000, margin -3.0"]
+    with_p = banner_lines(False, 0.25, 0.5, -3.0, 0, p_value=0.4567)  # a conformal threshold's p-value
+    assert with_p == ["NORMAL", "score 0.2500 <= threshold 0.5000, margin -3.0, p 0.457"]
 
 
 @pytest.mark.parametrize(("width", "is_anomalous"), [(120, True), (512, False), (1600, True)])
