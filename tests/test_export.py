@@ -251,6 +251,12 @@ def test_incomplete_tampered_or_newer_runtime_folders_are_refused(runtimes, tmp_
     (copy("lacking") / MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(RuntimeBundleError, match="runtime.json: lacks calibration; export again"):
         RuntimeInspector.open(tmp_path / "lacking")
+    calibration = json.loads((tmp_path / "newer" / MANIFEST).read_text())["calibration"]
+    (copy("edited") / MANIFEST).write_text(
+        json.dumps({**manifest, "calibration": calibration | {"reference_scores": ["x"]}})
+    )
+    with pytest.raises(RuntimeBundleError, match="lacks valid memory, calibration, fit_stats and outputs sections"):
+        RuntimeInspector.open(tmp_path / "edited")
     with pytest.raises(RuntimeBundleError, match="runtime folder not found"):
         RuntimeInspector.open(tmp_path / "nowhere")
     with pytest.raises(RuntimeInspectionError, match="64x64 px but the references are 176x176 px"):

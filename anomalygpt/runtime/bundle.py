@@ -152,7 +152,7 @@ def read_bundle(folder: str | Path) -> Bundle:
         calibration = Calibration(**manifest["calibration"])
         fit_stats = FitStatistics(**manifest["fit_stats"])
         n_stages = len(manifest["outputs"]["features"])
-    except (KeyError, TypeError) as error:
+    except (KeyError, TypeError, ValueError) as error:  # ValueError: a reference score that is not a number
         missing = missing or [f"valid memory, calibration, fit_stats and outputs sections ({error})"]
     if missing:
         raise RuntimeBundleError(f"{folder / MANIFEST}: lacks {', '.join(missing)}; export again")
