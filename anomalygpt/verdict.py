@@ -109,8 +109,9 @@ class Calibration:
     def to_dict(self, scores: bool = False) -> dict[str, Any]:
         """Its fields as JSON values; with the reference scores only when `scores`."""
         data = asdict(self)
-        data["reference_scores"] = list(self.reference_scores)
-        if not scores:
+        if scores:
+            data["reference_scores"] = list(self.reference_scores)
+        else:
             del data["reference_scores"]
         return data
 
