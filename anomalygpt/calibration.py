@@ -113,6 +113,14 @@ def conformal_rank(n_scores: int, false_alarm_rate: float) -> int | None:
     return rank if rank <= n_scores else None
 
 
+def min_conformal_references(false_alarm_rate: float) -> int:
+    """The fewest held-out references whose conformal threshold keeps that rate: (1 - rate) / rate, rounded up."""
+    n_scores = max(1, math.ceil((1 - false_alarm_rate) / false_alarm_rate - 1e-9))
+    while conformal_rank(n_scores, false_alarm_rate) is None:  # floating point at the boundary
+        n_scores += 1
+    return n_scores
+
+
 def calibrate(memory: PatchMemory, held_out: dict[int, list[torch.Tensor]], cfg: CalibrationConfig) -> Calibration:
     maps, views, method = held_out_maps(memory, held_out)
     n_maps = len(held_out) * views

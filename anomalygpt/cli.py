@@ -17,7 +17,7 @@ import sys
 import tempfile
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -112,6 +112,7 @@ class FitOptions:
     class_name: str | None
     overwrite: bool
     device: str | None = None  # --device: overrides the preset's
+    false_alarm_rate: float | None = None  # --false-alarm-rate: overrides the preset's calibration.false_alarm_rate
 
 
 @dataclass
@@ -260,6 +261,14 @@ def add_fit_parser(verbs: Any) -> None:
     fit.add_argument("--preset", default=None, help="preset name or JSON path (default: 'default')")
     fit.add_argument("--class-name", default=None, help="product name, e.g. 'solar cell' (kept in the profile)")
     fit.add_argument("--overwrite", action="store_true", help="replace --out when it exists")
+    fit.add_argument(
+        "--false-alarm-rate",
+        type=false_alarm_rate,
+        default=None,
+        metavar="RATE",
+        help="share of good parts like the references that may be flagged, above 0 and at most 0.5 (default: the "
+        "preset's, 0.02); the threshold keeps it once there are enough references: (1 - RATE) / RATE, 49 at 0.02",
+    )
     add_device_option(fit)
 
 
@@ -275,6 +284,14 @@ def positive_int(text: str) -> int:
     if not text.strip().isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {text!r}")
     return int(text)
+
+
+def false_alarm_rate(text: str) -> float:
+    """A rate above 0 and at most 0.5 (argparse type), as the preset's calibration.false_alarm_rate."""
+    rate = float(text) if is_number(text) else math.nan
+    if not 0 < rate <= 0.5:
+        raise argparse.ArgumentTypeError(f"must be a number above 0 and at most 0.5, got {text!r}")
+    return rate
 
 
 def attach_number_values(argv: list[str]) -> list[str]:
@@ -313,7 +330,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return fail(args.verb, f"unrecognized arguments: {' '.join(extra)}")
     if args.verb == "fit":
         options = FitOptions(
-            list(args.goods), args.out, args.preset, args.class_name, bool(args.overwrite), args.device
+            list(args.goods),
+            args.out,
+            args.preset,
+            args.class_name,
+            bool(args.overwrite),
+            args.device,
+            args.false_alarm_rate,
         )
         return run_fit(options)
     return run_detect(detect_options(args))
@@ -805,7 +828,8 @@ def run_fit(options: FitOptions) -> int:
         from anomalygpt.config import DEFAULT_PRESET, load_preset  # imports torch: after the instant checks
         from anomalygpt.inspection import build_inspector
 
-        inspector = build_inspector(with_device(load_preset(options.preset or DEFAULT_PRESET), options.device))
+        preset = with_false_alarm_rate(load_preset(options.preset or DEFAULT_PRESET), options.false_alarm_rate)
+        inspector = build_inspector(with_device(preset, options.device))
         references = inspector.fit(goods, options.class_name, progress=True)
     except (ValueError, OSError) as error:
         return fail("fit", error)
@@ -814,8 +838,26 @@ def run_fit(options: FitOptions) -> int:
     except OSError as error:
         return fail("fit", error, code=1)
     reference_notes("fit", references)
+    from anomalygpt.calibration import min_conformal_references
+
+    rate = inspector.preset.calibration.false_alarm_rate
+    held_out = len(references.calibration.reference_scores)
+    if options.false_alarm_rate is not None and references.calibration.false_alarm_rate is None and held_out:
+        print(
+            f"{PROG} fit: note: --false-alarm-rate {rate:g} needs {min_conformal_references(rate)} held-out "
+            f"references and this fit has {held_out}: its threshold is mean + {inspector.preset.calibration.z:g} "
+            "spreads of their scores instead",
+            file=sys.stderr,
+        )
     print(fit_summary(options.out, references, len(goods)))
     return 0
+
+
+def with_false_alarm_rate(preset: Preset, rate: float | None) -> Preset:
+    """The preset with fit's --false-alarm-rate (checked by argparse) in its calibration."""
+    if rate is None:
+        return preset
+    return replace(preset, calibration=replace(preset.calibration, false_alarm_rate=rate))
 
 
 def fit_summary(path: Path, references: References, n_given: int) -> str:

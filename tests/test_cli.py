@@ -20,6 +20,7 @@ from PIL import Image
 
 from anomalygpt import cli
 from anomalygpt.cli import LazyCommand, main, output_stems, unique_paths, verdict_table
+from anomalygpt.profile import read_header
 from anomalygpt.verdict import few_references_note
 
 SIDE = 128
@@ -658,6 +659,31 @@ def test_the_table_shows_p_values_only_when_a_conformal_threshold_gave_them() ->
     lines = cli.verdict_table([record | {"p_value": 0.0123}, record | {"source": "r.png", "p_value": None}])
     header, first, second = (line.split() for line in lines.splitlines())
     assert header[4:6] == ["margin", "p"] and first[5] == "0.012" and second[5] == "-"
+
+
+def test_fit_takes_a_false_alarm_rate_and_says_when_its_references_are_too_few(scene: Scene, tmp_path: Path) -> None:
+    fit = ["fit", str(scene.refs), "--preset", str(scene.preset)]
+    # 2 references keep a rate of 0.4: the threshold is the higher of their 2 held-out scores, and each image gets
+    # its p-value (1, 2 or 3 thirds), in the table and the records.
+    code, stdout, stderr = run([*fit, "--out", str(tmp_path / "a.profile"), "--false-alarm-rate", "0.4"])
+    assert code == 0 and "held-out score 2 of 2 from the lowest (expected false alarms at most 40.0%" in stdout
+    header = read_header(tmp_path / "a.profile")
+    assert header["calibration"]["false_alarm_rate"] == 0.4 and len(header["calibration"]["reference_scores"]) == 2
+    assert header["preset"]["calibration"]["false_alarm_rate"] == 0.4
+    code, stdout, _ = run(["detect", str(scene.bad), "--profile", str(tmp_path / "a.profile"), "--json"])
+    (record,) = json.loads(stdout)
+    assert code == 0 and record["verdict"] == "anomalous" and record["p_value"] == pytest.approx(1 / 3)
+    # At 0.1 they are too few (9 are needed): a note says so, and the threshold is mean + 3 spreads.
+    code, stdout, stderr = run([*fit, "--out", str(tmp_path / "b.profile"), "--false-alarm-rate", "0.1"])
+    assert code == 0 and "mean + 3 spreads of the held-out scores" in stdout
+    assert (
+        "anomalygpt fit: note: --false-alarm-rate 0.1 needs 9 held-out references and this fit has 2: its "
+        "threshold is mean + 3 spreads of their scores instead"
+    ) in stderr.splitlines()
+    for wrong in ("0", "0.6", "nan", "x"):
+        code, _, stderr = run([*fit, "--out", str(tmp_path / "c.profile"), "--false-alarm-rate", wrong])
+        assert code == 2 and f"must be a number above 0 and at most 0.5, got '{wrong}'" in stderr
+    assert not (tmp_path / "c.profile").exists()
 
 
 def test_a_second_run_into_the_query_folder_leaves_the_first_runs_overlays_alone(scene: Scene, tmp_path: Path) -> None:
