@@ -241,18 +241,3 @@ def profile_memory(header: dict[str, Any], tensors: dict[str, torch.Tensor], ins
     )
     inspector.attach_prior(memory, header["class_name"])
     return memory
-
-
-def describe(header: dict[str, Any]) -> dict[str, Any]:
-    """What `anomalygpt fit` prints about a profile."""
-    calibration = header["calibration"]
-    return {
-        "references": len(header["references"]),
-        "image_size": header["image_size"],
-        "augment": header["augment"],
-        "augmentation": header["augmentation"]["reason"],
-        "threshold": calibration["image_threshold"],
-        "calibration": calibration["method"],
-        "warnings": header["warnings"],
-        "preset": header["preset"]["name"],
-    }
