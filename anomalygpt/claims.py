@@ -120,6 +120,8 @@ GREY = re.compile(r"\b(\d+(?:\.\d+)?)\s+gr[ae]y levels?\s+(darker|brighter|light
 TEXTURE = re.compile(r"\b(rougher|smoother)\b", re.IGNORECASE)
 MATCH_WORDS = re.compile(r"\b(match\w*|resembl\w*|closest|most similar|best)\b", re.IGNORECASE)
 PERCENT = re.compile(r"(?<![\d.])(\d+(?:\.\d+)?)\s?%")
+# The p-value as grounded.rarity_sentence writes it: checked against Inspection.p_value, then hidden from the areas
+RARITY = re.compile(r"\bscore this high (?:about |at most )?(\d+(?:\.\d+)?)\s?% of the time\b", re.IGNORECASE)
 COUNT_NOUN = (
     r"(?:(?:separate|distinct|anomalous|defective|suspicious|abnormal|different|outlined|flagged)\s+)*"
     r"(?:regions?|anomal(?:y|ies)|defects?|places|areas|spots|flaws|faults)\b"
@@ -271,7 +273,8 @@ def sentence_conflicts(
 ) -> tuple[list[Conflict], int | None]:
     """The facts a sentence gets wrong, and the one region it ends up talking about (for a following 'it')."""
     clean = blanked(text, grounds)
-    conflicts = verdict_conflicts(clean, grounds.inspection, question, first)
+    conflicts = rarity_conflicts(" ".join(text.split()), grounds.inspection)
+    conflicts += verdict_conflicts(clean, grounds.inspection, question, first)
     conflicts += sentence_level_conflicts(clean, grounds)
     clean = blank(CONFIDENCE, clean)
     for clause in clean.split(";"):
@@ -291,7 +294,18 @@ def blanked(text: str, grounds: Grounds) -> str:
         if kind.description:
             out = out.replace(f"({kind.description})", " ")
     out = REFERENCE_REF.sub(lambda found: f"reference {found.group(1)}", out)
+    out = RARITY.sub(" ", out)  # read by rarity_conflicts: its percentage is not an area
     return re.sub(r"\blarge enough\b|\bhow (large|big|small)\b", " ", out, flags=re.IGNORECASE)
+
+
+def rarity_conflicts(text: str, inspection: Inspection) -> list[Conflict]:
+    """How often good parts score this high, as written, against the inspection's p-value (none: any is wrong)."""
+    out = []
+    for found in RARITY.finditer(text):
+        truth = None if inspection.p_value is None else 100 * inspection.p_value
+        if truth is None or not written_close(found.group(1), truth):
+            out.append(Conflict("score", found.group(0), None, "no p-value" if truth is None else f"{truth:.3g}%"))
+    return out
 
 
 def verdict_conflicts(text: str, inspection: Inspection, question: Question | None, first: bool) -> list[Conflict]:

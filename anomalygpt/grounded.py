@@ -416,8 +416,16 @@ def confidence_answer(question: Question, grounds: Grounds) -> list[str]:
             f"{abs(inspection.margin):.1f} normal spreads {side(inspection.margin)} the threshold"
         ),
         UNTRUSTED_MARGIN if inspection.warnings else CONFIDENCE_REASONS[inspection.confidence],
+        *rarity_sentence(inspection),
         *threshold_note(inspection),
     ]
+
+
+def rarity_sentence(inspection: Inspection) -> list[str]:
+    """The p-value of a conformal threshold's inspection in words (claims.RARITY reads it back), when there is one."""
+    if inspection.p_value is None:
+        return []
+    return [f"Good parts like the references score this high about {format_pct(100 * inspection.p_value)} of the time."]
 
 
 def threshold_note(inspection: Inspection) -> list[str]:

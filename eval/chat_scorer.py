@@ -78,6 +78,8 @@ COUNTED = re.compile(
 )
 PLACE_COUNT = re.compile(rf"(?<![\w.#-])(\d+|{'|'.join(NUMBER_WORDS)}) (in|at|on) the (\w+(?: left| right)?)\b", re.I)
 PERCENT = re.compile(r"(?<![\d.])(\d+(?:\.\d+)?)\s?%")
+# How often good parts score this high (a profile's p-value): a percentage that is not an area
+RARITY = re.compile(r"\bscore this high\b[^.%]*?(\d+(?:\.\d+)?)\s?% of the time", re.IGNORECASE)
 FOUR_DECIMALS = re.compile(r"(?<![\d.])(\d+\.\d{4})(?!\d)")
 SPREADS = re.compile(r"(\d+(?:\.\d+)?) normal spreads?")
 GREY_LEVELS = re.compile(r"(\d+) gr[ae]y levels? (darker|brighter)")
@@ -295,11 +297,17 @@ def confidence_errors(sentence: str, case: Case) -> list[str]:
 
 
 def percent_errors(clause: str, case: Case) -> list[str]:
+    p_value = case.inspection.p_value
+    errors = [
+        f"p-value {found.group(1)}%"
+        for found in RARITY.finditer(clause)
+        if p_value is None or not rounds_to(found.group(1), 100 * p_value)
+    ]
+    clause = RARITY.sub(" ", clause)
     regions = case.regions
     named = [r for r in regions if r.index in mentioned_regions(clause)]
     pool = named if len(named) == 1 else regions
     allowed = [r.area_pct for r in pool] + [sum(r.area_pct for r in regions)]
-    errors = []
     for found in PERCENT.finditer(clause):
         said = found.group(1)
         if regions and not any(rounds_to(said, area) for area in allowed) or not regions and float(said) != 0:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-from chat_cases import LOW, MANY, NORMAL, ONE, SPANNING, WIDESPREAD, evidence_for, inspection_with
+from chat_cases import LOW, MANY, NORMAL, ONE, POOL, POOL_NORMAL, SPANNING, WIDESPREAD, evidence_for, inspection_with
 
 from anomalygpt.grounded import Grounds, answer_text, without_preamble
 from anomalygpt.guard import read_question
@@ -31,8 +31,8 @@ def test_the_bank_has_every_kind_in_three_phrasings_or_more_and_the_reader_agree
 
 @pytest.mark.parametrize(
     "inspection",
-    [NORMAL, ONE, MANY, LOW, SPANNING, WIDESPREAD],
-    ids=["normal", "one", "many", "low", "spanning", "widespread"],
+    [NORMAL, ONE, MANY, LOW, SPANNING, WIDESPREAD, POOL, POOL_NORMAL],
+    ids=["normal", "one", "many", "low", "spanning", "widespread", "pool", "pool-normal"],
 )
 def test_grounded_answers_score_right_and_useful(inspection: Inspection) -> None:
     case = Case(inspection, evidence_for(inspection))
@@ -67,6 +67,7 @@ def test_grounded_answers_score_right_and_useful(inspection: Inspection) -> None
         ("Region 1 touches the left border.", "near", None, "touches"),
         ("Nothing is in the top left.", "near", None, "place top left said absent"),
         ("It could be x 1-5, y 1-5.", "where", None, "box"),
+        ("Good parts score this high about 1% of the time.", "confidence", None, "p-value 1%"),  # MANY has none
     ],
 )
 def test_a_wrong_answer_is_a_contradiction(answer: str, kind: str, polarity: str | None, error: str) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from chat_cases import LOW, MANY, NORMAL, ONE, SPANNING, WIDESPREAD, evidence_for
+from chat_cases import LOW, MANY, NORMAL, ONE, POOL, POOL_NORMAL, SPANNING, WIDESPREAD, evidence_for
 
 from anomalygpt.claims import CheckTally, ClaimChecker, check_answer
 from anomalygpt.grounded import Grounds, answer_text, region_sentence
@@ -23,8 +23,8 @@ def facts(text: str, grounds: Grounds = GROUNDS, question: Question | None = Non
 
 @pytest.mark.parametrize(
     "inspection",
-    [NORMAL, ONE, MANY, LOW, SPANNING, WIDESPREAD],
-    ids=["normal", "one", "many", "low", "spanning", "widespread"],
+    [NORMAL, ONE, MANY, LOW, SPANNING, WIDESPREAD, POOL, POOL_NORMAL],
+    ids=["normal", "one", "many", "low", "spanning", "widespread", "pool", "pool-normal"],
 )
 def test_every_grounded_answer_passes_the_checker(inspection: Inspection) -> None:
     grounds = Grounds(inspection, evidence_for(inspection))
@@ -34,6 +34,18 @@ def test_every_grounded_answer_passes_the_checker(inspection: Inspection) -> Non
         assert check_answer(text, grounds, question) == [], (entry.text, text)
         checker = ClaimChecker(grounds, question)
         assert "".join(checker.stream([], text)) == text and checker.report.opening_conflicts == []
+
+
+def test_how_often_good_parts_score_this_high_is_the_p_value_and_not_an_area() -> None:
+    pool = Grounds(POOL, evidence_for(POOL))  # p = 2 / 209: 0.96 %, written 1.0%
+    said = answer_text(read_question("How sure are you?"), pool)
+    assert "Good parts like the references score this high about 1.0% of the time." in said
+    assert "score this high" not in answer_text(read_question("How sure are you?"), GROUNDS)  # no p-value
+    assert facts("Good parts like the references score this high about 1% of the time.", pool) == set()
+    assert facts("Good parts score this high about 5% of the time.", pool) == {"score"}
+    assert facts("Good parts score this high about 1% of the time.", GROUNDS) == {"score"}  # MANY has none
+    normal = Grounds(POOL_NORMAL, evidence_for(POOL_NORMAL))
+    assert facts("Good parts like the references score this high about 62% of the time.", normal) == set()
 
 
 def test_a_region_is_in_every_cell_it_spans() -> None:
