@@ -1,7 +1,8 @@
 """Verified chat on real ELPV cells: operators' questions in multi-turn chats, every stated fact scored.
 
 Cells: odd-numbered ELPV cells only (the development half), both cell types, defective (p >= 2/3) and good;
-references: 4 good odd-numbered cells of the type (seeded draw), never a query. Per cell one chat of --turns
+references: 4 good odd-numbered cells of the type (seeded draw; --references N for a profile-like pool, whose
+conformal threshold gives every inspection a p-value), never a query. Per cell one chat of --turns
 questions from eval.chat_scorer.BANK: every question kind once, then further kinds drawn at random, in a seeded
 random order, each in one of its phrasings. The assistant is the preset's (SmolLM2-135M + LoRA by default) with
 solar-cell defect types, answering through anomalygpt.assistant.ChatSession: grounded opening, the model's
@@ -58,8 +59,8 @@ def cell_number(path: Path) -> int:
     return int(re.search(r"(\d+)", path.name).group(1))  # type: ignore[union-attr]
 
 
-def plan(n_cells: int, seed: int) -> list[dict[str, Any]]:
-    """The cells in run order: per type, 4 references, then good and defective queries alternating, types too."""
+def plan(n_cells: int, seed: int, n_references: int = 4) -> list[dict[str, Any]]:
+    """The cells in run order: per type, n references, then good and defective queries alternating, types too."""
     from eval.datasets import load_split
 
     per_type: dict[str, list[dict[str, Any]]] = {}
@@ -69,8 +70,8 @@ def plan(n_cells: int, seed: int) -> list[dict[str, Any]]:
         defective = sorted(s.path for s in split.test if cell_number(s.path) % 2 == 1)
         rng = np.random.default_rng([seed, CELL_TYPES.index(cell_type)])
         order = rng.permutation(len(good))
-        references = [str(good[i]) for i in order[:4]]
-        good_queries = [good[i] for i in order[4:]]
+        references = [str(good[i]) for i in order[:n_references]]
+        good_queries = [good[i] for i in order[n_references:]]
         bad_queries = [defective[i] for i in rng.permutation(len(defective))]
         chosen = [q for pair in zip(bad_queries, good_queries, strict=False) for q in pair]
         per_type[cell_type] = [
@@ -258,6 +259,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path("runs/bench_chat_real"))
     parser.add_argument("--cells", type=int, default=104, help="cells to chat about (both types, both labels)")
     parser.add_argument("--turns", type=int, default=20, help="questions per chat")
+    parser.add_argument("--references", type=int, default=4, help="good cells of the type indexed as references")
     parser.add_argument("--preset", default="default")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--report-only", action="store_true", help="score the chats already in --out")
@@ -273,7 +275,7 @@ def main() -> int:
     log = args.out / ("chats.jsonl" if args.mode == "guarded" else "chats_bare.jsonl")
     records = read_records(log)
     done = {record["cell"] for record in records}
-    cells = [cell for cell in plan(args.cells, args.seed) if cell["cell"] not in done]
+    cells = [cell for cell in plan(args.cells, args.seed, args.references) if cell["cell"] not in done]
     start = time.perf_counter()
     if cells and not args.report_only:
         run(cells, args, log, records)
