@@ -256,8 +256,8 @@ def part_rule(out: Path, half: str) -> dict:
     before = dataclasses.replace(cfg, max_held_out=32, false_alarm_rate=1e-3)
     rules = {"mean + 3 spreads of 32 (before)": before}
     rules |= {f"mean + {z:g} spreads of all": dataclasses.replace(cfg, z=z, false_alarm_rate=1e-3) for z in (2, 2.5)}
-    rates = (0.01, 0.02, 0.03, 0.05, 0.1)
-    rules |= {f"conformal {rate:.0%}": dataclasses.replace(cfg, false_alarm_rate=rate) for rate in rates}
+    conformal = (0.01, 0.02, 0.03, 0.05, 0.1)
+    rules |= {f"conformal {rate:.0%}": dataclasses.replace(cfg, false_alarm_rate=rate) for rate in conformal}
     runs = settings(out / "pool", "pool")
     if not runs or any(len(r["calibration"].get("reference_scores", ())) != r["k"] for r in runs):
         raise SystemExit(f"bench_pools: rule reads pool runs under {out} with every reference's held-out score")
