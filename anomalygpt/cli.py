@@ -422,14 +422,28 @@ def run_detect(options: DetectOptions) -> int:
 
 
 def reference_notes(command: str, references: References) -> None:
-    """The reference set's warnings (duplicates, one reference), then the note on few references, on stderr."""
+    """The reference set's warnings (duplicates, one reference), then the notes on few references and on a profile
+    fitted before thresholds kept a false-alarm rate, on stderr."""
     from anomalygpt.verdict import few_references_note
 
     for warning in references.warnings:
         print(f"{PROG} {command}: warning: {safe_text(warning)}", file=sys.stderr)
-    note = few_references_note(references.memory.n_references)
-    if note:
-        print(f"{PROG} {command}: note: {note}", file=sys.stderr)
+    for note in (few_references_note(references.memory.n_references), older_profile_note(references)):
+        if note:
+            print(f"{PROG} {command}: note: {note}", file=sys.stderr)
+
+
+def older_profile_note(references: References) -> str | None:
+    """What a pool's profile from before the conformal threshold lacks (its calibration kept no reference scores)."""
+    from anomalygpt.calibration import CalibrationConfig, min_conformal_references
+
+    needed = min_conformal_references(CalibrationConfig().false_alarm_rate)
+    if references.calibration.reference_scores or references.memory.n_references < needed:
+        return None
+    return (
+        "this profile was fitted before thresholds kept a false-alarm rate (it holds no held-out reference scores), "
+        "so its inspections have no p-value: fit it again for a threshold at a stated rate and p-values"
+    )
 
 
 def unfit_hint(records: Sequence[dict[str, Any]], profile: Path | None) -> str | None:

@@ -652,6 +652,21 @@ def test_the_table_names_each_region_as_its_overlay_label_does() -> None:
     assert spanning.where() == "top to center" and row[6] == "top to center, widespread"
 
 
+def test_a_pool_profile_from_before_the_conformal_threshold_gets_a_note() -> None:
+    from types import SimpleNamespace
+
+    from anomalygpt.verdict import Calibration
+
+    older = Calibration(0.3, 0.2, 0.1, 0.05, 32, "leave-one-out: 32 of 208 references")  # no reference scores
+    newer = dataclasses.replace(older, reference_scores=(0.1,) * 208, false_alarm_rate=0.02)
+    pool = SimpleNamespace(n_references=208)
+    note = cli.older_profile_note(SimpleNamespace(calibration=older, memory=pool))
+    assert note is not None and note.startswith("this profile was fitted before thresholds kept a false-alarm rate")
+    assert cli.older_profile_note(SimpleNamespace(calibration=newer, memory=pool)) is None
+    few = SimpleNamespace(n_references=48)  # too few for a rate of 2 % anyway
+    assert cli.older_profile_note(SimpleNamespace(calibration=older, memory=few)) is None
+
+
 def test_the_table_shows_p_values_only_when_a_conformal_threshold_gave_them() -> None:
     record = {"source": "q.png", "verdict": "anomalous", "score": 0.3, "threshold": 0.2, "margin": 1.5, "regions": []}
     without = cli.verdict_table([record | {"p_value": None}]).splitlines()
