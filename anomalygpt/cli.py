@@ -854,9 +854,9 @@ def run_fit(options: FitOptions) -> int:
     reference_notes("fit", references)
     from anomalygpt.calibration import min_conformal_references
 
-    rate = inspector.preset.calibration.false_alarm_rate
+    rate = options.false_alarm_rate
     held_out = len(references.calibration.reference_scores)
-    if options.false_alarm_rate is not None and references.calibration.false_alarm_rate is None and held_out:
+    if rate is not None and references.calibration.false_alarm_rate is None and held_out:
         print(
             f"{PROG} fit: note: --false-alarm-rate {rate:g} needs {min_conformal_references(rate)} held-out "
             f"references and this fit has {held_out}: its threshold is mean + {inspector.preset.calibration.z:g} "
