@@ -16,7 +16,7 @@ import os
 import sys
 import tempfile
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -30,6 +30,7 @@ from anomalygpt.io import (
     list_images,
     load_image,
     lossy_encoding,
+    ordered_map,
     safe_text,
     write_json_atomic,
     write_npy_atomic,
@@ -52,6 +53,9 @@ TABLE_COLUMNS = ("file", "verdict", "score", "threshold", "margin", "regions", "
 P_TABLE_COLUMNS = ("file", "verdict", "score", "threshold", "margin", "p", "regions", "locations", "fit")
 NUMBER_OPTIONS = ("--sensitivity",)  # their values may look like options to argparse: -1e9, -inf
 SHOWN_IMAGE_WARNINGS = 5  # images whose own warnings detect prints before its table; the others are counted
+# Threads drawing and writing detect's per-image files beside the inspection (a figure and its PNG take about as long
+# as inspecting a 300 px image on one core): bench/bench_detect.py
+WRITE_THREADS = min(8, os.cpu_count() or 1)
 
 
 @dataclass(frozen=True)
@@ -688,20 +692,13 @@ def output_stems(paths: Sequence[Path]) -> list[str]:
 
 
 def inspect_all(job: DetectJob, options: DetectOptions) -> list[dict[str, Any]]:
-    """Inspect every query (progress bar on an interactive stderr), writing its outputs as it goes."""
+    """Inspect every query (progress bar on an interactive stderr), writing its outputs as it goes: the models run
+    in this thread, each image's files are drawn and written in threads beside them (in order, a few images behind)."""
     show = len(job.queries) > 1 and sys.stderr.isatty()
-    records = []
-    pairs = tqdm(
-        list(zip(job.queries, job.stems, strict=True)),
-        desc="inspecting",
-        unit="image",
-        file=sys.stderr,
-        disable=not show,
-    )
-    batch = None
+    inspections: Iterator[Inspection]
     if job.batch:
         print(f"{PROG} detect: note: {BATCH_NOTE.format(n=len(job.queries))}", file=sys.stderr)
-        batch = job.inspector.inspect_batch(
+        inspections = job.inspector.inspect_batch(
             job.queries, options.class_name, [str(p) for p in job.queries], options.sensitivity, progress=show
         )
     elif job.references is not None:  # decoded a batch ahead, one backbone pass per batch (same results)
@@ -709,23 +706,28 @@ def inspect_all(job: DetectJob, options: DetectOptions) -> list[dict[str, Any]]:
 
         sources = [str(p) for p in job.queries]
         size = options.batch_size or BATCH_SIZE
-        batch = job.inspector.inspect_many(
+        inspections = job.inspector.inspect_many(
             job.queries, job.references, options.class_name, sources, options.sensitivity, size
         )
-    for path, stem in pairs:
-        image = load_image(path)  # (H, W, 3) uint8
-        if batch is not None:
-            inspection = next(batch)
-        else:
-            inspection = job.inspector.inspect(
-                image, job.references, class_name=options.class_name, source=str(path), sensitivity=options.sensitivity
-            )
-        if options.out is not None:
-            from anomalygpt.profile import file_sha256
-            from anomalygpt.verdict import working_image  # imported already by the inspector
+    else:
+        inspections = (
+            job.inspector.inspect(path, None, options.class_name, str(path), options.sensitivity)
+            for path in job.queries
+        )
 
-            write_outputs(options.out, stem, working_image(image), inspection, file_sha256(path))  # the map's size
-        records.append(inspection.to_dict())
+    def record(item: tuple[Path, str, Inspection]) -> dict[str, Any]:
+        path, stem, inspection = item
+        if options.out is None:
+            return inspection.to_dict()
+        from anomalygpt.profile import file_sha256
+        from anomalygpt.verdict import working_image  # imported already by the inspector
+
+        return write_outputs(options.out, stem, working_image(load_image(path)), inspection, file_sha256(path))
+
+    items = zip(job.queries, job.stems, inspections, strict=True)
+    done = ordered_map(record, items, WRITE_THREADS)
+    bar = tqdm(done, total=len(job.queries), desc="inspecting", unit="image", file=sys.stderr, disable=not show)
+    records = list(bar)
     if options.out is not None:
         write_json_atomic(options.out / f"{SUMMARY_STEM}.json", summary(job, options, records))
     return records

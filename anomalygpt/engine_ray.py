@@ -48,10 +48,10 @@ from anomalygpt.cli import (
     unique_paths,
     write_outputs,
 )
-from anomalygpt.io import ImageError, list_images, load_image, safe_text, write_json_atomic
+from anomalygpt.io import ImageError, list_images, load_image, ordered_map, safe_text, write_json_atomic
 
 if TYPE_CHECKING:
-    from anomalygpt.inspection import Inspector, References
+    from anomalygpt.inspection import Inspection, Inspector, References
     from eval.runner import Encoder, PatchCache
 
 ENGINE = "ray"
@@ -137,9 +137,14 @@ def inspect_rows(
     images = [item.image for item in ready]
     size = job.batch_size
     inspections = inspector.inspect_many(images, references, job.class_name, sources, job.sensitivity, size)
-    for item, inspection in zip(ready, inspections, strict=True):
+
+    def written(pair: tuple[Ready, Inspection]) -> Outcome:
+        item, inspection = pair
         record = write_outputs(out, item.row.stem, working_image(item.image), inspection, item.sha256)
-        outcomes.append(Outcome(item.row.index, "inspected", json.dumps(summary_image(record, item.row.stem))))
+        return Outcome(item.row.index, "inspected", json.dumps(summary_image(record, item.row.stem)))
+
+    # The files are drawn and written in the actor's threads while its models go on (as in the local detect).
+    outcomes += ordered_map(written, zip(ready, inspections, strict=True), max(1, int(job.cpus)))
     return outcomes
 
 

@@ -15,7 +15,7 @@ import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 import cv2
 import numpy as np
@@ -46,6 +46,8 @@ ADAM7_PASSES = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2
 INFLATE_STEP = 1 << 20  # bytes of inflated PNG data held at once while checking it
 
 ImageSource = str | Path | bytes | np.ndarray | Image.Image
+Item = TypeVar("Item")
+Result = TypeVar("Result")
 # What PIL and its codecs raise on corrupt data; struct/zlib errors are not OSError subclasses.
 DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error)
 
@@ -569,13 +571,32 @@ def write_json_atomic(path: str | Path, obj: Any) -> Path:
     return write_bytes_atomic(path, (text + "\n").encode("utf-8", "backslashreplace"))
 
 
-def write_png_atomic(path: str | Path, array: np.ndarray) -> Path:
-    """Atomically write a (H, W) grey or (H, W, 3) RGB uint8 array as PNG."""
+def write_png_atomic(path: str | Path, array: np.ndarray, compress_level: int = 6) -> Path:
+    """Atomically write a (H, W) grey or (H, W, 3) RGB uint8 array as PNG (zlib level 0-9: 6 is PIL's default; 1
+    encodes an overlay figure in about a third of the time for a fifth more bytes)."""
     if array.dtype != np.uint8 or not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] == 3)):
         raise ValueError(f"{path}: PNG needs a uint8 (H, W) or (H, W, 3) array, got {array.dtype} {tuple(array.shape)}")
     buffer = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(array)).save(buffer, format="PNG")
+    Image.fromarray(np.ascontiguousarray(array)).save(buffer, format="PNG", compress_level=compress_level)
     return write_bytes_atomic(path, buffer.getvalue())
+
+
+def ordered_map(function: Callable[[Item], Result], items: Iterable[Item], threads: int) -> Iterator[Result]:
+    """function(item) for each item in `threads` threads, yielded in the items' order; items are drawn lazily, at
+    most 2 x threads ahead of what was yielded (an iterator of large results never piles up). For writing outputs
+    beside the work that makes them: the caller's thread draws the items, the threads write. An item's exception is
+    raised when its turn comes."""
+    from collections import deque
+    from concurrent.futures import Future, ThreadPoolExecutor
+
+    with ThreadPoolExecutor(threads) as pool:
+        pending: deque[Future[Result]] = deque()
+        for item in items:
+            pending.append(pool.submit(function, item))
+            if len(pending) >= 2 * threads:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 def write_npy_atomic(path: str | Path, array: np.ndarray) -> Path:

@@ -21,7 +21,7 @@ from matplotlib.figure import Figure
 from sklearn.metrics import roc_curve
 
 from anomalygpt.io import write_json_atomic, write_png_atomic, write_text_atomic
-from anomalygpt.visualize import enlarged, overlay
+from anomalygpt.visualize import enlargement, overlay
 from eval.runner import INSPECTOR, EvalRun, ExamplePanel, SettingResult, safe_name
 
 SUMMARISED = (
@@ -347,10 +347,9 @@ def examples_picture(category: str, panels: Sequence[ExamplePanel]) -> np.ndarra
     for position, panel in enumerate(panels, start=1):
         axes = figure.add_subplot(1, len(panels), position)
         vmin, vmax = panel.scale
-        image, anomaly_map, regions = enlarged(panel.image, panel.anomaly_map, panel.regions)  # legible labels
-        axes.imshow(overlay(image, anomaly_map, regions, vmin=vmin, vmax=vmax))
+        factor = enlargement(panel.image)  # legible labels
+        axes.imshow(overlay(panel.image, panel.anomaly_map, panel.regions, vmin=vmin, vmax=vmax, factor=factor))
         if panel.mask is not None and panel.mask.any():
-            factor = image.shape[0] // panel.mask.shape[0]
             mask = np.repeat(np.repeat(panel.mask, factor, axis=0), factor, axis=1)  # (fH, fW), as the image
             axes.contour(mask, levels=[0.5], colors="cyan", linewidths=0.8)
         axes.set_title(panel_title(panel), fontsize=8)

@@ -11,6 +11,7 @@ import sys
 import time
 import warnings
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
@@ -24,6 +25,7 @@ from anomalygpt.io import (
     ImageError,
     list_images,
     load_image,
+    ordered_map,
     write_bytes_atomic,
     write_json_atomic,
     write_npy_atomic,
@@ -613,3 +615,41 @@ def test_png_writer_rejects_bad_arrays(tmp_path: Path) -> None:
         write_png_atomic(tmp_path / "f.png", np.zeros((4, 4, 4), np.uint8))
     assert list(tmp_path.iterdir()) == []
     assert json.loads(write_json_atomic(tmp_path / "ok.json", [1]).read_text()) == [1]
+
+
+def test_ordered_map_keeps_the_order_draws_lazily_and_raises_in_turn() -> None:
+
+    drawn: list[int] = []
+
+    def items() -> Iterator[int]:
+        for index in range(40):
+            drawn.append(index)
+            yield index
+
+    def slow_square(value: int) -> int:
+        time.sleep(0.002 * (value % 5))  # later items often finish first
+        return value * value
+
+    results = ordered_map(slow_square, items(), threads=3)
+    seen = []
+    for value in results:
+        seen.append(value)
+        assert len(drawn) <= len(seen) + 2 * 3  # never more than 2 x threads ahead of what was yielded
+    assert seen == [index * index for index in range(40)]
+
+    def fails_on_five(value: int) -> int:
+        if value == 5:
+            raise OSError("disk full")
+        return value
+
+    done = ordered_map(fails_on_five, range(10), threads=2)
+    assert [next(done) for _ in range(5)] == [0, 1, 2, 3, 4]
+    with pytest.raises(OSError, match="disk full"):
+        next(done)
+
+
+def test_write_png_atomic_compress_level_changes_size_not_pixels(tmp_path: Path) -> None:
+    image = np.repeat(np.repeat(random_rgb(24, 32, seed=3) // 32 * 32, 8, axis=0), 8, axis=1)
+    fast, small = write_png_atomic(tmp_path / "fast.png", image, 1), write_png_atomic(tmp_path / "small.png", image)
+    assert np.array_equal(load_image(fast), image) and np.array_equal(load_image(small), image)
+    assert fast.stat().st_size > small.stat().st_size

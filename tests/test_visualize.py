@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import cv2
@@ -20,7 +21,7 @@ from anomalygpt.visualize import (
     WARNING_COLOR,
     banner_lines,
     draw_region,
-    enlarged,
+    enlargement,
     evidence_pair,
     fit_line,
     heat_colors,
@@ -172,14 +173,40 @@ def test_inspection_scale_puts_the_threshold_at_the_middle() -> None:
     assert inspection_scale(inspection) == pytest.approx((0.2, 0.8))
 
 
-def test_enlarged_scales_small_pictures_and_boxes_by_a_whole_factor() -> None:
-    region = Region(1, (1, 2, 3, 4), 4, 1.0, (2.0, 3.0), "top left", 1.0, 1.0, "compact", "similar", "small")
-    image = np.arange(100 * 3, dtype=np.uint8).reshape(10, 10, 3)
-    big_image, big_map, big_regions = enlarged(image, np.eye(10), [region])
-    assert big_image.shape == (520, 520, 3) and big_map.shape == (520, 520)  # ceil(512 / 10) = 52
-    assert np.array_equal(big_image[::52, ::52], image) and big_regions[0].box == (52, 104, 156, 208)
-    same = np.zeros((600, 700, 3), np.uint8)
-    assert enlarged(same, np.zeros((600, 700)), [region])[2][0].box == (1, 2, 3, 4)
+def test_enlargement_is_the_whole_factor_that_reaches_the_figure_width() -> None:
+    assert enlargement(np.zeros((10, 10, 3), np.uint8)) == 52  # ceil(512 / 10)
+    assert enlargement(np.zeros((600, 700, 3), np.uint8)) == 1
+
+
+def test_an_enlarged_overlay_is_the_overlay_of_the_enlarged_picture() -> None:
+    """overlay(factor=f) blends at the image's own size and enlarges after: pixel for pixel what blending the
+    enlarged image, map and boxes gives (nearest neighbour commutes with a per-pixel blend)."""
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)
+    scores = rng.normal(0.5, 0.3, (30, 40))
+    scores[0, :3] = [np.nan, np.inf, -np.inf]
+    regions = [
+        Region(1, (2, 3, 12, 9), 40, 1.0, (5.0, 6.0), "top left", 1.0, 1.0, "compact", "similar", "small"),
+        Region(2, (25, 20, 38, 29), 60, 0.9, (24.0, 31.0), "bottom right", 1.0, 1.0, "compact", "darker", "small"),
+    ]
+    factor = 7
+    big_image = np.repeat(np.repeat(image, factor, axis=0), factor, axis=1)
+    big_map = np.repeat(np.repeat(scores, factor, axis=0), factor, axis=1)
+    big_regions = [dataclasses.replace(r, box=tuple(v * factor for v in r.box)) for r in regions]
+    expected = overlay(big_image, big_map, big_regions, vmin=0.2, vmax=0.9)
+    assert np.array_equal(overlay(image, scores, regions, vmin=0.2, vmax=0.9, factor=factor), expected)
+    assert not np.array_equal(overlay(image, scores, [], vmin=0.2, vmax=0.9, factor=factor), expected)  # boxes drawn
+
+
+@pytest.mark.parametrize("cmap", ["jet", "inferno"])
+def test_heat_colors_are_matplotlibs_own_colours(cmap: str) -> None:
+    """The lookup table gives what the colormap itself gives, at both ends and on the edges between entries."""
+    from matplotlib import colormaps
+
+    n = colormaps[cmap].N
+    unit = np.concatenate([np.linspace(0.0, 1.0, 10_001), np.arange(n + 1) / n, np.nextafter(np.arange(1, n) / n, 0)])
+    expected = np.rint(colormaps[cmap](unit)[:, :3] * 255.0).astype(np.uint8)
+    assert np.array_equal(heat_colors(unit[None], 0.0, 1.0, cmap)[0], expected)
 
 
 def test_save_overlay_writes_the_figure_atomically(tmp_path: Path) -> None:
