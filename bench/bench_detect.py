@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from bench_batch import test_files
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,7 +54,7 @@ def run_tree(tree: Path, queries: Path, refs: Path, out: Path | None, extra: lis
     """One timed inspect_all of `tree`'s code over the queries."""
     if out is not None:
         shutil.rmtree(out, ignore_errors=True)
-    env = {**os.environ, "PYTHONPATH": str(tree)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree), os.environ.get("PYTHONPATH", "")])}
     command = [sys.executable, "-c", HARNESS, str(queries), str(refs), "-" if out is None else str(out), *extra]
     done = subprocess.run(command, env=env, cwd=tree, capture_output=True, text=True, check=False)
     if done.returncode != 0:
@@ -88,7 +89,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", help="a commit to compare against (checked out with git worktree)")
     parser.add_argument("--cells", type=Path, default=CELLS, help="folder with test/ and refs/ (gpu_check prepare)")
-    parser.add_argument("--n", type=int, default=200, help="query cells (the first n of test/)")
+    parser.add_argument("--n", type=int, default=200, help="query files (copies of test/'s cells, cycled)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--device", default="cpu", help="detect's --device")
     parser.add_argument("--out", type=Path, required=True, help="the JSON figures")
@@ -96,8 +97,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench_detect_"))
     queries = work / "queries"
     queries.mkdir()
-    for path in sorted((args.cells / "test").glob("*.png"))[: args.n]:
-        shutil.copy(path, queries / path.name)
+    test_files(queries, sorted((args.cells / "test").glob("*.png")), args.n)
     trees = {"this": ROOT}
     if args.base:
         base = work / "base"

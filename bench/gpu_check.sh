@@ -34,7 +34,10 @@
 #                            device_path.tail_images_per_s   the per-image CPU tail alone (fit check, verdict,
 #                                                    regions) in 1 and 16 threads and in 16 processes: the
 #                                                    ceiling of the above, and what the GIL costs threads
-#   bench_batch_cuda.log   the bench's progress lines
+#   bench_detect_cuda.json bench/bench_detect.py --device cuda --n 2000: `anomalygpt detect` end to end on 2,000
+#                          copies of the cells, images/s with --out (every record, map and overlay written) and
+#                          without
+#   bench_batch_cuda.log   the benches' progress lines
 #   summary.txt            the headline numbers pulled from the JSON
 #
 # 3. Before spending device time, here:
@@ -64,15 +67,20 @@ run() {
     export PYTHONPATH=$site:$PWD PYTHONUNBUFFERED=1
     { nvidia-smi; "$py" -c "import torch; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name())"
       nproc; } >"$OUT/gpu.txt" 2>&1
-    timeout 150 "$py" -m pytest -p no:cacheprovider -m cuda -rs tests/test_batch.py tests/test_device.py \
+    timeout 120 "$py" -m pytest -p no:cacheprovider -m cuda -rs tests/test_batch.py tests/test_device.py \
         >"$OUT/pytest_cuda.log" 2>&1
     echo "pytest exit $?" >>"$OUT/pytest_cuda.log"
     local bench="--device cuda --n 4000 --cpu-n 800 --single 100 --rounds 1 --batch-sizes 16,64 --cpu-passes 1,16
         --gpu-batch-sizes 64,128,256,512 --cpu-threads $(nproc)"
     # shellcheck disable=SC2086 # a list of options
-    timeout 330 "$py" bench/bench_batch.py --cells "$CARRY/elpv" ${BENCH:-$bench} --out "$OUT/bench_batch_cuda.json" \
+    timeout 300 "$py" bench/bench_batch.py --cells "$CARRY/elpv" ${BENCH:-$bench} --out "$OUT/bench_batch_cuda.json" \
         >"$OUT/bench_batch_cuda.log" 2>&1
     echo "bench exit $?" >>"$OUT/bench_batch_cuda.log"
+    local device=cuda
+    [ -n "${BENCH:-}" ] && device=cpu  # the rehearsal
+    timeout 70 "$py" bench/bench_detect.py --cells "$CARRY/elpv" --device $device --n "${DETECT_N:-2000}" --rounds 1 \
+        --out "$OUT/bench_detect_cuda.json" >>"$OUT/bench_batch_cuda.log" 2>&1
+    echo "detect bench exit $?" >>"$OUT/bench_batch_cuda.log"
     "$py" - "$OUT/bench_batch_cuda.json" >"$OUT/summary.txt" 2>&1 <<'EOF'
 import json, sys
 try:
@@ -91,6 +99,12 @@ print(f"float32 vs the CPU: max score difference {n('max_score_difference_vs_cpu
 print(f"half vs float32: {g.get('half_vs_float32', 'not measured')}")
 print(f"per-image tail alone (images/s, threads or processes): {g.get('tail_images_per_s', 'not measured')}")
 print(f"seconds {n('seconds', d.get('setup', {}), '.0f')}")
+try:
+    detect = json.load(open(sys.argv[1].replace("bench_batch", "bench_detect")))["median_images_per_s"]["this"]
+    print(f"anomalygpt detect end to end (images/s): with --out (records, maps, overlays) {detect['out']:.1f}, "
+          f"without {detect['no_out']:.1f}")
+except (OSError, KeyError):
+    print("anomalygpt detect end to end: not measured (see bench_batch_cuda.log)")
 EOF
     tail -n 3 "$OUT"/pytest_cuda.log; cat "$OUT"/summary.txt
 }
@@ -100,7 +114,7 @@ rehearse() {
     rm -rf runs/gpu_rehearsal /tmp/gpu-rehearsal-site && mkdir -p runs/gpu_rehearsal
     OUT=$PWD/runs/gpu_rehearsal PY=.venv/bin/python SITE=/tmp/gpu-rehearsal-site \
         BENCH="--rehearse --n 64 --cpu-n 32 --single 16 --rounds 1 --batch-sizes 16 --cpu-passes 1
-        --gpu-batch-sizes 16 --tail-n 32 --cpu-threads 2" run
+        --gpu-batch-sizes 16 --tail-n 32 --cpu-threads 2" DETECT_N=64 run
 }
 
 case "${1:-}" in
