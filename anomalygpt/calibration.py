@@ -46,6 +46,7 @@ class CalibrationConfig:
     seed: int = 0
 
 
+MAX_FALSE_ALARM_RATE = 0.5  # the highest false_alarm_rate a preset, fit or the service takes
 PIXEL_MAPS = 32  # held-out maps (a seeded sample of more) whose values set the pixel threshold: 3.3 M at 320 px
 
 

@@ -17,7 +17,7 @@ import sys
 import tempfile
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 PROG = "anomalygpt"
 SENSITIVITY_RANGE = (-5.0, 5.0)  # in normal spreads: beyond 5 the threshold leaves the range references justify
 MAX_REFERENCES = 10_000  # as inspection.MAX_REFERENCES, checked here before torch is imported
+MAX_FALSE_ALARM_RATE = 0.5  # as calibration.MAX_FALSE_ALARM_RATE, for the same reason
 BATCH_NOTE = (
     "no references: the {n} images are scored against each other (zero-shot-batch); the threshold comes from "
     "their own scores and assumes fewer than half of them are defective"
@@ -291,10 +292,10 @@ def positive_int(text: str) -> int:
 
 
 def false_alarm_rate(text: str) -> float:
-    """A rate above 0 and at most 0.5 (argparse type), as the preset's calibration.false_alarm_rate."""
+    """A rate above 0 and at most MAX_FALSE_ALARM_RATE (argparse type), as the preset's calibration.false_alarm_rate."""
     rate = float(text) if is_number(text) else math.nan
-    if not 0 < rate <= 0.5:
-        raise argparse.ArgumentTypeError(f"must be a number above 0 and at most 0.5, got {text!r}")
+    if not 0 < rate <= MAX_FALSE_ALARM_RATE:
+        raise argparse.ArgumentTypeError(f"must be a number above 0 and at most {MAX_FALSE_ALARM_RATE:g}, got {text!r}")
     return rate
 
 
@@ -841,7 +842,7 @@ def run_fit(options: FitOptions) -> int:
         if options.out.is_dir():
             raise UsageError(f"{options.out}: is a folder; --out is the profile file to write")
         check_out_dir(options.out.parent)
-        from anomalygpt.config import DEFAULT_PRESET, load_preset  # imports torch: after the instant checks
+        from anomalygpt.config import DEFAULT_PRESET, load_preset, with_false_alarm_rate  # imports torch: late
         from anomalygpt.inspection import build_inspector
 
         preset = with_false_alarm_rate(load_preset(options.preset or DEFAULT_PRESET), options.false_alarm_rate)
@@ -867,13 +868,6 @@ def run_fit(options: FitOptions) -> int:
         )
     print(fit_summary(options.out, references, len(goods)))
     return 0
-
-
-def with_false_alarm_rate(preset: Preset, rate: float | None) -> Preset:
-    """The preset with fit's --false-alarm-rate (checked by argparse) in its calibration."""
-    if rate is None:
-        return preset
-    return replace(preset, calibration=replace(preset.calibration, false_alarm_rate=rate))
 
 
 def fit_summary(path: Path, references: References, n_given: int) -> str:

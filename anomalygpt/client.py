@@ -52,10 +52,14 @@ class Client:
     def health(self) -> dict[str, Any]:
         return self.request("GET", "/healthz").json()
 
-    def create_profile(self, name: str, paths: Sequence[str | Path]) -> dict[str, Any]:
-        """Fit a profile from good image files; returns it with its `id` and `version`."""
+    def create_profile(
+        self, name: str, paths: Sequence[str | Path], false_alarm_rate: float | None = None
+    ) -> dict[str, Any]:
+        """Fit a profile from good image files (`false_alarm_rate` as fit's --false-alarm-rate); returns it with its
+        `id`, `version` and `false_alarm_rate` (None when its references are too few for a stated rate)."""
         files = [("images", (Path(p).name, Path(p).read_bytes())) for p in paths]
-        return self.request("POST", "/v1/profiles", data={"name": name}, files=files).json()
+        data = {"name": name} | ({} if false_alarm_rate is None else {"false_alarm_rate": str(false_alarm_rate)})
+        return self.request("POST", "/v1/profiles", data=data, files=files).json()
 
     def profiles(self) -> list[dict[str, Any]]:
         return self.request("GET", "/v1/profiles").json()["items"]

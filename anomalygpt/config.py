@@ -19,7 +19,7 @@ from typing import Any, Protocol, TypeVar
 
 from anomalygpt.assistant import AssistantConfig
 from anomalygpt.backbones import BACKBONES, BackboneConfig
-from anomalygpt.calibration import CalibrationConfig
+from anomalygpt.calibration import MAX_FALSE_ALARM_RATE, CalibrationConfig
 from anomalygpt.decoder import DecoderConfig
 from anomalygpt.devices import DEVICE_PATTERN, gpus_lacking, resolve_device
 from anomalygpt.llm import DTYPES, LLMConfig, LoraConfig
@@ -64,6 +64,14 @@ def preset_path(name_or_path: str) -> Path:
     if name_or_path not in known_presets():
         raise ConfigError(f"unknown preset {name_or_path!r}; known: {', '.join(known_presets())} (or a .json path)")
     return PRESET_DIR / f"{name_or_path}.json"
+
+
+def with_false_alarm_rate(preset: Preset, rate: float | None) -> Preset:
+    """The preset with a profile's own false-alarm rate (fit's --false-alarm-rate, the service's false_alarm_rate,
+    range-checked there) in its calibration; None keeps the preset's."""
+    if rate is None:
+        return preset
+    return dataclasses.replace(preset, calibration=dataclasses.replace(preset.calibration, false_alarm_rate=rate))
 
 
 def load_preset(name_or_path: str = DEFAULT_PRESET) -> Preset:
@@ -247,7 +255,7 @@ FIELD_RULES: dict[type, dict[str, Rule]] = {
     CalibrationConfig: {
         "z": Range(0, 20),  # in normal spreads above the mean
         "spread_prior": Range(0, 5),  # relative to the mean held-out score
-        "false_alarm_rate": Range(0, 0.5, open_low=True),  # of the conformal threshold (enough held-out references)
+        "false_alarm_rate": Range(0, MAX_FALSE_ALARM_RATE, open_low=True),  # of the conformal threshold
         "pixel_quantile": Range(0.5, 1),
         "max_held_out": Range(1, 100_000),
         "seed": SEED,

@@ -164,11 +164,13 @@ def chosen_preset(preset: str | None, profile: str | Path | None) -> Preset:
 
 def check_preset(header: dict[str, Any], preset: Preset, path: str | Path) -> None:
     """ProfileError unless the preset agrees with the profile's on every section its numbers depend on."""
-    ours, theirs = plain_preset(preset), profile_preset(header, path)
-    differing = [name for name in DETECTION_SECTIONS if ours[name] != plain_preset(theirs)[name]]
+    ours, theirs = plain_preset(preset), plain_preset(profile_preset(header, path))
+    for plain in (ours, theirs):  # the rate is each profile's own (fit --false-alarm-rate): its threshold holds it
+        plain["calibration"].pop("false_alarm_rate", None)
+    differing = [name for name in DETECTION_SECTIONS if ours[name] != theirs[name]]
     if differing:
         raise ProfileError(
-            f"{path}: fitted with preset {theirs.name!r}, whose {', '.join(differing)} differ from preset "
+            f"{path}: fitted with preset {theirs['name']!r}, whose {', '.join(differing)} differ from preset "
             f"{preset.name!r}; use the profile's own preset or fit the profile again"
         )
 

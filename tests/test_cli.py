@@ -356,10 +356,11 @@ def test_cli_imports_no_application_package_or_torch() -> None:
     assert result.stdout.splitlines()[-1] == "[]"
 
 
-def test_cli_reference_limit_matches_the_inspector() -> None:
+def test_cli_limits_match_the_library() -> None:
+    from anomalygpt.calibration import MAX_FALSE_ALARM_RATE
     from anomalygpt.inspection import MAX_REFERENCES
 
-    assert cli.MAX_REFERENCES == MAX_REFERENCES
+    assert cli.MAX_REFERENCES == MAX_REFERENCES and cli.MAX_FALSE_ALARM_RATE == MAX_FALSE_ALARM_RATE
 
 
 def test_output_stems_are_unique_and_keep_summary_free() -> None:

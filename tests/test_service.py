@@ -19,7 +19,7 @@ from sqlalchemy import text
 from starlette.testclient import TestClient
 
 from anomalygpt.client import Client, ServiceError
-from anomalygpt.config import load_preset
+from anomalygpt.config import load_preset, with_false_alarm_rate
 from anomalygpt.inspection import Inspector
 from anomalygpt.io import load_image
 from anomalygpt.service import Limits, create_app
@@ -115,6 +115,25 @@ def test_a_profile_is_fitted_saved_and_listed(served, profile, images):
             assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
+def test_a_profile_takes_its_own_false_alarm_rate_and_the_service_serves_it(served, profile, inspector, images):
+    """false_alarm_rate as fit's --false-alarm-rate: 5 references are enough at 25 % ((1 - 0.25) / 0.25 = 3), so
+    the threshold is the 5th smallest of 5 held-out scores (the largest), the profile says its rate, and it loads
+    into the service's default-preset inspector to inspect with a p-value. The default profile's 5 are too few for
+    2 %: mean + 3 spreads, no rate."""
+    client = served["client"]
+    created = client.create_profile("brick wall at 25 %", images["goods"], false_alarm_rate=0.25)
+    assert created["false_alarm_rate"] == 0.25 and profile["false_alarm_rate"] is None
+    assert client.profile(created["id"]) == created
+    fitter = Inspector(inspector.backbone, with_false_alarm_rate(inspector.preset, 0.25), inspector.prior)
+    calibration = fitter.fit(images["goods"]).calibration
+    assert created["threshold"] == pytest.approx(max(calibration.reference_scores), abs=1e-6)
+    assert created["threshold"] < profile["threshold"]  # mean + 3 spreads of 5 scores is above their largest
+    answer = client.inspect(created["id"], images["defect"])
+    assert answer["threshold"] == pytest.approx(created["threshold"]) and answer["p_value"] is not None
+    assert answer["calibration"]["false_alarm_rate"] == 0.25
+    assert client.inspect(profile["id"], images["defect"])["p_value"] is None
+
+
 def test_the_service_answers_what_the_inspector_computes_on_the_same_profile(served, profile, inspector, images):
     client = served["client"]
     references = inspector.load_profile(served["folder"] / f"{profile['id']}.profile")
@@ -204,6 +223,7 @@ def pixel_bomb() -> bytes:
 def test_bad_requests_get_one_line_4xx_and_leave_nothing_behind(inspector, served, profile, images):
     http, pid = served["http"], profile["id"]
     good = images["good"].read_bytes()
+    goods = [("images", (path.name, path.read_bytes())) for path in images["goods"]]
     folder = served["folder"]
     before = (files_under(folder), rows(served, "inspections"), rows(served, "profiles"))
     cases = [
@@ -247,6 +267,10 @@ def test_bad_requests_get_one_line_4xx_and_leave_nothing_behind(inspector, serve
         ),
         ("profile without images", "/v1/profiles", {"name": "p"}, [("other", ("g.png", good))], 400),
         ("profile without a name", "/v1/profiles", {}, [("images", ("g.png", good))], 400),
+        *[
+            (f"false_alarm_rate {rate}", "/v1/profiles", {"name": "p", "false_alarm_rate": rate}, goods, 422)
+            for rate in ("0", "0.6", "-0.1", "nan", "often")
+        ],
         (
             "profile with a corrupt image",
             "/v1/profiles",

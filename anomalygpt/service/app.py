@@ -25,6 +25,7 @@ from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Str
 from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException
 
+from anomalygpt.calibration import MAX_FALSE_ALARM_RATE
 from anomalygpt.config import DEFAULT_PRESET, Preset
 from anomalygpt.inspection import Inspector, build_inspector
 from anomalygpt.io import ImageError, safe_text
@@ -350,9 +351,10 @@ def v1_router(
         form = await read_form(request, limits.max_profile_images)
         name = text_field(form, "name", required=True)
         assert name is not None
+        rate = false_alarm_rate_field(form)
         uploads = await files(form, "images", limits.max_profile_images)
         loop = asyncio.get_running_loop()
-        created = await in_worker(loop.run_in_executor(executor, service.create_profile, name, uploads, key))
+        created = await in_worker(loop.run_in_executor(executor, service.create_profile, name, uploads, key, rate))
         return JSONResponse(created, status_code=201)
 
     @router.get("/profiles")
@@ -548,6 +550,20 @@ def sensitivity_field(form: FormData) -> float:
     low, high = SENSITIVITY_RANGE
     if not math.isfinite(value) or not low <= value <= high:
         raise RequestError(422, f"sensitivity: {text!r} is outside [{low:g}, {high:g}] normal spreads")
+    return value
+
+
+def false_alarm_rate_field(form: FormData) -> float | None:
+    """The profile's false-alarm rate (as fit's --false-alarm-rate); None: the preset's."""
+    text = text_field(form, "false_alarm_rate", required=False)
+    if text is None:
+        return None
+    try:
+        value = float(text)
+    except ValueError as error:
+        raise RequestError(422, f"false_alarm_rate: {text!r} is not a number") from error
+    if not 0 < value <= MAX_FALSE_ALARM_RATE:  # NaN fails it too
+        raise RequestError(422, f"false_alarm_rate: {text!r} must be above 0 and at most {MAX_FALSE_ALARM_RATE:g}")
     return value
 
 

@@ -70,6 +70,9 @@ class ProfileRow(Base):
     image_height: Mapped[int] = mapped_column(Integer)
     image_width: Mapped[int] = mapped_column(Integer)
     threshold: Mapped[float] = mapped_column(Float)
+    # The share of good parts like the references its conformal threshold may flag; None: mean + z spreads (too few
+    # references for a stated rate)
+    false_alarm_rate: Mapped[float | None] = mapped_column(Float, nullable=True)
     preset: Mapped[str] = mapped_column(String(200))
     references_json: Mapped[str] = mapped_column(Text)  # [{"name", "sha256", "bytes"}] of the uploaded images
     warnings_json: Mapped[str] = mapped_column(Text)
@@ -391,6 +394,7 @@ def profile_json(row: ProfileRow) -> dict[str, Any]:
         "n_references": row.n_references,
         "image_size": [row.image_height, row.image_width],
         "threshold": row.threshold,
+        "false_alarm_rate": row.false_alarm_rate,
         "preset": row.preset,
         "references": json.loads(row.references_json),
         "warnings": json.loads(row.warnings_json),

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from anomalygpt.config import with_false_alarm_rate
 from anomalygpt.inspection import BATCH_SIZE, Inspection, Inspector, References
 from anomalygpt.io import load_image
 from anomalygpt.profile import ProfileError, file_sha256, package_versions
@@ -113,13 +114,18 @@ class InspectionService:
             self.cache.popitem(last=False)
         return references
 
-    def create_profile(self, name: str, uploads: Sequence[Upload], key_name: str | None) -> dict[str, Any]:
-        """Fit the good images as `anomalygpt fit` does; the file is written atomically, then its row committed."""
+    def create_profile(
+        self, name: str, uploads: Sequence[Upload], key_name: str | None, false_alarm_rate: float | None = None
+    ) -> dict[str, Any]:
+        """Fit the good images as `anomalygpt fit` does (`false_alarm_rate` as its --false-alarm-rate); the file is
+        written atomically, then its row committed."""
         started = time.perf_counter()
         images = [load_image(upload.data, name=upload.name) for upload in uploads]
-        references = self.inspector.fit(images, names=[upload.name for upload in uploads])
+        preset = with_false_alarm_rate(self.inspector.preset, false_alarm_rate)
+        fitter = Inspector(self.inspector.backbone, preset, self.inspector.prior)  # the same models
+        references = fitter.fit(images, names=[upload.name for upload in uploads])
         profile_id = secrets.token_hex(8)
-        path = self.inspector.save_profile(references, self.profiles_dir / f"{profile_id}.profile")
+        path = fitter.save_profile(references, self.profiles_dir / f"{profile_id}.profile")
         height, width = references.memory.image_size
         row = ProfileRow(
             id=profile_id,
@@ -133,6 +139,7 @@ class InspectionService:
             image_height=height,
             image_width=width,
             threshold=references.calibration.image_threshold,
+            false_alarm_rate=references.calibration.false_alarm_rate,
             preset=self.inspector.preset.name,
             references_json=json.dumps(
                 [{"name": u.name, "sha256": sha256(u.data), "bytes": len(u.data)} for u in uploads]
