@@ -34,6 +34,7 @@ from anomalygpt.grounded import (
     edge_answer,
     empty_sentence,
     evidence_sentence,
+    false_alarm_rate,
     focus_regions,
     kind_answer,
     most_severe,
@@ -122,6 +123,8 @@ MATCH_WORDS = re.compile(r"\b(match\w*|resembl\w*|closest|most similar|best)\b",
 PERCENT = re.compile(r"(?<![\d.])(\d+(?:\.\d+)?)\s?%")
 # The p-value as grounded.rarity_sentence writes it: checked against Inspection.p_value, then hidden from the areas
 RARITY = re.compile(r"\bscore this high (?:about |at most )?(\d+(?:\.\d+)?)\s?% of the time\b", re.IGNORECASE)
+# The false-alarm rate as grounded.rate_sentence writes it: checked against the rate the inspection's threshold keeps
+RATE = re.compile(r"\bscore above it (?:about |at most )?(\d+(?:\.\d+)?)\s?% of the time\b", re.IGNORECASE)
 COUNT_NOUN = (
     r"(?:(?:separate|distinct|anomalous|defective|suspicious|abnormal|different|outlined|flagged)\s+)*"
     r"(?:regions?|anomal(?:y|ies)|defects?|places|areas|spots|flaws|faults)\b"
@@ -294,17 +297,20 @@ def blanked(text: str, grounds: Grounds) -> str:
         if kind.description:
             out = out.replace(f"({kind.description})", " ")
     out = REFERENCE_REF.sub(lambda found: f"reference {found.group(1)}", out)
-    out = RARITY.sub(" ", out)  # read by rarity_conflicts: its percentage is not an area
+    out = RATE.sub(" ", RARITY.sub(" ", out))  # read by rarity_conflicts: their percentages are not areas
     return re.sub(r"\blarge enough\b|\bhow (large|big|small)\b", " ", out, flags=re.IGNORECASE)
 
 
 def rarity_conflicts(text: str, inspection: Inspection) -> list[Conflict]:
-    """How often good parts score this high, as written, against the inspection's p-value (none: any is wrong)."""
+    """How often good parts score this high, as written, against the inspection's p-value, and how often they score
+    above the threshold against the rate it keeps (none: any is wrong)."""
     out = []
-    for found in RARITY.finditer(text):
-        truth = None if inspection.p_value is None else 100 * inspection.p_value
-        if truth is None or not written_close(found.group(1), truth):
-            out.append(Conflict("score", found.group(0), None, "no p-value" if truth is None else f"{truth:.3g}%"))
+    rate = false_alarm_rate(inspection)
+    for pattern, value, missing in ((RARITY, inspection.p_value, "no p-value"), (RATE, rate, "no stated rate")):
+        truth = None if value is None else 100 * value
+        for found in pattern.finditer(text):
+            if truth is None or not written_close(found.group(1), truth):
+                out.append(Conflict("score", found.group(0), None, missing if truth is None else f"{truth:.3g}%"))
     return out
 
 

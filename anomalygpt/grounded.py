@@ -428,6 +428,24 @@ def rarity_sentence(inspection: Inspection) -> list[str]:
     return [f"Good parts like the references score this high about {format_pct(100 * inspection.p_value)} of the time."]
 
 
+def rate_sentence(inspection: Inspection) -> list[str]:
+    """What a conformal threshold promises (claims.RATE reads it back), when the inspection used it unmoved by a
+    sensitivity."""
+    rate = false_alarm_rate(inspection)
+    if rate is None:
+        return []
+    return [f"It is set so that good parts like the references score above it at most {format_pct(100 * rate)} of the "
+            "time."]  # fmt: skip
+
+
+def false_alarm_rate(inspection: Inspection) -> float | None:
+    """The rate the inspection's threshold keeps: its calibration's conformal rate, unless a sensitivity moved it."""
+    rate = inspection.calibration.get("false_alarm_rate")
+    if rate is None or inspection.threshold != inspection.calibration.get("image_threshold"):
+        return None
+    return float(rate)
+
+
 def threshold_note(inspection: Inspection) -> list[str]:
     """The inspection's notes (a threshold from few references, verdict.few_references_note) as sentences."""
     return [sentence(note) for note in inspection.notes]
@@ -452,6 +470,7 @@ def why_answer(question: Question, grounds: Grounds) -> list[str]:
         sentence(f"{score_clause(inspection)}, so the verdict is {inspection.verdict} ({inspection.confidence} "
                  "confidence)"),
         THRESHOLD_SOURCES.get(inspection.mode, THRESHOLD_SOURCES["few-shot"]),
+        *rate_sentence(inspection),
         *threshold_note(inspection),
     ]  # fmt: skip
     if not inspection.is_anomalous:

@@ -80,6 +80,8 @@ PLACE_COUNT = re.compile(rf"(?<![\w.#-])(\d+|{'|'.join(NUMBER_WORDS)}) (in|at|on
 PERCENT = re.compile(r"(?<![\d.])(\d+(?:\.\d+)?)\s?%")
 # How often good parts score this high (a profile's p-value): a percentage that is not an area
 RARITY = re.compile(r"\bscore this high\b[^.%]*?(\d+(?:\.\d+)?)\s?% of the time", re.IGNORECASE)
+# How often good parts score above the threshold (the rate a profile's conformal threshold keeps): not an area either
+RATE = re.compile(r"\bscore above (?:it|the threshold)\b[^.%]*?(\d+(?:\.\d+)?)\s?% of the time", re.IGNORECASE)
 FOUR_DECIMALS = re.compile(r"(?<![\d.])(\d+\.\d{4})(?!\d)")
 SPREADS = re.compile(r"(\d+(?:\.\d+)?) normal spreads?")
 GREY_LEVELS = re.compile(r"(\d+) gr[ae]y levels? (darker|brighter)")
@@ -297,13 +299,22 @@ def confidence_errors(sentence: str, case: Case) -> list[str]:
 
 
 def percent_errors(clause: str, case: Case) -> list[str]:
-    p_value = case.inspection.p_value
+    inspection = case.inspection
+    p_value = inspection.p_value
     errors = [
         f"p-value {found.group(1)}%"
         for found in RARITY.finditer(clause)
         if p_value is None or not rounds_to(found.group(1), 100 * p_value)
     ]
-    clause = RARITY.sub(" ", clause)
+    # The rate holds only for the threshold the references set (no sensitivity moved it)
+    unmoved = inspection.threshold == inspection.calibration.get("image_threshold")
+    rate = inspection.calibration.get("false_alarm_rate") if unmoved else None
+    errors += [
+        f"false-alarm rate {found.group(1)}%"
+        for found in RATE.finditer(clause)
+        if rate is None or not rounds_to(found.group(1), 100 * rate)
+    ]
+    clause = RATE.sub(" ", RARITY.sub(" ", clause))
     regions = case.regions
     named = [r for r in regions if r.index in mentioned_regions(clause)]
     pool = named if len(named) == 1 else regions

@@ -60,5 +60,7 @@ SPANNING = inspection_with(((3, 5, 10, 78, 0.9, 40),))  # one bar down the left 
 WIDESPREAD = inspection_with(((0, 0, 90, 50, 0.9, 40),))  # 56 % of the image: no one place
 LOW = replace(inspection_with(margin=0.4, confidence="low"), warnings=["the references do not fit this image"])
 # Against a profile of 208 good references, whose conformal threshold gives each inspection its p-value
-POOL = replace(MANY, mode="pool", n_references=208, p_value=2 / 209)
-POOL_NORMAL = replace(NORMAL, mode="pool", n_references=208, p_value=130 / 209)
+# and keeps a stated false-alarm rate
+CONFORMAL = {"image_threshold": 0.5, "false_alarm_rate": 0.02}
+POOL = replace(MANY, mode="pool", n_references=208, p_value=2 / 209, calibration=CONFORMAL)
+POOL_NORMAL = replace(NORMAL, mode="pool", n_references=208, p_value=130 / 209, calibration=CONFORMAL)

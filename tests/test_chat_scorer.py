@@ -68,6 +68,7 @@ def test_grounded_answers_score_right_and_useful(inspection: Inspection) -> None
         ("Nothing is in the top left.", "near", None, "place top left said absent"),
         ("It could be x 1-5, y 1-5.", "where", None, "box"),
         ("Good parts score this high about 1% of the time.", "confidence", None, "p-value 1%"),  # MANY has none
+        ("Good parts score above it at most 2% of the time.", "why", None, "false-alarm rate 2%"),  # nor a rate
     ],
 )
 def test_a_wrong_answer_is_a_contradiction(answer: str, kind: str, polarity: str | None, error: str) -> None:

@@ -4,6 +4,7 @@ repaired, and streaming holds back only the sentence being checked."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 
 import pytest
 from chat_cases import LOW, MANY, NORMAL, ONE, POOL, POOL_NORMAL, SPANNING, WIDESPREAD, evidence_for
@@ -46,6 +47,19 @@ def test_how_often_good_parts_score_this_high_is_the_p_value_and_not_an_area() -
     assert facts("Good parts score this high about 1% of the time.", GROUNDS) == {"score"}  # MANY has none
     normal = Grounds(POOL_NORMAL, evidence_for(POOL_NORMAL))
     assert facts("Good parts like the references score this high about 62% of the time.", normal) == set()
+
+
+def test_why_says_the_rate_a_conformal_threshold_keeps_and_nothing_else_may_state_one() -> None:
+    pool = Grounds(POOL, evidence_for(POOL))
+    said = answer_text(read_question("Why is it anomalous?"), pool)
+    assert "It is set so that good parts like the references score above it at most 2.0% of the time." in said
+    assert "score above it" not in answer_text(read_question("Why is it anomalous?"), GROUNDS)  # no stated rate
+    assert facts("Good parts score above it at most 2% of the time.", pool) == set()
+    assert facts("Good parts score above it at most 5% of the time.", pool) == {"score"}
+    assert facts("Good parts score above it about 2% of the time.", GROUNDS) == {"score"}  # MANY keeps no rate
+    moved = Grounds(replace(POOL, threshold=0.45), evidence_for(POOL))  # a sensitivity lowered the threshold
+    assert "score above it" not in answer_text(read_question("Why is it anomalous?"), moved)
+    assert facts("Good parts score above it at most 2% of the time.", moved) == {"score"}
 
 
 def test_a_region_is_in_every_cell_it_spans() -> None:

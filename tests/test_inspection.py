@@ -5,8 +5,12 @@ import numpy as np
 import pytest
 from conftest import texture_crops, with_dark_blob
 
+from anomalygpt.claims import check_answer
 from anomalygpt.config import ConfigError, Preset, load_preset
+from anomalygpt.grounded import Grounds, answer_text
+from anomalygpt.guard import read_question
 from anomalygpt.inspection import InspectionError, Inspector, build_inspector
+from anomalygpt.regions import format_pct
 from anomalygpt.verdict import STEADY_REFERENCES, confidence_word, few_references_note
 
 
@@ -89,6 +93,14 @@ def test_a_pool_with_a_conformal_threshold_gives_each_inspection_its_p_value(sma
         assert (inspection.p_value <= 0.25) == inspection.is_anomalous
         assert json.loads(inspection.to_json())["p_value"] == inspection.p_value
     assert found[1].p_value == pytest.approx(1 / 8)
+    for inspection in found:  # the why answer states the rate, the claim checker holds it to the inspection
+        grounds = Grounds(inspection, ())
+        why = answer_text(read_question("Why is this the verdict?"), grounds)
+        assert f"score above it at most {format_pct(25.0)} of the time" in why
+        assert check_answer(why, grounds) == []
+        sure = answer_text(read_question("How sure are you?"), grounds)
+        assert f"about {format_pct(100 * inspection.p_value)} of the time" in sure
+        assert check_answer(sure, grounds) == []
 
 
 def test_bad_inputs_get_clear_errors(inspector, references):
