@@ -48,6 +48,9 @@ BATCH_NOTE = (
     "no references: the {n} images are scored against each other (zero-shot-batch); the threshold comes from "
     "their own scores and assumes fewer than half of them are defective"
 )
+# --maps: every image's map and overlay, only those of flagged images (anomalous, or unlike the references: the
+# ones to review), or none (records only; an archive-scale job writes a tenth of the bytes, most images being good)
+MAPS_CHOICES = ("all", "flagged", "none")
 SUMMARY_STEM = "summary"  # summary.json shares --out with the per-image files; no image may take its name
 TABLE_COLUMNS = ("file", "verdict", "score", "threshold", "margin", "regions", "locations", "fit")
 # With a conformal threshold (a pool of 49 or more references) the table adds each image's p-value after the margin
@@ -107,6 +110,7 @@ class DetectOptions:
     batch_size: int | None = None  # images per backbone pass with references; None: the inspector's default
     engine: str = "local"  # "ray": the same inspection as Ray Data actors (anomalygpt.engine_ray)
     ray: RaySettings = RaySettings()
+    maps: str = "all"  # --maps: which images get their map and overlay written (MAPS_CHOICES)
 
 
 @dataclass(frozen=True)
@@ -196,6 +200,13 @@ def add_detect_parser(verbs: Any) -> None:
         "--overwrite",
         action="store_true",
         help="replace those files when --out already has them (an input image is never replaced)",
+    )
+    detect.add_argument(
+        "--maps",
+        choices=MAPS_CHOICES,
+        default="all",
+        help="with --out, whose <stem>_map.npy and <stem>_overlay.png are written: all (default), flagged "
+        "(anomalous, or unlike the references) or none; every image gets its <stem>.json",
     )
     detect.add_argument(
         "--json", dest="as_json", action="store_true", help="print one JSON list of inspections instead of the table"
@@ -383,6 +394,7 @@ def detect_options(args: argparse.Namespace) -> DetectOptions:
         batch_size=args.batch_size,
         engine=args.engine,
         ray=ray_settings(args),
+        maps=args.maps,
     )
 
 
@@ -723,7 +735,8 @@ def inspect_all(job: DetectJob, options: DetectOptions) -> list[dict[str, Any]]:
         from anomalygpt.profile import file_sha256
         from anomalygpt.verdict import working_image  # imported already by the inspector
 
-        return write_outputs(options.out, stem, working_image(load_image(path)), inspection, file_sha256(path))
+        image = working_image(load_image(path))
+        return write_outputs(options.out, stem, image, inspection, file_sha256(path), options.maps)
 
     items = zip(job.queries, job.stems, inspections, strict=True)
     done = ordered_map(record, items, WRITE_THREADS)
@@ -739,32 +752,50 @@ def output_files(stem: str) -> dict[str, str]:
 
 
 def write_outputs(
-    out: Path, stem: str, image: np.ndarray, inspection: Inspection, source_sha256: str | None = None
+    out: Path,
+    stem: str,
+    image: np.ndarray,
+    inspection: Inspection,
+    source_sha256: str | None = None,
+    maps: str = "all",
 ) -> dict[str, Any]:
-    """<stem>_map.npy, <stem>_overlay.png, then <stem>.json (the record, with the file's sha256 when given), each
-    written atomically: a record on disk means the image's files are complete. Returns the record."""
+    """<stem>_map.npy, <stem>_overlay.png (when `maps` keeps them: written_files), then <stem>.json (the record, with
+    the file's sha256 when given), each written atomically: a record on disk means the image's files are complete.
+    An image whose map is not kept loses any map and overlay an earlier run left under its name (--overwrite).
+    Returns the record."""
     from anomalygpt.visualize import save_overlay
 
     files = output_files(stem)
-    if inspection.anomaly_map is not None:
+    record = inspection.to_dict() | ({} if source_sha256 is None else {"source_sha256": source_sha256})
+    if inspection.anomaly_map is not None and "anomaly_map" in written_files(record, stem, maps):
         write_npy_atomic(out / files["anomaly_map"], inspection.anomaly_map)
         save_overlay(out / files["overlay"], image, inspection)
-    record = inspection.to_dict() | ({} if source_sha256 is None else {"source_sha256": source_sha256})
+    else:
+        for kind in ("anomaly_map", "overlay"):
+            (out / files[kind]).unlink(missing_ok=True)
     write_json_atomic(out / files["inspection"], record)
     return record
 
 
+def written_files(record: dict[str, Any], stem: str, maps: str) -> dict[str, str]:
+    """The files detect writes for a record under --maps: its record, and its map and overlay unless `maps` leaves
+    them out (none; flagged, for an image neither anomalous nor unlike its references)."""
+    flagged = record["verdict"] == "anomalous" or (record.get("reference_fit") or {}).get("fits") is False
+    files = output_files(stem)
+    return files if maps == "all" or (maps == "flagged" and flagged) else {"inspection": files["inspection"]}
+
+
 def summary(job: DetectJob, options: DetectOptions, records: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    images = [summary_image(record, stem) for record, stem in zip(records, job.stems, strict=True)]
+    images = [summary_image(record, stem, options.maps) for record, stem in zip(records, job.stems, strict=True)]
     return summary_of(job, options, images)
 
 
-def summary_image(record: dict[str, Any], stem: str) -> dict[str, Any]:
+def summary_image(record: dict[str, Any], stem: str, maps: str = "all") -> dict[str, Any]:
     """One image's entry in summary.json."""
     return {key: record[key] for key in ("source", "verdict", "score", "threshold", "margin")} | {
         "n_regions": len(record["regions"]),
         "fits": (record.get("reference_fit") or {}).get("fits"),  # False: unlike the references (None: not compared)
-        "files": output_files(stem),
+        "files": written_files(record, stem, maps),
     }
 
 
@@ -773,6 +804,7 @@ def summary_of(job: DetectJob, options: DetectOptions, images: Sequence[dict[str
         "preset": job.preset.name,
         "class_name": options.class_name or (job.references.class_name if job.references else None),
         "sensitivity": options.sensitivity,
+        "maps": options.maps,
         "profile": None if job.profile is None else str(job.profile),
         "references": list(job.references.names) if job.references else [],
         "reference_warnings": list(job.references.warnings) if job.references else [],

@@ -55,7 +55,8 @@ if TYPE_CHECKING:
     from eval.runner import Encoder, PatchCache
 
 ENGINE = "ray"
-JOB_KEYS = ("engine", "profile_sha256", "preset", "class_name", "sensitivity")  # a resumable summary agrees on these
+# A resumable summary agrees on these
+JOB_KEYS = ("engine", "profile_sha256", "preset", "class_name", "sensitivity", "maps")
 SHOWN_FAILURES = 10  # failed images named on stderr; summary.json lists them all
 PROBE_SECONDS = 5.0  # a cluster's address must accept a connection this fast
 INSTALL_HINT = "install it with: pip install 'anomalygpt[ray]'"
@@ -73,6 +74,7 @@ class ActorJob:
     reuse: bool  # False with --overwrite: every image is inspected again
     cpus: float  # per actor: torch's thread count
     batch_size: int  # images per backbone pass, as --batch-size in the local path
+    maps: str  # --maps: whose map and overlay are written
 
 
 @dataclass(frozen=True)
@@ -130,7 +132,7 @@ def inspect_rows(
     """Reuse the rows whose complete record matches the file, inspect the others in one batch, write their files."""
     from anomalygpt.verdict import working_image
 
-    triaged = [triage(row, references, out, job.reuse) for row in rows]
+    triaged = [triage(row, references, out, job) for row in rows]
     outcomes = [item for item in triaged if isinstance(item, Outcome)]
     ready = [item for item in triaged if isinstance(item, Ready)]
     sources = [item.row.source for item in ready]
@@ -140,15 +142,15 @@ def inspect_rows(
 
     def written(pair: tuple[Ready, Inspection]) -> Outcome:
         item, inspection = pair
-        record = write_outputs(out, item.row.stem, working_image(item.image), inspection, item.sha256)
-        return Outcome(item.row.index, "inspected", json.dumps(summary_image(record, item.row.stem)))
+        record = write_outputs(out, item.row.stem, working_image(item.image), inspection, item.sha256, job.maps)
+        return Outcome(item.row.index, "inspected", json.dumps(summary_image(record, item.row.stem, job.maps)))
 
     # The files are drawn and written in the actor's threads while its models go on (as in the local detect).
     outcomes += ordered_map(written, zip(ready, inspections, strict=True), max(1, int(job.cpus)))
     return outcomes
 
 
-def triage(row: Row, references: References, out: Path, reuse: bool) -> Outcome | Ready:
+def triage(row: Row, references: References, out: Path, job: ActorJob) -> Outcome | Ready:
     """A reused or failed row's outcome, or the row ready to inspect."""
     from anomalygpt.inspection import check_query_size
     from anomalygpt.verdict import working_image
@@ -158,7 +160,7 @@ def triage(row: Row, references: References, out: Path, reuse: bool) -> Outcome 
     except OSError as error:
         return Outcome(row.index, "failed", f"{row.source}: cannot read ({error.strerror})")
     sha256 = hashlib.sha256(data).hexdigest()
-    entry = reusable_entry(out, row, sha256) if reuse else None
+    entry = reusable_entry(out, row, sha256, job.maps) if job.reuse else None
     if entry is not None:
         return Outcome(row.index, "reused", json.dumps(entry))
     try:
@@ -169,18 +171,16 @@ def triage(row: Row, references: References, out: Path, reuse: bool) -> Outcome 
     return Ready(row, image, sha256)
 
 
-def reusable_entry(out: Path, row: Row, sha256: str) -> dict[str, Any] | None:
+def reusable_entry(out: Path, row: Row, sha256: str, maps: str) -> dict[str, Any] | None:
     """The summary entry of a complete record of this very file from an earlier run of the job; None otherwise."""
-    files = output_files(row.stem)
     try:
-        record = json.loads((out / files["inspection"]).read_text(encoding="utf-8"))
+        record = json.loads((out / output_files(row.stem)["inspection"]).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     if not isinstance(record, dict) or record.get("source") != row.source or record.get("source_sha256") != sha256:
         return None
-    if not all((out / name).is_file() for name in files.values()):
-        return None
-    return summary_image(record, row.stem)
+    entry = summary_image(record, row.stem, maps)
+    return entry if all((out / name).is_file() for name in entry["files"].values()) else None
 
 
 @dataclass
@@ -253,6 +253,7 @@ def prepare(options: DetectOptions) -> RayDetect:
         "preset": inspector.preset.name,
         "class_name": options.class_name or references.class_name,  # as the single-process summary says
         "sensitivity": options.sensitivity,
+        "maps": options.maps,
     }
     resumed = not options.overwrite and earlier_run(options.out, key)
     check_outputs(options.out, stems, queries, options.overwrite or resumed)
@@ -266,6 +267,7 @@ def prepare(options: DetectOptions) -> RayDetect:
         not options.overwrite,
         options.ray.cpus,
         options.batch_size or BATCH_SIZE,
+        options.maps,
     )
     return RayDetect(job, actor_job, key, resumed)
 
@@ -288,9 +290,11 @@ def earlier_run(out: Path, key: dict[str, Any]) -> bool:
         previous = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         previous = None
-    if isinstance(previous, dict) and all(previous.get(name) == key[name] for name in JOB_KEYS):
-        return True
+    if isinstance(previous, dict):
+        previous = {"maps": "all"} | previous  # a job run before --maps wrote every map
     differ = [name for name in JOB_KEYS if not isinstance(previous, dict) or previous.get(name) != key[name]]
+    if not differ:
+        return True
     raise UsageError(
         f"{path}: --out holds the results of another job ({', '.join(differ)} differ); pass --overwrite to replace "
         "them, or choose another --out"

@@ -1,5 +1,6 @@
 """`anomalygpt detect` end to end, the job as a user runs it (issue 22): PNG files in, and with `--out` every image's
-record, map and overlay figure written; images/s of this tree against another commit's, same files, same machine.
+record, map and overlay figure written (and, in this tree, with `--maps flagged`: the maps and overlays of flagged
+images only); images/s and bytes written, this tree against another commit's, same files, same machine.
 
 Each tree runs in its own process (`PYTHONPATH` = that tree): the CLI's own parser and `prepare_detect` (the profile
 or references loaded, every file checked: not timed), then `inspect_all` timed. Rounds alternate the trees, so load
@@ -51,7 +52,7 @@ print(json.dumps({"images": len(records), "seconds": seconds}))
 
 
 def run_tree(tree: Path, queries: Path, refs: Path, out: Path | None, extra: list[str]) -> dict[str, float]:
-    """One timed inspect_all of `tree`'s code over the queries."""
+    """One timed inspect_all of `tree`'s code over the queries; the bytes written under `out`."""
     if out is not None:
         shutil.rmtree(out, ignore_errors=True)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree), os.environ.get("PYTHONPATH", "")])}
@@ -60,7 +61,8 @@ def run_tree(tree: Path, queries: Path, refs: Path, out: Path | None, extra: lis
     if done.returncode != 0:
         raise RuntimeError(f"{tree}: detect failed:\n{done.stderr[-3000:]}")
     figures = json.loads(done.stdout.strip().splitlines()[-1])
-    return {"images_per_s": figures["images"] / figures["seconds"], "seconds": figures["seconds"]}
+    written = 0 if out is None else sum(path.stat().st_size for path in out.iterdir())
+    return {"images_per_s": figures["images"] / figures["seconds"], "seconds": figures["seconds"], "bytes": written}
 
 
 def same_outputs(ours: Path, theirs: Path) -> dict[str, int]:
@@ -104,14 +106,19 @@ def main() -> None:
         subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(base), args.base], check=True)
         trees["base"] = base
     extra = ["--device", args.device]
-    rates: dict[str, dict[str, list[float]]] = {tree: {"out": [], "no_out": []} for tree in trees}
+    # "out": --out (every map and overlay), "flagged": --out --maps flagged (this tree only), "no_out": records only
+    modes = {name: ("out", "flagged", "no_out") if name == "this" else ("out", "no_out") for name in trees}
+    rates: dict[str, dict[str, list[float]]] = {name: {mode: [] for mode in modes[name]} for name in trees}
+    megabytes: dict[str, dict[str, float]] = {name: {} for name in trees}
     try:
         for index in range(args.rounds):
             for name, tree in trees.items() if index % 2 == 0 else reversed(trees.items()):
-                for mode in ("out", "no_out"):
-                    out = work / f"out_{name}" if mode == "out" else None
-                    figures = run_tree(tree, queries, args.cells / "refs", out, extra)
+                for mode in modes[name]:
+                    out = None if mode == "no_out" else work / f"{mode}_{name}"
+                    options = extra + (["--maps", "flagged"] if mode == "flagged" else [])
+                    figures = run_tree(tree, queries, args.cells / "refs", out, options)
                     rates[name][mode].append(round(figures["images_per_s"], 2))
+                    megabytes[name][mode] = round(figures["bytes"] / 1e6, 1)
                     print(f"round {index} {name} {mode}: {figures['images_per_s']:.1f} images/s", flush=True)
         result: dict[str, Any] = {
             "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
@@ -120,9 +127,10 @@ def main() -> None:
             "device": args.device,
             "images_per_s": rates,
             "median_images_per_s": {
-                name: {mode: statistics.median(values) for mode, values in modes.items()}
-                for name, modes in rates.items()
+                name: {mode: statistics.median(values) for mode, values in by_mode.items()}
+                for name, by_mode in rates.items()
             },
+            "megabytes_written": megabytes,
         }
         if "base" in trees:
             result["outputs_vs_base"] = same_outputs(work / "out_this", work / "out_base")

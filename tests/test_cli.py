@@ -159,6 +159,33 @@ def test_detect_prints_a_verdict_table(table_run: tuple[int, str, str, Path], sc
     assert rows[str(scene.bad)][1:6] == ["anomalous", *expected]
 
 
+def test_maps_flagged_writes_the_pictures_of_flagged_images_only(
+    table_run: tuple[int, str, str, Path], scene: Scene, tmp_path: Path
+) -> None:
+    """--maps flagged: every record, the map and overlay of the anomalous cell only (the good one fits its
+    references); the same records as --maps all. --maps none --overwrite then removes the pictures it no longer
+    writes, so the folder never holds a picture its summary does not list."""
+    out = tmp_path / "flagged"
+    argv = ["detect", str(scene.good), str(scene.bad), "--ref", str(scene.refs), "--preset", str(scene.preset)]
+    argv += ["--class-name", "grass", "--out", str(out)]
+    assert run([*argv, "--maps", "flagged"])[0] == 0
+    assert {p.name for p in out.iterdir()} == {
+        "good_x.json", "bad_x.json", "bad_x_map.npy", "bad_x_overlay.png", "summary.json"
+    }  # fmt: skip
+    everything = table_run[3]
+    for stem in ("good_x", "bad_x"):
+        record, full = (json.loads((folder / f"{stem}.json").read_text()) for folder in (out, everything))
+        assert {**record, "timings_ms": None} == {**full, "timings_ms": None}
+    assert json.loads((out / "good_x.json").read_text())["reference_fit"]["fits"] is True
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["maps"] == "flagged"
+    assert [sorted(image["files"]) for image in summary["images"]] == [
+        ["inspection"], ["anomaly_map", "inspection", "overlay"]
+    ]  # fmt: skip
+    assert run([*argv, "--maps", "none", "--overwrite"])[0] == 0
+    assert {p.name for p in out.iterdir()} == {"good_x.json", "bad_x.json", "summary.json"}
+
+
 def test_detect_writes_every_output_under_distinct_names(table_run: tuple[int, str, str, Path], scene: Scene) -> None:
     _, _, _, out = table_run
     stems = ("good_x", "bad_x")  # both queries are x.png: the folder name keeps them apart

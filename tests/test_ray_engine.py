@@ -158,6 +158,31 @@ def test_a_failed_image_is_retried_alone_and_done_ones_are_reused(
     assert summary["complete"] is True and summary["n_images"] == 8 and summary["failed"] == []
 
 
+def test_maps_flagged_on_ray_writes_what_the_local_run_writes_and_resumes(
+    scene: dict[str, Path], local_ray: Any
+) -> None:
+    base = ["detect", str(scene["queries"]), "--profile", str(scene["profile"]), "--maps", "flagged"]
+    local, out = scene["root"] / "flagged_local", scene["root"] / "flagged_ray"
+    assert run([*base, "--out", str(local)])[0] == 0
+    argv = [*base, "--out", str(out), "--engine", "ray", "--ray-cpus", str(torch.get_num_threads())]
+    code, stdout, stderr = run(argv)
+    assert code == 0, stderr
+    names = sorted(p.name for p in out.iterdir())
+    summary = json.loads((out / "summary.json").read_text())
+    flagged = [image for image in summary["images"] if image["verdict"] == "anomalous" or image["fits"] is False]
+    assert 4 <= len(flagged) < 8 and len(names) == 8 + 1 + 2 * len(flagged)  # records, summary, flagged pictures
+    assert names == sorted(p.name for p in local.iterdir())
+    assert (
+        summary["maps"] == "flagged" and summary["images"] == json.loads((local / "summary.json").read_text())["images"]
+    )
+    code, stdout, _ = run(argv)  # resumed: every record and its pictures are there
+    assert code == 0 and "8 images: 0 inspected, 8 reused from an earlier run, 0 failed" in stdout
+    before = {path.name: path.read_bytes() for path in out.iterdir()}
+    code, _, stderr = run([*argv[:4], "--out", str(out), "--engine", "ray"])  # --maps all: another job
+    assert code == 2 and "(maps differ)" in stderr
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == before
+
+
 def test_another_jobs_out_folder_is_refused_untouched(scene: dict[str, Path], local_out: Path) -> None:
     before = {path.name: path.read_bytes() for path in local_out.iterdir()}
     argv = ["detect", str(scene["queries"]), "--profile", str(scene["profile"]), "--out", str(local_out)]
