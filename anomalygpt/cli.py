@@ -49,7 +49,7 @@ BATCH_NOTE = (
     "their own scores and assumes fewer than half of them are defective"
 )
 # --maps: every image's map and overlay, only those of flagged images (anomalous, or unlike the references: the
-# ones to review), or none (records only; an archive-scale job writes a tenth of the bytes, most images being good)
+# ones to review), or none (records only). A 300 px cell's map and overlay are ~490 KB, its record ~2 KB.
 MAPS_CHOICES = ("all", "flagged", "none")
 SUMMARY_STEM = "summary"  # summary.json shares --out with the per-image files; no image may take its name
 TABLE_COLUMNS = ("file", "verdict", "score", "threshold", "margin", "regions", "locations", "fit")

@@ -91,6 +91,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", help="a commit to compare against (checked out with git worktree)")
     parser.add_argument("--cells", type=Path, default=CELLS, help="folder with test/ and refs/ (gpu_check prepare)")
+    parser.add_argument("--refs", type=Path, help="good references (default: --cells' refs/, 4 development cells)")
     parser.add_argument("--n", type=int, default=200, help="query files (copies of test/'s cells, cycled)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--device", default="cpu", help="detect's --device")
@@ -116,7 +117,7 @@ def main() -> None:
                 for mode in modes[name]:
                     out = None if mode == "no_out" else work / f"{mode}_{name}"
                     options = extra + (["--maps", "flagged"] if mode == "flagged" else [])
-                    figures = run_tree(tree, queries, args.cells / "refs", out, options)
+                    figures = run_tree(tree, queries, args.refs or args.cells / "refs", out, options)
                     rates[name][mode].append(round(figures["images_per_s"], 2))
                     megabytes[name][mode] = round(figures["bytes"] / 1e6, 1)
                     print(f"round {index} {name} {mode}: {figures['images_per_s']:.1f} images/s", flush=True)
@@ -124,6 +125,7 @@ def main() -> None:
             "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
             "threads": os.environ.get("OMP_NUM_THREADS"),
             "n": len(list(queries.iterdir())),
+            "references": len(list((args.refs or args.cells / "refs").iterdir())),
             "device": args.device,
             "images_per_s": rates,
             "median_images_per_s": {
