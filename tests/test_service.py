@@ -115,12 +115,17 @@ def test_a_profile_is_fitted_saved_and_listed(served, profile, images):
             assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
-def test_a_profile_takes_its_own_false_alarm_rate_and_the_service_serves_it(served, profile, inspector, images):
+def test_a_profile_takes_its_own_false_alarm_rate_and_the_service_serves_it(tmp_path, profile, inspector, images):
     """false_alarm_rate as fit's --false-alarm-rate: 5 references are enough at 25 % ((1 - 0.25) / 0.25 = 3), so
     the threshold is the 5th smallest of 5 held-out scores (the largest), the profile says its rate, and it loads
     into the service's default-preset inspector to inspect with a p-value. The default profile's 5 are too few for
-    2 %: mean + 3 spreads, no rate."""
-    client = served["client"]
+    2 %: mean + 3 spreads, no rate. (A service of its own: the module's keeps one profile's inspections.)"""
+    app = create_app(tmp_path, f"sqlite:///{tmp_path / 'audit.db'}", inspector=inspector, batch_wait_ms=5)
+    with TestClient(app) as http:
+        check_own_false_alarm_rate(Client(http=http), profile, inspector, images)
+
+
+def check_own_false_alarm_rate(client, profile, inspector, images):
     created = client.create_profile("brick wall at 25 %", images["goods"], false_alarm_rate=0.25)
     assert created["false_alarm_rate"] == 0.25 and profile["false_alarm_rate"] is None
     assert client.profile(created["id"]) == created
@@ -131,7 +136,9 @@ def test_a_profile_takes_its_own_false_alarm_rate_and_the_service_serves_it(serv
     answer = client.inspect(created["id"], images["defect"])
     assert answer["threshold"] == pytest.approx(created["threshold"]) and answer["p_value"] is not None
     assert answer["calibration"]["false_alarm_rate"] == 0.25
-    assert client.inspect(profile["id"], images["defect"])["p_value"] is None
+    default = client.create_profile("brick wall", images["goods"])
+    assert default["threshold"] == profile["threshold"]
+    assert client.inspect(default["id"], images["defect"])["p_value"] is None
 
 
 def test_the_service_answers_what_the_inspector_computes_on_the_same_profile(served, profile, inspector, images):
