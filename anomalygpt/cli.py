@@ -111,6 +111,7 @@ class DetectOptions:
     engine: str = "local"  # "ray": the same inspection as Ray Data actors (anomalygpt.engine_ray)
     ray: RaySettings = RaySettings()
     maps: str = "all"  # --maps: which images get their map and overlay written (MAPS_CHOICES)
+    processes: int = 0  # --processes: worker processes decoding and finishing images (0: threads)
 
 
 @dataclass(frozen=True)
@@ -225,6 +226,13 @@ def add_detect_parser(verbs: Any) -> None:
         help="images per batch when inspecting against references (default 16): decoded ahead, searched together, "
         "one backbone pass on a GPU",
     )
+    detect.add_argument(
+        "--processes",
+        type=count_int,
+        default=0,
+        help="decode and finish the images (fit check, verdict, regions) in N worker processes instead of threads: "
+        "for many cores beside a GPU; on a few cores threads are faster (default 0: threads)",
+    )
     add_engine_arguments(detect, "with --profile and --out; the same records, resumable: a re-run skips images done")
 
 
@@ -293,6 +301,13 @@ def out_folder(text: str) -> Path:
     if not text.strip():
         raise argparse.ArgumentTypeError("must be a folder path, got an empty string")
     return Path(text)
+
+
+def count_int(text: str) -> int:
+    """A whole number of 0 or more (argparse type)."""
+    if not text.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"must be a whole number of 0 or more, got {text!r}")
+    return int(text)
 
 
 def positive_int(text: str) -> int:
@@ -395,6 +410,7 @@ def detect_options(args: argparse.Namespace) -> DetectOptions:
         engine=args.engine,
         ray=ray_settings(args),
         maps=args.maps,
+        processes=args.processes,
     )
 
 
@@ -720,7 +736,13 @@ def inspect_all(job: DetectJob, options: DetectOptions) -> list[dict[str, Any]]:
         sources = [str(p) for p in job.queries]
         size = options.batch_size or BATCH_SIZE
         inspections = job.inspector.inspect_many(
-            job.queries, job.references, options.class_name, sources, options.sensitivity, size
+            job.queries,
+            job.references,
+            options.class_name,
+            sources,
+            options.sensitivity,
+            size,
+            processes=options.processes,
         )
     else:
         inspections = (

@@ -235,6 +235,8 @@ def prepare(options: DetectOptions) -> RayDetect:
         raise UsageError(
             "--device: not with --engine ray; each actor runs on the GPU Ray gives it (--ray-gpus), else its CPUs"
         )
+    if options.processes:
+        raise UsageError("--processes: not with --engine ray; the actors are the processes (--ray-actors)")
     check_ray_settings(options.ray)
     check_sensitivity(options.sensitivity)
     check_out_dir(options.out)

@@ -5,10 +5,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import multiprocessing
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple, overload
@@ -261,26 +262,29 @@ class Inspector:
         batch_size: int = BATCH_SIZE,
         progress: bool = False,
         half: bool = False,
+        processes: int = 0,
     ) -> Iterator[Inspection]:
         """Inspect many images against one indexed reference set, in batches; yields what `inspect` gives each
-        image, in order. Images are decoded (and standardised) in threads a batch ahead of the backbone; on a GPU
-        (the device path) the maps are smoothed and scored there, and only the results come back. `half`: on the
-        device path, the backbone under float16 autocast and the nearest-patch search in float16 (else ignored).
-        A file that does not decode, or a query whose size is not the references', raises when its batch is
-        reached."""
+        image, in order. Images are decoded (and standardised) a batch ahead of the backbone, and each image's
+        tail (reference fit, verdict, regions) is finished while the next batch runs: in threads, or with
+        `processes` > 0 in that many worker processes (spawned for this call, a second or two each: for large jobs
+        on many cores, where the threads' Python holds one another back). On a GPU (the device path) the maps are
+        smoothed and scored there, and only the results come back. `half`: on the device path, the backbone under
+        float16 autocast and the nearest-patch search in float16 (else ignored). A file that does not decode, or
+        a query whose size is not the references', raises when its batch is reached."""
         if sources is not None and len(sources) != len(images):
             raise InspectionError(f"{len(sources)} sources given for {len(images)} images")
         if batch_size < 1:
             raise InspectionError(f"batch_size must be at least 1, got {batch_size}")
+        if processes < 0:
+            raise InspectionError(f"processes must be 0 (threads) or more, got {processes}")
         labels = list(sources) if sources is not None else [None] * len(images)
         bar = tqdm(total=len(images), desc="inspecting", unit="image", disable=not progress)
         finishing: list[Future[Inspection]] = []
-        # Each batch's per-image tail (reference fit, verdict, regions) runs in threads while the next batch is
-        # on the backbone; results are yielded in order.
-        with ThreadPoolExecutor(DECODE_THREADS) as pool:
-            shared = BatchContext(references, class_name or references.class_name, sensitivity, pool)
-            for batch, names in decoded_batches(images, labels, batch_size, references.memory.cfg):
-                done, finishing = finishing, self.few_shot_batch(batch, names, shared, half)
+        finisher = Finisher.of(self, references, class_name or references.class_name, sensitivity)
+        with worker_pool(finisher, processes) as pool:
+            for batch, names in decoded_batches(images, labels, batch_size, references.memory.cfg, pool):
+                done, finishing = finishing, self.few_shot_batch(batch, names, references, finisher, pool, half)
                 for future in done:
                     yield future.result()
                 bar.update(len(done))
@@ -290,49 +294,26 @@ class Inspector:
         bar.close()
 
     def few_shot_batch(
-        self, batch: Sequence[Decoded], sources: Sequence[str | None], shared: BatchContext, half: bool
+        self,
+        batch: Sequence[Decoded],
+        sources: Sequence[str | None],
+        refs: References,
+        finisher: Finisher,
+        pool: Executor,
+        half: bool,
     ) -> list[Future[Inspection]]:
         """inspect_few_shot for a batch of decoded images: one backbone pass and one batched nearest-patch search
-        now, each image's inspection submitted to the shared pool."""
-        refs = shared.refs
+        now, each image's tail submitted to the pool (threads call the finisher, processes their copy of it)."""
         for image, source in zip(batch, sources, strict=True):
             check_query_size(image.pixels, refs, source)
         start = time.perf_counter()
         maps, scores, looks = self.batch_maps([d.memory_input for d in batch], refs.memory, half)
         timings = {"inspect": (time.perf_counter() - start) * 1000 / len(batch), "index_references": refs.index_ms}
-        mode = Mode(refs.mode, refs.memory.n_references, refs.calibration)
-        appearances = refs.memory.appearances.cpu()
+        finish = finisher if isinstance(pool, ThreadPoolExecutor) else finish_in_worker
         return [
-            shared.pool.submit(
-                self.batch_inspection, image, source, maps[i], scores[i], looks[i], appearances, mode, shared, timings
-            )
+            pool.submit(finish, image, source, maps[i], scores[i], looks[i], timings)
             for i, (image, source) in enumerate(zip(batch, sources, strict=True))
         ]
-
-    def batch_inspection(
-        self,
-        image: Decoded,
-        source: str | None,
-        anomaly_map: np.ndarray,
-        score: float | None,
-        look: torch.Tensor,
-        appearances: torch.Tensor,
-        mode: Mode,
-        shared: BatchContext,
-        timings: dict[str, float],
-    ) -> Inspection:
-        """One image's inspection from its batch's map, score and (C,) appearance, with the reference-fit check."""
-        refs = shared.refs
-        fit = reference_fit(look, image.brightness, appearances, refs.fit_stats, refs.names)
-        inspection = self.inspection(
-            image.pixels, anomaly_map, mode, shared.class_name, source, shared.sensitivity, timings, score
-        )
-        warning = fit_warning(fit)
-        inspection.warnings = ([warning] if warning else []) + refs.warnings
-        inspection.reference_fit = fit
-        if image.pixels.shape[:2] != image.source_size:
-            inspection.source_size = image.source_size
-        return inspection
 
     @torch.inference_mode()
     def batch_maps(
@@ -479,23 +460,8 @@ class Inspector:
         score: float | None = None,
     ) -> Inspection:
         """The Inspection of a map; `score` when already computed (on a GPU), else the map's top_mean."""
-        score = top_mean(anomaly_map, self.preset.memory.top_fraction) if score is None else score
-        stride = mode.stride or min(self.backbone.strides)
-        height, width = pixels.shape[:2]
-        min_region_px = map_cell_px(height, width, stride, self.backbone.image_size)
-        return Inspection.decided(
-            pixels,
-            anomaly_map,
-            score,
-            mode.calibration,
-            sensitivity,
-            min_region_px,
-            mode=mode.name,
-            n_references=mode.n_references,
-            class_name=class_name,
-            source=source,
-            timings_ms={key: round(value, 1) for key, value in timings.items()},
-        )
+        geometry = MapGeometry(self.preset.memory.top_fraction, min(self.backbone.strides), self.backbone.image_size)
+        return geometry.inspection(pixels, anomaly_map, mode, class_name, source, sensitivity, timings, score)
 
 
 class Mode(NamedTuple):
@@ -515,13 +481,115 @@ def check_query_size(pixels: np.ndarray, refs: References, source: str | None) -
         )
 
 
-class BatchContext(NamedTuple):
-    """What every image of one inspect_many call shares."""
+class MapGeometry(NamedTuple):
+    """What turns a map into an Inspection besides its calibration: the preset's top fraction, the backbone's finest
+    stride and input side (the smallest region kept)."""
 
-    refs: References
+    top_fraction: float
+    stride: int
+    input_side: int
+
+    def inspection(
+        self,
+        pixels: np.ndarray,
+        anomaly_map: np.ndarray,
+        mode: Mode,
+        class_name: str | None,
+        source: str | None,
+        sensitivity: float,
+        timings: dict[str, float],
+        score: float | None = None,
+    ) -> Inspection:
+        score = top_mean(anomaly_map, self.top_fraction) if score is None else score
+        height, width = pixels.shape[:2]
+        min_region_px = map_cell_px(height, width, mode.stride or self.stride, self.input_side)
+        return Inspection.decided(
+            pixels,
+            anomaly_map,
+            score,
+            mode.calibration,
+            sensitivity,
+            min_region_px,
+            mode=mode.name,
+            n_references=mode.n_references,
+            class_name=class_name,
+            source=source,
+            timings_ms={key: round(value, 1) for key, value in timings.items()},
+        )
+
+
+@dataclass(frozen=True)
+class Finisher:
+    """The tail of one image's inspection in inspect_many, from its batch's map, score and appearance: the
+    reference-fit check, the verdict and the regions. It holds no model and no memory bank, so a worker process
+    receives it once (pickled) and finishes images as a thread would."""
+
+    geometry: MapGeometry
+    mode: Mode
+    fit_stats: FitStatistics
+    appearances: torch.Tensor  # (N, C) of the references, on the CPU
+    names: list[str]
+    warnings: list[str]
     class_name: str | None
     sensitivity: float
-    pool: Executor  # threads that finish each image's inspection
+
+    @classmethod
+    def of(cls, inspector: Inspector, refs: References, class_name: str | None, sensitivity: float) -> Finisher:
+        geometry = MapGeometry(
+            inspector.preset.memory.top_fraction, min(inspector.backbone.strides), inspector.backbone.image_size
+        )
+        mode = Mode(refs.mode, refs.memory.n_references, refs.calibration)
+        appearances = refs.memory.appearances.cpu()
+        return cls(geometry, mode, refs.fit_stats, appearances, refs.names, refs.warnings, class_name, sensitivity)
+
+    def __call__(
+        self,
+        image: Decoded,
+        source: str | None,
+        anomaly_map: np.ndarray,
+        score: float | None,
+        look: torch.Tensor,
+        timings: dict[str, float],
+    ) -> Inspection:
+        fit = reference_fit(look, image.brightness, self.appearances, self.fit_stats, self.names)
+        inspection = self.geometry.inspection(
+            image.pixels, anomaly_map, self.mode, self.class_name, source, self.sensitivity, timings, score
+        )
+        warning = fit_warning(fit)
+        inspection.warnings = ([warning] if warning else []) + self.warnings
+        inspection.reference_fit = fit
+        if image.pixels.shape[:2] != image.source_size:
+            inspection.source_size = image.source_size
+        return inspection
+
+
+WORKER_FINISHER: list[Finisher] = []  # in an inspect_many worker process: the call's finisher
+
+
+def start_worker(finisher: Finisher) -> None:
+    """A worker process of inspect_many: one torch thread (the processes are the parallelism), the finisher kept."""
+    torch.set_num_threads(1)
+    WORKER_FINISHER[:] = [finisher]
+
+
+def finish_in_worker(
+    image: Decoded,
+    source: str | None,
+    anomaly_map: np.ndarray,
+    score: float | None,
+    look: torch.Tensor,
+    timings: dict[str, float],
+) -> Inspection:
+    return WORKER_FINISHER[0](image, source, anomaly_map, score, look, timings)
+
+
+def worker_pool(finisher: Finisher, processes: int) -> Executor:
+    """Where inspect_many decodes and finishes images: DECODE_THREADS threads, or `processes` spawned processes
+    (torch, and CUDA on a GPU machine, stay out of forked children) holding the finisher."""
+    if processes == 0:
+        return ThreadPoolExecutor(DECODE_THREADS)
+    context = multiprocessing.get_context("spawn")
+    return ProcessPoolExecutor(processes, context, initializer=start_worker, initargs=(finisher,))
 
 
 class Decoded(NamedTuple):
@@ -541,21 +609,20 @@ def decoded(image: ImageSource, label: str | None, cfg: MemoryConfig) -> Decoded
 
 
 def decoded_batches(
-    images: Sequence[ImageSource], labels: Sequence[str | None], batch_size: int, cfg: MemoryConfig
+    images: Sequence[ImageSource], labels: Sequence[str | None], batch_size: int, cfg: MemoryConfig, pool: Executor
 ) -> Iterator[tuple[list[Decoded], list[str | None]]]:
-    """The images decoded in batches, the next batch decoding in threads while the caller works on this one
-    (decoders and numpy release the GIL)."""
+    """The images decoded in batches, the next batch decoding in the pool (threads: decoders and numpy release the
+    GIL; or processes) while the caller works on this one."""
     spans = [(first, min(first + batch_size, len(images))) for first in range(0, len(images), batch_size)]
-    with ThreadPoolExecutor(DECODE_THREADS) as pool:
 
-        def submit(span: tuple[int, int]) -> list[Future[Decoded]]:
-            return [pool.submit(decoded, images[i], labels[i], cfg) for i in range(*span)]
+    def submit(span: tuple[int, int]) -> list[Future[Decoded]]:
+        return [pool.submit(decoded, images[i], labels[i], cfg) for i in range(*span)]
 
-        pending = submit(spans[0]) if spans else []
-        for index, span in enumerate(spans):
-            ahead = submit(spans[index + 1]) if index + 1 < len(spans) else []
-            yield [future.result() for future in pending], list(labels[span[0] : span[1]])
-            pending = ahead
+    pending = submit(spans[0]) if spans else []
+    for index, span in enumerate(spans):
+        ahead = submit(spans[index + 1]) if index + 1 < len(spans) else []
+        yield [future.result() for future in pending], list(labels[span[0] : span[1]])
+        pending = ahead
 
 
 def reference_images(references: Sequence[ImageSource], names: Sequence[str]) -> Sequence[np.ndarray]:

@@ -27,9 +27,7 @@ effect on verdicts with the CPU's float16 kernels (a GPU's round differently; gp
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-import multiprocessing
 import os
 import platform
 import shutil
@@ -98,15 +96,24 @@ def one_at_a_time(
 
 
 def batched(
-    inspector: Inspector, references: References, files: list[Path], batch_size: int, half: bool = False
+    inspector: Inspector,
+    references: References,
+    files: list[Path],
+    batch_size: int,
+    half: bool = False,
+    processes: int = 0,
 ) -> tuple[float, list[Inspection], float]:
-    """Images/s of inspect_many over every file, after a warm-up batch; the results; CPU ms per image."""
+    """Images/s of inspect_many over every file, after a warm-up batch; the results; CPU ms per image (of this
+    process: with worker processes, theirs is not counted)."""
     list(inspector.inspect_many(files[:batch_size], references, batch_size=batch_size, half=half))
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     start, cpu = time.perf_counter(), time.process_time()
     sources = [str(path) for path in files]
-    results = list(inspector.inspect_many(files, references, sources=sources, batch_size=batch_size, half=half))
+    many = inspector.inspect_many(
+        files, references, sources=sources, batch_size=batch_size, half=half, processes=processes
+    )
+    results = list(many)
     cpu_ms = (time.process_time() - cpu) * 1000 / len(files)
     return len(files) / (time.perf_counter() - start), results, cpu_ms
 
@@ -153,53 +160,25 @@ def tail_figures(inspector: Inspector, references: References, files: list[Path]
     the device is), in one thread, in `threads` threads (as inspect_many runs it) and in `threads` processes (what
     the GIL costs the threads), on maps the device made beforehand: a ceiling on the device path's images/s.
     Regions of defective images cost most of it (splitting large components at their peaks)."""
-    refs = references
-    images = [inspection.decoded(path, str(path), refs.memory.cfg) for path in files]
-    maps, scores, looks = inspector.batch_maps([d.memory_input for d in images], refs.memory, False)
-    mode = inspection.Mode(refs.mode, refs.memory.n_references, refs.calibration)
-    appearances = refs.memory.appearances.cpu()
+    images = [inspection.decoded(path, str(path), references.memory.cfg) for path in files]
+    maps, scores, looks = inspector.batch_maps([d.memory_input for d in images], references.memory, False)
+    items = [(image, None, maps[i], scores[i], looks[i], {}) for i, image in enumerate(images)]
+    finisher = inspection.Finisher.of(inspector, references, None, 0.0)
     rates = {}
     for n in (1, threads):
         with ThreadPoolExecutor(n) as pool:
-            shared = inspection.BatchContext(refs, None, 0.0, pool)
-
-            def tail(i: int, shared: inspection.BatchContext = shared) -> Inspection:
-                return inspector.batch_inspection(
-                    images[i], None, maps[i], scores[i], looks[i], appearances, mode, shared, {}
-                )
-
             start = time.perf_counter()
-            threaded = list(pool.map(tail, range(len(images))))
+            threaded = list(pool.map(lambda item: finisher(*item), items))
             rates[f"{n}_threads"] = len(images) / (time.perf_counter() - start)
-    light = dataclasses.replace(refs, memory=None)  # what the tail reads of the references: no bank, no backbone
-    context = multiprocessing.get_context("spawn")  # torch and CUDA stay out of forked children
-    initargs = (light, mode, appearances)
-    with ProcessPoolExecutor(threads, context, initializer=start_tail_worker, initargs=initargs) as pool:
+    with inspection.worker_pool(finisher, threads) as pool:  # as inspect_many(processes=threads) runs them
         list(pool.map(time.sleep, [1.0] * threads))  # every process started (one per task held) before timing
         start = time.perf_counter()
-        found = list(pool.map(tail_in_worker, zip(images, maps, scores, looks, strict=True), chunksize=4))
+        found = list(pool.map(inspection.finish_in_worker, *zip(*items, strict=True), chunksize=4))
         rates[f"{threads}_processes"] = len(images) / (time.perf_counter() - start)
     differing = parity(found, threaded)
     if differing["verdicts_differing"] or differing["region_boxes_differing"] or differing["max_score_difference"]:
         raise RuntimeError(f"the tail in processes differs from the tail in threads: {differing}")
     return rates
-
-
-TAIL_WORKER: dict[str, Any] = {}
-
-
-def start_tail_worker(refs: References, mode: inspection.Mode, appearances: torch.Tensor) -> None:
-    """A tail process: a CPU inspector of the default preset (the bench's), one thread, the references' light part."""
-    shared = inspection.BatchContext(refs, None, 0.0, ThreadPoolExecutor(1))  # (the tail submits nothing)
-    TAIL_WORKER.update(inspector=inspector_on("cpu", 1), shared=shared, mode=mode, appearances=appearances)
-
-
-def tail_in_worker(item: tuple[inspection.Decoded, np.ndarray, float | None, torch.Tensor]) -> Inspection:
-    image, anomaly_map, score, look = item
-    worker = TAIL_WORKER
-    return worker["inspector"].batch_inspection(
-        image, None, anomaly_map, score, look, worker["appearances"], worker["mode"], worker["shared"], {}
-    )
 
 
 def inspector_on(device: str, threads: int) -> Inspector:
@@ -286,6 +265,12 @@ def device_figures(
                 r.is_anomalous != verdict for r, verdict in zip(on_device, cpu["verdicts"], strict=True)
             )
     out["half_vs_float32"] = parity(full[True], full[False])
+    save()
+    best = max(out["float32"]["images_per_s"], key=out["float32"]["images_per_s"].get)
+    rate, in_processes, _ = batched(inspector, references, files, best, processes=args.cpu_threads)
+    out["float32_processes"] = {"batch_size": best, "processes": args.cpu_threads, "images_per_s": rate}
+    out["float32_processes_vs_threads"] = parity(in_processes, full[False])
+    print(f"{out['device']} float32 batch {best}, {args.cpu_threads} worker processes: {rate:.1f} images/s", flush=True)
     save()
     out["tail_images_per_s"] = tail_figures(inspector, references, files[: args.tail_n], args.cpu_threads)
     print(f"per-image tail alone: {out['tail_images_per_s']} images/s", flush=True)

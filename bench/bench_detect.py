@@ -35,6 +35,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 CELLS = ROOT / "runs" / "gpu_carry" / "elpv"
 
+# Modes: "out" (--out: every map and overlay), "flagged" (--maps flagged), "processes" (--out --processes N), "no_out"
 # Run in the tree's own process: argv = [queries folder, references folder, out folder or "-", extra options...]
 HARNESS = r"""
 import json, sys, time
@@ -95,6 +96,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=200, help="query files (copies of test/'s cells, cycled)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--device", default="cpu", help="detect's --device")
+    parser.add_argument("--processes", type=int, default=0, help="also time this tree's --out with --processes N")
     parser.add_argument("--out", type=Path, required=True, help="the JSON figures")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench_detect_"))
@@ -107,8 +109,8 @@ def main() -> None:
         subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(base), args.base], check=True)
         trees["base"] = base
     extra = ["--device", args.device]
-    # "out": --out (every map and overlay), "flagged": --out --maps flagged (this tree only), "no_out": records only
-    modes = {name: ("out", "flagged", "no_out") if name == "this" else ("out", "no_out") for name in trees}
+    ours = ("out", "flagged", "no_out") + (("processes",) if args.processes else ())
+    modes = {name: ours if name == "this" else ("out", "no_out") for name in trees}
     rates: dict[str, dict[str, list[float]]] = {name: {mode: [] for mode in modes[name]} for name in trees}
     megabytes: dict[str, dict[str, float]] = {name: {} for name in trees}
     try:
@@ -116,7 +118,10 @@ def main() -> None:
             for name, tree in trees.items() if index % 2 == 0 else reversed(trees.items()):
                 for mode in modes[name]:
                     out = None if mode == "no_out" else work / f"{mode}_{name}"
-                    options = extra + (["--maps", "flagged"] if mode == "flagged" else [])
+                    options = extra + {
+                        "flagged": ["--maps", "flagged"],
+                        "processes": ["--processes", str(args.processes)],
+                    }.get(mode, [])
                     figures = run_tree(tree, queries, args.refs or args.cells / "refs", out, options)
                     rates[name][mode].append(round(figures["images_per_s"], 2))
                     megabytes[name][mode] = round(figures["bytes"] / 1e6, 1)
@@ -127,6 +132,7 @@ def main() -> None:
             "n": len(list(queries.iterdir())),
             "references": len(list((args.refs or args.cells / "refs").iterdir())),
             "device": args.device,
+            "processes": args.processes,
             "images_per_s": rates,
             "median_images_per_s": {
                 name: {mode: statistics.median(values) for mode, values in by_mode.items()}

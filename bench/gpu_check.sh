@@ -36,7 +36,7 @@
 #                                                    ceiling of the above, and what the GIL costs threads
 #   bench_detect_cuda.json bench/bench_detect.py --device cuda --n 2000: `anomalygpt detect` end to end on 2,000
 #                          copies of the cells, images/s with --out (every record, map and overlay written), with
-#                          --out --maps flagged, and without --out
+#                          --out --maps flagged, with --out --processes $(nproc), and without --out
 #   bench_batch_cuda.log   the benches' progress lines
 #   summary.txt            the headline numbers pulled from the JSON
 #
@@ -73,12 +73,13 @@ run() {
     local bench="--device cuda --n 4000 --cpu-n 800 --single 100 --rounds 1 --batch-sizes 16,64 --cpu-passes 1,16
         --gpu-batch-sizes 64,128,256,512 --cpu-threads $(nproc)"
     # shellcheck disable=SC2086 # a list of options
-    timeout 290 "$py" bench/bench_batch.py --cells "$CARRY/elpv" ${BENCH:-$bench} --out "$OUT/bench_batch_cuda.json" \
+    timeout 270 "$py" bench/bench_batch.py --cells "$CARRY/elpv" ${BENCH:-$bench} --out "$OUT/bench_batch_cuda.json" \
         >"$OUT/bench_batch_cuda.log" 2>&1
     echo "bench exit $?" >>"$OUT/bench_batch_cuda.log"
     local device=cuda
     [ -n "${BENCH:-}" ] && device=cpu  # the rehearsal
-    timeout 90 "$py" bench/bench_detect.py --cells "$CARRY/elpv" --device $device --n "${DETECT_N:-2000}" --rounds 1 \
+    timeout 110 "$py" bench/bench_detect.py --cells "$CARRY/elpv" --device $device --n "${DETECT_N:-2000}" --rounds 1 \
+        --processes "$(nproc)" \
         --out "$OUT/bench_detect_cuda.json" >>"$OUT/bench_batch_cuda.log" 2>&1
     echo "detect bench exit $?" >>"$OUT/bench_batch_cuda.log"
     "$py" - "$OUT/bench_batch_cuda.json" >"$OUT/summary.txt" 2>&1 <<'EOF'
@@ -97,12 +98,16 @@ for p in ("float32", "half"):
 print(f"float32 vs the CPU: max score difference {n('max_score_difference_vs_cpu', g, '.2e')}, "
       f"{n('verdicts_differing_vs_cpu', g, 'd')} verdicts differing")
 print(f"half vs float32: {g.get('half_vs_float32', 'not measured')}")
+print(f"float32 with worker processes: {g.get('float32_processes', 'not measured')}; "
+      f"against threads: {g.get('float32_processes_vs_threads', 'not measured')}")
 print(f"per-image tail alone (images/s, threads or processes): {g.get('tail_images_per_s', 'not measured')}")
 print(f"seconds {n('seconds', d.get('setup', {}), '.0f')}")
 try:
-    detect = json.load(open(sys.argv[1].replace("bench_batch", "bench_detect")))["median_images_per_s"]["this"]
+    detect_run = json.load(open(sys.argv[1].replace("bench_batch", "bench_detect")))
+    detect = detect_run["median_images_per_s"]["this"]
     print(f"anomalygpt detect end to end (images/s): with --out (records, maps, overlays) {detect['out']:.1f}, "
-          f"--maps flagged {detect['flagged']:.1f}, without --out {detect['no_out']:.1f}")
+          f"--maps flagged {detect['flagged']:.1f}, --processes {detect_run['processes']} "
+          f"{detect.get('processes', float('nan')):.1f}, without --out {detect['no_out']:.1f}")
 except (OSError, KeyError):
     print("anomalygpt detect end to end: not measured (see bench_batch_cuda.log)")
 EOF

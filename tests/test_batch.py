@@ -106,8 +106,35 @@ def test_inspect_many_names_the_bad_image(inspector, queries, tmp_path):
         list(inspector.inspect_many(queries[:2], references, batch_size=0))
 
 
+def test_worker_processes_give_what_threads_give_and_name_the_bad_image(inspector, queries, tmp_path):
+    """processes=2: files decoded and tails (fit check, verdict, regions) finished in spawned worker processes:
+    the threads' records and maps to the last bit (the same code on the same numbers); a file that does not
+    decode raises, named, when its batch is reached."""
+    references = inspector.fit(texture_crops(4, seed=11))
+    paths = []
+    for index, image in enumerate(queries):
+        paths.append(tmp_path / f"q{index}.png")
+        cv2.imwrite(str(paths[-1]), image[:, :, ::-1])
+    sources = [str(path) for path in paths]
+    threads = list(inspector.inspect_many(paths, references, sources=sources, batch_size=2))
+    processes = list(inspector.inspect_many(paths, references, sources=sources, batch_size=2, processes=2))
+    assert [i.verdict for i in processes] == ["normal", "normal", "anomalous", "anomalous", "anomalous"]
+    for ours, theirs in zip(processes, threads, strict=True):
+        assert {**ours.to_dict(), "timings_ms": None} == {**theirs.to_dict(), "timings_ms": None}
+        assert ours.anomaly_map is not None and theirs.anomaly_map is not None
+        assert np.array_equal(ours.anomaly_map, theirs.anomaly_map)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\nnot a png")
+    found = inspector.inspect_many([paths[0], broken], references, sources=[sources[0], str(broken)], processes=2)
+    with pytest.raises(ValueError, match="broken.png"):
+        list(found)
+    with pytest.raises(InspectionError, match="processes must be 0"):
+        list(inspector.inspect_many(paths, references, processes=-1))
+
+
 def test_detect_batch_size_keeps_every_output(tmp_path):
-    """detect inspects in batches with references: the same table, records and files for any --batch-size."""
+    """detect inspects in batches with references: the same table, records and files for any --batch-size, and
+    in worker processes (--processes 2)."""
     from test_cli import run
 
     goods = texture_crops(6, seed=41)
@@ -119,14 +146,17 @@ def test_detect_batch_size_keeps_every_output(tmp_path):
     preset = tmp_path / "preset.json"
     preset.write_text('{"backbone": {"name": "efficientnet-lite0", "image_size": 128}, "memory": {"augment": false}}')
     runs = {}
-    for size in ("1", "3"):
-        out = tmp_path / f"out{size}"
+    for size, processes in (("1", "0"), ("3", "0"), ("3", "2")):
+        out = tmp_path / f"out{size}_{processes}"
         argv = ["detect", str(tmp_path / "q"), "--ref", str(tmp_path / "ref"), "--preset", str(preset)]
-        code, table, _ = run([*argv, "--out", str(out), "--batch-size", size])
+        code, table, _ = run([*argv, "--out", str(out), "--batch-size", size, "--processes", processes])
         assert code == 0
         records = [json.loads((out / f"{i}.json").read_text()) for i in range(2, 6)]
-        runs[size] = (table, records, sorted(p.name for p in out.iterdir()))
-    (table1, records1, files1), (table3, records3, files3) = runs["1"], runs["3"]
+        runs[size, processes] = (table, records, sorted(p.name for p in out.iterdir()))
+    (table1, records1, files1), (table3, records3, files3) = runs["1", "0"], runs["3", "0"]
+    in_processes = runs["3", "2"]
+    assert in_processes[0] == table3 and in_processes[2] == files3
+    assert [{**r, "timings_ms": None} for r in in_processes[1]] == [{**r, "timings_ms": None} for r in records3]
     assert table1 == table3 and files1 == files3 and len(files1) == 4 * 3 + 1
     assert [r["verdict"] for r in records1] == ["anomalous", "normal", "normal", "normal"]
     for one, three in zip(records1, records3, strict=True):

@@ -199,6 +199,7 @@ def test_another_jobs_out_folder_is_refused_untouched(scene: dict[str, Path], lo
         (["--profile", "p.profile", "--json"], "--json: not with --engine ray"),
         (["--profile", "p.profile", "--ray-actors", "0"], "--ray-actors: must be at least 1"),
         (["--profile", "p.profile", "--device", "cpu"], "--device: not with --engine ray"),
+        (["--profile", "p.profile", "--processes", "2"], "--processes: not with --engine ray"),
     ],
 )
 def test_bad_ray_options_are_one_line_errors(
