@@ -512,6 +512,9 @@ def prepare_detect(options: DetectOptions) -> DetectJob:
     """Validate options, paths, preset and every image (cheapest first), then build the inspector and fit."""
     check_local_engine(options.ray)
     check_sensitivity(options.sensitivity)
+    cores = os.cpu_count() or 1
+    if options.processes > cores:
+        raise UsageError(f"--processes: at most this machine's {cores} cores, got {options.processes}")
     check_out_dir(options.out)
     if options.profile is not None and options.refs:
         raise UsageError("--profile and --ref: give the references one way, a profile or image files")

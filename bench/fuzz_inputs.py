@@ -376,6 +376,8 @@ def option_cases(ws: Workspace, slow: bool) -> list[Case]:
         "one reference too many": ([str(q), "--ref", str(many), "--preset", str(ws.preset)], "--ref"),
         "no references, no decoder": ([str(q), "--preset", str(ws.preset)], "--ref"),
         "--ref without a value": ([str(q), "--preset", str(ws.preset), "--ref"], "--ref"),
+        "--processes over the cores": ([str(q), "--processes", "100000", *ws.base([])], "--processes"),
+        "--maps unknown": ([str(q), "--maps", "some", *ws.base([])], "--maps"),
     }
     for name, (argv, names) in extra.items():
         cases.append(Case("options", name, argv, "error", folder, names, None, [q]))

@@ -318,6 +318,9 @@ BAD_INPUTS = {
     "sensitivity -1e9": (["{good}", "--ref", "{refs}", "--sensitivity", "-1e9"], "--sensitivity", "got -1e+09"),
     "sensitivity -inf": (["{good}", "--ref", "{refs}", "--sensitivity", "-inf"], "--sensitivity", "got -inf"),
     "unknown option": (["{good}", "--ref", "{refs}", "--bogus"], "--bogus", "unrecognized arguments"),
+    "processes negative": (["{good}", "--ref", "{refs}", "--processes", "-1"], "--processes", "0 or more, got '-1'"),
+    "processes over the cores": (["{good}", "--ref", "{refs}", "--processes", "100000"], "--processes", "cores"),
+    "maps unknown": (["{good}", "--ref", "{refs}", "--maps", "some"], "--maps", "invalid choice: 'some'"),
 }
 
 
