@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple, overload
+from typing import Any, NamedTuple, overload
 
 import numpy as np
 import torch
@@ -123,6 +123,11 @@ class Inspector:
         # they were made): None takes it on a GPU only; True takes it on the CPU too, which is how the tests and
         # bench/bench_batch.py --rehearse run the GPU's code on a machine without one.
         self.device_path: bool | None = None
+
+    @property
+    def geometry(self) -> MapGeometry:
+        """What turns this inspector's maps into Inspections besides their calibration."""
+        return MapGeometry(self.preset.memory.top_fraction, min(self.backbone.strides), self.backbone.image_size)
 
     @property
     def prior(self) -> TextPrior | None:
@@ -244,7 +249,7 @@ class Inspector:
         fit = reference_fit(appearance(feats[-1])[0], brightness, refs.memory.appearances, refs.fit_stats, refs.names)
         timings = {"inspect": (time.perf_counter() - start) * 1000, "index_references": refs.index_ms}
         mode = Mode(refs.mode, refs.memory.n_references, refs.calibration)
-        inspection = self.inspection(
+        inspection = self.geometry.inspection(
             pixels, anomaly_map, mode, class_name or refs.class_name, source, sensitivity, timings
         )
         warning = fit_warning(fit)
@@ -354,7 +359,7 @@ class Inspector:
         anomaly_map = self.zero_shot_maps(self.backbone.encode([pixels]).patches, pixels.shape[:2], class_name)[0]
         calibration = self.zero_shot_calibration()
         timings = {"inspect": (time.perf_counter() - start) * 1000}
-        inspection = self.inspection(
+        inspection = self.geometry.inspection(
             pixels, anomaly_map, Mode("zero-shot-text", 0, calibration), class_name, source, sensitivity, timings
         )
         inspection.warnings = [ZERO_SHOT_TEXT_CAVEAT]
@@ -405,7 +410,7 @@ class Inspector:
             for index, (image, name) in enumerate(zip(images, names, strict=True)):
                 pixels = working_image(load_image(image, name=name))
                 anomaly_map = fuse_maps([maps[index][None]], sizes[0], cfg.sigma)[0]
-                yield self.inspection(pixels, anomaly_map, mode, class_name, name, sensitivity, timings)
+                yield self.geometry.inspection(pixels, anomaly_map, mode, class_name, name, sensitivity, timings)
 
         return inspections()
 
@@ -448,21 +453,6 @@ class Inspector:
             f"{method} ({prior.source})",
         )
 
-    def inspection(
-        self,
-        pixels: np.ndarray,
-        anomaly_map: np.ndarray,
-        mode: Mode,
-        class_name: str | None,
-        source: str | None,
-        sensitivity: float,
-        timings: dict[str, float],
-        score: float | None = None,
-    ) -> Inspection:
-        """The Inspection of a map; `score` when already computed (on a GPU), else the map's top_mean."""
-        geometry = MapGeometry(self.preset.memory.top_fraction, min(self.backbone.strides), self.backbone.image_size)
-        return geometry.inspection(pixels, anomaly_map, mode, class_name, source, sensitivity, timings, score)
-
 
 class Mode(NamedTuple):
     name: str  # "few-shot", "pool", "zero-shot-text" (the text-aligned decoder) or "zero-shot-batch"
@@ -500,6 +490,7 @@ class MapGeometry(NamedTuple):
         timings: dict[str, float],
         score: float | None = None,
     ) -> Inspection:
+        """The Inspection of a map; `score` when already computed (on a GPU), else the map's top_mean."""
         score = top_mean(anomaly_map, self.top_fraction) if score is None else score
         height, width = pixels.shape[:2]
         min_region_px = map_cell_px(height, width, mode.stride or self.stride, self.input_side)
@@ -535,12 +526,11 @@ class Finisher:
 
     @classmethod
     def of(cls, inspector: Inspector, refs: References, class_name: str | None, sensitivity: float) -> Finisher:
-        geometry = MapGeometry(
-            inspector.preset.memory.top_fraction, min(inspector.backbone.strides), inspector.backbone.image_size
-        )
         mode = Mode(refs.mode, refs.memory.n_references, refs.calibration)
         appearances = refs.memory.appearances.cpu()
-        return cls(geometry, mode, refs.fit_stats, appearances, refs.names, refs.warnings, class_name, sensitivity)
+        return cls(
+            inspector.geometry, mode, refs.fit_stats, appearances, refs.names, refs.warnings, class_name, sensitivity
+        )
 
     def __call__(
         self,
@@ -572,15 +562,9 @@ def start_worker(finisher: Finisher) -> None:
     WORKER_FINISHER[:] = [finisher]
 
 
-def finish_in_worker(
-    image: Decoded,
-    source: str | None,
-    anomaly_map: np.ndarray,
-    score: float | None,
-    look: torch.Tensor,
-    timings: dict[str, float],
-) -> Inspection:
-    return WORKER_FINISHER[0](image, source, anomaly_map, score, look, timings)
+def finish_in_worker(*item: Any) -> Inspection:
+    """Finisher.__call__ in a worker process, on its arguments."""
+    return WORKER_FINISHER[0](*item)
 
 
 def worker_pool(finisher: Finisher, processes: int) -> Executor:
