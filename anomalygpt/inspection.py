@@ -241,21 +241,16 @@ class Inspector:
         """The memory's map of an image already at its working size, with the reference-fit check."""
         check_query_size(pixels, refs, source)
         start = time.perf_counter()
+        image = Decoded(
+            pixels, pixels.shape[:2], float(grey_thumbnail(pixels).mean()), *memory_inputs([pixels], refs.memory.cfg)
+        )
         with torch.inference_mode():
-            patches = self.backbone.encode(memory_inputs([pixels], refs.memory.cfg)).patches
+            patches = self.backbone.encode([image.memory_input]).patches
             feats = embed_patches(patches, refs.memory.cfg.neighbourhood)
             anomaly_map = refs.memory.fuse(refs.memory.stage_maps(feats), pixels.shape[:2])[0]
-        brightness = float(grey_thumbnail(pixels).mean())
-        fit = reference_fit(appearance(feats[-1])[0], brightness, refs.memory.appearances, refs.fit_stats, refs.names)
         timings = {"inspect": (time.perf_counter() - start) * 1000, "index_references": refs.index_ms}
-        mode = Mode(refs.mode, refs.memory.n_references, refs.calibration)
-        inspection = self.geometry.inspection(
-            pixels, anomaly_map, mode, class_name or refs.class_name, source, sensitivity, timings
-        )
-        warning = fit_warning(fit)
-        inspection.warnings = ([warning] if warning else []) + refs.warnings
-        inspection.reference_fit = fit
-        return inspection
+        finish = Finisher.of(self, refs, class_name or refs.class_name, sensitivity)  # as inspect_many's images
+        return finish(image, source, anomaly_map, None, appearance(feats[-1])[0].cpu(), timings)
 
     def inspect_many(
         self,
