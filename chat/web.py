@@ -38,6 +38,7 @@ from anomalygpt.claims import CheckTally
 from anomalygpt.cli import SENSITIVITY_RANGE
 from anomalygpt.devices import add_device_option, with_device
 from anomalygpt.evidence import EvidenceSource, RegionEvidence, profile_evidence
+from anomalygpt.grounded import rarity_sentence, rate_sentence
 from anomalygpt.inspection import (
     MAX_REFERENCES,
     Inspection,
@@ -595,16 +596,13 @@ def inspection_status(session: Session) -> str:
     # Why the inspection may not be trusted comes first: references unlike the query, one reference, duplicates.
     warnings = "".join(f"**Warning:** {escape_markdown(warning)}. " for warning in inspection.warnings)
     notes = "".join(f" Note: {escape_markdown(note)}." for note in inspection.notes)
-    rarity = "" if inspection.p_value is None else f" {p_value_words(inspection.p_value)}."
+    # What a conformal threshold keeps and how rare the score is, in the chat's own words, with the p-value itself
+    rarity = [f"{line.removesuffix('.')} (p = {inspection.p_value:.3f})." for line in rarity_sentence(inspection)]
+    threshold = "".join(f" {escape_markdown(line)}" for line in [*rate_sentence(inspection), *rarity])
     return warnings + (
         f"Verdict **{inspection.verdict}** at sensitivity {session.sensitivity:+.1f} "
-        f"({len(inspection.regions)} {noun}); ask about it in the chat.{rarity}{notes}"
+        f"({len(inspection.regions)} {noun}); ask about it in the chat.{threshold}{notes}"
     )
-
-
-def p_value_words(p_value: float) -> str:
-    """'p = 0.012: 1.2 % of good references (held out, the query counted) score as high'."""
-    return f"p = {p_value:.3f}: {p_value:.1%} of good references (held out, the query counted) score as high"
 
 
 def next_step(session: Session, profile: References | None = None) -> str:
