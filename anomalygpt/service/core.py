@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from anomalygpt.config import with_false_alarm_rate
 from anomalygpt.inspection import BATCH_SIZE, Inspection, Inspector, References
@@ -35,7 +34,7 @@ from anomalygpt.service.audit import (
     utc_now,
 )
 from anomalygpt.verdict import working_image
-from anomalygpt.visualize import inspection_figure
+from anomalygpt.visualize import figure_png
 
 ID_PATTERN = re.compile(
     r"[0-9a-f]{16}"
@@ -69,12 +68,6 @@ class InspectRequest:
 
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def png_bytes(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(array)).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def npy_bytes(array: np.ndarray) -> bytes:
@@ -221,7 +214,7 @@ class InspectionService:
         """The audit row, its image, overlay and map written first (content-addressed, atomically)."""
         assert inspection.anomaly_map is not None
         self.audit.blobs.put(upload.data, BLOB_SUFFIXES["image"])  # named by image_sha256: what chat re-reads
-        overlay = self.audit.blobs.put(png_bytes(inspection_figure(pixels, inspection)), BLOB_SUFFIXES["overlay"])
+        overlay = self.audit.blobs.put(figure_png(pixels, inspection), BLOB_SUFFIXES["overlay"])
         anomaly_map = self.audit.blobs.put(npy_bytes(inspection.anomaly_map.astype(np.float32)), BLOB_SUFFIXES["map"])
         result = inspection.to_dict()
         return InspectionRow(
