@@ -124,6 +124,11 @@ class Inspector:
         # bench/bench_batch.py --rehearse run the GPU's code on a machine without one.
         self.device_path: bool | None = None
 
+    def with_preset(self, preset: Preset) -> Inspector:
+        """An inspector of another preset on the same models (its backbone, and the decoder if loaded already):
+        one profile's own false-alarm rate, say. The preset must name the same backbone."""
+        return Inspector(self.backbone, preset, self._prior)
+
     @property
     def geometry(self) -> MapGeometry:
         """What turns this inspector's maps into Inspections besides their calibration."""

@@ -157,3 +157,14 @@ def test_many_references_are_decoded_when_read_and_give_the_same_result(inspecto
     assert lazy.names == in_memory.names == [str(p) for p in paths[:4]]
     assert lazy.calibration == in_memory.calibration and lazy.warnings == in_memory.warnings
     assert lazy.warnings[0].startswith("2 references are the same picture")
+
+
+def test_with_preset_shares_the_models_and_loads_no_decoder(small_backbone):
+    """The service fits a profile at its own false-alarm rate on the models it has: no second backbone, and the
+    decoder (seconds to load, unused by few-shot maps at fusion weight 0) is not loaded for it."""
+    from anomalygpt.config import with_false_alarm_rate
+
+    inspector = Inspector(small_backbone, load_preset("default"))
+    other = inspector.with_preset(with_false_alarm_rate(inspector.preset, 0.1))
+    assert other.backbone is inspector.backbone and other.preset.calibration.false_alarm_rate == 0.1
+    assert inspector.preset.decoder.weights and other._prior is None and inspector._prior is None

@@ -129,7 +129,7 @@ def check_own_false_alarm_rate(client, profile, inspector, images):
     created = client.create_profile("brick wall at 25 %", images["goods"], false_alarm_rate=0.25)
     assert created["false_alarm_rate"] == 0.25 and profile["false_alarm_rate"] is None
     assert client.profile(created["id"]) == created
-    fitter = Inspector(inspector.backbone, with_false_alarm_rate(inspector.preset, 0.25), inspector.prior)
+    fitter = inspector.with_preset(with_false_alarm_rate(inspector.preset, 0.25))
     calibration = fitter.fit(images["goods"]).calibration
     assert created["threshold"] == pytest.approx(max(calibration.reference_scores), abs=1e-6)
     assert created["threshold"] < profile["threshold"]  # mean + 3 spreads of 5 scores is above their largest

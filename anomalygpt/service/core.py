@@ -114,8 +114,7 @@ class InspectionService:
         written atomically, then its row committed."""
         started = time.perf_counter()
         images = [load_image(upload.data, name=upload.name) for upload in uploads]
-        preset = with_false_alarm_rate(self.inspector.preset, false_alarm_rate)
-        fitter = Inspector(self.inspector.backbone, preset, self.inspector.prior)  # the same models
+        fitter = self.inspector.with_preset(with_false_alarm_rate(self.inspector.preset, false_alarm_rate))
         references = fitter.fit(images, names=[upload.name for upload in uploads])
         profile_id = secrets.token_hex(8)
         path = fitter.save_profile(references, self.profiles_dir / f"{profile_id}.profile")
