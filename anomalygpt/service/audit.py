@@ -71,7 +71,7 @@ class ProfileRow(Base):
     image_width: Mapped[int] = mapped_column(Integer)
     threshold: Mapped[float] = mapped_column(Float)
     # The share of good parts like the references its conformal threshold may flag; None: mean + z spreads (too few
-    # references for a stated rate)
+    # references for a stated rate), or a profile made before migration 0005 (its inspections' calibration says)
     false_alarm_rate: Mapped[float | None] = mapped_column(Float, nullable=True)
     preset: Mapped[str] = mapped_column(String(200))
     references_json: Mapped[str] = mapped_column(Text)  # [{"name", "sha256", "bytes"}] of the uploaded images
