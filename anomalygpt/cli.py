@@ -39,6 +39,7 @@ from anomalygpt.io import (
 if TYPE_CHECKING:
     from anomalygpt.config import Preset
     from anomalygpt.inspection import Inspection, Inspector, References
+    from anomalygpt.verdict import Calibration
 
 PROG = "anomalygpt"
 SENSITIVITY_RANGE = (-5.0, 5.0)  # in normal spreads: beyond 5 the threshold leaves the range references justify
@@ -426,6 +427,9 @@ def run_detect(options: DetectOptions) -> int:
         return fail("detect", error)
     if job.references:  # about the references: once, up front
         reference_notes("detect", job.references)
+        rate = rate_note(job.references.calibration, options.sensitivity)
+        if rate:
+            print(f"{PROG} detect: note: {rate}", file=sys.stderr)
     if job.skipped:
         first = safe_text(job.skipped[0])
         print(
@@ -464,6 +468,20 @@ def reference_notes(command: str, references: References) -> None:
     for note in (few_references_note(references.memory.n_references), older_profile_note(references)):
         if note:
             print(f"{PROG} {command}: note: {note}", file=sys.stderr)
+
+
+def rate_note(calibration: Calibration, sensitivity: float) -> str | None:
+    """What a conformal threshold keeps, or that --sensitivity moved it off that rate; None without a stated rate."""
+    rate = calibration.false_alarm_rate
+    if rate is None:
+        return None
+    kept = (
+        f"the threshold is set so that good parts like the {len(calibration.reference_scores)} held-out references "
+        f"score above it at most {rate:.1%} of the time (column p: how often they score as high)"
+    )
+    if sensitivity == 0:
+        return kept
+    return f"{kept}; --sensitivity {sensitivity:+g} moved it, so that rate no longer holds"
 
 
 def older_profile_note(references: References) -> str | None:

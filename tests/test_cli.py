@@ -746,3 +746,17 @@ def test_a_second_run_into_the_query_folder_leaves_the_first_runs_overlays_alone
     assert code == 2 and "only overlays written by an earlier detect were given" in stderr
     (folder / "q_map.npy").unlink()  # without its record and map beside it, a *_overlay.png is an image like any
     assert cli.query_files([str(folder)]) == ([folder / "q.png", folder / "q_overlay.png"], [])
+
+
+def test_detect_notes_the_rate_a_conformal_threshold_keeps_and_when_sensitivity_moved_it() -> None:
+    from anomalygpt.verdict import Calibration
+
+    plain = Calibration(0.3, 0.2, 0.1, 0.05, 4, "leave-one-out: 4 of 4 references")
+    conformal = dataclasses.replace(plain, reference_scores=(0.1,) * 208, false_alarm_rate=0.02)
+    assert cli.rate_note(plain, 0.0) is None
+    assert cli.rate_note(conformal, 0.0) == (
+        "the threshold is set so that good parts like the 208 held-out references score above it at most 2.0% of "
+        "the time (column p: how often they score as high)"
+    )
+    moved = cli.rate_note(conformal, 1.5)
+    assert moved is not None and moved.endswith("; --sensitivity +1.5 moved it, so that rate no longer holds")
