@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import multiprocessing
 import os
@@ -85,6 +86,11 @@ class References:
     fit_stats: FitStatistics
     warnings: list[str] = field(default_factory=list)  # about the reference set; shown with every inspection
     class_name: str | None = None
+
+    @functools.cached_property
+    def cpu_appearances(self) -> torch.Tensor:
+        """(N, C) the references' appearances on the CPU (the fit check's), copied once per reference set."""
+        return self.memory.appearances.cpu()
 
     @property
     def mode(self) -> str:
@@ -527,7 +533,7 @@ class Finisher:
     @classmethod
     def of(cls, inspector: Inspector, refs: References, class_name: str | None, sensitivity: float) -> Finisher:
         mode = Mode(refs.mode, refs.memory.n_references, refs.calibration)
-        appearances = refs.memory.appearances.cpu()
+        appearances = refs.cpu_appearances
         return cls(
             inspector.geometry, mode, refs.fit_stats, appearances, refs.names, refs.warnings, class_name, sensitivity
         )
