@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple, overload
+from typing import NamedTuple, overload
 
 import numpy as np
 import torch
@@ -53,6 +53,7 @@ from anomalygpt.references import (
     reference_fit,
 )
 from anomalygpt.regions import map_cell_px
+from anomalygpt.shared_batch import SharedBatch, SharedBatches
 from anomalygpt.text import build_text_encoder
 from anomalygpt.verdict import (
     Inspection,
@@ -70,6 +71,7 @@ BATCH_SIZE = 16  # images per batch in inspect_many (decoded together, searched 
 # passes of 2 against 1 were a draw in bench/bench_batch.py --cpu-passes 1,2 (bench/RESULTS.md, issue 22).
 CPU_PASS = 1
 DECODE_THREADS = min(16, os.cpu_count() or 1)  # image decoders running beside the backbone in inspect_many
+WORKER_CHUNK = 4  # consecutive images per task of inspect_many's pool (decoding, or finishing)
 MAX_REFERENCES_IN_MEMORY = 64  # more references are decoded again when indexed instead of held as pixels
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"  # trained parts of the offline default
 
@@ -291,40 +293,62 @@ class Inspector:
             raise InspectionError(f"processes must be 0 (threads) or more, got {processes}")
         labels = list(sources) if sources is not None else [None] * len(images)
         bar = tqdm(total=len(images), desc="inspecting", unit="image", disable=not progress)
-        finishing: list[Future[Inspection]] = []
+        finishing: Finishing = Finishing([], None)
         finisher = Finisher.of(self, references, class_name or references.class_name, sensitivity)
-        with worker_pool(finisher, processes) as pool:
-            for batch, names in decoded_batches(images, labels, batch_size, references.memory.cfg, pool):
-                done, finishing = finishing, self.few_shot_batch(batch, names, references, finisher, pool, half)
-                for future in done:
-                    yield future.result()
-                bar.update(len(done))
-            for future in finishing:
-                yield future.result()
-        bar.update(len(finishing))
+        shared = SharedBatches(batch_size, references.memory.image_size) if processes else None
+        with shared or contextlib.nullcontext(), worker_pool(finisher, processes) as pool:  # the pool ends first
+            for batch in decoded_batches(images, labels, batch_size, references.memory.cfg, pool, shared):
+                done, finishing = finishing, self.few_shot_batch(batch, references, finisher, pool, half)
+                yield from done.collected(shared, bar)
+            yield from finishing.collected(shared, bar)
         bar.close()
 
     def few_shot_batch(
-        self,
-        batch: Sequence[Decoded],
-        sources: Sequence[str | None],
-        refs: References,
-        finisher: Finisher,
-        pool: Executor,
-        half: bool,
-    ) -> list[Future[Inspection]]:
+        self, batch: DecodedBatch, refs: References, finisher: Finisher, pool: Executor, half: bool
+    ) -> Finishing:
         """inspect_few_shot for a batch of decoded images: one backbone pass and one batched nearest-patch search
-        now, each image's tail submitted to the pool (threads call the finisher, processes their copy of it)."""
-        for image, source in zip(batch, sources, strict=True):
+        now, each image's tail submitted to the pool (threads call the finisher; worker processes their copy of
+        it, reading pixels and map from the batch's shared file)."""
+        for image, source in zip(batch.images, batch.sources, strict=True):
             check_query_size(image.pixels, refs, source)
         start = time.perf_counter()
-        maps, scores, looks = self.batch_maps([d.memory_input for d in batch], refs.memory, half)
-        timings = {"inspect": (time.perf_counter() - start) * 1000 / len(batch), "index_references": refs.index_ms}
-        finish = finisher if isinstance(pool, ThreadPoolExecutor) else finish_in_worker
-        return [
-            pool.submit(finish, image, source, maps[i], scores[i], looks[i], timings)
-            for i, (image, source) in enumerate(zip(batch, sources, strict=True))
+        maps, scores, looks = self.batch_maps([d.memory_input for d in batch.images], refs.memory, half)
+        timings = {
+            "inspect": (time.perf_counter() - start) * 1000 / len(batch.images),
+            "index_references": refs.index_ms,
+        }
+        spans = chunks(len(batch.images))
+        if batch.shared is None:
+            futures = [
+                pool.submit(
+                    finish_chunk,
+                    finisher,
+                    batch.images[a:b],
+                    batch.sources[a:b],
+                    maps[a:b],
+                    scores[a:b],
+                    looks[a:b],
+                    timings,
+                )
+                for a, b in spans
+            ]
+            return Finishing(futures, None)
+        batch.shared.arrays()[2][: len(maps)] = maps
+        stored = [image.stored() for image in batch.images]
+        futures = [
+            pool.submit(
+                finish_in_worker,
+                batch.shared,
+                a,
+                stored[a:b],
+                batch.sources[a:b],
+                scores[a:b],
+                looks[a:b].numpy(),
+                timings,
+            )
+            for a, b in spans
         ]
+        return Finishing(futures, batch.shared, list(maps))
 
     @torch.inference_mode()
     def batch_maps(
@@ -568,9 +592,68 @@ def start_worker(finisher: Finisher) -> None:
     WORKER_FINISHER[:] = [finisher]
 
 
-def finish_in_worker(*item: Any) -> Inspection:
-    """Finisher.__call__ in a worker process, on its arguments."""
-    return WORKER_FINISHER[0](*item)
+def finish_chunk(
+    finisher: Finisher,
+    images: Sequence[Decoded],
+    sources: Sequence[str | None],
+    maps: np.ndarray,
+    scores: Sequence[float | None],
+    looks: torch.Tensor,
+    timings: dict[str, float],
+) -> list[Inspection]:
+    """The finisher over consecutive images of a batch (one task of the pool)."""
+    found = zip(images, sources, maps, scores, looks, strict=True)
+    return [
+        finisher(image, source, anomaly_map, score, look, timings) for image, source, anomaly_map, score, look in found
+    ]
+
+
+def finish_in_worker(
+    shared: SharedBatch,
+    first: int,
+    images: Sequence[Decoded],
+    sources: Sequence[str | None],
+    scores: Sequence[float | None],
+    looks: np.ndarray,
+    timings: dict[str, float],
+) -> list[Inspection]:
+    """finish_chunk in a worker process, on images first, first + 1, ... of a shared batch, their pixels and maps
+    read from the batch's file; the inspections come back without their maps (the caller holds them). The
+    appearances come as numpy: a process pool's pickler sends a torch tensor through a shared-memory segment of
+    its own (60 us to make, and a socket round trip to the caller to open)."""
+    pixels, _, maps = shared.arrays()
+    span = slice(first, first + len(images))
+    images = [image._replace(pixels=pixels[first + i]) for i, image in enumerate(images)]
+    found = finish_chunk(WORKER_FINISHER[0], images, sources, maps[span], scores, torch.from_numpy(looks), timings)
+    for inspection in found:
+        inspection.anomaly_map = None
+    return found
+
+
+def decode_chunk(images: Sequence[ImageSource], labels: Sequence[str | None], cfg: MemoryConfig) -> list[Decoded]:
+    """decoded() over consecutive images (one task of the pool)."""
+    return [decoded(image, label, cfg) for image, label in zip(images, labels, strict=True)]
+
+
+def decode_in_worker(
+    shared: SharedBatch, first: int, images: Sequence[ImageSource], labels: Sequence[str | None], cfg: MemoryConfig
+) -> list[Decoded]:
+    """decode_chunk in a worker process, the pixels and memory inputs written to slots first, first + 1, ... of
+    the shared batch and left out of what comes back (Decoded.stored); an image of another size comes back
+    whole, for the caller to refuse as a thread's would be."""
+    found = decode_chunk(images, labels, cfg)
+    pixels, inputs, _ = shared.arrays()
+    for index, image in enumerate(found):
+        if image.pixels.shape[:2] == shared.shape and image.memory_input.shape == image.pixels.shape:
+            pixels[first + index], inputs[first + index] = image.pixels, image.memory_input
+            found[index] = image.stored()
+    return found
+
+
+def chunks(count: int) -> list[tuple[int, int]]:
+    """(start, stop) of the pool's tasks over `count` consecutive images: WORKER_CHUNK at a time (a process pool
+    costs its caller ~0.1-0.2 ms of CPU per task)."""
+    return [(first, min(first + WORKER_CHUNK, count)) for first in range(0, count, WORKER_CHUNK)]
 
 
 def worker_pool(finisher: Finisher, processes: int) -> Executor:
@@ -590,6 +673,43 @@ class Decoded(NamedTuple):
     brightness: float  # mean grey level of its thumbnail, for the reference-fit check
     memory_input: np.ndarray  # the pixels as the memory sees them (standardised when the preset says so)
 
+    def stored(self) -> Decoded:
+        """This without its arrays, which a shared batch holds (what crosses a worker process's pipe)."""
+        return self._replace(pixels=IN_SHARED_BATCH, memory_input=IN_SHARED_BATCH)
+
+    def from_shared(self, pixels: np.ndarray, memory_input: np.ndarray) -> Decoded:
+        """This with its arrays from its shared batch, when a worker stored them there."""
+        return self._replace(pixels=pixels, memory_input=memory_input) if self.pixels.size == 0 else self
+
+
+IN_SHARED_BATCH = np.empty((0, 0, 3), np.uint8)  # Decoded's arrays when a SharedBatch holds them (no image is empty)
+
+
+class DecodedBatch(NamedTuple):
+    images: list[Decoded]
+    sources: list[str | None]
+    shared: SharedBatch | None  # where worker processes hold the batch's arrays (None: threads)
+
+
+class Finishing(NamedTuple):
+    """A batch's tails submitted to the pool; with worker processes, the shared batch they read and the maps
+    their inspections come back without."""
+
+    futures: list[Future[list[Inspection]]]  # one per chunk of consecutive images
+    shared: SharedBatch | None
+    maps: Sequence[np.ndarray] = ()
+
+    def collected(self, batches: SharedBatches | None, bar: tqdm) -> Iterator[Inspection]:
+        """The inspections in order, each with its map; the shared batch released once all are in."""
+        found = (inspection for future in self.futures for inspection in future.result())
+        for index, inspection in enumerate(found):
+            if self.shared is not None:
+                inspection.anomaly_map = self.maps[index]
+            bar.update()
+            yield inspection
+        if self.shared is not None and batches is not None:
+            batches.release(self.shared)
+
 
 def decoded(image: ImageSource, label: str | None, cfg: MemoryConfig) -> Decoded:
     original = load_image(image, name=label)
@@ -599,19 +719,34 @@ def decoded(image: ImageSource, label: str | None, cfg: MemoryConfig) -> Decoded
 
 
 def decoded_batches(
-    images: Sequence[ImageSource], labels: Sequence[str | None], batch_size: int, cfg: MemoryConfig, pool: Executor
-) -> Iterator[tuple[list[Decoded], list[str | None]]]:
+    images: Sequence[ImageSource],
+    labels: Sequence[str | None],
+    batch_size: int,
+    cfg: MemoryConfig,
+    pool: Executor,
+    shared: SharedBatches | None,
+) -> Iterator[DecodedBatch]:
     """The images decoded in batches, the next batch decoding in the pool (threads: decoders and numpy release the
-    GIL; or processes) while the caller works on this one."""
+    GIL; or worker processes, writing into a new shared batch) while the caller works on this one."""
     spans = [(first, min(first + batch_size, len(images))) for first in range(0, len(images), batch_size)]
 
-    def submit(span: tuple[int, int]) -> list[Future[Decoded]]:
-        return [pool.submit(decoded, images[i], labels[i], cfg) for i in range(*span)]
+    def submit(span: tuple[int, int]) -> tuple[list[Future[list[Decoded]]], SharedBatch | None]:
+        first = span[0]
+        parts = [(first + a, first + b) for a, b in chunks(span[1] - first)]
+        if shared is None:
+            return [pool.submit(decode_chunk, images[a:b], labels[a:b], cfg) for a, b in parts], None
+        batch = shared.new()
+        return [pool.submit(decode_in_worker, batch, a - first, images[a:b], labels[a:b], cfg) for a, b in parts], batch
 
-    pending = submit(spans[0]) if spans else []
+    pending = submit(spans[0]) if spans else ([], None)
     for index, span in enumerate(spans):
-        ahead = submit(spans[index + 1]) if index + 1 < len(spans) else []
-        yield [future.result() for future in pending], list(labels[span[0] : span[1]])
+        ahead = submit(spans[index + 1]) if index + 1 < len(spans) else ([], None)
+        futures, batch = pending
+        found = [image for future in futures for image in future.result()]
+        if batch is not None:
+            pixels, inputs, _ = batch.arrays()
+            found = [image.from_shared(pixels[i], inputs[i]) for i, image in enumerate(found)]
+        yield DecodedBatch(found, list(labels[span[0] : span[1]]), batch)
         pending = ahead
 
 

@@ -46,6 +46,7 @@ from anomalygpt.config import load_preset
 from anomalygpt.devices import with_device
 from anomalygpt.inspection import Inspection, Inspector, References, build_inspector
 from anomalygpt.io import load_image, write_json_atomic
+from anomalygpt.shared_batch import SharedBatches
 from eval.datasets import draw_shots, elpv_half, load_split
 
 
@@ -170,11 +171,30 @@ def tail_figures(inspector: Inspector, references: References, files: list[Path]
             start = time.perf_counter()
             threaded = list(pool.map(lambda item: finisher(*item), items))
             rates[f"{n}_threads"] = len(images) / (time.perf_counter() - start)
-    with inspection.worker_pool(finisher, threads) as pool:  # as inspect_many(processes=threads) runs them
-        list(pool.map(time.sleep, [1.0] * threads))  # every process started (one per task held) before timing
-        start = time.perf_counter()
-        found = list(pool.map(inspection.finish_in_worker, *zip(*items, strict=True), chunksize=4))
-        rates[f"{threads}_processes"] = len(images) / (time.perf_counter() - start)
+    # As inspect_many(processes=threads) runs them: pixels and maps in a shared batch, chunks of images per task.
+    with SharedBatches(len(images), references.memory.image_size) as batches:
+        shared = batches.new()
+        pixels, _, stored_maps = shared.arrays()
+        pixels[:], stored_maps[:] = [image.pixels for image in images], maps
+        stored = [image.stored() for image in images]
+        with inspection.worker_pool(finisher, threads) as pool:
+            list(pool.map(time.sleep, [1.0] * threads))  # every process started (one per task held) before timing
+            start = time.perf_counter()
+            chunks = [
+                pool.submit(
+                    inspection.finish_in_worker,
+                    shared,
+                    a,
+                    stored[a:b],
+                    [None] * (b - a),
+                    scores[a:b],
+                    looks[a:b].numpy(),
+                    {},
+                )
+                for a, b in inspection.chunks(len(images))
+            ]
+            found = [record for chunk in chunks for record in chunk.result()]
+            rates[f"{threads}_processes"] = len(images) / (time.perf_counter() - start)
     differing = parity(found, threaded)
     if differing["verdicts_differing"] or differing["region_boxes_differing"] or differing["max_score_difference"]:
         raise RuntimeError(f"the tail in processes differs from the tail in threads: {differing}")

@@ -13,7 +13,7 @@
 #    in its image) with the two wheels installed under /tmp/site and the repository on PYTHONPATH; nothing else
 #    is installed and nothing is downloaded.
 #
-# What comes back under $OUT (the device tool brings back at most 8 files):
+# What comes back under $OUT (the device tool brings back at most 8 files; these are 7):
 #   gpu.txt                nvidia-smi, torch and CUDA versions, core count
 #   pytest_cuda.log        pytest -m cuda over tests/test_batch.py and tests/test_device.py: every CUDA test
 #                          (inspect_many on CUDA == CPU: scores within 1e-4, same verdicts and boxes; half
@@ -34,9 +34,12 @@
 #                            device_path.tail_images_per_s   the per-image CPU tail alone (fit check, verdict,
 #                                                    regions) in 1 and 16 threads and in 16 processes: the
 #                                                    ceiling of the above, and what the GIL costs threads
-#   bench_detect_cuda.json bench/bench_detect.py --device cuda --n 2000: `anomalygpt detect` end to end on 2,000
+#   bench_detect_cuda.json bench/bench_detect.py --device cuda --n 1500: `anomalygpt detect` end to end on 1,500
 #                          copies of the cells, images/s with --out (every record, map and overlay written), with
 #                          --out --maps flagged, with --out --processes $(nproc), and without --out
+#   bench_host_cuda.json   bench/bench_host.py --n 2000: inspect_many with the device's share replayed as instant
+#                          (maps made on the GPU once), images/s and the calling process's CPU ms per image in
+#                          threads and in 8 and $(nproc) worker processes: the host's ceiling on the device path
 #   bench_batch_cuda.log   the benches' progress lines
 #   summary.txt            the headline numbers pulled from the JSON
 #
@@ -67,21 +70,24 @@ run() {
     export PYTHONPATH=$site:$PWD PYTHONUNBUFFERED=1
     { nvidia-smi; "$py" -c "import torch; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name())"
       nproc; } >"$OUT/gpu.txt" 2>&1
-    timeout 120 "$py" -m pytest -p no:cacheprovider -m cuda -rs tests/test_batch.py tests/test_device.py \
+    timeout 90 "$py" -m pytest -p no:cacheprovider -m cuda -rs tests/test_batch.py tests/test_device.py \
         >"$OUT/pytest_cuda.log" 2>&1
     echo "pytest exit $?" >>"$OUT/pytest_cuda.log"
     local bench="--device cuda --n 4000 --cpu-n 800 --single 100 --rounds 1 --batch-sizes 16,64 --cpu-passes 1,16
         --gpu-batch-sizes 64,128,256,512 --cpu-threads $(nproc)"
     # shellcheck disable=SC2086 # a list of options
-    timeout 270 "$py" bench/bench_batch.py --cells "$CARRY/elpv" ${BENCH:-$bench} --out "$OUT/bench_batch_cuda.json" \
+    timeout 230 "$py" bench/bench_batch.py --cells "$CARRY/elpv" ${BENCH:-$bench} --out "$OUT/bench_batch_cuda.json" \
         >"$OUT/bench_batch_cuda.log" 2>&1
     echo "bench exit $?" >>"$OUT/bench_batch_cuda.log"
     local device=cuda
     [ -n "${BENCH:-}" ] && device=cpu  # the rehearsal
-    timeout 110 "$py" bench/bench_detect.py --cells "$CARRY/elpv" --device $device --n "${DETECT_N:-2000}" --rounds 1 \
+    timeout 90 "$py" bench/bench_detect.py --cells "$CARRY/elpv" --device $device --n "${DETECT_N:-1500}" --rounds 1 \
         --processes "$(nproc)" \
         --out "$OUT/bench_detect_cuda.json" >>"$OUT/bench_batch_cuda.log" 2>&1
     echo "detect bench exit $?" >>"$OUT/bench_batch_cuda.log"
+    timeout 50 "$py" bench/bench_host.py --cells "$CARRY/elpv" --n "${HOST_N:-2000}" --rounds 1 \
+        --processes "${HOST_PROCESSES:-8,$(nproc)}" --out "$OUT/bench_host_cuda.json" >>"$OUT/bench_batch_cuda.log" 2>&1
+    echo "host bench exit $?" >>"$OUT/bench_batch_cuda.log"
     "$py" - "$OUT/bench_batch_cuda.json" >"$OUT/summary.txt" 2>&1 <<'EOF'
 import json, sys
 try:
@@ -110,6 +116,13 @@ try:
           f"{detect.get('processes', float('nan')):.1f}, without --out {detect['no_out']:.1f}")
 except (OSError, KeyError):
     print("anomalygpt detect end to end: not measured (see bench_batch_cuda.log)")
+try:
+    host = json.load(open(sys.argv[1].replace("bench_batch", "bench_host")))["median"]
+    print("host ceiling (device time replayed as zero): " + "; ".join(
+        f"{k} {v['images_per_s']:.0f} images/s, caller {v['caller_cpu_ms_per_image']:.2f} ms CPU/image"
+        for k, v in host.items()))
+except (OSError, KeyError):
+    print("host ceiling: not measured (see bench_batch_cuda.log)")
 EOF
     tail -n 3 "$OUT"/pytest_cuda.log; cat "$OUT"/summary.txt
 }
@@ -119,7 +132,7 @@ rehearse() {
     rm -rf runs/gpu_rehearsal /tmp/gpu-rehearsal-site && mkdir -p runs/gpu_rehearsal
     OUT=$PWD/runs/gpu_rehearsal PY=.venv/bin/python SITE=/tmp/gpu-rehearsal-site \
         BENCH="--rehearse --n 64 --cpu-n 32 --single 16 --rounds 1 --batch-sizes 16 --cpu-passes 1
-        --gpu-batch-sizes 16 --tail-n 32 --cpu-threads 2" DETECT_N=64 run
+        --gpu-batch-sizes 16 --tail-n 32 --cpu-threads 2" DETECT_N=64 HOST_N=128 HOST_PROCESSES=2 run
 }
 
 case "${1:-}" in

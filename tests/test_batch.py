@@ -1,7 +1,9 @@
 """Inspector.inspect_many: batched inspection gives what `inspect` gives each image."""
 
 import dataclasses
+import errno
 import json
+import os
 
 import cv2
 import numpy as np
@@ -10,6 +12,7 @@ import torch
 from conftest import texture_crops, with_dark_blob
 from scipy.ndimage import gaussian_filter
 
+from anomalygpt import inspection, shared_batch
 from anomalygpt.config import load_preset
 from anomalygpt.inspection import Inspection, InspectionError, Inspector
 from anomalygpt.memory import fused_tensor, gaussian_smooth, top_mean, top_means
@@ -106,18 +109,27 @@ def test_inspect_many_names_the_bad_image(inspector, queries, tmp_path):
         list(inspector.inspect_many(queries[:2], references, batch_size=0))
 
 
-def test_worker_processes_give_what_threads_give_and_name_the_bad_image(inspector, queries, tmp_path):
-    """processes=2: files decoded and tails (fit check, verdict, regions) finished in spawned worker processes:
-    the threads' records and maps to the last bit (the same code on the same numbers); a file that does not
-    decode raises, named, when its batch is reached."""
+def test_worker_processes_give_what_threads_give_and_name_the_bad_image(inspector, queries, tmp_path, monkeypatch):
+    """processes=2: files decoded and tails (fit check, verdict, regions) finished in spawned worker processes,
+    in chunks of consecutive images, pixels and maps shared through each batch's file: the threads' records and
+    maps to the last bit (the same code on the same numbers); a file that does not decode, or a query of another
+    size, raises, named, when its batch is reached; however the run ends, its shared files are removed."""
+    shm = tmp_path / "shm"
+    shm.mkdir()
+    monkeypatch.setattr(shared_batch, "SHM", shm)
+    monkeypatch.setattr(inspection, "WORKER_CHUNK", 2)  # a batch of 3 in two tasks
     references = inspector.fit(texture_crops(4, seed=11))
     paths = []
     for index, image in enumerate(queries):
         paths.append(tmp_path / f"q{index}.png")
         cv2.imwrite(str(paths[-1]), image[:, :, ::-1])
     sources = [str(path) for path in paths]
-    threads = list(inspector.inspect_many(paths, references, sources=sources, batch_size=2))
-    processes = list(inspector.inspect_many(paths, references, sources=sources, batch_size=2, processes=2))
+    threads = list(inspector.inspect_many(paths, references, sources=sources, batch_size=3))
+    many = inspector.inspect_many(paths, references, sources=sources, batch_size=3, processes=2)
+    first = next(many)
+    assert len(list(shm.iterdir())) == 2  # this batch's and the next one's, decoding ahead
+    processes = [first, *many]
+    assert not list(shm.iterdir())
     assert [i.verdict for i in processes] == ["normal", "normal", "anomalous", "anomalous", "anomalous"]
     for ours, theirs in zip(processes, threads, strict=True):
         assert {**ours.to_dict(), "timings_ms": None} == {**theirs.to_dict(), "timings_ms": None}
@@ -128,8 +140,34 @@ def test_worker_processes_give_what_threads_give_and_name_the_bad_image(inspecto
     found = inspector.inspect_many([paths[0], broken], references, sources=[sources[0], str(broken)], processes=2)
     with pytest.raises(ValueError, match="broken.png"):
         list(found)
+    wide = tmp_path / "wide.png"
+    cv2.imwrite(str(wide), np.zeros((128, 160, 3), np.uint8))
+    found = inspector.inspect_many(
+        [paths[0], wide], references, sources=[sources[0], str(wide)], batch_size=1, processes=2
+    )
+    with pytest.raises(InspectionError, match="wide.png: 160x128 px but the references are 128x128"):
+        list(found)
+    stopped = inspector.inspect_many(paths, references, batch_size=2, processes=1)
+    next(stopped)
+    stopped.close()  # a caller that stops reading
+    assert not list(shm.iterdir())
     with pytest.raises(InspectionError, match="processes must be 0"):
         list(inspector.inspect_many(paths, references, processes=-1))
+
+
+def test_worker_processes_without_room_for_shared_files_fail_cleanly(inspector, queries, tmp_path, monkeypatch):
+    """A full /dev/shm or disk: the batch's space is reserved when its file is made, so the run stops with a
+    one-line OSError naming the folder (not a SIGBUS in a worker later), and leaves no file."""
+    monkeypatch.setattr(shared_batch, "SHM", tmp_path)
+
+    def full(descriptor, offset, length):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(shared_batch.os, "posix_fallocate", full)
+    references = inspector.fit(texture_crops(4, seed=11))
+    with pytest.raises(OSError, match=f"no room for a batch's shared file .* in {tmp_path}: No space left"):
+        list(inspector.inspect_many(queries, references, batch_size=2, processes=1))
+    assert not list(tmp_path.iterdir())
 
 
 def test_detect_batch_size_keeps_every_output(tmp_path):
