@@ -16,7 +16,7 @@ import os
 import sys
 import tempfile
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -61,6 +61,8 @@ SHOWN_IMAGE_WARNINGS = 5  # images whose own warnings detect prints before its t
 # Threads drawing and writing detect's per-image files beside the inspection (a figure and its PNG take about as long
 # as inspecting a 300 px image on one core): bench/bench_detect.py
 WRITE_THREADS = min(8, os.cpu_count() or 1)
+CHECK_THREADS = min(16, os.cpu_count() or 1)  # threads decoding detect's queries to check them before any output
+CHECK_BAR_FROM = 64  # queries from which that check shows a progress bar (on a terminal)
 
 
 @dataclass(frozen=True)
@@ -556,7 +558,7 @@ def prepare_detect(options: DetectOptions) -> DetectJob:
             f"zero-shot inspection; give good images of the same product (--ref FILE_OR_FOLDER) or --profile"
         )
     reference_images = [load_image(path) for path in reference_paths]
-    query_sizes = [load_image(path).shape[:2] for path in queries]  # decoded only to check them, then dropped
+    query_sizes = image_sizes(queries)
     if reference_images:
         size = check_same_size(reference_paths, [image.shape[:2] for image in reference_images])
         check_query_sizes(queries, query_sizes, size)
@@ -568,6 +570,21 @@ def prepare_detect(options: DetectOptions) -> DetectJob:
     names = [str(path) for path in reference_paths]
     references = inspector.fit(reference_images, options.class_name, names=names) if reference_images else None
     return DetectJob(preset, inspector, references, reference_paths, queries, stems, batch=batch, skipped=skipped)
+
+
+def image_sizes(paths: Sequence[Path]) -> list[tuple[int, int]]:
+    """(H, W) of each file, decoded completely and dropped: a corrupt file is refused before any output is
+    written. In CHECK_THREADS threads (decoders release the GIL), with a progress bar on a terminal; the first
+    bad file in order raises, and the checks not yet started are cancelled."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(CHECK_THREADS)
+    try:
+        sizes = pool.map(lambda path: load_image(path).shape[:2], paths)
+        show = len(paths) >= CHECK_BAR_FROM and sys.stderr.isatty()
+        return list(tqdm(sizes, total=len(paths), desc="checking", unit="image", file=sys.stderr, disable=not show))
+    finally:
+        pool.shutdown(cancel_futures=True)
 
 
 def query_files(queries: Sequence[str]) -> tuple[list[Path], list[Path]]:
@@ -598,8 +615,7 @@ def prepare_profile_detect(
 
     preset = load_preset(options.preset) if options.preset else None
     inspector, references = open_profile(profile, preset, options.device)
-    query_sizes = [load_image(path).shape[:2] for path in queries]
-    check_query_sizes(queries, query_sizes, references.memory.image_size)
+    check_query_sizes(queries, image_sizes(queries), references.memory.image_size)
     names = [Path(name) for name in references.names]
     return DetectJob(inspector.preset, inspector, references, names, queries, stems, profile, skipped=skipped)
 
@@ -778,8 +794,10 @@ def inspect_all(job: DetectJob, options: DetectOptions) -> list[dict[str, Any]]:
         from anomalygpt.profile import file_sha256
         from anomalygpt.verdict import working_image  # imported already by the inspector
 
-        image = working_image(load_image(path))
-        return write_outputs(options.out, stem, image, inspection, file_sha256(path), options.maps)
+        def picture() -> np.ndarray:  # the file decoded again, only when its overlay is drawn
+            return working_image(load_image(path))
+
+        return write_outputs(options.out, stem, picture, inspection, file_sha256(path), options.maps)
 
     items = zip(job.queries, job.stems, inspections, strict=True)
     done = ordered_map(record, items, WRITE_THREADS)
@@ -797,7 +815,7 @@ def output_files(stem: str) -> dict[str, str]:
 def write_outputs(
     out: Path,
     stem: str,
-    image: np.ndarray,
+    image: Callable[[], np.ndarray],
     inspection: Inspection,
     source_sha256: str | None = None,
     maps: str = "all",
@@ -805,14 +823,14 @@ def write_outputs(
     """<stem>_map.npy, <stem>_overlay.png (when `maps` keeps them: written_files), then <stem>.json (the record, with
     the file's sha256 when given), each written atomically: a record on disk means the image's files are complete.
     An image whose map is not kept loses any map and overlay an earlier run left under its name (--overwrite).
-    Returns the record."""
+    `image` gives the picture the overlay is drawn on, called only when one is. Returns the record."""
     from anomalygpt.visualize import save_overlay
 
     files = output_files(stem)
     record = inspection.to_dict() | ({} if source_sha256 is None else {"source_sha256": source_sha256})
     if inspection.anomaly_map is not None and "anomaly_map" in written_files(record, stem, maps):
         write_npy_atomic(out / files["anomaly_map"], inspection.anomaly_map)
-        save_overlay(out / files["overlay"], image, inspection)
+        save_overlay(out / files["overlay"], image(), inspection)
     else:
         for kind in ("anomaly_map", "overlay"):
             (out / files[kind]).unlink(missing_ok=True)

@@ -142,7 +142,8 @@ def inspect_rows(
 
     def written(pair: tuple[Ready, Inspection]) -> Outcome:
         item, inspection = pair
-        record = write_outputs(out, item.row.stem, working_image(item.image), inspection, item.sha256, job.maps)
+        picture = functools.partial(working_image, item.image)
+        record = write_outputs(out, item.row.stem, picture, inspection, item.sha256, job.maps)
         return Outcome(item.row.index, "inspected", json.dumps(summary_image(record, item.row.stem, job.maps)))
 
     # The files are drawn and written in the actor's threads while its models go on (as in the local detect).

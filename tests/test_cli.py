@@ -18,7 +18,7 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from anomalygpt import cli
+from anomalygpt import cli, verdict
 from anomalygpt.cli import LazyCommand, main, output_stems, unique_paths, verdict_table
 from anomalygpt.profile import read_header
 from anomalygpt.verdict import few_references_note
@@ -160,15 +160,20 @@ def test_detect_prints_a_verdict_table(table_run: tuple[int, str, str, Path], sc
 
 
 def test_maps_flagged_writes_the_pictures_of_flagged_images_only(
-    table_run: tuple[int, str, str, Path], scene: Scene, tmp_path: Path
+    table_run: tuple[int, str, str, Path], scene: Scene, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """--maps flagged: every record, the map and overlay of the anomalous cell only (the good one fits its
-    references); the same records as --maps all. --maps none --overwrite then removes the pictures it no longer
-    writes, so the folder never holds a picture its summary does not list."""
+    references; only the anomalous one is decoded again, for its overlay); the same records as --maps all.
+    --maps none --overwrite then removes the pictures it no longer writes, so the folder never holds a picture its
+    summary does not list."""
     out = tmp_path / "flagged"
     argv = ["detect", str(scene.good), str(scene.bad), "--ref", str(scene.refs), "--preset", str(scene.preset)]
     argv += ["--class-name", "grass", "--out", str(out)]
+    drawn = []
+    monkeypatch.setattr(verdict, "working_image", lambda image: drawn.append(image.shape) or image)
     assert run([*argv, "--maps", "flagged"])[0] == 0
+    assert len(drawn) == 1  # the writer's decode, for the one overlay
+    monkeypatch.undo()
     assert {p.name for p in out.iterdir()} == {
         "good_x.json", "bad_x.json", "bad_x_map.npy", "bad_x_overlay.png", "summary.json"
     }  # fmt: skip
@@ -760,3 +765,17 @@ def test_detect_notes_the_rate_a_conformal_threshold_keeps_and_when_sensitivity_
     )
     moved = cli.rate_note(conformal, 1.5)
     assert moved is not None and moved.endswith("; --sensitivity +1.5 moved it, so that rate no longer holds")
+
+
+def test_queries_are_checked_in_threads_in_order_and_the_first_bad_one_is_named(tmp_path: Path) -> None:
+    """detect decodes every query before writing anything (image_sizes): in threads, sizes in the files' order,
+    and of two corrupt files the first in order is the one named."""
+    paths = []
+    for index in range(12):
+        paths.append(tmp_path / f"q{index:02d}.png")
+        Image.fromarray(np.full((20 + index, 30, 3), index * 9, np.uint8)).save(paths[-1])
+    assert cli.image_sizes(paths) == [(20 + index, 30) for index in range(12)]
+    for index in (5, 9):
+        paths[index].write_bytes(paths[index].read_bytes()[:60])
+    with pytest.raises(ValueError, match=r"q05\.png: .*(corrupt|truncated)"):
+        cli.image_sizes(paths)
