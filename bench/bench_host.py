@@ -38,6 +38,7 @@ from anomalygpt.io import write_json_atomic
 from anomalygpt.memory import PatchMemory
 
 Outputs = tuple[np.ndarray, list[float | None], torch.Tensor]
+KEYS = ("images_per_s", "caller_cpu_ms_per_image", "workers_cpu_ms_per_image")
 
 
 class Replay:
@@ -105,7 +106,7 @@ def main() -> None:
     inspector = build_inspector(load_preset("default"))
     references = inspector.fit(refs)
     settings = [0, *args.processes]
-    rounds: list[dict[str, dict[str, float]]] = []
+    rounds: list[dict[str, dict[str, float]]] = []  # per round: setting -> figures
     figures: dict[str, Any] = {
         "setup": {
             "n_files": args.n,
@@ -115,16 +116,27 @@ def main() -> None:
             "load_average_before": load,
         }
     }
+
+    def save() -> None:  # after every replay: a run stopped by its time limit keeps what it measured
+        figures["rounds"] = rounds
+        names = {name for rates in rounds for name in rates}
+        figures["median"] = {
+            name: {key: float(np.median([r[name][key] for r in rounds if name in r])) for key in KEYS}
+            for name in sorted(names)
+        }
+        figures["setup"]["load_average_after"] = os.getloadavg()
+        if args.out is not None:
+            write_json_atomic(args.out, figures)
+
     with tempfile.TemporaryDirectory(prefix="bench-host-") as folder:
         files = test_files(Path(folder), cells, args.n)
         outputs = device_outputs(inspector, references, files, args.batch_size)
-        figures["anomalous"] = None
         baseline: list[Inspection] = []
         for index in range(args.rounds):
-            rates = {}
+            rounds.append({})
             for processes in settings:
                 name = f"{processes}_processes" if processes else "threads"
-                rates[name], results = replayed(inspector, references, files, outputs, args.batch_size, processes)
+                rounds[-1][name], results = replayed(inspector, references, files, outputs, args.batch_size, processes)
                 if not baseline:
                     baseline = results
                     figures["anomalous"] = sum(r.is_anomalous for r in results)
@@ -134,15 +146,11 @@ def main() -> None:
                         raise RuntimeError(f"{name} differs from threads: {differing}")
                     if differing["max_score_difference"]:
                         raise RuntimeError(f"{name} scores differ from threads': {differing}")
-                print(f"round {index} {name}: " + ", ".join(f"{k} {v:.2f}" for k, v in rates[name].items()), flush=True)
-            rounds.append(rates)
-    figures["rounds"] = rounds
-    figures["median"] = {
-        name: {key: float(np.median([r[name][key] for r in rounds])) for key in rounds[0][name]} for name in rounds[0]
-    }
-    figures["setup"]["load_average_after"] = os.getloadavg()
-    if args.out is not None:
-        write_json_atomic(args.out, figures)
+                save()
+                print(
+                    f"round {index} {name}: " + ", ".join(f"{k} {v:.2f}" for k, v in rounds[-1][name].items()),
+                    flush=True,
+                )
     print(json.dumps(figures["median"], indent=1))
 
 
