@@ -29,6 +29,7 @@ from anomalygpt.io import (
     ImageError,
     list_images,
     load_image,
+    load_source,
     lossy_encoding,
     ordered_map,
     safe_text,
@@ -233,8 +234,9 @@ def add_detect_parser(verbs: Any) -> None:
         "--processes",
         type=count_int,
         default=0,
-        help="decode and finish the images (fit check, verdict, regions) in N worker processes instead of threads: "
-        "for many cores beside a GPU; on a few cores threads are faster (default 0: threads)",
+        help="decode and finish the images (fit check, verdict, regions) in N worker processes instead of threads "
+        "(pixels and maps shared through files in /dev/shm or the temporary folder): for many cores beside a GPU "
+        "(default 0: threads)",
     )
     add_engine_arguments(detect, "with --profile and --out; the same records, resumable: a re-run skips images done")
 
@@ -791,13 +793,15 @@ def inspect_all(job: DetectJob, options: DetectOptions) -> list[dict[str, Any]]:
         path, stem, inspection = item
         if options.out is None:
             return inspection.to_dict()
-        from anomalygpt.profile import file_sha256
         from anomalygpt.verdict import working_image  # imported already by the inspector
 
-        def picture() -> np.ndarray:  # the file decoded again, only when its overlay is drawn
-            return working_image(load_image(path))
+        def picture() -> np.ndarray:  # the file decoded again, only when its overlay is drawn: the bytes inspected?
+            pixels, sha256 = load_source(path)
+            if sha256 != inspection.source_sha256:
+                raise ImageError(f"{path}: changed while detect ran (not the bytes inspected); run detect again")
+            return working_image(pixels)
 
-        return write_outputs(options.out, stem, picture, inspection, file_sha256(path), options.maps)
+        return write_outputs(options.out, stem, picture, inspection, maps=options.maps)
 
     items = zip(job.queries, job.stems, inspections, strict=True)
     done = ordered_map(record, items, WRITE_THREADS)
@@ -820,17 +824,19 @@ def write_outputs(
     source_sha256: str | None = None,
     maps: str = "all",
 ) -> dict[str, Any]:
-    """<stem>_map.npy, <stem>_overlay.png (when `maps` keeps them: written_files), then <stem>.json (the record, with
-    the file's sha256 when given), each written atomically: a record on disk means the image's files are complete.
-    An image whose map is not kept loses any map and overlay an earlier run left under its name (--overwrite).
-    `image` gives the picture the overlay is drawn on, called only when one is. Returns the record."""
+    """<stem>_map.npy, <stem>_overlay.png (when `maps` keeps them: written_files), then <stem>.json (the record; its
+    source_sha256 the inspection's, or `source_sha256` when given), each written atomically: a record on disk
+    means the image's files are complete. An image whose map is not kept loses any map and overlay an earlier run
+    left under its name (--overwrite). `image` gives the picture the overlay is drawn on, called only when one is.
+    Returns the record."""
     from anomalygpt.visualize import save_overlay
 
     files = output_files(stem)
     record = inspection.to_dict() | ({} if source_sha256 is None else {"source_sha256": source_sha256})
     if inspection.anomaly_map is not None and "anomaly_map" in written_files(record, stem, maps):
+        picture = image()  # before any file: a picture that cannot be had leaves none of this image's files
         write_npy_atomic(out / files["anomaly_map"], inspection.anomaly_map)
-        save_overlay(out / files["overlay"], image(), inspection)
+        save_overlay(out / files["overlay"], picture, inspection)
     else:
         for kind in ("anomaly_map", "overlay"):
             (out / files[kind]).unlink(missing_ok=True)

@@ -30,7 +30,7 @@ from anomalygpt.calibration import (
 )
 from anomalygpt.config import DEFAULT_PRESET, Preset, load_preset, resolve_device, to_dict
 from anomalygpt.decoder import AnomalyDecoder, DecoderSpec, TextPrior
-from anomalygpt.io import ImageSource, load_image
+from anomalygpt.io import ImageSource, load_image, load_source
 from anomalygpt.memory import (
     N_DIHEDRAL,
     MemoryConfig,
@@ -237,7 +237,7 @@ class Inspector:
         """Inspect one image: few-shot against references, zero-shot with none; `sensitivity` lowers thresholds.
         An image with a side over verdict.MAX_WORKING_SIDE is inspected downscaled (the result's image_size; source_size
         is the file's)."""
-        original = load_image(image)
+        original, sha256 = load_source(image)
         pixels = working_image(original)
         if not references:
             inspection = self.inspect_zero_shot(pixels, class_name, source, sensitivity)
@@ -246,6 +246,7 @@ class Inspector:
             inspection = self.inspect_few_shot(pixels, refs, class_name, source, sensitivity)
         if pixels.shape[:2] != original.shape[:2]:
             inspection.source_size = (int(original.shape[0]), int(original.shape[1]))
+        inspection.source_sha256 = sha256
         return inspection
 
     def inspect_few_shot(
@@ -254,9 +255,8 @@ class Inspector:
         """The memory's map of an image already at its working size, with the reference-fit check."""
         check_query_size(pixels, refs, source)
         start = time.perf_counter()
-        image = Decoded(
-            pixels, pixels.shape[:2], float(grey_thumbnail(pixels).mean()), *memory_inputs([pixels], refs.memory.cfg)
-        )
+        brightness = float(grey_thumbnail(pixels).mean())
+        image = Decoded(pixels, pixels.shape[:2], brightness, memory_inputs([pixels], refs.memory.cfg)[0])
         with torch.inference_mode():
             patches = self.backbone.encode([image.memory_input]).patches
             feats = embed_patches(patches, refs.memory.cfg.neighbourhood)
@@ -438,9 +438,13 @@ class Inspector:
 
         def inspections() -> Iterator[Inspection]:
             for index, (image, name) in enumerate(zip(images, names, strict=True)):
-                pixels = working_image(load_image(image, name=name))
+                original, sha256 = load_source(image, name=name)
                 anomaly_map = fuse_maps([maps[index][None]], sizes[0], cfg.sigma)[0]
-                yield self.geometry.inspection(pixels, anomaly_map, mode, class_name, name, sensitivity, timings)
+                inspection = self.geometry.inspection(
+                    working_image(original), anomaly_map, mode, class_name, name, sensitivity, timings
+                )
+                inspection.source_sha256 = sha256
+                yield inspection
 
         return inspections()
 
@@ -580,6 +584,7 @@ class Finisher:
         inspection.reference_fit = fit
         if image.pixels.shape[:2] != image.source_size:
             inspection.source_size = image.source_size
+        inspection.source_sha256 = image.sha256
         return inspection
 
 
@@ -672,6 +677,7 @@ class Decoded(NamedTuple):
     source_size: tuple[int, int]  # (H, W) of the file
     brightness: float  # mean grey level of its thumbnail, for the reference-fit check
     memory_input: np.ndarray  # the pixels as the memory sees them (standardised when the preset says so)
+    sha256: str | None = None  # of the file's bytes decoded (None when not given a file)
 
     def stored(self) -> Decoded:
         """This without its arrays, which a shared batch holds (what crosses a worker process's pipe)."""
@@ -712,10 +718,10 @@ class Finishing(NamedTuple):
 
 
 def decoded(image: ImageSource, label: str | None, cfg: MemoryConfig) -> Decoded:
-    original = load_image(image, name=label)
+    original, sha256 = load_source(image, name=label)
     pixels = working_image(original)
     size = (int(original.shape[0]), int(original.shape[1]))
-    return Decoded(pixels, size, float(grey_thumbnail(pixels).mean()), memory_inputs([pixels], cfg)[0])
+    return Decoded(pixels, size, float(grey_thumbnail(pixels).mean()), memory_inputs([pixels], cfg)[0], sha256)
 
 
 def decoded_batches(

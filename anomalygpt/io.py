@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import io
 import json
@@ -81,8 +82,16 @@ def load_image(source: ImageSource, *, name: str | None = None) -> np.ndarray:
     if isinstance(source, (bytes, bytearray, memoryview)):
         return _decode_bytes(bytes(source), label)
     if isinstance(source, (str, Path)):
-        return _decode_file(Path(source), label)
+        return _decode_file(Path(source), label)[0]
     raise TypeError(f"{label}: unsupported image source type {type(source).__name__}")
+
+
+def load_source(source: ImageSource, *, name: str | None = None) -> tuple[np.ndarray, str | None]:
+    """load_image, and for a file the sha256 of the bytes decoded (None for anything else): read again through the
+    same open file, so a file replaced meanwhile (another renamed over it) cannot lend its hash to these pixels."""
+    if isinstance(source, (str, Path)):
+        return _decode_file(Path(source), name if name is not None else str(source), digest=True)
+    return load_image(source, name=name), None
 
 
 def _source_label(source: object) -> str:
@@ -96,8 +105,9 @@ def _source_label(source: object) -> str:
     return "<bytes>"
 
 
-def _decode_file(path: Path, label: str) -> np.ndarray:
-    """Decode an image file after checking that it is a non-empty regular file."""
+def _decode_file(path: Path, label: str, digest: bool = False) -> tuple[np.ndarray, str | None]:
+    """Decode an image file after checking that it is a non-empty regular file; with `digest`, the sha256 of the
+    bytes read (from the same open file), else None."""
     if not path.exists():
         raise ImageError(f"{label}: no such file")
     if path.is_dir():
@@ -108,7 +118,14 @@ def _decode_file(path: Path, label: str) -> np.ndarray:
         with path.open("rb") as handle:
             head = handle.read(32)
             handle.seek(0)
-            return _decode_stream(handle, head, label)
+            pixels = _decode_stream(handle, head, label)
+            if not digest:
+                return pixels, None
+            handle.seek(0)
+            sha256 = hashlib.sha256()
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                sha256.update(chunk)
+            return pixels, sha256.hexdigest()
     except PermissionError as exc:
         raise ImageError(f"{label}: cannot read ({exc.strerror})") from exc
 

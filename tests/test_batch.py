@@ -2,6 +2,7 @@
 
 import dataclasses
 import errno
+import hashlib
 import json
 import os
 
@@ -131,6 +132,10 @@ def test_worker_processes_give_what_threads_give_and_name_the_bad_image(inspecto
     processes = [first, *many]
     assert not list(shm.iterdir())
     assert [i.verdict for i in processes] == ["normal", "normal", "anomalous", "anomalous", "anomalous"]
+    hashes = [hashlib.sha256(path.read_bytes()).hexdigest() for path in paths]  # of the bytes inspected
+    assert [i.source_sha256 for i in processes] == hashes == [i.source_sha256 for i in threads]
+    assert inspector.inspect(paths[2], references).source_sha256 == hashes[2]
+    assert inspector.inspect(queries[2], references).source_sha256 is None  # an array has no file
     for ours, theirs in zip(processes, threads, strict=True):
         assert {**ours.to_dict(), "timings_ms": None} == {**theirs.to_dict(), "timings_ms": None}
         assert ours.anomaly_map is not None and theirs.anomaly_map is not None

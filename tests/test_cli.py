@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -20,6 +24,7 @@ from PIL import Image
 
 from anomalygpt import cli, verdict
 from anomalygpt.cli import LazyCommand, main, output_stems, unique_paths, verdict_table
+from anomalygpt.inspection import Inspection, Inspector
 from anomalygpt.profile import read_header
 from anomalygpt.verdict import few_references_note
 
@@ -779,3 +784,36 @@ def test_queries_are_checked_in_threads_in_order_and_the_first_bad_one_is_named(
         paths[index].write_bytes(paths[index].read_bytes()[:60])
     with pytest.raises(ValueError, match=r"q05\.png: .*(corrupt|truncated)"):
         cli.image_sizes(paths)
+
+
+def test_records_hash_the_bytes_inspected_and_a_file_replaced_meanwhile_stops_detect(
+    scene: Scene, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each record's source_sha256 is the sha256 of the bytes its inspection decoded (read through the same open
+    file). A query replaced after its inspection, before its overlay is drawn (another file renamed over it, as a
+    camera writes), stops detect with a one-line error naming it, and none of that image's files is written:
+    neither a hash nor an overlay of bytes that were not inspected."""
+    good, bad = tmp_path / "q" / "good.png", tmp_path / "q" / "bad.png"
+    good.parent.mkdir()
+    shutil.copyfile(scene.good, good)
+    shutil.copyfile(scene.bad, bad)
+    argv = ["detect", str(good), str(bad), "--ref", str(scene.refs), "--preset", str(scene.preset), "--out"]
+    assert run([*argv, str(tmp_path / "first")])[0] == 0
+    for path in (good, bad):
+        record = json.loads((tmp_path / "first" / f"{path.stem}.json").read_text())
+        assert record["source_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    inspect_many = Inspector.inspect_many
+
+    def replacing(self: Inspector, *args: Any, **kwargs: Any) -> Iterator[Inspection]:
+        for inspection in inspect_many(self, *args, **kwargs):
+            if inspection.source == str(bad):
+                shutil.copyfile(scene.good, tmp_path / "new.png")
+                (tmp_path / "new.png").replace(bad)
+            yield inspection
+
+    monkeypatch.setattr(Inspector, "inspect_many", replacing)
+    code, _, err = run([*argv, str(tmp_path / "second")])
+    *notes, last = err.splitlines()  # the references' notes, then the error
+    assert code == 1 and f"{bad}: changed while detect ran (not the bytes inspected)" in last
+    assert all(": note: " in line for line in notes)
+    assert not list((tmp_path / "second").glob("bad*"))

@@ -18,6 +18,7 @@ from anomalygpt.memory import (
     thin,
     top_mean,
 )
+from anomalygpt.verdict import STANDARD_GREY
 
 
 def test_dihedral_views_are_the_eight_distinct_symmetries():
@@ -98,6 +99,25 @@ def test_standardised_images_keep_their_pattern_and_lose_brightness_and_contrast
     assert abs(a.mean() - 128) < 2 and abs(a.std() - 50) < 3  # up to the clipping of the brightest mortar
     assert np.abs(a.astype(int) - b.astype(int)).mean() < 1.0 < np.abs(image.astype(int) - dimmer.astype(int)).mean()
     assert memory_inputs([image], MemoryConfig(standardize=False))[0] is image
+
+
+def test_standardised_by_lookup_is_every_pixel_mapped_in_float32():
+    """standardized looks the 256 levels up: byte for byte what mapping each pixel in float32 gives, on noise,
+    flat, nearly flat and grey images of odd sizes."""
+    rng = np.random.default_rng(0)
+    images = [
+        rng.integers(0, 256, (37, 301, 3), dtype=np.uint8),
+        np.full((5, 9, 3), 200, np.uint8),
+        np.clip(rng.normal(120, 2, (64, 48, 3)), 0, 255).astype(np.uint8),
+        np.repeat(rng.integers(0, 256, (300, 300, 1), dtype=np.uint8), 3, axis=2),
+        texture_crops(1)[0],
+    ]
+    for image in images:
+        pixels = image.astype(np.float32)
+        scaled = (pixels - pixels.mean()) * (STANDARD_GREY[1] / max(float(pixels.std()), 1e-3)) + STANDARD_GREY[0]
+        expected = np.rint(scaled).clip(0, 255).astype(np.uint8)
+        found = standardized(image)
+        assert found.dtype == np.uint8 and np.array_equal(found, expected)
 
 
 def test_coreset_thinning_covers_the_patches_better_than_a_random_subset():
