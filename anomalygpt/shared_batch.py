@@ -3,8 +3,9 @@
 Through a process pool's pipes every 300 px image travelled three times, pickled (decoded pixels and memory input
 back from the decoder, then pixels, memory input and map out to the tail, then the map back: 1.8 MB), which cost
 the calling process 2.6-2.8 ms of CPU per image (bench/bench_host.py): a ceiling of ~370 images/s whatever the
-device and the cores (now 0.37 ms). Here the decoder writes its arrays into the batch's file, the caller reads the memory inputs from it
-and writes the maps into it, and the tail reads pixels and map from it; only small records cross the pipes.
+device and the cores (now 0.37 ms). Here the decoder writes its arrays into the batch's file, the caller reads the
+memory inputs from it and writes the maps into it, and the tail reads pixels and map from it; only small records
+cross the pipes.
 
 The files live in /dev/shm (memory) when it has room for a few batches, else in the temporary folder (the page
 cache serves them there); a run makes about three, reuses each once its batch's tails are done, and removes them
