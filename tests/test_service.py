@@ -153,6 +153,7 @@ def test_the_service_answers_what_the_inspector_computes_on_the_same_profile(ser
         assert answer["warnings"] == direct.warnings and answer["notes"] == direct.notes and len(direct.notes) == 1
         assert answer["profile"] == profile["id"] and answer["profile_version"] == 1
         assert answer["image_sha256"] == hashlib.sha256(images[kind].read_bytes()).hexdigest()
+        assert answer["source_sha256"] == answer["image_sha256"]  # the record names the bytes it inspected
         assert client.inspection(answer["id"]) == answer
         anomaly_map = np.load(io.BytesIO(client.anomaly_map(answer["id"])))
         assert anomaly_map.shape == (128, 128) and np.array_equal(anomaly_map, direct.anomaly_map)

@@ -215,6 +215,7 @@ class InspectionService:
         self.audit.blobs.put(upload.data, BLOB_SUFFIXES["image"])  # named by image_sha256: what chat re-reads
         overlay = self.audit.blobs.put(figure_png(pixels, inspection), BLOB_SUFFIXES["overlay"])
         anomaly_map = self.audit.blobs.put(npy_bytes(inspection.anomaly_map.astype(np.float32)), BLOB_SUFFIXES["map"])
+        inspection.source_sha256 = sha256(upload.data)  # the bytes inspected: the upload's
         result = inspection.to_dict()
         return InspectionRow(
             id=secrets.token_hex(8),
@@ -224,7 +225,7 @@ class InspectionService:
             profile_version=profile.version,
             profile_checksum=profile.checksum,
             image_name=upload.name[:300],
-            image_sha256=sha256(upload.data),
+            image_sha256=inspection.source_sha256,
             image_bytes=len(upload.data),
             image_height=int(pixels.shape[0]),
             image_width=int(pixels.shape[1]),
