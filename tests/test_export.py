@@ -1,4 +1,5 @@
 import dataclasses
+import hashlib
 import json
 import shutil
 import subprocess
@@ -77,13 +78,13 @@ def assert_same_inspection(torch_result, runtime_result) -> None:
     assert [r["box"] for r in found["regions"]] == [r["box"] for r in expected["regions"]]
     assert abs(found["reference_fit"]["distance"] - expected["reference_fit"]["distance"]) <= 2e-5
     same = ("confidence", "mode", "n_references", "image_size", "calibration", "class_name", "warnings", "notes")
-    same += ("p_value",)
+    same += ("p_value", "source_sha256")
     assert {key: found[key] for key in same} == {key: expected[key] for key in same}
     assert found["reference_fit"]["nearest"] == expected["reference_fit"]["nearest"]
 
 
 @pytest.mark.parametrize("engine", ["onnx", "openvino"])
-def test_exported_runtime_scores_as_the_torch_path(fitted_profile, runtimes, engine):
+def test_exported_runtime_scores_as_the_torch_path(fitted_profile, runtimes, engine, tmp_path):
     inspector, refs, _ = fitted_profile
     runtime = RuntimeInspector.open(runtimes[engine])
     verdicts = []
@@ -97,6 +98,11 @@ def test_exported_runtime_scores_as_the_torch_path(fitted_profile, runtimes, eng
     assert_same_inspection(lowered, runtime.inspect(queries()[0], sensitivity=4.0))
     assert verdicts[:3] == ["normal", "anomalous", "anomalous"]  # the parity covers both verdicts and regions
     assert runtime.inspect(queries()[3]).warnings[0].startswith("the image does not look like the good references")
+    if engine == "onnx":  # a file: both name the bytes inspected
+        path = tmp_path / "query.png"
+        Image.fromarray(queries()[1]).save(path)
+        assert_same_inspection(inspector.inspect(path, refs), runtime.inspect(path))
+        assert runtime.inspect(path).source_sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def test_a_pool_profile_retrieves_the_same_nearest_references(tmp_path):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from anomalygpt.io import ImageSource, load_image
+from anomalygpt.io import ImageSource, load_source
 from anomalygpt.regions import map_cell_px
 from anomalygpt.runtime import scoring
 from anomalygpt.runtime.bundle import Bundle, read_bundle
@@ -83,9 +83,10 @@ class RuntimeInspector:
         names = [*outputs["features"], *outputs["prior"]]
         return cls(bundle, open_engine(bundle.engine, bundle.model_path(), names, threads))
 
-    def decoded(self, image: ImageSource, source: str | None) -> tuple[np.ndarray, tuple[int, int]]:
-        """The image at its working size, checked against the profile's, and the (H, W) of the file."""
-        original = load_image(image)
+    def decoded(self, image: ImageSource, source: str | None) -> tuple[np.ndarray, tuple[int, int], str | None]:
+        """The image at its working size, checked against the profile's; the (H, W) of the file and the sha256 of
+        its bytes (io.load_source)."""
+        original, sha256 = load_source(image)
         pixels = working_image(original)
         if pixels.shape[:2] != self.bundle.image_size:
             h, w = self.bundle.image_size
@@ -93,7 +94,7 @@ class RuntimeInspector:
                 f"{source or 'query'}: {pixels.shape[1]}x{pixels.shape[0]} px but the references "
                 f"are {w}x{h} px; queries and references must have the same size"
             )
-        return pixels, (int(original.shape[0]), int(original.shape[1]))
+        return pixels, (int(original.shape[0]), int(original.shape[1])), sha256
 
     def anomaly_maps(self, batch: Sequence[np.ndarray]) -> tuple[list[np.ndarray], np.ndarray]:
         """(H, W) anomaly maps of images at the profile's size (one engine call), and their (B, C, h, w)
@@ -138,10 +139,12 @@ class RuntimeInspector:
             batch = images[first : first + batch_size]
             chunk = [self.decoded(image, name) for image, name in zip(batch, batch_names, strict=True)]
             start = time.perf_counter()
-            maps, last = self.anomaly_maps([pixels for pixels, _ in chunk])
+            maps, last = self.anomaly_maps([pixels for pixels, _, _ in chunk])
             share = (time.perf_counter() - start) * 1000 / len(chunk)  # the batch's time, per image
-            for i, ((pixels, size), name) in enumerate(zip(chunk, batch_names, strict=True)):
-                yield self.finish(pixels, size, maps[i], last[i : i + 1], class_name, name, sensitivity, share)
+            for i, ((pixels, size, sha256), name) in enumerate(zip(chunk, batch_names, strict=True)):
+                inspection = self.finish(pixels, size, maps[i], last[i : i + 1], class_name, name, sensitivity, share)
+                inspection.source_sha256 = sha256
+                yield inspection
 
     def finish(
         self,
