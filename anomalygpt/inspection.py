@@ -413,13 +413,15 @@ class Inspector:
         names = list(sources) if sources is not None else [reference_name(image, i) for i, image in enumerate(images)]
         start = time.perf_counter()
         cfg = self.preset.memory
-        feats, sizes = [], []
+        feats, sizes, hashes = [], [], []
         bar = tqdm(total=2 * len(images), desc="batch zero-shot", unit="image", disable=not progress)
         for first in range(0, len(images), 16):
-            chunk = [
-                working_image(load_image(image, name=name))
+            loaded = [
+                load_source(image, name=name)
                 for image, name in zip(images[first : first + 16], names[first : first + 16], strict=True)
             ]
+            chunk = [working_image(original) for original, _ in loaded]
+            hashes += [sha256 for _, sha256 in loaded]
             sizes += [image.shape[:2] for image in chunk]
             with torch.inference_mode():
                 patches = self.backbone.encode(memory_inputs(chunk, cfg)).patches
@@ -438,7 +440,9 @@ class Inspector:
 
         def inspections() -> Iterator[Inspection]:
             for index, (image, name) in enumerate(zip(images, names, strict=True)):
-                original, sha256 = load_source(image, name=name)
+                original, sha256 = load_source(image, name=name)  # decoded again: the batch's are not all kept
+                if sha256 != hashes[index]:
+                    raise InspectionError(f"{name}: changed while the batch was inspected (not the bytes scored)")
                 anomaly_map = fuse_maps([maps[index][None]], sizes[0], cfg.sigma)[0]
                 inspection = self.geometry.inspection(
                     working_image(original), anomaly_map, mode, class_name, name, sensitivity, timings

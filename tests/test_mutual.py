@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import texture_crops, with_dark_blob
+from PIL import Image
 
 from anomalygpt.config import load_preset
 from anomalygpt.inspection import InspectionError, Inspector
@@ -88,3 +92,22 @@ def test_a_batch_too_small_or_of_mixed_sizes_is_refused_before_any_result(inspec
     mixed = texture_crops(MIN_BATCH) + texture_crops(1, size=96)
     with pytest.raises(InspectionError, match="must be of one size"):
         inspector.inspect_batch(mixed)
+
+
+def test_batch_files_name_their_bytes_and_one_replaced_between_passes_is_refused(
+    inspector: Inspector, tmp_path: Path
+) -> None:
+    """A batch of files: each inspection's source_sha256 is its file's; the batch is scored on a first decode and
+    each image decoded again as its result is made, so a file replaced in between is an InspectionError naming
+    it, not a verdict on bytes that were not scored."""
+    paths = []
+    for index, crop in enumerate(texture_crops(MIN_BATCH, seed=5)):
+        paths.append(tmp_path / f"part{index:02d}.png")
+        Image.fromarray(crop).save(paths[-1])
+    results = inspector.inspect_batch(paths, sources=[str(p) for p in paths])  # scored now
+    first = next(results)
+    assert first.source_sha256 == hashlib.sha256(paths[0].read_bytes()).hexdigest()
+    Image.fromarray(with_dark_blob(texture_crops(1, seed=9)[0], (64, 64), 24)).save(tmp_path / "new.png")
+    (tmp_path / "new.png").replace(paths[1])
+    with pytest.raises(InspectionError, match=r"part01\.png: changed while the batch was inspected"):
+        next(results)
