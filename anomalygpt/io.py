@@ -90,7 +90,7 @@ def load_source(source: ImageSource, *, name: str | None = None) -> tuple[np.nda
     """load_image, and for a file the sha256 of the bytes decoded (None for anything else): read again through the
     same open file, so a file replaced meanwhile (another renamed over it) cannot lend its hash to these pixels."""
     if isinstance(source, (str, Path)):
-        return _decode_file(Path(source), name if name is not None else str(source), digest=True)
+        return _decode_file(Path(source), name if name is not None else _source_label(source), digest=True)
     return load_image(source, name=name), None
 
 
