@@ -10,7 +10,7 @@ import multiprocessing
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import BrokenExecutor, Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple, overload
@@ -296,11 +296,14 @@ class Inspector:
         finishing: Finishing = Finishing([], None)
         finisher = Finisher.of(self, references, class_name or references.class_name, sensitivity)
         shared = SharedBatches(batch_size, references.memory.image_size) if processes else None
-        with shared or contextlib.nullcontext(), worker_pool(finisher, processes) as pool:  # the pool ends first
-            for batch in decoded_batches(images, labels, batch_size, references.memory.cfg, pool, shared):
-                done, finishing = finishing, self.few_shot_batch(batch, references, finisher, pool, half)
-                yield from done.collected(shared, bar)
-            yield from finishing.collected(shared, bar)
+        try:
+            with shared or contextlib.nullcontext(), worker_pool(finisher, processes) as pool:  # the pool ends first
+                for batch in decoded_batches(images, labels, batch_size, references.memory.cfg, pool, shared):
+                    done, finishing = finishing, self.few_shot_batch(batch, references, finisher, pool, half)
+                    yield from done.collected(shared, bar)
+                yield from finishing.collected(shared, bar)
+        except BrokenExecutor as error:  # an OSError, which the command line reports in one line
+            raise ChildProcessError(f"a worker process ended abruptly (killed, or out of memory?): {error}") from error
         bar.close()
 
     def few_shot_batch(

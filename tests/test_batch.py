@@ -4,6 +4,7 @@ import dataclasses
 import errno
 import hashlib
 import json
+import multiprocessing
 import os
 
 import cv2
@@ -173,6 +174,28 @@ def test_worker_processes_without_room_for_shared_files_fail_cleanly(inspector, 
     with pytest.raises(OSError, match=f"no room for a batch's shared file .* in {tmp_path}: No space left"):
         list(inspector.inspect_many(queries, references, batch_size=2, processes=1))
     assert not list(tmp_path.iterdir())
+
+
+def test_a_worker_process_that_dies_is_a_one_line_error_and_leaves_no_files(inspector, queries, tmp_path, monkeypatch):
+    """A worker process killed mid-run (the kernel's out-of-memory killer, an operator): the run stops with a
+    ChildProcessError (an OSError: the command line's one-line error), not the pool's traceback, and its shared
+    files are removed."""
+    shm = tmp_path / "shm"
+    shm.mkdir()
+    monkeypatch.setattr(shared_batch, "SHM", shm)
+    references = inspector.fit(texture_crops(4, seed=11))
+    paths = []
+    for index in range(40):
+        paths.append(tmp_path / f"q{index:02d}.png")
+        cv2.imwrite(str(paths[-1]), queries[index % len(queries)][:, :, ::-1])
+    before = set(multiprocessing.active_children())
+    found = inspector.inspect_many(paths, references, batch_size=2, processes=1)
+    next(found)
+    for worker in set(multiprocessing.active_children()) - before:
+        worker.kill()
+    with pytest.raises(ChildProcessError, match="a worker process ended abruptly"):
+        list(found)
+    assert not list(shm.iterdir())
 
 
 def test_detect_batch_size_keeps_every_output(tmp_path):
