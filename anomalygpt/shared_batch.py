@@ -25,6 +25,8 @@ from types import TracebackType
 import numpy as np
 
 SHM = Path("/dev/shm")
+# A file's space allocated (macOS has no posix_fallocate: a sparse file there, as ftruncate makes).
+reserve = getattr(os, "posix_fallocate", lambda descriptor, offset, length: os.ftruncate(descriptor, offset + length))
 LIVE_BATCHES = 4  # batches alive at once in inspect_many: decoding, on the device, finishing, and one spare
 
 
@@ -75,8 +77,8 @@ class SharedBatches:
             return self.free.pop()
         descriptor, path = tempfile.mkstemp(prefix="anomalygpt-batch-", suffix=".bin", dir=self.folder)
         size = SharedBatch.nbytes_for(self.count, self.shape)
-        try:  # space reserved now: a full disk is this error, not a SIGBUS when a worker writes
-            os.posix_fallocate(descriptor, 0, size)
+        try:
+            reserve(descriptor, 0, size)  # space reserved now: a full disk is this error, not a SIGBUS in a worker
         except OSError as error:
             Path(path).unlink()
             raise OSError(

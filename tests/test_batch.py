@@ -169,7 +169,7 @@ def test_worker_processes_without_room_for_shared_files_fail_cleanly(inspector, 
     def full(descriptor, offset, length):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(shared_batch.os, "posix_fallocate", full)
+    monkeypatch.setattr(shared_batch, "reserve", full)
     references = inspector.fit(texture_crops(4, seed=11))
     with pytest.raises(OSError, match=f"no room for a batch's shared file .* in {tmp_path}: No space left"):
         list(inspector.inspect_many(queries, references, batch_size=2, processes=1))
