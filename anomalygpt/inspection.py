@@ -281,10 +281,11 @@ class Inspector:
         image, in order. Images are decoded (and standardised) a batch ahead of the backbone, and each image's
         tail (reference fit, verdict, regions) is finished while the next batch runs: in threads, or with
         `processes` > 0 in that many worker processes (spawned for this call, a second or two each: for large jobs
-        on many cores, where the threads' Python holds one another back). On a GPU (the device path) the maps are
-        smoothed and scored there, and only the results come back. `half`: on the device path, the backbone under
-        float16 autocast and the nearest-patch search in float16 (else ignored). A file that does not decode, or
-        a query whose size is not the references', raises when its batch is reached."""
+        on many cores, where the threads' Python holds one another back; pixels and maps reach them through
+        anomalygpt.shared_batch files, and one that dies is a ChildProcessError). On a GPU (the device path) the
+        maps are smoothed and scored there, and only the results come back. `half`: on the device path, the
+        backbone under float16 autocast and the nearest-patch search in float16 (else ignored). A file that does
+        not decode, or a query whose size is not the references', raises when its batch is reached."""
         if sources is not None and len(sources) != len(images):
             raise InspectionError(f"{len(sources)} sources given for {len(images)} images")
         if batch_size < 1:
