@@ -361,3 +361,26 @@ def test_a_region_over_half_the_image_is_widespread() -> None:
     scores[:, 29:] = 0.0  # 48.3 %: a place again
     (left,) = find_regions(scores, threshold=0.5)
     assert left.location == "left"
+
+
+def test_grid_span_reads_pixel_centres_exactly_as_the_float_formula() -> None:
+    """grid_span's cells in integers are floor(3 (r + 0.5) / height) exactly: the float formula's cells on random
+    regions of random image sizes, and on every row and column of small images (the thirds' edges)."""
+    rng = np.random.default_rng(0)
+
+    def by_floats(rows: np.ndarray, cols: np.ndarray, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+        return np.minimum(3 * (rows + 0.5) // height, 2), np.minimum(3 * (cols + 0.5) // width, 2)
+
+    cases = []
+    for _ in range(500):
+        height, width = (int(v) for v in rng.integers(1, 2000, 2))
+        n = int(rng.integers(1, 3000))
+        cases.append((rng.integers(0, height, n), rng.integers(0, width, n), height, width))
+    for side in range(1, 40):
+        cases.append((np.arange(side), np.arange(side)[::-1], side, side))
+    for rows, cols, height, width in cases:
+        grid_rows, grid_cols = by_floats(rows, cols, height, width)
+        expected = np.bincount(3 * grid_rows.astype(int) + grid_cols.astype(int), minlength=9)
+        share = regions.SPAN_SHARE * min(rows.size, height * width / 9)
+        chosen = np.flatnonzero(expected >= share) if (expected >= share).any() else [int(expected.argmax())]
+        assert regions.grid_span(rows, cols, height, width) == tuple(regions.LOCATION_WORDS[i] for i in chosen)
