@@ -71,7 +71,7 @@ BATCH_SIZE = 16  # images per batch in inspect_many (decoded together, searched 
 # passes of 2 against 1 were a draw in bench/bench_batch.py --cpu-passes 1,2 (bench/RESULTS.md, issue 22).
 CPU_PASS = 1
 DECODE_THREADS = min(16, os.cpu_count() or 1)  # image decoders running beside the backbone in inspect_many
-WORKER_CHUNK = 4  # consecutive images per task of inspect_many's pool (decoding, or finishing)
+WORKER_CHUNK = 4  # consecutive images per task of inspect_many's worker processes (decoding, or finishing)
 MAX_REFERENCES_IN_MEMORY = 64  # more references are decoded again when indexed instead of held as pixels
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"  # trained parts of the offline default
 
@@ -321,7 +321,7 @@ class Inspector:
             "inspect": (time.perf_counter() - start) * 1000 / len(batch.images),
             "index_references": refs.index_ms,
         }
-        spans = chunks(len(batch.images))
+        spans = chunks(len(batch.images), 1 if batch.shared is None else WORKER_CHUNK)
         if batch.shared is None:
             futures = [
                 pool.submit(
@@ -663,10 +663,11 @@ def decode_in_worker(
     return found
 
 
-def chunks(count: int) -> list[tuple[int, int]]:
-    """(start, stop) of the pool's tasks over `count` consecutive images: WORKER_CHUNK at a time (a process pool
-    costs its caller ~0.1-0.2 ms of CPU per task)."""
-    return [(first, min(first + WORKER_CHUNK, count)) for first in range(0, count, WORKER_CHUNK)]
+def chunks(count: int, per_task: int) -> list[tuple[int, int]]:
+    """(start, stop) of the pool's tasks over `count` consecutive images, `per_task` at a time: WORKER_CHUNK for
+    worker processes (a process pool costs its caller ~0.1-0.2 ms of CPU per task), 1 for threads (a small batch
+    keeps its images' tails in parallel)."""
+    return [(first, min(first + per_task, count)) for first in range(0, count, per_task)]
 
 
 def worker_pool(finisher: Finisher, processes: int) -> Executor:
@@ -746,7 +747,7 @@ def decoded_batches(
 
     def submit(span: tuple[int, int]) -> tuple[list[Future[list[Decoded]]], SharedBatch | None]:
         first = span[0]
-        parts = [(first + a, first + b) for a, b in chunks(span[1] - first)]
+        parts = [(first + a, first + b) for a, b in chunks(span[1] - first, 1 if shared is None else WORKER_CHUNK)]
         if shared is None:
             return [pool.submit(decode_chunk, images[a:b], labels[a:b], cfg) for a, b in parts], None
         batch = shared.new()

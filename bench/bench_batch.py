@@ -191,7 +191,7 @@ def tail_figures(inspector: Inspector, references: References, files: list[Path]
                     looks[a:b].numpy(),
                     {},
                 )
-                for a, b in inspection.chunks(len(images))
+                for a, b in inspection.chunks(len(images), inspection.WORKER_CHUNK)
             ]
             found = [record for chunk in chunks for record in chunk.result()]
             rates[f"{threads}_processes"] = len(images) / (time.perf_counter() - start)
