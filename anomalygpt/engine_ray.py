@@ -247,7 +247,8 @@ def prepare(options: DetectOptions) -> RayDetect:
     stems = output_stems(queries)
     from anomalygpt.config import load_preset  # imports torch: after the instant checks
     from anomalygpt.inspection import BATCH_SIZE
-    from anomalygpt.profile import file_sha256, open_profile, plain_preset
+    from anomalygpt.io import file_sha256
+    from anomalygpt.profile import open_profile, plain_preset
 
     inspector, references = open_profile(options.profile, load_preset(options.preset) if options.preset else None)
     key = {

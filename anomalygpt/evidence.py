@@ -145,7 +145,8 @@ def profile_evidence(references: References, profile: str | Path) -> EvidenceSou
     A reference is named as `fit` was given it; relative names are looked for from here, then beside the profile.
     The files evidence reads must have a sha256 the profile recorded, so a changed file, or another folder's file
     of the same name, is never described as the good reference."""
-    from anomalygpt.profile import file_sha256, read_header
+    from anomalygpt.io import file_sha256
+    from anomalygpt.profile import read_header
 
     names, recorded = references.names, list(read_header(profile).get("reference_sha256") or ())
     found = [reference_file(name, Path(profile).parent) for name in names]

@@ -34,9 +34,8 @@ from torch import nn
 from anomalygpt.backbones import VisionBackbone
 from anomalygpt.decoder import AnomalyDecoder
 from anomalygpt.inspection import Inspector, References, build_inspector
-from anomalygpt.io import safe_text, write_json_atomic
+from anomalygpt.io import file_sha256, safe_text, write_json_atomic
 from anomalygpt.memory import embed_patches
-from anomalygpt.profile import file_sha256 as profile_sha256
 from anomalygpt.profile import profile_preset, read_profile, references_from
 from anomalygpt.prompts import text_anchors
 from anomalygpt.runtime.bundle import (
@@ -48,7 +47,6 @@ from anomalygpt.runtime.bundle import (
     RUNTIME_FORMAT,
     RUNTIME_VERSION,
     RuntimeBundleError,
-    file_sha256,
     read_manifest,
 )
 from anomalygpt.runtime.inspector import RuntimeInspector
@@ -289,7 +287,7 @@ def runtime_manifest(
         "engine": engine,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "versions": {name: package_version(name) for name in ("anomalygpt", "torch", ENGINE_PACKAGE[engine])},
-        "profile": {"file": profile.name, "sha256": profile_sha256(profile), "preset": inspector.preset.name},
+        "profile": {"file": profile.name, "sha256": file_sha256(profile), "preset": inspector.preset.name},
         "image_size": list(references.memory.image_size),
         # the backbone's input side and stage strides: the map's finest cell is the smallest region kept
         "backbone": {"image_size": inspector.backbone.image_size, "strides": list(inspector.backbone.strides)},

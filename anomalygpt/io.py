@@ -45,6 +45,7 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # IHDR colour type -> samples per pixel
 ADAM7_PASSES = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
 INFLATE_STEP = 1 << 20  # bytes of inflated PNG data held at once while checking it
+HASH_STEP = 1 << 20  # bytes read at a time while hashing a file
 
 ImageSource = str | Path | bytes | np.ndarray | Image.Image
 Item = TypeVar("Item")
@@ -94,6 +95,20 @@ def load_source(source: ImageSource, *, name: str | None = None) -> tuple[np.nda
     return load_image(source, name=name), None
 
 
+def file_sha256(path: str | Path) -> str:
+    """The sha256 of a file's bytes (hex)."""
+    with Path(path).open("rb") as handle:
+        return stream_sha256(handle)
+
+
+def stream_sha256(handle: IO[bytes]) -> str:
+    """The sha256 (hex) of what is left to read in a binary file, read HASH_STEP bytes at a time."""
+    digest = hashlib.sha256()
+    while chunk := handle.read(HASH_STEP):
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
 def _source_label(source: object) -> str:
     """Name used in error messages when the caller gave none."""
     if isinstance(source, (str, Path)):
@@ -122,10 +137,7 @@ def _decode_file(path: Path, label: str, digest: bool = False) -> tuple[np.ndarr
             if not digest:
                 return pixels, None
             handle.seek(0)
-            sha256 = hashlib.sha256()
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                sha256.update(chunk)
-            return pixels, sha256.hexdigest()
+            return pixels, stream_sha256(handle)
     except PermissionError as exc:
         raise ImageError(f"{label}: cannot read ({exc.strerror})") from exc
 

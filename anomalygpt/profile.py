@@ -8,7 +8,6 @@ every tensor. Never pickled; written atomically.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 import zlib
@@ -21,6 +20,7 @@ import torch
 
 from anomalygpt.calibration import Calibration
 from anomalygpt.config import DEFAULT_PRESET, ConfigError, Preset, from_dict, load_preset, to_dict
+from anomalygpt.io import file_sha256
 from anomalygpt.memory import PatchMemory, StageBank
 from anomalygpt.references import AugmentationDecision, FitStatistics
 from anomalygpt.state import StateError, load_state, save_state
@@ -37,14 +37,6 @@ DETECTION_SECTIONS = ("backbone", "memory", "calibration", "decoder")
 
 class ProfileError(ValueError):
     """A profile is missing, corrupt, newer than this code, or from another preset; the message is one line."""
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def tensors_checksum(tensors: dict[str, torch.Tensor]) -> str:

@@ -17,11 +17,10 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from anomalygpt.backbones import WeightsError
-from anomalygpt.io import write_bytes_atomic
+from anomalygpt.io import file_sha256, write_bytes_atomic
 from anomalygpt.state import remove_orphaned_temps
 
 NAMES_SHOWN = 3  # keys named in a mismatch message before "..."
-HASH_CHUNK = 1 << 20  # bytes read at a time by file_record
 TENSORS_SHA256 = "safetensors_sha256"  # config key: sha256 of the tensor file saved with it
 
 
@@ -151,11 +150,7 @@ def file_record(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"{path}: file not found")
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(HASH_CHUNK):
-            digest.update(chunk)
-    return {"sha256": digest.hexdigest(), "size_bytes": path.stat().st_size}
+    return {"sha256": file_sha256(path), "size_bytes": path.stat().st_size}
 
 
 def _one_line(error: BaseException) -> str:

@@ -6,7 +6,6 @@ manifest with its sha256, so a folder with a missing, cut or swapped file is ref
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from anomalygpt.io import file_sha256
 from anomalygpt.verdict import Calibration, FitStatistics
 
 RUNTIME_FORMAT = "anomalygpt-runtime"
@@ -83,14 +83,6 @@ MANIFEST_KEYS = (
     "index_ms",
 )
 PER_STAGE_ARRAYS = ("features", "reference", "up_rows", "up_cols")
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def read_manifest(folder: Path) -> dict[str, Any]:
