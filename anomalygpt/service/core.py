@@ -21,8 +21,8 @@ import numpy as np
 
 from anomalygpt.config import with_false_alarm_rate
 from anomalygpt.inspection import BATCH_SIZE, Inspection, Inspector, References
-from anomalygpt.io import load_image
-from anomalygpt.profile import ProfileError, file_sha256, package_versions
+from anomalygpt.io import file_sha256, load_image
+from anomalygpt.profile import ProfileError, package_versions
 from anomalygpt.references import InspectionError
 from anomalygpt.service.audit import (
     BLOB_SUFFIXES,
@@ -212,10 +212,10 @@ class InspectionService:
     ) -> InspectionRow:
         """The audit row, its image, overlay and map written first (content-addressed, atomically)."""
         assert inspection.anomaly_map is not None
-        self.audit.blobs.put(upload.data, BLOB_SUFFIXES["image"])  # named by image_sha256: what chat re-reads
+        # Named by its sha256 (image_sha256, what chat re-reads): the bytes inspected, which the record names too.
+        inspection.source_sha256 = self.audit.blobs.put(upload.data, BLOB_SUFFIXES["image"])
         overlay = self.audit.blobs.put(figure_png(pixels, inspection), BLOB_SUFFIXES["overlay"])
         anomaly_map = self.audit.blobs.put(npy_bytes(inspection.anomaly_map.astype(np.float32)), BLOB_SUFFIXES["map"])
-        inspection.source_sha256 = sha256(upload.data)  # the bytes inspected: the upload's
         result = inspection.to_dict()
         return InspectionRow(
             id=secrets.token_hex(8),
