@@ -602,24 +602,28 @@ def describe_answer(question: Question, grounds: Grounds) -> list[str]:
 
 
 def near_answer(question: Question, grounds: Grounds) -> list[str]:
-    """Yes or No for a place the question names: the image border, a side, a corner or a grid cell."""
-    regions = grounds.regions
+    """Yes or No for a place the question names (the image border, a side, a corner or a grid cell): Yes means a
+    region is there, or, for a question whether the place is clean ("Is the top left OK?", polarity "normal"),
+    that none is."""
+    regions, clean = grounds.regions, question.polarity == "normal"
     if not regions:
-        return (
-            ["No: the detector found no anomalous region anywhere."]
-            if not grounds.inspection.is_anomalous
-            else [sentence(f"I cannot tell: {NO_REGION}")]
-        )
+        if grounds.inspection.is_anomalous:
+            return [sentence(f"I cannot tell: {NO_REGION}")]
+        return [f"{'Yes' if clean else 'No'}: the detector found no anomalous region anywhere."]
     chosen = focus_regions(question, regions) or regions
     if question.place in (None, "edge"):
-        return edge_answer(chosen, grounds)
-    places = place_locations(str(question.place))
-    inside = [region for region in chosen if set(region.places) & set(places)]
-    if inside:
-        return [sentence("yes: " + ", and ".join(f"region {r.index} is {r.place()}" for r in inside))]
-    listed = join_words([LOCATION_PHRASES[word] for word in places]).replace(" and ", " or ")
-    subject = "the anomalous regions are" if len(chosen) > 1 else f"region {chosen[0].index} is"
-    return [sentence(f"no: no anomalous region is {listed}; {subject} {where_phrase(chosen)}")]
+        found, text = edge_finding(chosen, grounds)
+    else:
+        places = place_locations(str(question.place))
+        inside = [region for region in chosen if set(region.places) & set(places)]
+        found = bool(inside)
+        if inside:
+            text = ", and ".join(f"region {r.index} is {r.place()}" for r in inside)
+        else:
+            listed = join_words([LOCATION_PHRASES[word] for word in places]).replace(" and ", " or ")
+            subject = "the anomalous regions are" if len(chosen) > 1 else f"region {chosen[0].index} is"
+            text = f"no anomalous region is {listed}; {subject} {where_phrase(chosen)}"
+    return [sentence(f"{'yes' if found != clean else 'no'}: {text}")]
 
 
 def place_locations(place: str) -> tuple[str, ...]:
@@ -633,14 +637,20 @@ def place_locations(place: str) -> tuple[str, ...]:
 
 def edge_answer(regions: Sequence[Region], grounds: Grounds) -> list[str]:
     """Yes with the regions and borders involved, or No with the smallest distance to a border."""
+    found, text = edge_finding(regions, grounds)
+    return [sentence(f"{'yes' if found else 'no'}: {text}")]
+
+
+def edge_finding(regions: Sequence[Region], grounds: Grounds) -> tuple[bool, str]:
+    """Whether a region comes near the image border, and the regions and borders involved or the smallest gap."""
     height, width = grounds.inspection.image_size
     near = [(region, near_borders(region, width, height)) for region in regions]
     near = [(region, sides) for region, sides in near if sides]
     if not near:
         gap = min(min(border_gaps(region, width, height).values()) for region in regions)
         subject = "every region stays" if len(regions) > 1 else f"region {regions[0].index} stays"
-        return [sentence(f"no: {subject} at least {gap} px away from the image border")]
-    return [sentence("yes: " + "; ".join(edge_phrase(region, sides, width, height) for region, sides in near))]
+        return False, f"{subject} at least {gap} px away from the image border"
+    return True, "; ".join(edge_phrase(region, sides, width, height) for region, sides in near)
 
 
 def edge_phrase(region: Region, sides: list[str], width: int, height: int) -> str:

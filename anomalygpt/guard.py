@@ -127,7 +127,9 @@ class Question:
     focus: str | int | None = None  # "biggest", "smallest", "severe", a region number, or None: every region
     place: str | None = None  # "edge", a LOCATION_WORDS entry, a side ("top"...), "corner"; for kind "near"
     family: str | None = None  # a defect type the question names ("Is it a crack?")
-    polarity: str | None = None  # for a yes/no defect question: "defect" (Yes = defect) or "normal" (Yes = good)
+    # for a yes/no defect question: "defect" (Yes = defect) or "normal" (Yes = good); for kind "near", "defect"
+    # (Yes = a region is at the place) or "normal" (a question whether the place is clean: Yes = none is)
+    polarity: str | None = None
 
 
 YES_NO_START = re.compile(
@@ -137,12 +139,14 @@ IDENTITY = re.compile(r"\b(could|might|may) (it|this|that) be\b|\blooks? like\b|
 PLACE_CONTEXT = re.compile(
     r"\b(near|close to|at|in|on|by|around|towards?|along|to)\s+(the\s+)?(very\s+)?(far\s+)?$", re.IGNORECASE
 )
+# "Is the top left OK?": the place is the question's subject.
+PLACE_SUBJECT = re.compile(r"^\W*(is|are|was|were|does|do|did|has|have|had)\s+(the\s+)?(very\s+)?$", re.IGNORECASE)
 PLACE_NOUN = re.compile(r"^[- ]*(side|half|part|third|area|region|corner|edge|portion)\b", re.IGNORECASE)
 DEFECT_NOUN = r"(defects?|anomal(y|ies)|flaws?|damage|problems?|issues?|faults?|cracks?|scratch(es)?)"
 # Asking whether it is good: "Yes" then means normal. Matched first and blanked, so "defect-free" is not a defect.
 NORMAL_WORDS = re.compile(
     rf"\bdefect-free\b|\b(free (of|from)|without( any| a)?) {DEFECT_NOUN}\b"
-    r"|\b(normal|ok|okay|fine|good|acceptable|intact|flawless|perfect|pass(es)?)\b",
+    r"|\b(normal|ok|okay|fine|good|acceptable|intact|flawless|perfect|pass(es)?|clean|undamaged|unaffected|spotless)\b",
     re.IGNORECASE,
 )
 DEFECT_WORDS = re.compile(
@@ -202,10 +206,12 @@ def read_question(text: str, defect_types: Sequence[DefectType] = ()) -> Questio
         kind = "near"
     elif kind is None and focus is not None:
         kind = "describe" if isinstance(focus, int) else "biggest"
-    elif kind is None and (polarity is not None or DEFECT_WORDS.search(NORMAL_WORDS.sub(" ", text))):
+    elif kind is None and (polarity is not None or asks_defect(text)):
         kind = "anomaly"
     if kind == "near" and place is None:
         place = "edge"
+    if kind == "near":  # Yes means a region is there, unless the question asks whether the place is clean
+        polarity = "normal" if asks_normal_only(text) else "defect"
     return Question(" ".join(text.split()), kind or "other", focus, place, family, polarity)
 
 
@@ -225,7 +231,12 @@ def question_place(text: str) -> str | None:
     for place, pattern in PLACE_PATTERNS:
         for found in pattern.finditer(text):
             before = text[max(0, found.start() - 24) : found.start()]
-            if place in ("edge", "corner") or PLACE_CONTEXT.search(before) or PLACE_NOUN.match(text[found.end() :]):
+            if (
+                place in ("edge", "corner")
+                or PLACE_CONTEXT.search(before)
+                or PLACE_SUBJECT.match(text[: found.start()])
+                or PLACE_NOUN.match(text[found.end() :])
+            ):
                 return place
     return None
 
@@ -245,10 +256,19 @@ def presence_polarity(question: str) -> str | None:
     if any(pattern.search(question) for _, pattern in KIND_PATTERNS):
         return None
     asks_normal = NORMAL_WORDS.search(question) is not None
-    asks_defect = DEFECT_WORDS.search(NORMAL_WORDS.sub(" ", question)) is not None
-    if asks_normal == asks_defect:  # neither, or "normal or defective?": not a yes/no question
+    if asks_normal == asks_defect(question):  # neither, or "normal or defective?": not a yes/no question
         return None
     return "normal" if asks_normal else "defect"
+
+
+def asks_defect(text: str) -> bool:
+    """The text names a defect ("defect-free" and "free of flaws" do not)."""
+    return DEFECT_WORDS.search(NORMAL_WORDS.sub(" ", text)) is not None
+
+
+def asks_normal_only(text: str) -> bool:
+    """The text asks whether something is good ("clean", "OK", "free of defects") and names no defect."""
+    return NORMAL_WORDS.search(text) is not None and not asks_defect(text)
 
 
 def expected_opening(

@@ -103,6 +103,24 @@ def test_a_focused_question_is_about_one_region() -> None:
     assert "numbered as regions 1 to 3" in answer_text(read_question("Where is region 7?"), grounds)
 
 
+@pytest.mark.parametrize(
+    ("question", "many", "normal"),
+    [
+        ("Is there a defect in the top left?", "Yes: region 1 is in the top left.", "No: "),
+        ("Is the top left clean?", "No: region 1 is in the top left.", "Yes: "),
+        ("Is the bottom right corner OK?", "No: region 3 is from the bottom to the bottom right.", "Yes: "),
+        ("Is the center free of defects?", "Yes: no anomalous region is in the center; the anomalous regions", "Yes: "),
+        ("Is the edge clean?", "No: region 2 touches the top border.", "Yes: "),
+        ("Does it touch the border?", "Yes: region 2 touches the top border.", "No: "),
+    ],
+)
+def test_a_place_question_is_answered_by_its_polarity(question: str, many: str, normal: str) -> None:
+    """'Is the top left clean?' is answered No where a region is: Yes means what the question asks, which for a
+    question whether a place is clean is that no region is there."""
+    assert answer_text(read_question(question), Grounds(MANY)).startswith(many)
+    assert answer_text(read_question(question), Grounds(NORMAL)).startswith(normal)
+
+
 def test_warnings_and_low_confidence_come_first_in_every_kind() -> None:
     opening = " ".join(preamble(LOW))
     assert opening.startswith("Warning: the references do not fit this image. Note: my confidence in this verdict")

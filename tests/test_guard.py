@@ -20,9 +20,13 @@ from anomalygpt.guard import Question, read_question
         ("Which region is the largest?", "biggest", "biggest", None, None, None),
         ("Tell me about the second region.", "describe", 2, None, None, None),
         ("Where is region 3?", "where", 3, None, None, None),
-        ("Is it near the top?", "near", None, "top", None, None),
+        ("Is it near the top?", "near", None, "top", None, "defect"),  # near: Yes = a region is there
+        ("Is the bottom right corner clean?", "near", None, "bottom right", None, "normal"),  # Yes = none is
+        ("Is the top left OK?", "near", None, "top left", None, "normal"),  # the place as the subject
+        ("Is the edge free of defects?", "near", None, "edge", None, "normal"),
+        ("Does the top look damaged?", "near", None, "top", None, "defect"),
         ("Is there a defect in the bottom left corner?", "near", None, "bottom left", None, "defect"),
-        ("Does it touch the border?", "near", None, "edge", None, None),
+        ("Does it touch the border?", "near", None, "edge", None, "defect"),
         ("Is that right?", "other", None, None, None, None),  # 'right' after no preposition is not a place
         ("Is it a crack?", "kind", None, None, "crack", "defect"),
         ("Could it be a blotch?", "kind", None, None, "blotch", None),
