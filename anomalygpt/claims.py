@@ -682,19 +682,47 @@ def relative_conflicts(text: str, chosen: Sequence[Region], regions: Sequence[Re
     return out
 
 
+# Words for a generic family an answer may use instead of its name: checked as that family ("a foreign patch" is
+# contamination, which a region about as bright as its surroundings does not fit).
+FAMILY_WORDS = {
+    "contamination": r"foreign (?:material|matter|bod(?:y|ies)|objects?|particles?|patch(?:es)?)|dirt|dust|debris"
+    r"|residues?",
+    "crack": r"fractures?|micro-?cracks?",
+    "scratch": r"scrapes?|abrasions?",
+    "spot": r"dots?|specks?",
+    "stain": r"discolou?rations?|smudges?|blotch(?:es)?",
+    "missing material": r"chips?|chipped|broken edges?",
+}
+# Defect kinds no region descriptor can support: the detector does not tell them apart, so naming one states a fact
+# the inspection does not hold (unless the product's own defect types name it).
+UNSUPPORTED_KINDS = re.compile(
+    r"\b(holes?|dents?|bubbles?|burn(?:s| marks?)?|corrosion|rust|delamination|voids?|inclusions?|blisters?"
+    r"|short circuits?|solder(?:ing)? (?:defects?|faults?)|cold joints?)\b(?!-)",
+    re.IGNORECASE,
+)
+
+
 def family_conflicts(
     text: str, segment: Segment, chosen: Sequence[Region], grounds: Grounds
 ) -> tuple[str, list[Conflict]]:
-    """Defect types the regions' descriptors do not fit; their names are blanked from the text afterwards."""
+    """Defect types (by name, or by a word for a generic one) the regions' descriptors do not fit, and kinds no
+    descriptor supports; the words are blanked from the text afterwards."""
     size, out = grounds.inspection.image_size, []
-    for kind in (*grounds.defect_types, *GENERIC_DEFECT_TYPES):
-        pattern = re.compile(rf"\b{re.escape(kind.name)}(s|es)?\b(?!-)", re.IGNORECASE)
+    kinds = (*grounds.defect_types, *GENERIC_DEFECT_TYPES)
+    for kind in kinds:
+        words = rf"{re.escape(kind.name)}(s|es)?"
+        if kind.name in FAMILY_WORDS and not any(own.name == kind.name for own in grounds.defect_types):
+            words += "|" + FAMILY_WORDS[kind.name]
+        pattern = re.compile(rf"\b(?:{words})\b(?!-)", re.IGNORECASE)
         for found in pattern.finditer(text):
             fits = [kind.fits(region, size) for region in chosen]
             if not holds(fits, segment.regions is not None, negated(text, found.start())):
                 out.append(Conflict("family", found.group(0), region_of(segment), "descriptors do not fit"))
         text = blank(pattern, text)
-    return text, out
+    for found in UNSUPPORTED_KINDS.finditer(text):
+        if not negated(text, found.start()):
+            out.append(Conflict("family", found.group(0), region_of(segment), "the detector does not tell"))
+    return blank(UNSUPPORTED_KINDS, text), out
 
 
 def edge_conflicts(

@@ -98,6 +98,10 @@ def test_a_region_is_in_every_cell_it_spans() -> None:
         ("It is 3.5 normal spreads above the threshold.", "score"),
         ("The score is below the threshold.", "score"),
         ("Region 1 could be a crack.", "family"),
+        ("Region 3 is a foreign patch.", "family"),  # a word for contamination, which elongated region 3 does not fit
+        ("Region 2 looks like a fracture.", "family"),  # a crack: region 2 is compact
+        ("Region 1 is a hole.", "family"),  # no descriptor tells a hole
+        ("There are bubbles at the bottom.", "family"),
         ("No anomalous region is in the top left.", "location"),
         ("Region 2 touches the bottom border.", "edge"),
         ("Region 1 is near the edge.", "edge"),
@@ -133,6 +137,9 @@ def test_a_wrong_fact_is_caught(sentence: str, fact: str) -> None:
         "Region 2 in the top right has the highest peak score.",
         "Region 2 in the top right drives the score.",
         "Region 3 could be a scratch.",
+        "Region 1 could be dirt or a foreign particle.",  # contamination fits compact, darker region 1
+        "Region 3 could be a scrape.",
+        "It is not a hole.",
         "Region 1 best matches reference 2 in the top left, and is 14 grey levels darker than that good area.",
         "Together they cover 4.1% of the image.",
         "The image is anomalous, and my confidence is medium.",
