@@ -13,19 +13,6 @@ import torch
 from anomalygpt.memory import PatchMemory
 from anomalygpt.verdict import Calibration, top_mean
 
-# With one reference the threshold comes from the quadrants of that image alone and cannot see how good parts
-# differ from one another: on ELPV its false alarms ranged from 0 % to 93 % over three draws (bench/RESULTS.md).
-ONE_REFERENCE_CAVEAT = (
-    "one reference: its threshold cannot see how good parts vary; "
-    "give 4 or more good references for a dependable threshold"
-)
-# Without references the verdict is the text-aligned decoder's, trained on simulated defects only: on real ELPV cells
-# it ranks at an image AUROC of 0.60-0.62 (bench/RESULTS.md), so no answer may present it as dependable.
-ZERO_SHOT_TEXT_CAVEAT = (
-    "no good references: this verdict comes from a decoder trained on simulated defects, with a threshold set on "
-    "simulated images, and is much weaker on real products; give 4 or more good references for a dependable verdict"
-)
-
 
 @dataclass(frozen=True)
 class CalibrationConfig:

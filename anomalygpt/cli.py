@@ -448,7 +448,7 @@ def run_detect(options: DetectOptions) -> int:
         records = inspect_all(job, options)
     except (ImageError, OSError) as error:  # a file changed or a disk filled after the checks
         return fail("detect", error, code=1)
-    from anomalygpt.calibration import ZERO_SHOT_TEXT_CAVEAT  # torch is loaded by now
+    from anomalygpt.verdict import ZERO_SHOT_TEXT_CAVEAT
 
     if any(ZERO_SHOT_TEXT_CAVEAT in record["warnings"] for record in records):  # every such record's: once
         print(f"{PROG} detect: warning: {ZERO_SHOT_TEXT_CAVEAT}", file=sys.stderr)
@@ -538,6 +538,8 @@ def prepare_detect(options: DetectOptions) -> DetectJob:
     if options.processes > cores:
         raise UsageError(f"--processes: at most this machine's {cores} cores, got {options.processes}")
     check_out_dir(options.out)
+    if options.out is None and (options.overwrite or options.maps != "all"):
+        raise UsageError("--overwrite and --maps: only with --out (they say which files it gets)")
     if options.profile is not None and options.refs:
         raise UsageError("--profile and --ref: give the references one way, a profile or image files")
     if options.profile is not None and not options.profile.is_file():

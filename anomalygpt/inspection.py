@@ -21,8 +21,6 @@ from tqdm import tqdm
 
 from anomalygpt.backbones import VisionBackbone, WeightsError, build_backbone
 from anomalygpt.calibration import (
-    ONE_REFERENCE_CAVEAT,
-    ZERO_SHOT_TEXT_CAVEAT,
     Calibration,
     calibrate,
     fixed_calibration,
@@ -56,9 +54,11 @@ from anomalygpt.regions import map_cell_px
 from anomalygpt.shared_batch import SharedBatch, SharedBatches
 from anomalygpt.text import build_text_encoder
 from anomalygpt.verdict import (
+    ONE_REFERENCE_CAVEAT,
+    ZERO_SHOT_TEXT_CAVEAT,
     Inspection,
-    fit_warning,
     grey_thumbnail,
+    query_warnings,
     top_mean,
     working_image,
 )
@@ -396,7 +396,7 @@ class Inspector:
         inspection = self.geometry.inspection(
             pixels, anomaly_map, Mode("zero-shot-text", 0, calibration), class_name, source, sensitivity, timings
         )
-        inspection.warnings = [ZERO_SHOT_TEXT_CAVEAT]
+        inspection.warnings = [*query_warnings(pixels, None, self.geometry.input_side), ZERO_SHOT_TEXT_CAVEAT]
         return inspection
 
     def inspect_batch(
@@ -448,9 +448,9 @@ class Inspector:
                 if sha256 != hashes[index]:
                     raise InspectionError(f"{name}: changed while the batch was inspected (not the bytes scored)")
                 anomaly_map = fuse_maps([maps[index][None]], sizes[0], cfg.sigma)[0]
-                inspection = self.geometry.inspection(
-                    working_image(original), anomaly_map, mode, class_name, name, sensitivity, timings
-                )
+                pixels = working_image(original)
+                inspection = self.geometry.inspection(pixels, anomaly_map, mode, class_name, name, sensitivity, timings)
+                inspection.warnings = query_warnings(pixels, None, self.geometry.input_side)
                 inspection.source_sha256 = sha256
                 yield inspection
 
@@ -587,8 +587,7 @@ class Finisher:
         inspection = self.geometry.inspection(
             image.pixels, anomaly_map, self.mode, self.class_name, source, self.sensitivity, timings, score
         )
-        warning = fit_warning(fit)
-        inspection.warnings = ([warning] if warning else []) + self.warnings
+        inspection.warnings = query_warnings(image.pixels, fit, self.geometry.input_side) + self.warnings
         inspection.reference_fit = fit
         if image.pixels.shape[:2] != image.source_size:
             inspection.source_size = image.source_size

@@ -21,9 +21,8 @@ import torch
 
 from anomalygpt.backbones import VisionBackbone
 from anomalygpt.memory import MemoryConfig, encode_views, fuse_maps, nearest_distance
-from anomalygpt.verdict import FitStatistics, fit_of_distances, grey_thumbnail, top_mean
+from anomalygpt.verdict import BLANK_STD, FitStatistics, fit_of_distances, grey_thumbnail, pixel_spread, top_mean
 
-BLANK_STD = 2.0  # grey levels: a reference whose pixels vary less than this shows no product
 # The same picture: grey levels differing by less than DUPLICATE_RMS (root mean square, 0-255, full resolution).
 # ELPV dev half (bench/bench_reference_checks.py): re-saved copies 0, JPEG quality 95 up to 1.2, 1-level noise
 # 0.8, JPEG quality 75 up to 2.3 (65-95 % caught); the closest distinct good cells 2.9 (mono) and 3.4 (poly).
@@ -62,9 +61,10 @@ def check_references(images: Sequence[np.ndarray], names: Sequence[str]) -> Refe
                 f"{image.shape[1]}x{image.shape[0]}); use references of one size"
             )
         size = image.shape[:2]
-        if float(image.std()) < BLANK_STD:
+        spread = pixel_spread(image)
+        if spread < BLANK_STD:
             raise InspectionError(
-                f"{name}: blank reference (its pixels vary by {float(image.std()):.1f} grey levels); "
+                f"{name}: blank reference (its pixels vary by {spread:.1f} grey levels); "
                 "references must be good images of the product"
             )
         thumbs.append(torch.from_numpy(grey_thumbnail(image).ravel()))

@@ -6,6 +6,7 @@ reference-fit check. One definition each, so the two paths cannot drift apart.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, NamedTuple
@@ -30,6 +31,81 @@ BRIGHTNESS_LIMIT = 4.0
 # 19 per cell type (bench/bench_pools.py --parts trust --half dev): draws whose false alarms on the queries that fit
 # their references passed 5 %: 3 of 40 at k = 4 (worst 47 %), 6 of 40 at k = 8 (worst 9 %), none at k = 16.
 STEADY_REFERENCES = 16
+
+
+# With one reference the threshold comes from the quadrants of that image alone and cannot see how good parts
+# differ from one another: on ELPV its false alarms ranged from 0 % to 93 % over three draws (bench/RESULTS.md).
+ONE_REFERENCE_CAVEAT = (
+    "one reference: its threshold cannot see how good parts vary; "
+    "give 4 or more good references for a dependable threshold"
+)
+# Without references the verdict is the text-aligned decoder's, trained on simulated defects only: on real ELPV cells
+# it ranks at an image AUROC of 0.60-0.62 (bench/RESULTS.md), so no answer may present it as dependable.
+ZERO_SHOT_TEXT_CAVEAT = (
+    "no good references: this verdict comes from a decoder trained on simulated defects, with a threshold set on "
+    "simulated images, and is much weaker on real products; give 4 or more good references for a dependable verdict"
+)
+
+
+# An image whose pixels vary by less than this (grey levels, the most varied channel's standard deviation) shows
+# no product: a blank reference is refused, a blank query warned of.
+BLANK_STD = 2.0
+# A query this close to a reference in appearance (cosine distance) is the same picture: identical pixels give 0 up
+# to rounding; the closest two distinct cells of ELPV's development half are 0.0016 apart (1,175 cells, scratch check
+# recorded in bench/RESULTS.md), 15 times as far.
+SAME_PICTURE_DISTANCE = 1e-4
+# Smaller images are inspected with a warning. ELPV's development half, cells and their 4 references shrunk alike
+# (bench/bench_small_images.py, 2 draws per type): image AUROC 0.878 at 300 px, 0.874 at 128, 0.868 at 96, 0.853 at
+# 64, 0.837 at 48, 0.803 at 32, 0.731 at 16. At 96 px the loss (0.010) is within the spread between two draws of
+# references (poly: 0.014 at 300 px, 0.030 at 96); at 64 px (0.025, poly 0.043) it is not. The backbone saw every
+# size at its 320 px input, so the limit is the enlargement: a smaller side under 0.3 of the input side (96 of 320).
+RELIABLE_SHARE = 0.3
+
+
+def pixel_spread(image: np.ndarray) -> float:
+    """The standard deviation of an (H, W) or (H, W, C) uint8 image's levels, of its most varied channel."""
+    _, std = cv2.meanStdDev(image)
+    return float(std.max())
+
+
+# How the trust warnings about the query begin (the figure shows each in short, visualize.SHORT_WARNINGS).
+SAME_PICTURE_HEAD = "the image is the same picture as the good reference"
+BLANK_HEAD = "the image is blank"
+SMALL_HEAD = "the image is only"
+FIT_HEAD = "the image does not look like the good references"
+
+
+def query_warnings(pixels: np.ndarray, fit: dict[str, Any] | None, input_side: int) -> list[str]:
+    """Why an inspection of this query cannot be trusted, one line each: it is one of the references, it is blank,
+    it is too small to show fine defects at the backbone's input_side, it does not look like the references
+    (fit_warning; fit None: no references)."""
+    warnings = []
+    if fit is not None and float(fit["distance"]) <= SAME_PICTURE_DISTANCE:
+        warnings.append(
+            f"{SAME_PICTURE_HEAD} {fit['nearest'][0]}: it was scored against itself, so the verdict says nothing "
+            "about it; inspect it against references that do not include it"
+        )
+    spread = pixel_spread(pixels)
+    if spread < BLANK_STD:
+        warnings.append(
+            f"{BLANK_HEAD} (its pixels vary by {spread:.1f} grey levels): there is no product to inspect; check the "
+            "camera, the lighting and the file"
+        )
+    height, width = pixels.shape[:2]
+    reliable = math.ceil(RELIABLE_SHARE * input_side)
+    if min(height, width) < reliable:
+        warnings.append(
+            f"{SMALL_HEAD} {width}x{height} px, enlarged {input_side / min(height, width):.1f} times for the model: "
+            f"defects a few pixels wide at this size are lost; inspect a picture of {reliable} px or more per side"
+        )
+    unfit = fit_warning(fit)
+    return warnings + ([unfit] if unfit else [])
+
+
+BATCH_MODE_NOTE = (
+    "no references: the image was scored against the other images of its batch; the threshold comes from the "
+    "batch's own scores and assumes fewer than half of them are defective"
+)
 
 
 def few_references_note(n_references: int) -> str | None:
@@ -172,6 +248,8 @@ class Inspection:
     def notes(self) -> list[str]:
         """What to know about how the verdict was reached, short of a warning (few_references_note), one line
         each: in the record beside the warnings; the front ends show them after the verdict."""
+        if self.mode == "zero-shot-batch":
+            return [BATCH_MODE_NOTE]
         note = few_references_note(self.n_references)
         return [note] if note else []
 
@@ -313,7 +391,7 @@ def fit_miss(fit: dict[str, object] | None) -> tuple[str, float] | None:
     return ("spacing", ratio) if ratio > FIT_LIMIT else ("brightness", light)
 
 
-def fit_warning(fit: dict[str, object]) -> str | None:
+def fit_warning(fit: dict[str, object] | None) -> str | None:
     """The one-line warning for a query that does not fit its references, else None."""
     miss = fit_miss(fit)
     if miss is None:
@@ -324,6 +402,6 @@ def fit_warning(fit: dict[str, object]) -> str | None:
     else:
         found = f"it is {abs(value):.1f} spreads {'brighter' if value > 0 else 'darker'} than they are"
     return (
-        f"the image does not look like the good references ({found}): another product, design or lighting, or "
+        f"{FIT_HEAD} ({found}): another product, design or lighting, or "
         "a defect over much of it? The verdict compares it with references that do not fit"
     )

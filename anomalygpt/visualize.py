@@ -26,7 +26,15 @@ from matplotlib import colormaps
 
 from anomalygpt.io import png_bytes, write_bytes_atomic
 from anomalygpt.regions import Region
-from anomalygpt.verdict import fit_miss
+from anomalygpt.verdict import (
+    BLANK_HEAD,
+    FIT_HEAD,
+    ONE_REFERENCE_CAVEAT,
+    SAME_PICTURE_HEAD,
+    SMALL_HEAD,
+    ZERO_SHOT_TEXT_CAVEAT,
+    fit_miss,
+)
 
 if TYPE_CHECKING:  # inspection imports torch; pictures need only its fields
     from anomalygpt.inspection import Inspection
@@ -277,19 +285,42 @@ def inspection_figure(image: np.ndarray, inspection: Inspection, cmap: str = "je
         n_regions=len(inspection.regions),
         p_value=inspection.p_value,
     )
-    warning = fit_line(inspection.reference_fit)
+    warning = warning_line(inspection.warnings, inspection.reference_fit)
     strips = [banner] if warning is None else [banner, warning_strip(picture.shape[1], warning)]
     return np.concatenate([*strips, picture, legend], axis=0)
 
 
-def fit_line(reference_fit: dict[str, Any] | None) -> str | None:
-    """The figure's short form of the reference-fit warning (verdict.fit_warning), or None when the query fits."""
-    miss = fit_miss(reference_fit)
-    if miss is None:
+# The figure's short form of each warning that makes a verdict untrustworthy, by how the warning begins (the record
+# holds them in full; the reference set's notes, such as duplicates counted once, are not drawn).
+SHORT_WARNINGS = (
+    (SAME_PICTURE_HEAD, "the image is one of the references"),
+    (BLANK_HEAD, "blank image, no product"),
+    (SMALL_HEAD, "image too small for fine defects"),
+    (ONE_REFERENCE_CAVEAT, "one reference: a rough threshold"),
+    (ZERO_SHOT_TEXT_CAVEAT, "no references: a weak verdict"),
+)
+
+
+def warning_line(warnings: Sequence[str], reference_fit: dict[str, Any] | None) -> str | None:
+    """'WARNING: ...': the short form of the first warning that has one (the reference-fit warning's with its
+    figure), and how many more there are; None when there is none to draw."""
+    shown = [short for warning in warnings if (short := short_warning(warning, reference_fit)) is not None]
+    if not shown:
         return None
-    reason, value = miss
-    found = f"{value:.1f}x their spacing" if reason == "spacing" else f"{abs(value):.1f} spreads off their brightness"
-    return f"WARNING: does not look like the good references ({found})"
+    more = f" (+{len(shown) - 1} more: see the record)" if len(shown) > 1 else ""
+    return f"WARNING: {shown[0]}{more}"
+
+
+def short_warning(warning: str, reference_fit: dict[str, Any] | None) -> str | None:
+    """A warning's short form, or None for one that is not drawn."""
+    miss = fit_miss(reference_fit)
+    if warning.startswith(FIT_HEAD) and miss is not None:
+        reason, value = miss
+        found = (
+            f"{value:.1f}x their spacing" if reason == "spacing" else f"{abs(value):.1f} spreads off their brightness"
+        )
+        return f"does not look like the good references ({found})"
+    return next((short for head, short in SHORT_WARNINGS if warning.startswith(head)), None)
 
 
 def warning_strip(width: int, text: str) -> np.ndarray:

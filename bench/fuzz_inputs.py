@@ -378,6 +378,8 @@ def option_cases(ws: Workspace, slow: bool) -> list[Case]:
         "--ref without a value": ([str(q), "--preset", str(ws.preset), "--ref"], "--ref"),
         "--processes over the cores": ([str(q), "--processes", "100000", *ws.base([])], "--processes"),
         "--maps unknown": ([str(q), "--maps", "some", *ws.base([])], "--maps"),
+        "--maps without --out": ([str(q), "--maps", "none", *ws.base([])], "--maps"),
+        "--overwrite without --out": ([str(q), "--overwrite", *ws.base([])], "--overwrite"),
     }
     for name, (argv, names) in extra.items():
         cases.append(Case("options", name, argv, "error", folder, names, None, [q]))

@@ -140,7 +140,7 @@ def test_detect_flags_the_blob_and_passes_the_good_crop(table_run: tuple[int, st
 def test_one_reference_gets_a_warning_on_stderr_and_still_inspects(
     scene: Scene, table_run: tuple[int, str, str, Path]
 ) -> None:
-    from anomalygpt.calibration import ONE_REFERENCE_CAVEAT
+    from anomalygpt.verdict import ONE_REFERENCE_CAVEAT
 
     code, stdout, stderr = run(
         ["detect", str(scene.good), "--ref", str(scene.refs / "ref0.png"), "--preset", str(scene.preset), "--json"]
@@ -631,7 +631,7 @@ def test_a_query_unlike_the_references_is_warned_about_before_the_table(scene: S
 def test_queries_without_references_or_batch_warn_once_that_the_decoder_alone_is_weak(
     scene: Scene, tmp_path: Path
 ) -> None:
-    from anomalygpt.calibration import ZERO_SHOT_TEXT_CAVEAT
+    from anomalygpt.verdict import ZERO_SHOT_TEXT_CAVEAT
 
     code, stdout, stderr = run(["detect", str(scene.good), str(scene.bad), "--json"])  # the shipped decoder
     assert code == 0, stderr

@@ -13,13 +13,13 @@ from conftest import texture_crops, with_dark_blob
 from PIL import Image
 
 from anomalygpt.backbones import WeightsError
-from anomalygpt.calibration import ZERO_SHOT_TEXT_CAVEAT
 from anomalygpt.config import load_preset
 from anomalygpt.decoder import AnomalyDecoder, DecoderSpec, anchor_cosines, projection
 from anomalygpt.grounded import Grounds, answer_text
 from anomalygpt.guard import read_question
 from anomalygpt.inspection import InspectionError, build_inspector
 from anomalygpt.state import load_state
+from anomalygpt.verdict import ZERO_SHOT_TEXT_CAVEAT
 from anomalygpt.weights import load_module
 from train.cli import main as train_main
 

@@ -21,7 +21,7 @@ from anomalygpt.export import ExportError, ExportOptions, export_profile
 from anomalygpt.inspection import build_inspector
 from anomalygpt.runtime import RuntimeBundleError, RuntimeInspectionError, RuntimeInspector, scoring
 from anomalygpt.runtime.bundle import MANIFEST, MEMORY
-from anomalygpt.verdict import fit_of_distances
+from anomalygpt.verdict import SAME_PICTURE_HEAD, fit_of_distances
 
 SCORE_TOLERANCE = 1e-4  # the promise: exported scores within this of the torch path's
 SIDE = 176  # px of the test images: downscaled to the test preset's 160 px input (as ELPV's 300 px to 320 px)
@@ -98,6 +98,9 @@ def test_exported_runtime_scores_as_the_torch_path(fitted_profile, runtimes, eng
     assert_same_inspection(lowered, runtime.inspect(queries()[0], sensitivity=4.0))
     assert verdicts[:3] == ["normal", "anomalous", "anomalous"]  # the parity covers both verdicts and regions
     assert runtime.inspect(queries()[3]).warnings[0].startswith("the image does not look like the good references")
+    reference = texture_crops(4, SIDE, seed=21)[2]  # one of the profile's own pictures: both say so first
+    assert_same_inspection(inspector.inspect(reference, refs), runtime.inspect(reference))
+    assert runtime.inspect(reference).warnings[0].startswith(SAME_PICTURE_HEAD)
     if engine == "onnx":  # a file: both name the bytes inspected
         path = tmp_path / "query.png"
         Image.fromarray(queries()[1]).save(path)

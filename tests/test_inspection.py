@@ -1,5 +1,6 @@
 import dataclasses
 import json
+import math
 
 import numpy as np
 import pytest
@@ -11,7 +12,17 @@ from anomalygpt.grounded import Grounds, answer_text
 from anomalygpt.guard import read_question
 from anomalygpt.inspection import InspectionError, Inspector, build_inspector
 from anomalygpt.regions import format_pct
-from anomalygpt.verdict import STEADY_REFERENCES, confidence_word, few_references_note
+from anomalygpt.verdict import (
+    BATCH_MODE_NOTE,
+    BLANK_HEAD,
+    RELIABLE_SHARE,
+    SAME_PICTURE_HEAD,
+    SMALL_HEAD,
+    STEADY_REFERENCES,
+    confidence_word,
+    few_references_note,
+    pixel_spread,
+)
 
 
 @pytest.fixture(scope="module")
@@ -29,6 +40,33 @@ def test_default_preset_is_the_offline_efficientnet():
     assert preset.backbone.name == "efficientnet-lite0" and preset.backbone.stages == (4, 10)
     # Augmentation decided from the references; images standardised; pools retrieve 8 nearest (ELPV dev half).
     assert preset.memory.augment is None and preset.memory.standardize is True and preset.memory.retrieve == 8
+
+
+def test_a_query_that_is_a_reference_blank_or_too_small_is_warned_of_first(inspector, references):
+    """Whatever the references are worth, such a verdict says nothing: its warning comes first, on every path."""
+    own = texture_crops(4, seed=11)  # the references' pictures
+    other = texture_crops(1, seed=99)[0]
+    same = inspector.inspect(own[2], references)
+    assert same.warnings[0].startswith(f"{SAME_PICTURE_HEAD} reference 3:") and same.score < 1e-3
+    found = list(inspector.inspect_many([own[0], other], references))
+    assert found[0].warnings[0].startswith(f"{SAME_PICTURE_HEAD} reference 1:")
+    assert found[1].warnings == inspector.inspect(other, references).warnings == []
+    blank = inspector.inspect(np.full((128, 128, 3), 77, np.uint8), references)
+    assert blank.warnings[0] == (
+        f"{BLANK_HEAD} (its pixels vary by 0.0 grey levels): there is no product to inspect; check the camera, the "
+        "lighting and the file"
+    )
+    assert pixel_spread(np.dstack([np.full((8, 8), v, np.uint8) for v in (255, 0, 0)])) == 0.0  # plain red: blank
+    side = inspector.geometry.input_side
+    small = math.ceil(RELIABLE_SHARE * side) - 1
+    tiny_refs = inspector.fit(texture_crops(4, size=small, seed=11)[:3] + [texture_crops(1, size=small, seed=5)[0]])
+    tiny = inspector.inspect(texture_crops(1, size=small, seed=98)[0], tiny_refs)
+    assert tiny.warnings[0].startswith(f"{SMALL_HEAD} {small}x{small} px, enlarged {side / small:.1f} times")
+    bigger = small + 1
+    refs = inspector.fit(texture_crops(4, size=bigger, seed=11))
+    assert inspector.inspect(texture_crops(1, size=bigger, seed=98)[0], refs).warnings == []
+    answer = answer_text(read_question("What should I do?"), Grounds(tiny))
+    assert answer.startswith("Warning: the image is only") and "can pass" not in answer
 
 
 def test_unknown_preset_and_options_are_named(tmp_path):
@@ -71,7 +109,7 @@ def test_inspection_serialises_to_json_without_the_map(inspector, references):
     assert data["notes"] == insp.notes == [few_references_note(4)] and data["n_references"] == 4
     assert data["p_value"] is None  # 4 references: no conformal threshold, no p-value
     assert dataclasses.replace(insp, n_references=16).to_dict()["notes"] == []
-    assert dataclasses.replace(insp, mode="zero-shot-batch", n_references=0).notes == []
+    assert dataclasses.replace(insp, mode="zero-shot-batch", n_references=0).notes == [BATCH_MODE_NOTE]
 
 
 def test_a_pool_with_a_conformal_threshold_gives_each_inspection_its_p_value(small_backbone):

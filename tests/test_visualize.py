@@ -12,6 +12,7 @@ from PIL import Image
 
 from anomalygpt.inspection import Inspection
 from anomalygpt.regions import Region, find_regions
+from anomalygpt.verdict import ONE_REFERENCE_CAVEAT, ZERO_SHOT_TEXT_CAVEAT, fit_warning, query_warnings
 from anomalygpt.visualize import (
     ANOMALOUS_COLOR,
     BOX_COLOR,
@@ -23,7 +24,6 @@ from anomalygpt.visualize import (
     draw_region,
     enlargement,
     evidence_pair,
-    fit_line,
     heat_colors,
     inspection_figure,
     inspection_scale,
@@ -33,6 +33,7 @@ from anomalygpt.visualize import (
     pen_for,
     save_overlay,
     verdict_banner,
+    warning_line,
     warning_strip,
 )
 
@@ -300,6 +301,7 @@ def test_a_query_unlike_its_references_gets_a_warning_strip_under_the_banner() -
     inspection.reference_fit = {"fits": True, "ratio": 1.2, "brightness": 0.3}
     assert np.array_equal(inspection_figure(image, inspection), fitting)
     inspection.reference_fit = {"fits": False, "ratio": 7.25, "brightness": 0.3}
+    inspection.warnings = [str(fit_warning(inspection.reference_fit))]
     figure = inspection_figure(image, inspection)
     banner = verdict_banner(512, is_anomalous=True, score=0.9, threshold=0.5, margin=4.0, n_regions=1)
     strip = warning_strip(512, "WARNING: does not look like the good references (7.2x their spacing)")
@@ -309,5 +311,27 @@ def test_a_query_unlike_its_references_gets_a_warning_strip_under_the_banner() -
     assert np.all(strip[:, :4] == WARNING_COLOR) and np.any(strip == 0)  # amber, with black text
     assert np.array_equal(figure[banner.shape[0] + strip.shape[0] :], fitting[banner.shape[0] :])
     darker = {"fits": False, "ratio": 1.5, "brightness": -5.04}
-    assert fit_line(darker) == "WARNING: does not look like the good references (5.0 spreads off their brightness)"
-    assert fit_line(None) is None and fit_line({"fits": None, "ratio": None, "brightness": None}) is None
+    assert warning_line([str(fit_warning(darker))], darker) == (
+        "WARNING: does not look like the good references (5.0 spreads off their brightness)"
+    )
+
+
+def test_every_warning_that_breaks_trust_is_drawn_and_the_set_s_notes_are_not() -> None:
+    """The strip shows the first warning that makes the verdict untrustworthy (one reference, no references, the
+    query is a reference, blank, too small) and counts the others; a duplicate reference counted once is not one."""
+    pixels = np.full((20, 20, 3), 128, np.uint8)  # blank and small
+    same = {"distance": 0.0, "ratio": 0.0, "brightness": 0.0, "fits": True, "nearest": ["good3.png"]}
+    warnings = query_warnings(pixels, same, 320)
+    assert len(warnings) == 3
+    assert warning_line(warnings, same) == "WARNING: the image is one of the references (+2 more: see the record)"
+    assert warning_line(warnings[1:], same) == "WARNING: blank image, no product (+1 more: see the record)"
+    assert warning_line([ONE_REFERENCE_CAVEAT], None) == "WARNING: one reference: a rough threshold"
+    assert warning_line([ZERO_SHOT_TEXT_CAVEAT], None) == "WARNING: no references: a weak verdict"
+    duplicates = "2 references are the same picture (a.png, b.png): counted once"
+    assert warning_line([duplicates], None) is None
+    assert warning_line([duplicates, ONE_REFERENCE_CAVEAT], None) == "WARNING: one reference: a rough threshold"
+    inspection = make_inspection(64, 64, (8, 40, 24, 56), is_anomalous=False)
+    image = np.full((64, 64, 3), 90, dtype=np.uint8)
+    plain = inspection_figure(image, inspection)
+    inspection.warnings = [ZERO_SHOT_TEXT_CAVEAT]
+    assert inspection_figure(image, inspection).shape[0] > plain.shape[0]  # the normal verdict gets its strip too

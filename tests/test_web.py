@@ -268,7 +268,7 @@ def test_each_region_is_shown_beside_its_best_good_match(app: WebApp, scene: Sce
 
 
 def test_one_or_few_references_get_a_note_in_the_status(app: WebApp, scene: Scene) -> None:
-    from anomalygpt.calibration import ONE_REFERENCE_CAVEAT
+    from anomalygpt.verdict import ONE_REFERENCE_CAVEAT
 
     one = app.load_query(Session(), str(scene.bad)).session
     one = app.add_references(one, [str(scene.refs[0])]).session

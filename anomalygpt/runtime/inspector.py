@@ -17,8 +17,8 @@ from anomalygpt.runtime.engines import Engine, open_engine
 from anomalygpt.verdict import (
     Inspection,
     fit_of_distances,
-    fit_warning,
     grey_thumbnail,
+    query_warnings,
     standardized,
     top_mean,
     working_image,
@@ -169,7 +169,6 @@ class RuntimeInspector:
         height, width = pixels.shape[:2]
         min_region_px = map_cell_px(height, width, min(backbone["strides"]), backbone["image_size"])
         elapsed = map_ms + (time.perf_counter() - start) * 1000
-        warning = fit_warning(fit)
         return Inspection.decided(
             pixels,
             anomaly_map,
@@ -182,7 +181,7 @@ class RuntimeInspector:
             class_name=class_name or manifest["class_name"],
             source=source,
             timings_ms={"inspect": round(elapsed, 1), "index_references": round(float(manifest["index_ms"]), 1)},
-            warnings=([warning] if warning else []) + list(manifest["warnings"]),
+            warnings=query_warnings(pixels, fit, backbone["image_size"]) + list(manifest["warnings"]),
             reference_fit=fit,
             source_size=None if (height, width) == source_size else source_size,
         )
