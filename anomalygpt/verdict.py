@@ -331,12 +331,16 @@ def decide(
     are what good images show too (bench/bench_regions.py, training pictures: count accuracy on flagged images
     0.178 -> 0.370 with the split at SPLIT_DEPTH).
 
-    The pixel threshold moves by the same shift and stays at or below the image threshold (an anomalous image has
-    a region), but never below half its calibrated value: there good texture itself becomes regions, and below 0
-    (sensitivity 5 with a wide spread) the whole image was one region.
+    The image threshold never goes below the held-out good references' mean score (nor below the calibrated
+    threshold, where that is lower): under it, more than a typical good part's score would be flagged, and
+    "anomalous, high confidence" would be said of good parts that the p-value calls common (sensitivity 5 took a
+    pool's threshold from 0.216 to 0.0002). The pixel threshold moves by the same shift and stays at or below the
+    image threshold (an anomalous image has a region), but never below half its calibrated value, where good
+    texture itself becomes regions, unless the image threshold is lower still.
     """
     shift = sensitivity * calibration.normal_spread
-    threshold = calibration.image_threshold - shift
+    lowest = min(calibration.normal_mean, calibration.image_threshold)
+    threshold = max(calibration.image_threshold - shift, lowest)
     half = calibration.pixel_threshold / 2
     floor = min(half, threshold) if threshold > 0 else half
     pixel_threshold = max(min(calibration.pixel_threshold - shift, threshold), floor)

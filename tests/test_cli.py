@@ -242,8 +242,8 @@ def test_detect_json_mode_and_sensitivity(
         (0.05, -5.0, 0.65),  # raised by 5 spreads
         (0.05, 2.0, 0.30),  # lowered by 2 spreads
         (0.05, 5.0, 0.20),  # 0.40 - 0.25 = 0.15: held at half the calibrated value
-        (0.10, 5.0, 0.20),  # 0.40 - 0.50 < 0 (image threshold -0.04): still half, not the whole image
-        (0.09, 5.0, 0.01),  # image threshold 0.01 under half: the pixel threshold follows it (a region per alarm)
+        (0.10, 5.0, 0.20),  # 0.40 - 0.50 < 0: still half, not the whole image
+        (0.09, 5.0, 0.20),  # the image threshold stops at the normal mean (0.31), above half
     ],
 )
 def test_sensitivity_keeps_the_pixel_threshold_sensible(spread: float, sensitivity: float, expected: float) -> None:
@@ -257,9 +257,25 @@ def test_sensitivity_keeps_the_pixel_threshold_sensible(spread: float, sensitivi
     anomaly_map[10:20, 30:40] = 0.9  # one 10 x 10 px defect on a background of 0.1
     decision = decide(anomaly_map, np.zeros((64, 64, 3), np.uint8), 0.9, calibration, sensitivity)
     assert decision.pixel_threshold == pytest.approx(expected)
-    assert decision.is_anomalous and sum(region.area_px for region in decision.regions) == (
-        100 if expected > 0.1 else 64 * 64
+    assert decision.is_anomalous and sum(region.area_px for region in decision.regions) == 100
+    # More sensitive never goes below the good references' mean score (0.31): 0.46 - 5 x 0.09 would be 0.01
+    assert decision.threshold == pytest.approx(max(0.46 - sensitivity * spread, 0.31))
+
+
+def test_the_image_threshold_follows_a_low_pixel_threshold_down_to_the_normal_mean() -> None:
+    """A calibration whose pixel threshold is far above its normal mean: the image threshold, held at the mean, is
+    under half the pixel threshold, and the pixel threshold follows it (an anomalous image keeps a region)."""
+    from anomalygpt.calibration import Calibration
+    from anomalygpt.verdict import decide
+
+    calibration = Calibration(
+        image_threshold=0.46, pixel_threshold=0.40, normal_mean=0.15, normal_spread=0.1, n_scores=4, method="t"
     )
+    anomaly_map = np.full((64, 64), 0.1, np.float32)
+    anomaly_map[10:20, 30:40] = 0.9
+    decision = decide(anomaly_map, np.zeros((64, 64, 3), np.uint8), 0.9, calibration, 5.0)
+    assert decision.threshold == pytest.approx(0.15) and decision.pixel_threshold == pytest.approx(0.15)
+    assert decision.is_anomalous and sum(region.area_px for region in decision.regions) == 100
 
 
 def write_bad_inputs(folder: Path) -> dict[str, Path]:
