@@ -9,6 +9,8 @@ command. Errors are one line on stderr: "anomalygpt <verb>: error: <file or opti
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import hashlib
 import importlib
 import json
 import math
@@ -142,6 +144,10 @@ class DetectJob:
     profile: Path | None = None
     batch: bool = False  # no references and at least MIN_BATCH queries: zero-shot from the batch itself
     skipped: list[Path] = field(default_factory=list)  # overlays an earlier detect wrote among the queries
+    # With --out and references: the job's identity, kept in summary.json from the start (earlier_run); None: a
+    # job that cannot be resumed (no --out, or no references: a batch's verdicts depend on the whole batch)
+    key: dict[str, Any] | None = None
+    resumed: bool = False  # --out holds an interrupted run of this job: its complete records are reused
 
 
 class CliParser(argparse.ArgumentParser):
@@ -448,6 +454,9 @@ def run_detect(options: DetectOptions) -> int:
         records = inspect_all(job, options)
     except (ImageError, OSError) as error:  # a file changed or a disk filled after the checks
         return fail("detect", error, code=1)
+    except KeyboardInterrupt:
+        kept = "the records written are kept: run the same command to resume" if job.key else "nothing is resumable"
+        return fail("detect", f"interrupted; {kept}", 130)
     from anomalygpt.verdict import ZERO_SHOT_TEXT_CAVEAT
 
     if any(ZERO_SHOT_TEXT_CAVEAT in record["warnings"] for record in records):  # every such record's: once
@@ -547,9 +556,16 @@ def prepare_detect(options: DetectOptions) -> DetectJob:
     reference_paths = reference_files(options.refs)
     queries, skipped = query_files(options.queries)
     stems = output_stems(queries)
-    check_outputs(options.out, stems, [*reference_paths, *queries], options.overwrite)
+    # An earlier run's summary.json in --out: the files may be an interrupted run of this job, told once its
+    # references and preset are known (resumable_job); any other file there is refused now.
+    out = options.out
+    earlier = out is not None and resumable(options, reference_paths) and (out / f"{SUMMARY_STEM}.json").is_file()
+    check_outputs(options.out, stems, [*reference_paths, *queries], options.overwrite or earlier)
     if options.profile is not None:
-        return prepare_profile_detect(options, options.profile, queries, stems, skipped)
+        job = prepare_profile_detect(options, options.profile, queries, stems, skipped)
+        class_name = options.class_name or (job.references.class_name if job.references else None)
+        key, resumed = job_key(options, job.preset, class_name, options.profile, [], earlier)
+        return dataclasses.replace(job, key=key, resumed=resumed)
     from anomalygpt.config import DEFAULT_PRESET, load_preset  # imports torch: after the instant checks
     from anomalygpt.inspection import build_inspector
     from anomalygpt.mutual import MIN_BATCH
@@ -568,12 +584,62 @@ def prepare_detect(options: DetectOptions) -> DetectJob:
         check_query_sizes(queries, query_sizes, size)
     elif batch:
         check_same_size(queries, query_sizes, "images inspected as one batch without references must have one size")
+    key, resumed = None, False  # zero-shot: a batch's verdicts depend on the whole batch; not resumable
+    if reference_images:
+        key, resumed = job_key(options, preset, options.class_name, None, reference_paths, earlier)
     inspector = build_inspector(preset)
     if not reference_images and not batch:
         inspector.zero_shot_prior()  # loaded now: a missing weight file fails before any output
     names = [str(path) for path in reference_paths]
     references = inspector.fit(reference_images, options.class_name, names=names) if reference_images else None
-    return DetectJob(preset, inspector, references, reference_paths, queries, stems, batch=batch, skipped=skipped)
+    return DetectJob(
+        preset,
+        inspector,
+        references,
+        reference_paths,
+        queries,
+        stems,
+        batch=batch,
+        skipped=skipped,
+        key=key,
+        resumed=resumed,
+    )
+
+
+def resumable(options: DetectOptions, reference_paths: Sequence[Path]) -> bool:
+    """A job (with --out) whose records an interrupted run may leave for a re-run: against references, and not
+    told to start over."""
+    return not options.overwrite and bool(options.profile or reference_paths)
+
+
+def job_key(
+    options: DetectOptions,
+    preset: Preset,
+    class_name: str | None,
+    profile: Path | None,
+    reference_paths: Sequence[Path],
+    earlier: bool,
+) -> tuple[dict[str, Any] | None, bool]:
+    """A resumable job's key (None without --out), and whether --out's summary.json is an interrupted run of it
+    (earlier_run: UsageError when it is another job's); before the models are built, where it can be."""
+    if options.out is None:
+        return None, False
+    from anomalygpt.io import file_sha256
+
+    if profile is not None:
+        references = file_sha256(profile)
+    else:  # the references' bytes, whatever their names
+        hashes = sorted(file_sha256(path) for path in reference_paths)
+        references = hashlib.sha256(" ".join(hashes).encode()).hexdigest()
+    key = {
+        "engine": "local",
+        "references_sha256": references,
+        "preset": preset.name,
+        "class_name": class_name,
+        "sensitivity": options.sensitivity,
+        "maps": options.maps,
+    }
+    return key, earlier and earlier_run(options.out, key)
 
 
 def image_sizes(paths: Sequence[Path]) -> list[tuple[int, int]]:
@@ -664,6 +730,40 @@ def check_outputs(out: Path | None, stems: Sequence[str], inputs: Sequence[Path]
             raise UsageError(f"{target}: is one of the input images and would be overwritten; choose another --out")
         if not overwrite:
             raise UsageError(f"{target}: already exists; pass --overwrite to replace it, or choose another --out")
+
+
+def earlier_run(out: Path, key: dict[str, Any]) -> bool:
+    """True when --out/summary.json is an earlier run of this job (every value of `key` the same: engine,
+    references, preset, class name, sensitivity, maps); UsageError when it is another job's."""
+    path = out / f"{SUMMARY_STEM}.json"
+    if not path.is_file():
+        return False
+    try:
+        previous = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        previous = None
+    if isinstance(previous, dict):
+        previous = {"maps": "all"} | previous  # a job run before --maps wrote every map
+    differ = [name for name in key if not isinstance(previous, dict) or previous.get(name) != key[name]]
+    if not differ:
+        return True
+    raise UsageError(
+        f"{path}: --out holds the results of another job ({', '.join(differ)} differ); pass --overwrite to replace "
+        "them, or choose another --out"
+    )
+
+
+def reusable_record(out: Path, source: str, stem: str, sha256: str, maps: str) -> dict[str, Any] | None:
+    """The record of this very file (its source and sha256) that an earlier run of the job completed, with every
+    file `maps` asks for; None otherwise."""
+    try:
+        record = json.loads((out / output_files(stem)["inspection"]).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or record.get("source") != source or record.get("source_sha256") != sha256:
+        return None
+    files = summary_image(record, stem, maps)["files"].values()
+    return record if all((out / name).is_file() for name in files) else None
 
 
 def file_identity(path: Path) -> tuple[int, int] | None:
@@ -764,20 +864,25 @@ def output_stems(paths: Sequence[Path]) -> list[str]:
 def inspect_all(job: DetectJob, options: DetectOptions) -> list[dict[str, Any]]:
     """Inspect every query (progress bar on an interactive stderr), writing its outputs as it goes: the models run
     in this thread, each image's files are drawn and written in threads beside them (in order, a few images behind)."""
-    show = len(job.queries) > 1 and sys.stderr.isatty()
+    reused = reused_records(job, options)
+    queries = [path for index, path in enumerate(job.queries) if index not in reused]
+    stems = [stem for index, stem in enumerate(job.stems) if index not in reused]
+    if options.out is not None and job.key is not None:  # the job's identity first: an interrupted run resumes
+        write_json_atomic(options.out / f"{SUMMARY_STEM}.json", summary_of(job, options, []) | job_state(job, False))
+    show = len(queries) > 1 and sys.stderr.isatty()
     inspections: Iterator[Inspection]
     if job.batch:
-        print(f"{PROG} detect: note: {BATCH_NOTE.format(n=len(job.queries))}", file=sys.stderr)
+        print(f"{PROG} detect: note: {BATCH_NOTE.format(n=len(queries))}", file=sys.stderr)
         inspections = job.inspector.inspect_batch(
-            job.queries, options.class_name, [str(p) for p in job.queries], options.sensitivity, progress=show
+            queries, options.class_name, [str(p) for p in queries], options.sensitivity, progress=show
         )
     elif job.references is not None:  # decoded a batch ahead, one backbone pass per batch (same results)
         from anomalygpt.inspection import BATCH_SIZE
 
-        sources = [str(p) for p in job.queries]
+        sources = [str(p) for p in queries]
         size = options.batch_size or BATCH_SIZE
         inspections = job.inspector.inspect_many(
-            job.queries,
+            queries,
             job.references,
             options.class_name,
             sources,
@@ -787,8 +892,7 @@ def inspect_all(job: DetectJob, options: DetectOptions) -> list[dict[str, Any]]:
         )
     else:
         inspections = (
-            job.inspector.inspect(path, None, options.class_name, str(path), options.sensitivity)
-            for path in job.queries
+            job.inspector.inspect(path, None, options.class_name, str(path), options.sensitivity) for path in queries
         )
 
     def record(item: tuple[Path, str, Inspection]) -> dict[str, Any]:
@@ -805,10 +909,11 @@ def inspect_all(job: DetectJob, options: DetectOptions) -> list[dict[str, Any]]:
 
         return write_outputs(options.out, stem, picture, inspection, maps=options.maps)
 
-    items = zip(job.queries, job.stems, inspections, strict=True)
+    items = zip(queries, stems, inspections, strict=True)
     done = ordered_map(record, items, WRITE_THREADS)
-    bar = tqdm(done, total=len(job.queries), desc="inspecting", unit="image", file=sys.stderr, disable=not show)
-    records = list(bar)
+    bar = tqdm(done, total=len(queries), desc="inspecting", unit="image", file=sys.stderr, disable=not show)
+    fresh = iter(bar)
+    records = [reused[index] if index in reused else next(fresh) for index in range(len(job.queries))]
     if options.out is not None:
         write_json_atomic(options.out / f"{SUMMARY_STEM}.json", summary(job, options, records))
     return records
@@ -854,9 +959,33 @@ def written_files(record: dict[str, Any], stem: str, maps: str) -> dict[str, str
     return files if maps == "all" or (maps == "flagged" and flagged) else {"inspection": files["inspection"]}
 
 
+def reused_records(job: DetectJob, options: DetectOptions) -> dict[int, dict[str, Any]]:
+    """Query index -> the record an interrupted run of this job completed for that very file (resumed jobs)."""
+    if not job.resumed or options.out is None:
+        return {}
+    from anomalygpt.io import file_sha256
+
+    out, found = options.out, {}
+    for index, (path, stem) in enumerate(zip(job.queries, job.stems, strict=True)):
+        record = reusable_record(out, str(path), stem, file_sha256(path), options.maps)
+        if record is not None:
+            found[index] = record
+    print(
+        f"{PROG} detect: note: {safe_text(out / f'{SUMMARY_STEM}.json')} is this job's, interrupted: {len(found)} of "
+        f"{len(job.queries)} images are reused from it, the others inspected",
+        file=sys.stderr,
+    )
+    return found
+
+
 def summary(job: DetectJob, options: DetectOptions, records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     images = [summary_image(record, stem, options.maps) for record, stem in zip(records, job.stems, strict=True)]
-    return summary_of(job, options, images)
+    return summary_of(job, options, images) | job_state(job, True)
+
+
+def job_state(job: DetectJob, complete: bool) -> dict[str, Any]:
+    """What summary.json keeps of a resumable job: its key, and whether every image has its record."""
+    return {} if job.key is None else job.key | {"complete": complete}
 
 
 def summary_image(record: dict[str, Any], stem: str, maps: str = "all") -> dict[str, Any]:

@@ -38,10 +38,11 @@ from anomalygpt.cli import (
     check_out_dir,
     check_outputs,
     check_sensitivity,
+    earlier_run,
     fail,
-    output_files,
     output_stems,
     reference_notes,
+    reusable_record,
     summary_image,
     summary_of,
     unfit_count,
@@ -55,8 +56,6 @@ if TYPE_CHECKING:
     from eval.runner import Encoder, PatchCache
 
 ENGINE = "ray"
-# A resumable summary agrees on these
-JOB_KEYS = ("engine", "profile_sha256", "preset", "class_name", "sensitivity", "maps")
 SHOWN_FAILURES = 10  # failed images named on stderr; summary.json lists them all
 PROBE_SECONDS = 5.0  # a cluster's address must accept a connection this fast
 INSTALL_HINT = "install it with: pip install 'anomalygpt[ray]'"
@@ -161,9 +160,9 @@ def triage(row: Row, references: References, out: Path, job: ActorJob) -> Outcom
     except OSError as error:
         return Outcome(row.index, "failed", f"{row.source}: cannot read ({error.strerror})")
     sha256 = hashlib.sha256(data).hexdigest()
-    entry = reusable_entry(out, row, sha256, job.maps) if job.reuse else None
-    if entry is not None:
-        return Outcome(row.index, "reused", json.dumps(entry))
+    record = reusable_record(out, row.source, row.stem, sha256, job.maps) if job.reuse else None
+    if record is not None:
+        return Outcome(row.index, "reused", json.dumps(summary_image(record, row.stem, job.maps)))
     try:
         image = load_image(data, name=row.source)  # (H, W, 3) uint8
         check_query_size(working_image(image), references, row.source)
@@ -172,25 +171,13 @@ def triage(row: Row, references: References, out: Path, job: ActorJob) -> Outcom
     return Ready(row, image, sha256)
 
 
-def reusable_entry(out: Path, row: Row, sha256: str, maps: str) -> dict[str, Any] | None:
-    """The summary entry of a complete record of this very file from an earlier run of the job; None otherwise."""
-    try:
-        record = json.loads((out / output_files(row.stem)["inspection"]).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if not isinstance(record, dict) or record.get("source") != row.source or record.get("source_sha256") != sha256:
-        return None
-    entry = summary_image(record, row.stem, maps)
-    return entry if all((out / name).is_file() for name in entry["files"].values()) else None
-
-
 @dataclass
 class RayDetect:
     """The checked job: what the driver needs to run it and to write summary.json."""
 
     job: DetectJob
     actor_job: ActorJob
-    key: dict[str, Any]  # JOB_KEYS' values
+    key: dict[str, Any]  # the job's identity: engine, profile_sha256, preset, class name, sensitivity, maps
     resumed: bool  # --out holds an earlier run of this job: its complete records are reused
 
 
@@ -283,26 +270,6 @@ def check_ray_settings(settings: RaySettings) -> None:
         raise UsageError(f"--ray-cpus: must be a number above 0, got {settings.cpus:g}")
     if settings.gpus is not None and not (math.isfinite(settings.gpus) and settings.gpus >= 0):
         raise UsageError(f"--ray-gpus: must be a number from 0 up, got {settings.gpus:g}")
-
-
-def earlier_run(out: Path, key: dict[str, Any]) -> bool:
-    """True when --out/summary.json is an earlier Ray run of this job; UsageError when it is another job's."""
-    path = out / f"{SUMMARY_STEM}.json"
-    if not path.is_file():
-        return False
-    try:
-        previous = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        previous = None
-    if isinstance(previous, dict):
-        previous = {"maps": "all"} | previous  # a job run before --maps wrote every map
-    differ = [name for name in JOB_KEYS if not isinstance(previous, dict) or previous.get(name) != key[name]]
-    if not differ:
-        return True
-    raise UsageError(
-        f"{path}: --out holds the results of another job ({', '.join(differ)} differ); pass --overwrite to replace "
-        "them, or choose another --out"
-    )
 
 
 def ray_module() -> Any:

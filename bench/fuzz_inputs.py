@@ -399,7 +399,8 @@ def too_many_references(ws: Workspace, png: bytes) -> Path:
 
 
 def sensitivity_case(ws: Workspace, value: str) -> Case:
-    """A valid sensitivity (exponent forms included): the threshold moves by exactly that many spreads."""
+    """A valid sensitivity (exponent forms included): the threshold moves by exactly that many spreads, down to the
+    good references' mean score at most."""
     folder = ws.folder()
     q = write(folder / "q.png", encode(ws.good, "PNG"))
     argv = ws.base([str(q), "--json", "--sensitivity", value])
@@ -407,7 +408,8 @@ def sensitivity_case(ws: Workspace, value: str) -> Case:
     def shifted(run: Run) -> bool:
         record = json.loads(run.out)[0]
         calibration = record["calibration"]
-        expected = calibration["image_threshold"] - float(value) * calibration["normal_spread"]
+        lowest = min(calibration["normal_mean"], calibration["image_threshold"])
+        expected = max(calibration["image_threshold"] - float(value) * calibration["normal_spread"], lowest)
         return abs(record["threshold"] - expected) < 1e-9 and record["pixel_threshold"] > 0
 
     return Case("options", f"--sensitivity {value} (valid)", argv, "accept", folder, "", None, [q], shifted)

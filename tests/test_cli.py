@@ -531,12 +531,61 @@ def test_out_replaces_an_existing_file_only_with_overwrite(
     out = tmp_path / "results"
     out.mkdir()
     (out / "summary.json").write_text("{}")  # a summary from another run is not silently replaced either
-    assert_refused([*argv, "--out", str(out)], str(out / "summary.json"), hint, capsys)
+    other = "--out holds the results of another job (engine, references_sha256, preset, sensitivity differ)"
+    assert_refused([*argv, "--out", str(out)], str(out / "summary.json"), other, capsys)
     assert tree_state(query_folder) == before and tree_state(out) == {"summary.json": b"{}"}
     assert main([*argv, "--out", str(query_folder), "--overwrite"]) == 0
     after = tree_state(query_folder)
     assert after["q.png"] == before["q.png"] and after["q_overlay.png"] != before["q_overlay.png"]
     assert set(after) == set(before) | {"q.json", "q_map.npy", "summary.json"}
+
+
+def test_an_interrupted_detect_resumes_with_the_records_it_kept(
+    scene: Scene, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C keeps the records written and says so; the same command then inspects only what is missing (or
+    changed), and another job's folder is refused, unchanged."""
+    queries = tmp_path / "queries"
+    for name, row in (("a", 0), ("b", 40), ("c", 80)):
+        save(queries / f"{name}.png", crop(row, 150))
+    out = tmp_path / "out"
+    argv = ["detect", str(queries), "--ref", str(scene.refs), "--preset", str(scene.preset), "--out", str(out)]
+    assert main(argv) == 0
+    first = {name: json.loads((out / f"{name}.json").read_text()) for name in "abc"}
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["engine"] == "local" and summary["complete"] is True and summary["n_images"] == 3
+    capsys.readouterr()
+    real_write = cli.write_outputs
+
+    def interrupted(out_dir: Path, stem: str, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        if stem != "a":
+            raise KeyboardInterrupt
+        return real_write(out_dir, stem, *args, **kwargs)
+
+    for name in ("b", "c"):  # as if the first run had stopped after a
+        (out / f"{name}.json").unlink()
+    monkeypatch.setattr(cli, "write_outputs", interrupted)
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    assert "1 of 3 images are reused from it" in err  # a
+    assert "interrupted; the records written are kept: run the same command to resume" in err.splitlines()[-1]
+    assert json.loads((out / "summary.json").read_text())["complete"] is False
+    monkeypatch.setattr(cli, "write_outputs", real_write)
+    assert main(argv) == 0
+    assert "1 of 3 images are reused from it" in capsys.readouterr().err
+    second = {name: json.loads((out / f"{name}.json").read_text()) for name in "abc"}
+    assert second["a"] == first["a"] and second["b"]["score"] == pytest.approx(first["b"]["score"])
+    save(queries / "c.png", crop(120, 150))  # changed since: inspected again, not reused
+    assert main(argv) == 0
+    assert "2 of 3 images are reused from it" in capsys.readouterr().err
+    assert json.loads((out / "c.json").read_text())["source_sha256"] != second["c"]["source_sha256"]
+    done = json.loads((out / "summary.json").read_text())
+    assert done["complete"] is True and [image["source"] for image in done["images"]] == [
+        str(queries / f"{name}.png") for name in "abc"
+    ]
+    before = tree_state(out)
+    assert_refused([*argv, "--sensitivity", "1"], str(out / "summary.json"), "(sensitivity differ)", capsys)
+    assert tree_state(out) == before
 
 
 def test_negative_sensitivity_in_exponent_form_is_a_value(scene: Scene, capsys: pytest.CaptureFixture[str]) -> None:
