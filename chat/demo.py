@@ -13,6 +13,7 @@ package, never copied.
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
 import time
@@ -66,6 +67,13 @@ def main(argv: list[str]) -> int:
     if not 1 <= args.references <= 256:
         print("anomalygpt demo: error: --references must be from 1 to 256", file=sys.stderr)
         return 2
+    if not demo_folder(args.out):
+        print(
+            f"anomalygpt demo: error: {args.out}: --out holds files of something else; the demo writes (and "
+            "rewrites) a folder of its own: choose an empty or new one",
+            file=sys.stderr,
+        )
+        return 2
     try:
         preset = with_device(load_preset(args.preset), args.device)
     except ValueError as error:  # ConfigError, DeviceError
@@ -88,8 +96,8 @@ def main(argv: list[str]) -> int:
     records, inspections, images = [], [], []
     args.out.mkdir(parents=True, exist_ok=True)
     for sample in queries:
-        image = load_image(sample.path)
-        inspection = inspector.inspect(image, references, class_name="solar cell", source=sample.path.name)
+        inspection = inspector.inspect(sample.path, references, class_name="solar cell", source=sample.path.name)
+        image = load_image(sample.path)  # the package's file, for the overlay: the record hashes the bytes inspected
         write_outputs(args.out, sample.path.stem, lambda: image, inspection)  # noqa: B023 (called in this iteration)
         inspections.append(inspection)
         images.append(image)
@@ -100,7 +108,9 @@ def main(argv: list[str]) -> int:
     print(verdict_table(records))
     agree = sum(r["is_anomalous"] == (r["label"] == "defective") for r in records)
     print(f"\nLabels (ELPV experts): {', '.join(r['label'] for r in records)}")
-    print(f"Verdicts agree with the labels on {agree} of {len(records)} cells.")
+    unfit = sum((r["reference_fit"] or {}).get("fits") is False for r in records)
+    caveat = f", {unfit} of them against references they do not look like (fit: NO, warned above)" if unfit else ""
+    print(f"Verdicts agree with the labels on {agree} of {len(records)} cells{caveat}.")
     first = next((n for n, inspection in enumerate(inspections) if inspection.is_anomalous), None)
     if first is not None:
         try:
@@ -113,11 +123,27 @@ def main(argv: list[str]) -> int:
         evidence = EvidenceSource(references, pixels)
         chat = scripted_chat(answerer, flagged, image, evidence.evidence(image, flagged))
         write_json_atomic(args.out / "chat.json", chat)
-    write_json_atomic(args.out / "summary.json", {"references": [str(p) for p in refs], "records": records})
+    summary = {"demo": True, "references": [str(p) for p in refs], "records": records}
+    write_json_atomic(args.out / "summary.json", summary)
     print(f"\nOverlays, maps, JSON records and the chat: {args.out}/  ({time.perf_counter() - start:.0f} s)")
     print("Next: .venv/bin/anomalygpt detect QUERY... --ref GOOD... --out DIR   (see README.md)")
     print("Web app: .venv/bin/anomalygpt ui   then open http://127.0.0.1:7860 in a browser")
     return 0
+
+
+def demo_folder(out: Path) -> bool:
+    """--out is new, empty, or a demo's own (its summary.json says so): the demo may write and rewrite its files."""
+    if not out.exists():
+        return True
+    if not out.is_dir():
+        return False
+    try:
+        summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        summary = None
+    # a demo's summary: marked, or (written before the mark) its two keys alone
+    marked = isinstance(summary, dict) and (summary.get("demo") is True or set(summary) == {"references", "records"})
+    return marked or not any(out.iterdir())
 
 
 def development_half(split: CategorySplit) -> CategorySplit:

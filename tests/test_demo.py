@@ -26,7 +26,8 @@ def test_demo_inspects_real_elpv_cells_and_writes_overlays(tmp_path, capsys, mon
     assert "threshold" in printed and "from the references alone" in printed
     summary = json.loads((out / "summary.json").read_text())
     records = summary["records"]
-    assert [r["label"] for r in records] == ["good", "defective"]
+    assert [r["label"] for r in records] == ["good", "defective"] and summary["demo"] is True
+    assert all(len(r["source_sha256"]) == 64 for r in records)  # the bytes inspected
     assert len(summary["references"]) == demo.DEMO_REFERENCES == 64
     for record in records:
         stem = record["source"].removesuffix(".png")
@@ -75,6 +76,12 @@ def test_demo_rejects_out_of_range_options(tmp_path, capsys):
         assert main(["--references", wrong, "--out", str(tmp_path / "d")]) == 2
         assert capsys.readouterr().err == "anomalygpt demo: error: --references must be from 1 to 256\n"
     assert not (tmp_path / "d").exists()
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")  # a folder of something else is not the demo's to rewrite
+    assert main(["--out", str(other)]) == 2
+    assert "--out holds files of something else" in capsys.readouterr().err
+    assert [path.name for path in other.iterdir()] == ["notes.txt"]
 
 
 def test_demo_names_an_answerer_that_cannot_load_in_one_line(tmp_path, capsys, monkeypatch):
@@ -85,3 +92,16 @@ def test_demo_names_an_answerer_that_cannot_load_in_one_line(tmp_path, capsys, m
     assert main(["--per-class", "1", "--answerer", "assistant", "--out", str(tmp_path / "demo")]) == 1
     err = capsys.readouterr().err
     assert err == "anomalygpt demo: error: the LLM assistant is not available: no LLM file at /nowhere\n"
+
+
+def test_the_demo_rewrites_only_a_folder_of_its_own(tmp_path):
+    assert demo.demo_folder(tmp_path / "new") and demo.demo_folder(tmp_path)  # new, or empty
+    (tmp_path / "summary.json").write_text(json.dumps({"demo": True, "references": [], "records": []}))
+    (tmp_path / "a_overlay.png").write_bytes(b"x")
+    assert demo.demo_folder(tmp_path)  # a demo's own (make demo runs again)
+    (tmp_path / "summary.json").write_text(json.dumps({"references": [], "records": []}))
+    assert demo.demo_folder(tmp_path)  # written before the mark
+    (tmp_path / "summary.json").write_text(json.dumps({"images": [], "n_images": 0}))
+    assert not demo.demo_folder(tmp_path)  # detect's
+    (tmp_path / "summary.json").unlink()
+    assert not demo.demo_folder(tmp_path) and not demo.demo_folder(tmp_path / "a_overlay.png")
