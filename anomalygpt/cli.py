@@ -516,10 +516,12 @@ def unfit_hint(records: Sequence[dict[str, Any]], profile: Path | None) -> str |
     if not unfit:
         return None
     where = f"anomalygpt fit with them added, --out {profile} --overwrite" if profile else "pass them with --ref"
+    which = "the image does not" if len(records) == 1 else f"{unfit} of {len(records)} images do not"
+    their = "its verdict is" if unfit == 1 else "their verdicts are"
     return (
-        f"{unfit} of {len(records)} images do not look like the good references (fit: NO), and their verdicts are "
-        f"not dependable: if they are good parts of another design, product or lighting, add good examples of "
-        f"them to the references ({where}) and inspect again"
+        f"{which} look like the good references (fit: NO), and {their} not dependable: if they are good parts of "
+        f"another design, product or lighting, add good examples of them to the references ({where}) and inspect "
+        "again"
     )
 
 

@@ -588,6 +588,14 @@ def write_lines_atomic(path: str | Path, lines: Iterable[str]) -> Path:
     return _write_atomic(path, write)
 
 
+def loading_bars_on_terminal_only() -> None:
+    """transformers' weight-loading progress bars on an interactive stderr only: in logs and pipes they are noise."""
+    if not sys.stderr.isatty():
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
+
+
 def write_json_atomic(path: str | Path, obj: Any) -> Path:
     """Atomically write obj as indented JSON; NaN/Infinity or non-JSON types fail before any file exists."""
     try:

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from anomalygpt.backbones import WeightsError
-from anomalygpt.io import package_dir
+from anomalygpt.io import loading_bars_on_terminal_only, package_dir
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -169,6 +169,7 @@ def load_gguf(gguf: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Model (dequantised to float32) and tokenizer straight from a GGUF file: slow, hence the cache."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    loading_bars_on_terminal_only()
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
@@ -229,6 +230,7 @@ def load_folder(source: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreT
     """Model and tokenizer from a local folder, never the network."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    loading_bars_on_terminal_only()
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, local_files_only=True)
     except OSError as error:

