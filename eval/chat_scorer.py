@@ -466,15 +466,18 @@ def useful_describe(text: str, case: Case, polarity: str | None, focus: str | No
 
 
 def useful_near(text: str, case: Case, polarity: str | None, focus: str | None) -> str | None:
-    """focus here is the place asked about ('edge' or a place word)."""
+    """focus here is the place asked about ('edge' or a place word); polarity "normal": the question asks whether
+    the place is clean, so Yes means no region is there."""
+    clean = polarity == "normal"
     if not case.regions:
-        return None if text.lower().startswith("no") or "outline" in text else "does not say no"
+        expected = "yes" if clean else "no"
+        return None if text.lower().startswith(expected) or "outline" in text else f"does not say {expected}"
     width, height = case.width_height
     if focus in (None, "edge"):
         near = any(near_borders(r, width, height) for r in case.regions)
     else:
         near = any(set(r.places) & set(place_locations(focus)) for r in case.regions)
-    expected = "yes" if near else "no"
+    expected = "yes" if near != clean else "no"
     return None if text.lower().startswith(expected) else f"does not open with {expected}"
 
 
@@ -525,7 +528,9 @@ def defect_types_named(text: str, types: Sequence[DefectType]) -> list[str]:
 class BankQuestion:
     kind: str  # one of KINDS
     text: str
-    polarity: str | None = None  # yes/no defect questions: "defect" (Yes = defect) or "normal" (Yes = good)
+    # yes/no questions: "defect" (Yes = a defect, or for "near" a region at the place) or "normal" (Yes = good, or
+    # the place clean); None: the scorer's default ("near": Yes = a region is there)
+    polarity: str | None = None
     focus: str | None = None  # "biggest"/"severe" for a question singling one region out; the place for "near"
 
 
@@ -578,6 +583,8 @@ BANK = (
     BankQuestion("near", "Is there a defect in the top left corner?", focus="top left"),
     BankQuestion("near", "Is anything close to the center?", focus="center"),
     BankQuestion("near", "Is it at the bottom?", focus="bottom"),
+    BankQuestion("near", "Is the top left corner clean?", "normal", focus="top left"),
+    BankQuestion("near", "Is the edge free of defects?", "normal", focus="edge"),
     BankQuestion("why", "Why do you think so?"),
     BankQuestion("why", "Why is it flagged?"),
     BankQuestion("why", "What makes you say that?"),

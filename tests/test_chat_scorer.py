@@ -130,6 +130,24 @@ def test_usefulness_rules(kind: str, answer: str, useful: bool, focus: str | Non
 
 
 @pytest.mark.parametrize(
+    ("answer", "useful", "focus", "inspection"),
+    [
+        ("No: region 1 is in the top left.", True, "top left", MANY),  # "Is the top left clean?"
+        ("Yes: region 1 is in the top left.", False, "top left", MANY),
+        ("Yes: no anomalous region is in the center.", True, "center", MANY),
+        ("No: region 2 touches the top border.", True, "edge", MANY),
+        ("Yes: the detector found no anomalous region anywhere.", True, "edge", NORMAL),
+        ("No: the detector found no anomalous region anywhere.", False, "edge", NORMAL),
+    ],
+)
+def test_a_question_whether_a_place_is_clean_wants_the_opposite_yes(
+    answer: str, useful: bool, focus: str, inspection: Inspection
+) -> None:
+    case = Case(inspection, evidence_for(inspection))
+    assert score_answer(answer, "near", case, polarity="normal", focus=focus).useful is useful, answer
+
+
+@pytest.mark.parametrize(
     "normal",
     [dataclasses.replace(NORMAL, confidence="low"), dataclasses.replace(NORMAL, warnings=["references unlike it"])],
     ids=["low confidence", "warning"],
