@@ -708,8 +708,7 @@ def family_conflicts(
     """Defect types (by name, or by a word for a generic one) the regions' descriptors do not fit, and kinds no
     descriptor supports; the words are blanked from the text afterwards."""
     size, out = grounds.inspection.image_size, []
-    kinds = (*grounds.defect_types, *GENERIC_DEFECT_TYPES)
-    for kind in kinds:
+    for kind in (*grounds.defect_types, *GENERIC_DEFECT_TYPES):
         words = rf"{re.escape(kind.name)}(s|es)?"
         if kind.name in FAMILY_WORDS and not any(own.name == kind.name for own in grounds.defect_types):
             words += "|" + FAMILY_WORDS[kind.name]

@@ -60,6 +60,7 @@ TABLE_COLUMNS = ("file", "verdict", "score", "threshold", "margin", "regions", "
 # With a conformal threshold (a pool of 49 or more references) the table adds each image's p-value after the margin
 P_TABLE_COLUMNS = ("file", "verdict", "score", "threshold", "margin", "p", "regions", "locations", "fit")
 NUMBER_OPTIONS = ("--sensitivity",)  # their values may look like options to argparse: -1e9, -inf
+SHOWN_PLACES = 3  # regions whose places a table row names; the rest are counted (the record lists them all)
 SHOWN_IMAGE_WARNINGS = 5  # images whose own warnings detect prints before its table; the others are counted
 # Threads drawing and writing detect's per-image files beside the inspection (a figure and its PNG take about as long
 # as inspecting a 300 px image on one core): bench/bench_detect.py
@@ -455,8 +456,10 @@ def run_detect(options: DetectOptions) -> int:
     except (ImageError, OSError) as error:  # a file changed or a disk filled after the checks
         return fail("detect", error, code=1)
     except KeyboardInterrupt:
-        kept = "the records written are kept: run the same command to resume" if job.key else "nothing is resumable"
-        return fail("detect", f"interrupted; {kept}", 130)
+        if job.key is not None:
+            return fail("detect", "interrupted; the records written are kept: run the same command to resume", 130)
+        again = "" if options.out is None else ": without references a run starts over (run it again with --overwrite)"
+        return fail("detect", f"interrupted{again}", 130)
     from anomalygpt.verdict import ZERO_SHOT_TEXT_CAVEAT
 
     if any(ZERO_SHOT_TEXT_CAVEAT in record["warnings"] for record in records):  # every such record's: once
@@ -559,7 +562,7 @@ def prepare_detect(options: DetectOptions) -> DetectJob:
     queries, skipped = query_files(options.queries)
     stems = output_stems(queries)
     # An earlier run's summary.json in --out: the files may be an interrupted run of this job, told once its
-    # references and preset are known (resumable_job); any other file there is refused now.
+    # references and preset are known (job_key); any other file there is refused now.
     out = options.out
     earlier = out is not None and resumable(options, reference_paths) and (out / f"{SUMMARY_STEM}.json").is_file()
     check_outputs(options.out, stems, [*reference_paths, *queries], options.overwrite or earlier)
@@ -1050,10 +1053,16 @@ def table_row(record: dict[str, Any], columns: Sequence[str] = TABLE_COLUMNS) ->
         "margin": f"{record['margin']:+.1f}",
         "p": "-" if p_value is None else f"{p_value:.3f}",
         "regions": str(len(record["regions"])),
-        "locations": ", ".join(places) or "-",
+        "locations": places_cell(places),
         "fit": fit_cell(record.get("reference_fit")),
     }
     return tuple(cells[name] for name in columns)
+
+
+def places_cell(places: Sequence[str]) -> str:
+    """The first SHOWN_PLACES regions' places and how many more: a row stays within a terminal's width."""
+    more = len(places) - SHOWN_PLACES
+    return ", ".join(places[:SHOWN_PLACES]) + (f" +{more} more" if more > 0 else "") or "-"
 
 
 def fit_cell(fit: dict[str, Any] | None) -> str:

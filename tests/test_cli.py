@@ -588,6 +588,11 @@ def test_an_interrupted_detect_resumes_with_the_records_it_kept(
     assert tree_state(out) == before
 
 
+def test_a_row_names_three_places_and_counts_the_rest() -> None:
+    assert cli.places_cell([]) == "-" and cli.places_cell(["top", "left"]) == "top, left"
+    assert cli.places_cell(["top", "left", "center", "bottom", "right"]) == "top, left, center +2 more"
+
+
 def test_negative_sensitivity_in_exponent_form_is_a_value(scene: Scene, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.attach_number_values(["detect", "a", "--sensitivity", "-1e9", "--", "--sensitivity", "-1"]) == [
         "detect",
