@@ -57,7 +57,7 @@ SAME_PICTURE_DISTANCE = 1e-4
 # Smaller images are inspected with a warning. ELPV's development half, cells and their 4 references shrunk alike
 # (bench/bench_small_images.py, 2 draws per type): image AUROC 0.878 at 300 px, 0.874 at 128, 0.868 at 96, 0.853 at
 # 64, 0.837 at 48, 0.803 at 32, 0.731 at 16. At 96 px the loss (0.010) is within the spread between two draws of
-# references (poly: 0.014 at 300 px, 0.030 at 96); at 64 px (0.025, poly 0.043) it is not. The backbone saw every
+# references (poly: 0.014 at 300 px, 0.030 at 96); at 64 px (0.025, poly 0.038) it is not. The backbone saw every
 # size at its 320 px input, so the limit is the enlargement: a smaller side under 0.3 of the input side (96 of 320).
 RELIABLE_SHARE = 0.3
 
