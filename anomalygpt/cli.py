@@ -520,11 +520,14 @@ def unfit_hint(records: Sequence[dict[str, Any]], profile: Path | None) -> str |
         return None
     where = f"anomalygpt fit with them added, --out {profile} --overwrite" if profile else "pass them with --ref"
     which = "the image does not" if len(records) == 1 else f"{unfit} of {len(records)} images do not"
-    their = "its verdict is" if unfit == 1 else "their verdicts are"
+    their, they, them = (
+        ("its verdict is", "it is a good part", "it")
+        if unfit == 1
+        else ("their verdicts are", "they are good parts", "them")
+    )
     return (
-        f"{which} look like the good references (fit: NO), and {their} not dependable: if they are good parts of "
-        f"another design, product or lighting, add good examples of them to the references ({where}) and inspect "
-        "again"
+        f"{which} look like the good references (fit: NO), and {their} not dependable: if {they} of another "
+        f"design, product or lighting, add good examples like {them} to the references ({where}) and inspect again"
     )
 
 

@@ -688,7 +688,7 @@ def test_a_query_unlike_the_references_is_warned_about_before_the_table(scene: S
     assert note == f"anomalygpt detect: note: {FEW_TWO}"
     assert warning.startswith(f"anomalygpt detect: warning: {other}: the image does not look like the good references")
     assert hint.startswith("anomalygpt detect: hint: 1 of 2 images do not look like the good references (fit: NO)")
-    assert hint.endswith("add good examples of them to the references (pass them with --ref) and inspect again")
+    assert hint.endswith("add good examples like it to the references (pass them with --ref) and inspect again")
     code, stdout, stderr = run(["detect", str(scene.good), "--ref", str(scene.refs), "--preset", str(scene.preset)])
     assert code == 0 and "hint" not in stderr  # every query fits: no advice
     out = tmp_path / "out"
