@@ -28,6 +28,7 @@ from anomalygpt.regions import (
     size_details,
     where_phrase,
 )
+from anomalygpt.verdict import FIT_LIMIT, STEADY_REFERENCES, few_references_note
 
 if TYPE_CHECKING:
     from anomalygpt.evidence import RegionEvidence
@@ -552,8 +553,8 @@ def compare_answer(question: Question, grounds: Grounds) -> list[str]:
     if not inspection.is_anomalous:
         return [
             sentence(
-                f"the image matches the good references: {score_clause(inspection)}, so no area differs enough "
-                "to count as a defect"
+                f"compared with the good references, no area stands out enough to count as a defect: "
+                f"{score_clause(inspection)}"
             )
         ]
     if not regions:
@@ -565,6 +566,38 @@ def compare_answer(question: Question, grounds: Grounds) -> list[str]:
     for region in chosen:
         lines.append(evidence_sentence(region, grounds))
     return lines
+
+
+def references_answer(question: Question, grounds: Grounds) -> list[str]:
+    """Whether the good references suit this image (the reference-fit check in words), and what their number
+    allows."""
+    inspection = grounds.inspection
+    n = inspection.n_references
+    if n == 0:
+        return [
+            f"There are no good references: this inspection is {inspection.mode}. Give 4 or more good images of the "
+            "product for a dependable verdict."
+        ]
+    fit = inspection.reference_fit or {}
+    if fit.get("fits") is True:
+        look = sentence(
+            f"yes, in look: the image's distance to the nearest reference is {float(fit['ratio']):.1f} times the "
+            f"references' typical spacing (up to {FIT_LIMIT:g} counts as like them), and its brightness is like theirs"
+        )
+    elif fit.get("fits") is False:
+        look = "No: the image does not look like them (the warning above says how)."
+    elif n == 1:
+        look = "With one reference nothing shows how good parts vary, so the image's look is not compared with it."
+    else:
+        look = "The image's look was not compared with them."
+    note = few_references_note(n)
+    if note:
+        count = sentence(note)
+    elif n >= STEADY_REFERENCES:
+        count = f"In number, {n} good references are enough for a steady threshold ({STEADY_REFERENCES} or more)."
+    else:  # one reference: its caveat is among the warnings
+        count = "In number, one reference is too few: give 4 or more good images of the product."
+    return [look, count]
 
 
 def evidence_sentence(region: Region, grounds: Grounds) -> str:
@@ -703,7 +736,7 @@ def other_answer(question: Question, grounds: Grounds) -> list[str]:
     return [
         *anomaly_answer(question, grounds),
         "You can ask me where, how many, how large, what kind of defect it could be, how sure I am, why, how the "
-        "image compares with the good references, or what to check next.",
+        "image compares with the good references, whether the references suit it, or what to check next.",
     ]
 
 
@@ -719,6 +752,7 @@ BUILDERS: dict[str, Callable[[Question, Grounds], list[str]]] = {
     "why": why_answer,
     "kind": kind_answer,
     "compare": compare_answer,
+    "references": references_answer,
     "describe": describe_answer,
     "next_check": next_check_answer,
     "score": score_answer,

@@ -33,6 +33,7 @@ KINDS = (
     "why",
     "kind",  # what kind of defect could it be
     "compare",  # compare with the good references
+    "references",  # are the references right for this image, and enough
     "describe",
     "next_check",
     "score",
@@ -52,6 +53,12 @@ KIND_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
             "why",
             r"\bwhy\b|\bwhat makes (you|it)\b|\bhow do you know\b|\breasons?\b|\breasoning\b|\bexplain\b|\bjustify\b"
             r"|\bbased on what\b|\bwhat led\b|\bon what basis\b|\bwhat evidence\b",
+        ),
+        (
+            "references",
+            r"\b(references?|reference (set|images?)|good (ones|images|examples|samples))\b.{0,40}\b(ok|okay|fine"
+            r"|good enough|enough|suitable|adequate|representative|right|fit|match)\b|\benough (good )?(references"
+            r"|examples|good images)\b",
         ),
         (
             "compare",

@@ -45,6 +45,7 @@ KINDS = (
     "confidence",
     "kind",
     "compare",
+    "references",
     "describe",
     "near",
     "why",
@@ -449,12 +450,25 @@ def useful_kind(text: str, case: Case, polarity: str | None, focus: str | None) 
 
 def useful_compare(text: str, case: Case, polarity: str | None, focus: str | None) -> str | None:
     if not case.inspection.is_anomalous:
-        return None if re.search(r"matches the good references", text) else "does not say it matches"
+        return None if re.search(r"no area stands out", text) else "does not say that no area stands out"
     if not case.regions:
         return None if "differs from the good references" in text else "does not say it differs"
     if not REFERENCE_MENTION.search(text):
         return "names no reference"
     return None if DIFFERENCE_WORDS.search(text) else "names no difference"
+
+
+def useful_references(text: str, case: Case, polarity: str | None, focus: str | None) -> str | None:
+    """Yes when the image looks like the references, No when it does not, and how many there are."""
+    inspection = case.inspection
+    if inspection.n_references == 0:
+        return None if "no good references" in text else "does not say there are none"
+    fits = (inspection.reference_fit or {}).get("fits")
+    expected = {True: "yes", False: "no"}.get(fits)
+    if expected is not None and not text.lower().startswith(expected):
+        return f"does not open with {expected}"
+    said = re.search(rf"\b{inspection.n_references}\b|\bone reference\b", text)
+    return None if said else "does not say how many references"
 
 
 def useful_describe(text: str, case: Case, polarity: str | None, focus: str | None) -> str | None:
@@ -513,6 +527,7 @@ USEFUL: dict[str, Rule] = {
     "confidence": useful_confidence,
     "kind": useful_kind,
     "compare": useful_compare,
+    "references": useful_references,
     "describe": useful_describe,
     "near": useful_near,
     "why": useful_why,
@@ -574,6 +589,9 @@ BANK = (
     BankQuestion("compare", "How does it differ from the good cells?"),
     BankQuestion("compare", "What is different compared to the reference images?"),
     BankQuestion("compare", "Does it look like the good ones?"),
+    BankQuestion("references", "Is the reference set OK?"),
+    BankQuestion("references", "Are the good references suitable for this image?"),
+    BankQuestion("references", "Are there enough references?"),
     BankQuestion("describe", "Describe it."),
     BankQuestion("describe", "What does it look like?"),
     BankQuestion("describe", "Can you describe the defect?"),

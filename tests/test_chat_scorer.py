@@ -129,6 +129,16 @@ def test_usefulness_rules(kind: str, answer: str, useful: bool, focus: str | Non
     assert score_answer(answer, kind, CASE, focus=focus).useful is useful, answer
 
 
+def test_a_references_answer_says_whether_the_image_looks_like_them_and_how_many() -> None:
+    fitting = {"distance": 0.01, "ratio": 1.2, "brightness": 0.0, "fits": True, "nearest": ["a.png"]}
+    case = Case(dataclasses.replace(MANY, reference_fit=fitting), ())
+    assert score_answer("Yes, in look. A threshold from 2 good references is rough.", "references", case).useful
+    assert not score_answer("No. A threshold from 2 good references is rough.", "references", case).useful
+    assert not score_answer("Yes, in look.", "references", case).useful  # how many: not said
+    none = Case(dataclasses.replace(NORMAL, n_references=0), ())
+    assert score_answer("There are no good references: give some.", "references", none).useful
+
+
 @pytest.mark.parametrize(
     ("answer", "useful", "focus", "inspection"),
     [

@@ -27,6 +27,7 @@ from anomalygpt.grounded import (
     without_preamble,
 )
 from anomalygpt.guard import read_question
+from anomalygpt.verdict import fit_warning
 
 
 def test_every_descriptor_combination_fits_a_generic_family() -> None:
@@ -119,6 +120,25 @@ def test_a_place_question_is_answered_by_its_polarity(question: str, many: str, 
     question whether a place is clean is that no region is there."""
     assert answer_text(read_question(question), Grounds(MANY)).startswith(many)
     assert answer_text(read_question(question), Grounds(NORMAL)).startswith(normal)
+
+
+def test_whether_the_references_suit_the_image_is_the_fit_check_and_their_number() -> None:
+    fitting = {"distance": 0.01, "ratio": 1.23, "brightness": 0.2, "fits": True, "nearest": ["a.png"]}
+    unlike = {"distance": 0.2, "ratio": 7.5, "brightness": 0.2, "fits": False, "nearest": ["a.png"]}
+    ask = read_question("Is the reference set OK?")
+    assert answer_text(ask, Grounds(replace(MANY, reference_fit=fitting))) == (
+        "Yes, in look: the image's distance to the nearest reference is 1.2 times the references' typical spacing "
+        "(up to 3 counts as like them), and its brightness is like theirs. A threshold from 2 good references is "
+        "rough: which 2 they are can move it enough to flag many good parts or to miss most defects; 16 or more make "
+        "it steadier."
+    )
+    warned = replace(MANY, reference_fit=unlike, warnings=[str(fit_warning(unlike))], n_references=64)
+    answer = answer_text(ask, Grounds(warned))
+    assert answer.startswith("Warning: the image does not look like the good references")
+    assert "No: the image does not look like them" in answer and "64 good references are enough" in answer
+    assert answer_text(ask, Grounds(replace(NORMAL, n_references=0, mode="zero-shot-batch"))).startswith(
+        "There are no good references: this inspection is zero-shot-batch."
+    )
 
 
 def test_warnings_and_low_confidence_come_first_in_every_kind() -> None:
