@@ -569,8 +569,8 @@ def compare_answer(question: Question, grounds: Grounds) -> list[str]:
 
 
 def references_answer(question: Question, grounds: Grounds) -> list[str]:
-    """Whether the good references suit this image (the reference-fit check in words), and what their number
-    allows."""
+    """Whether the good references suit this image (the reference-fit check in words) and what their number
+    allows; a question whether there are enough of them is answered on the number first."""
     inspection = grounds.inspection
     n = inspection.n_references
     if n == 0:
@@ -579,25 +579,28 @@ def references_answer(question: Question, grounds: Grounds) -> list[str]:
             "product for a dependable verdict."
         ]
     fit = inspection.reference_fit or {}
+    look: tuple[bool | None, str]
+    number: tuple[bool | None, str]
     if fit.get("fits") is True:
-        look = sentence(
-            f"yes, in look: the image's distance to the nearest reference is {float(fit['ratio']):.1f} times the "
-            f"references' typical spacing (up to {FIT_LIMIT:g} counts as like them), and its brightness is like theirs"
+        look = (
+            True,
+            f"the image's distance to the nearest reference is {float(fit['ratio']):.1f} times the references' "
+            f"typical spacing (up to {FIT_LIMIT:g} counts as like them), and its brightness is like theirs",
         )
     elif fit.get("fits") is False:
-        look = "No: the image does not look like them (the warning above says how)."
-    elif n == 1:
-        look = "With one reference nothing shows how good parts vary, so the image's look is not compared with it."
+        look = (False, "the image does not look like them (the warning above says how)")
     else:
-        look = "The image's look was not compared with them."
+        look = (None, "with one reference nothing shows how good parts vary, so the image's look is not compared")
     note = few_references_note(n)
     if note:
-        count = sentence(note)
+        number = (False, note)
     elif n >= STEADY_REFERENCES:
-        count = f"In number, {n} good references are enough for a steady threshold ({STEADY_REFERENCES} or more)."
+        number = (True, f"{n} good references are enough for a steady threshold ({STEADY_REFERENCES} or more)")
     else:  # one reference: its caveat is among the warnings
-        count = "In number, one reference is too few: give 4 or more good images of the product."
-    return [look, count]
+        number = (False, "one reference is too few: give 4 or more good images of the product")
+    first, then = (number, look) if question.focus == "number" else (look, number)
+    word = {True: "yes: ", False: "no: ", None: ""}[first[0]]
+    return [sentence(word + first[1]), sentence(then[1])]
 
 
 def evidence_sentence(region: Region, grounds: Grounds) -> str:

@@ -131,7 +131,9 @@ class Question:
 
     text: str
     kind: str  # one of KINDS
-    focus: str | int | None = None  # "biggest", "smallest", "severe", a region number, or None: every region
+    # "biggest", "smallest", "severe", a region number, or None: every region; "number" for a references question
+    # on whether there are enough of them
+    focus: str | int | None = None
     place: str | None = None  # "edge", a LOCATION_WORDS entry, a side ("top"...), "corner"; for kind "near"
     family: str | None = None  # a defect type the question names ("Is it a crack?")
     # for a yes/no defect question: "defect" (Yes = defect) or "normal" (Yes = good); for kind "near", "defect"
@@ -217,6 +219,8 @@ def read_question(text: str, defect_types: Sequence[DefectType] = ()) -> Questio
         kind = "anomaly"
     if kind == "near" and place is None:
         place = "edge"
+    if kind == "references" and re.search(r"\benough\b", text, re.IGNORECASE):
+        focus = "number"
     if kind == "near":  # Yes means a region is there, unless the question asks whether the place is clean
         polarity = "normal" if asks_normal_only(text) else "defect"
     return Question(" ".join(text.split()), kind or "other", focus, place, family, polarity)

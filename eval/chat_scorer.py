@@ -35,6 +35,7 @@ from anomalygpt.regions import (
     format_pct,
     near_borders,
 )
+from anomalygpt.verdict import STEADY_REFERENCES
 
 KINDS = (
     "anomaly",
@@ -459,12 +460,15 @@ def useful_compare(text: str, case: Case, polarity: str | None, focus: str | Non
 
 
 def useful_references(text: str, case: Case, polarity: str | None, focus: str | None) -> str | None:
-    """Yes when the image looks like the references, No when it does not, and how many there are."""
+    """Yes when the image looks like the references, No when it does not (focus "number", a question whether
+    there are enough: Yes from STEADY_REFERENCES on), and how many there are."""
     inspection = case.inspection
     if inspection.n_references == 0:
         return None if "no good references" in text else "does not say there are none"
-    fits = (inspection.reference_fit or {}).get("fits")
-    expected = {True: "yes", False: "no"}.get(fits)
+    if focus == "number":  # "Are there enough references?": the number first
+        expected: str | None = "yes" if inspection.n_references >= STEADY_REFERENCES else "no"
+    else:
+        expected = {True: "yes", False: "no"}.get((inspection.reference_fit or {}).get("fits"))
     if expected is not None and not text.lower().startswith(expected):
         return f"does not open with {expected}"
     said = re.search(rf"\b{inspection.n_references}\b|\bone reference\b", text)
@@ -591,7 +595,7 @@ BANK = (
     BankQuestion("compare", "Does it look like the good ones?"),
     BankQuestion("references", "Is the reference set OK?"),
     BankQuestion("references", "Are the good references suitable for this image?"),
-    BankQuestion("references", "Are there enough references?"),
+    BankQuestion("references", "Are there enough references?", focus="number"),
     BankQuestion("describe", "Describe it."),
     BankQuestion("describe", "What does it look like?"),
     BankQuestion("describe", "Can you describe the defect?"),

@@ -135,6 +135,9 @@ def test_a_references_answer_says_whether_the_image_looks_like_them_and_how_many
     assert score_answer("Yes, in look. A threshold from 2 good references is rough.", "references", case).useful
     assert not score_answer("No. A threshold from 2 good references is rough.", "references", case).useful
     assert not score_answer("Yes, in look.", "references", case).useful  # how many: not said
+    rough = "No: a threshold from 2 good references is rough. The image looks like them."
+    assert score_answer(rough, "references", case, focus="number").useful  # "Are there enough?": the number first
+    assert not score_answer("Yes: it looks like them; 2 good references.", "references", case, focus="number").useful
     none = Case(dataclasses.replace(NORMAL, n_references=0), ())
     assert score_answer("There are no good references: give some.", "references", none).useful
 

@@ -127,15 +127,20 @@ def test_whether_the_references_suit_the_image_is_the_fit_check_and_their_number
     unlike = {"distance": 0.2, "ratio": 7.5, "brightness": 0.2, "fits": False, "nearest": ["a.png"]}
     ask = read_question("Is the reference set OK?")
     assert answer_text(ask, Grounds(replace(MANY, reference_fit=fitting))) == (
-        "Yes, in look: the image's distance to the nearest reference is 1.2 times the references' typical spacing "
-        "(up to 3 counts as like them), and its brightness is like theirs. A threshold from 2 good references is "
-        "rough: which 2 they are can move it enough to flag many good parts or to miss most defects; 16 or more make "
-        "it steadier."
+        "Yes: the image's distance to the nearest reference is 1.2 times the references' typical spacing (up to 3 "
+        "counts as like them), and its brightness is like theirs. A threshold from 2 good references is rough: which "
+        "2 they are can move it enough to flag many good parts or to miss most defects; 16 or more make it steadier."
     )
+    enough = answer_text(read_question("Are there enough references?"), Grounds(replace(MANY, reference_fit=fitting)))
+    assert enough.startswith("No: a threshold from 2 good references is rough")  # the number first
+    assert enough.endswith("The image's distance to the nearest reference is 1.2 times the references' typical "
+                           "spacing (up to 3 counts as like them), and its brightness is like theirs.")  # fmt: skip
     warned = replace(MANY, reference_fit=unlike, warnings=[str(fit_warning(unlike))], n_references=64)
     answer = answer_text(ask, Grounds(warned))
     assert answer.startswith("Warning: the image does not look like the good references")
     assert "No: the image does not look like them" in answer and "64 good references are enough" in answer
+    many = answer_text(read_question("Are there enough references?"), Grounds(warned))
+    assert "Yes: 64 good references are enough for a steady threshold (16 or more)." in many
     assert answer_text(ask, Grounds(replace(NORMAL, n_references=0, mode="zero-shot-batch"))).startswith(
         "There are no good references: this inspection is zero-shot-batch."
     )

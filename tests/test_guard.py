@@ -33,7 +33,7 @@ from anomalygpt.guard import Question, read_question
         ("What could have caused this?", "kind", None, None, None, None),
         ("Compare it with the good references.", "compare", None, None, None, None),
         ("Is the reference set OK?", "references", None, None, None, None),
-        ("Are there enough good examples?", "references", None, None, None, None),
+        ("Are there enough good examples?", "references", "number", None, None, None),
         ("Do the references fit this image?", "references", None, None, None, None),
         ("Does it match the references?", "compare", None, None, None, None),
         ("Does it look like the good ones?", "compare", None, None, None, None),
