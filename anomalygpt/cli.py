@@ -585,7 +585,8 @@ def prepare_detect(options: DetectOptions) -> DetectJob:
             f"--ref: no good reference images given, and preset {preset.name!r} has no trained decoder for "
             f"zero-shot inspection; give good images of the same product (--ref FILE_OR_FOLDER) or --profile"
         )
-    reference_images = [load_image(path) for path in reference_paths]
+    loaded = [load_source(path) for path in reference_paths]  # each file's sha256 from the bytes decoded
+    reference_images = [image for image, _ in loaded]
     query_sizes = image_sizes(queries)
     if reference_images:
         size = check_same_size(reference_paths, [image.shape[:2] for image in reference_images])
@@ -594,7 +595,8 @@ def prepare_detect(options: DetectOptions) -> DetectJob:
         check_same_size(queries, query_sizes, "images inspected as one batch without references must have one size")
     key, resumed = None, False  # zero-shot: a batch's verdicts depend on the whole batch; not resumable
     if reference_images:
-        key, resumed = job_key(options, preset, options.class_name, None, reference_paths, earlier)
+        hashes = [str(sha256) for _, sha256 in loaded]
+        key, resumed = job_key(options, preset, options.class_name, None, hashes, earlier)
     inspector = build_inspector(preset)
     if not reference_images and not batch:
         inspector.zero_shot_prior()  # loaded now: a missing weight file fails before any output
@@ -625,20 +627,20 @@ def job_key(
     preset: Preset,
     class_name: str | None,
     profile: Path | None,
-    reference_paths: Sequence[Path],
+    reference_hashes: Sequence[str],
     earlier: bool,
 ) -> tuple[dict[str, Any] | None, bool]:
     """A resumable job's key (None without --out), and whether --out's summary.json is an interrupted run of it
-    (earlier_run: UsageError when it is another job's); before the models are built, where it can be."""
+    (earlier_run: UsageError when it is another job's); before the models are built, where it can be. The
+    references are the profile file's sha256, or one over the reference files' (whatever their names)."""
     if options.out is None:
         return None, False
     from anomalygpt.io import file_sha256
 
     if profile is not None:
         references = file_sha256(profile)
-    else:  # the references' bytes, whatever their names
-        hashes = sorted(file_sha256(path) for path in reference_paths)
-        references = hashlib.sha256(" ".join(hashes).encode()).hexdigest()
+    else:
+        references = hashlib.sha256(" ".join(sorted(reference_hashes)).encode()).hexdigest()
     key = {
         "engine": "local",
         "references_sha256": references,
@@ -936,18 +938,16 @@ def write_outputs(
     stem: str,
     image: Callable[[], np.ndarray],
     inspection: Inspection,
-    source_sha256: str | None = None,
     maps: str = "all",
 ) -> dict[str, Any]:
-    """<stem>_map.npy, <stem>_overlay.png (when `maps` keeps them: written_files), then <stem>.json (the record; its
-    source_sha256 the inspection's, or `source_sha256` when given), each written atomically: a record on disk
-    means the image's files are complete. An image whose map is not kept loses any map and overlay an earlier run
-    left under its name (--overwrite). `image` gives the picture the overlay is drawn on, called only when one is.
-    Returns the record."""
+    """<stem>_map.npy, <stem>_overlay.png (when `maps` keeps them: written_files), then <stem>.json (the record, the
+    inspection's to_dict), each written atomically: a record on disk means the image's files are complete. An image
+    whose map is not kept loses any map and overlay an earlier run left under its name (--overwrite). `image` gives
+    the picture the overlay is drawn on, called only when one is. Returns the record."""
     from anomalygpt.visualize import save_overlay
 
     files = output_files(stem)
-    record = inspection.to_dict() | ({} if source_sha256 is None else {"source_sha256": source_sha256})
+    record = inspection.to_dict()
     if inspection.anomaly_map is not None and "anomaly_map" in written_files(record, stem, maps):
         picture = image()  # before any file: a picture that cannot be had leaves none of this image's files
         write_npy_atomic(out / files["anomaly_map"], inspection.anomaly_map)

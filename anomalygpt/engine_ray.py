@@ -141,8 +141,9 @@ def inspect_rows(
 
     def written(pair: tuple[Ready, Inspection]) -> Outcome:
         item, inspection = pair
+        inspection.source_sha256 = item.sha256  # inspected as decoded pixels: the bytes triage read and hashed
         picture = functools.partial(working_image, item.image)
-        record = write_outputs(out, item.row.stem, picture, inspection, item.sha256, job.maps)
+        record = write_outputs(out, item.row.stem, picture, inspection, job.maps)
         return Outcome(item.row.index, "inspected", json.dumps(summary_image(record, item.row.stem, job.maps)))
 
     # The files are drawn and written in the actor's threads while its models go on (as in the local detect).

@@ -663,9 +663,9 @@ def decode_in_worker(
 
 
 def chunks(count: int, per_task: int) -> list[tuple[int, int]]:
-    """(start, stop) of the pool's tasks over `count` consecutive images, `per_task` at a time: WORKER_CHUNK for
-    worker processes (a process pool costs its caller ~0.1-0.2 ms of CPU per task), 1 for threads (a small batch
-    keeps its images' tails in parallel)."""
+    """(start, stop) spans over `count` consecutive images, `per_task` at a time: inspect_many's batches, and its
+    pool's tasks, WORKER_CHUNK for worker processes (a process pool costs its caller ~0.1-0.2 ms of CPU per task),
+    1 for threads (a small batch keeps its images' tails in parallel)."""
     return [(first, min(first + per_task, count)) for first in range(0, count, per_task)]
 
 
@@ -742,7 +742,7 @@ def decoded_batches(
 ) -> Iterator[DecodedBatch]:
     """The images decoded in batches, the next batch decoding in the pool (threads: decoders and numpy release the
     GIL; or worker processes, writing into a new shared batch) while the caller works on this one."""
-    spans = [(first, min(first + batch_size, len(images))) for first in range(0, len(images), batch_size)]
+    spans = chunks(len(images), batch_size)
 
     def submit(span: tuple[int, int]) -> tuple[list[Future[list[Decoded]]], SharedBatch | None]:
         first = span[0]
